@@ -1,0 +1,1 @@
+"""Example domains used by the demo, the tests and the benchmark."""

@@ -1,0 +1,89 @@
+"""The bank's events, a deterministic generator of them, and the from-scratch fold.
+
+The fold is the reference the tests and the demo compare read models with: it is
+what the balances table must hold after every event was applied exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+OPENED = "AccountOpened"
+DEPOSITED = "MoneyDeposited"
+WITHDRAWN = "MoneyWithdrawn"
+CLOSED = "AccountClosed"
+EVENT_TYPES = (OPENED, DEPOSITED, WITHDRAWN, CLOSED)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class BankSimulator:
+    """Produces a plausible stream of bank events, reproducible from ``seed``."""
+
+    accounts: int = 1_000
+    seed: int = 7
+    _rng: random.Random = field(init=False)
+    _balances: dict[str, int] = field(init=False, default_factory=dict)
+    _closed: set[str] = field(init=False, default_factory=set)
+    _opened: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def events(self, n: int) -> list[tuple[str, Event]]:
+        """The next ``n`` events as (stream_id, event) pairs."""
+        out: list[tuple[str, Event]] = []
+        while len(out) < n:
+            out.append(self._next())
+        return out
+
+    def _next(self) -> tuple[str, Event]:
+        rng = self._rng
+        open_accounts = [a for a in self._balances if a not in self._closed]
+        if self._opened < self.accounts and (not open_accounts or rng.random() < 0.05):
+            self._opened += 1
+            account = f"acc-{self._opened:06d}"
+            self._balances[account] = 0
+            owner = rng.choice(["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal"])
+            return account, {"type": OPENED, "data": {"account_id": account, "owner": owner}}
+        account = open_accounts[rng.randrange(len(open_accounts))]
+        roll = rng.random()
+        if roll < 0.002 and len(open_accounts) > 1:
+            self._closed.add(account)
+            return account, {"type": CLOSED, "data": {"account_id": account}}
+        if roll < 0.35 and self._balances[account] > 0:
+            amount = rng.randint(1, self._balances[account])
+            self._balances[account] -= amount
+            return account, {"type": WITHDRAWN, "data": {"account_id": account, "amount": amount}}
+        amount = rng.randint(1, 500)
+        self._balances[account] += amount
+        return account, {"type": DEPOSITED, "data": {"account_id": account, "amount": amount}}
+
+
+def fold_balances(events: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Balances as a from-scratch fold of recorded events (objects with .type and .data)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for event in events:
+        data = event.data
+        account = data.get("account_id")
+        if event.type not in EVENT_TYPES:
+            continue
+        row = rows.setdefault(
+            account,
+            {"owner": None, "balance": 0, "events": 0, "closed": False, "deposits": 0},
+        )
+        row["events"] += 1
+        if event.type == OPENED:
+            row["owner"] = data["owner"]
+        elif event.type == DEPOSITED:
+            row["balance"] += data["amount"]
+            row["deposits"] += 1
+        elif event.type == WITHDRAWN:
+            row["balance"] -= data["amount"]
+        else:
+            row["closed"] = True
+    return rows

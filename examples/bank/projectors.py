@@ -1,0 +1,253 @@
+"""The bank's projectors: three live projections and a second version of one of them.
+
+* ``Balances`` (keyed table): folds a whole batch in Python, then writes one
+  upsert per batch with array parameters (the fast path).
+* ``History`` (append-only): one row per money movement, written with COPY.
+* ``DailyTotals`` (aggregate): per-event handlers, the simplest way to write one.
+* ``BalancesV2``: the same projection, rebuilt with two new columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from psycopg import sql
+from sqlalchemy.dialects import postgresql as pg
+
+import zdr
+from examples.bank.domain import CLOSED, DEPOSITED, EVENT_TYPES, OPENED, WITHDRAWN
+from zdr.projector import physical_name
+
+v1 = sa.MetaData()
+v2 = sa.MetaData()
+
+balances_v1 = sa.Table(
+    "balances",
+    v1,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),
+    sa.Column("balance", sa.BigInteger, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("closed", sa.Boolean, nullable=False),
+    sa.Index("balances_owner", "owner"),
+    schema="bank_balances",
+)
+
+balances_v2 = sa.Table(
+    "balances",
+    v2,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text),
+    sa.Column("balance", sa.BigInteger, nullable=False),
+    sa.Column("events", sa.Integer, nullable=False),
+    sa.Column("closed", sa.Boolean, nullable=False),
+    sa.Column("deposits", sa.Integer, nullable=False),
+    sa.Column("last_position", sa.BigInteger, nullable=False),
+    sa.Index("balances_owner", "owner"),
+    schema="bank_balances",
+)
+
+history = sa.Table(
+    "transactions",
+    v1,
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("account_id", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),
+    sa.Column("amount", sa.BigInteger, nullable=False),
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("transactions_account", "account_id", "position"),
+    schema="bank_history",
+)
+
+daily_totals = sa.Table(
+    "daily_totals",
+    v1,
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("opened", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("closed", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deposited", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("withdrawn", sa.BigInteger, nullable=False, server_default="0"),
+    schema="bank_stats",
+)
+
+
+def _array_upsert(table: sa.Table, types: dict[str, Any], merge: dict[str, Any]) -> Any:
+    """INSERT ... SELECT unnest(arrays) ... ON CONFLICT DO UPDATE, built once per table.
+
+    One statement per batch whatever its size; schema_translate_map still applies
+    because it is SQLAlchemy Core.
+    """
+    source = sa.select(
+        *(
+            sa.func.unnest(sa.bindparam(name, type_=pg.ARRAY(t))).label(name)
+            for name, t in types.items()
+        )
+    )
+    insert = pg.insert(table).from_select(list(types), source)
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.account_id],
+        set_={name: expr(table, insert.excluded) for name, expr in merge.items()},
+    )
+
+
+class Balances(zdr.Projector):
+    """One row per account: balance, owner, number of events, closed or not."""
+
+    name = "balances"
+    tables = [balances_v1]
+    event_types = frozenset(EVENT_TYPES)
+
+    upsert = _array_upsert(
+        balances_v1,
+        {
+            "account_id": sa.Text,
+            "owner": sa.Text,
+            "balance": sa.BigInteger,
+            "events": sa.Integer,
+            "closed": sa.Boolean,
+        },
+        {
+            "owner": lambda t, x: sa.func.coalesce(x.owner, t.c.owner),
+            "balance": lambda t, x: t.c.balance + x.balance,
+            "events": lambda t, x: t.c.events + x.events,
+            "closed": lambda t, x: t.c.closed.op("OR")(x.closed),
+        },
+    )
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        rows = fold_batch(events)
+        conn.execute(self.upsert, _as_arrays(rows, ["owner", "balance", "events", "closed"]))
+
+
+class BalancesV2(zdr.Projector):
+    """Balances, version 2: also counts deposits and remembers the last position."""
+
+    name = "balances"
+    tables = [balances_v2]
+    event_types = frozenset(EVENT_TYPES)
+
+    upsert = _array_upsert(
+        balances_v2,
+        {
+            "account_id": sa.Text,
+            "owner": sa.Text,
+            "balance": sa.BigInteger,
+            "events": sa.Integer,
+            "closed": sa.Boolean,
+            "deposits": sa.Integer,
+            "last_position": sa.BigInteger,
+        },
+        {
+            "owner": lambda t, x: sa.func.coalesce(x.owner, t.c.owner),
+            "balance": lambda t, x: t.c.balance + x.balance,
+            "events": lambda t, x: t.c.events + x.events,
+            "closed": lambda t, x: t.c.closed.op("OR")(x.closed),
+            "deposits": lambda t, x: t.c.deposits + x.deposits,
+            "last_position": lambda t, x: x.last_position,
+        },
+    )
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        rows = fold_batch(events)
+        columns = ["owner", "balance", "events", "closed", "deposits", "last_position"]
+        conn.execute(self.upsert, _as_arrays(rows, columns))
+
+
+def fold_batch(events: Sequence[zdr.RecordedEvent]) -> dict[str, dict[str, Any]]:
+    """Collapse a batch into one change per account (many updates of a row become one)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for event in events:
+        data = event.data
+        row = rows.get(data["account_id"])
+        if row is None:
+            row = rows[data["account_id"]] = {
+                "owner": None,
+                "balance": 0,
+                "events": 0,
+                "closed": False,
+                "deposits": 0,
+                "last_position": 0,
+            }
+        row["events"] += 1
+        row["last_position"] = max(row["last_position"], event.position)
+        if event.type == DEPOSITED:
+            row["balance"] += data["amount"]
+            row["deposits"] += 1
+        elif event.type == WITHDRAWN:
+            row["balance"] -= data["amount"]
+        elif event.type == OPENED:
+            row["owner"] = data["owner"]
+        elif event.type == CLOSED:
+            row["closed"] = True
+    return rows
+
+
+def _as_arrays(rows: dict[str, dict[str, Any]], columns: list[str]) -> dict[str, list[Any]]:
+    arrays: dict[str, list[Any]] = {"account_id": list(rows)}
+    for column in columns:
+        arrays[column] = [row[column] for row in rows.values()]
+    return arrays
+
+
+class History(zdr.Projector):
+    """Every deposit and withdrawal, one row each, appended with COPY."""
+
+    name = "history"
+    tables = [history]
+    event_types = frozenset({DEPOSITED, WITHDRAWN})
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        raw = conn.connection.driver_connection
+        copy = sql.SQL(
+            "COPY {} (position, account_id, kind, amount, recorded_at) FROM STDIN"
+        ).format(physical_name(conn, history))
+        with raw.cursor() as cur, cur.copy(copy) as out:
+            for event in events:
+                kind = "deposit" if event.type == DEPOSITED else "withdrawal"
+                out.write_row(
+                    (
+                        event.position,
+                        event.data["account_id"],
+                        kind,
+                        event.data["amount"],
+                        event.recorded_at,
+                    )
+                )
+
+
+class DailyTotals(zdr.Projector):
+    """Per day: accounts opened and closed, money deposited and withdrawn."""
+
+    name = "daily_totals"
+    tables = [daily_totals]
+
+    def _add(self, conn: sa.Connection, event: zdr.RecordedEvent, **amounts: int) -> None:
+        day = event.recorded_at.date()
+        insert = pg.insert(daily_totals).values(day=day, **amounts)
+        conn.execute(
+            insert.on_conflict_do_update(
+                index_elements=[daily_totals.c.day],
+                set_={k: daily_totals.c[k] + insert.excluded[k] for k in amounts},
+            )
+        )
+
+    @zdr.handles(OPENED)
+    def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        self._add(conn, event, opened=1)
+
+    @zdr.handles(CLOSED)
+    def closed(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        self._add(conn, event, closed=1)
+
+    @zdr.handles(DEPOSITED)
+    def deposited(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        self._add(conn, event, deposited=event.data["amount"])
+
+    @zdr.handles(WITHDRAWN)
+    def withdrawn(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        self._add(conn, event, withdrawn=event.data["amount"])
+
+
+LIVE = [Balances, History, DailyTotals]

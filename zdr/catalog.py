@@ -1,0 +1,66 @@
+"""zdr's own metadata tables, in the ``zdr`` schema beside the event table.
+
+Everything that must survive a crash lives here, never in memory: which
+projector version is live for each projection, each replay's state and where
+its copy is, every target's checkpoint, and the history of runs.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+CREATE_STATEMENTS = [
+    "CREATE SCHEMA IF NOT EXISTS zdr",
+    # One row per target: 'live:<projection>' or 'replay:<key>'. A batch's writes
+    # and its checkpoint advance commit in one transaction (exactly once).
+    """CREATE TABLE IF NOT EXISTS zdr.checkpoints (
+        name text PRIMARY KEY,
+        txid bigint NOT NULL DEFAULT 0,
+        position bigint NOT NULL DEFAULT 0,
+        events_applied bigint NOT NULL DEFAULT 0,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    # The live copy of each projection: which projector class writes it, and where.
+    """CREATE TABLE IF NOT EXISTS zdr.projections (
+        name text PRIMARY KEY,
+        projector text NOT NULL,
+        schemas text[] NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    # A replay owns one side schema per live schema it rebuilds: before promotion
+    # the side holds the new copy, after it the previous live copy (for rollback).
+    # ``projectors`` are the classes that write the side copy.
+    """CREATE TABLE IF NOT EXISTS zdr.replays (
+        key text PRIMARY KEY,
+        state text NOT NULL,
+        projectors jsonb NOT NULL,
+        schemas jsonb NOT NULL,
+        error text,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        caught_up_at timestamptz,
+        dual_write_at timestamptz,
+        promoted_at timestamptz,
+        rolled_back_at timestamptz
+    )""",
+    """CREATE TABLE IF NOT EXISTS zdr.runs (
+        id bigserial PRIMARY KEY,
+        replay_key text NOT NULL REFERENCES zdr.replays (key) ON DELETE CASCADE,
+        kind text NOT NULL,
+        status text NOT NULL,
+        started_at timestamptz NOT NULL DEFAULT now(),
+        finished_at timestamptz,
+        from_position bigint,
+        to_position bigint,
+        events bigint NOT NULL DEFAULT 0,
+        error text
+    )""",
+    "CREATE INDEX IF NOT EXISTS runs_replay ON zdr.runs (replay_key, id)",
+]
+
+
+def create(conn: sa.Connection) -> None:
+    """Create the metadata tables if missing; the caller holds the setup lock."""
+    for statement in CREATE_STATEMENTS:
+        conn.exec_driver_sql(statement)

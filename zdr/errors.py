@@ -1,0 +1,83 @@
+"""Every error zdr raises is a ZdrError; each subclass says when it is raised.
+
+Driver errors are translated at the boundary where they happen, keeping the
+cause (``raise X(...) from exc``), so callers never have to catch psycopg or
+SQLAlchemy exceptions to handle an expected failure.
+"""
+
+from __future__ import annotations
+
+
+class ZdrError(Exception):
+    """Root of all zdr errors."""
+
+
+class InvalidName(ZdrError, ValueError):
+    """Raised when a replay key, projection name or schema name is not a safe identifier."""
+
+
+class NotSetUp(ZdrError):
+    """Raised when zdr's metadata tables do not exist yet in the database."""
+
+
+class ConfigurationError(ZdrError):
+    """Raised when projectors or settings cannot work together (raised before anything runs)."""
+
+
+class UnknownProjector(ZdrError, LookupError):
+    """Raised when a projector name or import path does not resolve to a Projector."""
+
+
+class ReplayNotFound(ZdrError, LookupError):
+    """Raised when an operation names a replay key that does not exist."""
+
+
+class DuplicateReplay(ZdrError):
+    """Raised when a replay is created with a key that is already taken."""
+
+
+class InvalidState(ZdrError):
+    """Raised when an operation is not allowed in the replay's current state."""
+
+
+class ReplayLagging(ZdrError):
+    """Raised when dual write or promotion is asked for while the replay is behind."""
+
+    def __init__(self, message: str, *, lag: int) -> None:
+        super().__init__(message)
+        self.lag = lag
+
+
+class RunnerBusy(ZdrError):
+    """Raised when another runner already holds a replay or the live projection."""
+
+
+class LockTimeout(ZdrError):
+    """Raised when promotion, rollback or removal cannot get its locks in time.
+
+    Nothing was changed: the transaction that asked for the locks was rolled back.
+    """
+
+
+class DependentObjects(ZdrError):
+    """Raised when a swap or a drop would break or drop objects zdr does not own."""
+
+
+class ProjectorError(ZdrError):
+    """Raised when a projector raises while applying an event.
+
+    The batch is rolled back and the checkpoint is unchanged, so the run can be
+    resumed once the projector is fixed.
+    """
+
+    def __init__(
+        self, message: str, *, projector: str, position: int | None, event_type: str | None
+    ) -> None:
+        super().__init__(message)
+        self.projector = projector
+        self.position = position
+        self.event_type = event_type
+
+
+class DatabaseUnavailable(ZdrError):
+    """Raised when no database can be reached or the embedded one cannot start."""

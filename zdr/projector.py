@@ -1,0 +1,195 @@
+"""Projectors: user code that turns events into rows of the tables it declares.
+
+A projector writes with its own SQLAlchemy ``Table`` objects through the
+connection it is given. Which physical copy that lands in (the live one or a
+replay's) is set on the connection with ``schema_translate_map``, so one class
+serves every target unchanged. Projectors must keep no state between calls:
+a ReplayManager shares one instance between threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import sqlalchemy as sa
+from psycopg import sql
+
+from zdr.errors import ConfigurationError, ProjectorError, UnknownProjector
+from zdr.names import validate_key, validate_live_schema
+from zdr.store import RecordedEvent
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles(*event_types: str) -> Callable[[F], F]:
+    """Mark a method ``(self, event, conn)`` as the handler of the given event types."""
+    if not event_types or not all(isinstance(t, str) and t for t in event_types):
+        raise ConfigurationError("@handles needs one or more event type names")
+
+    def mark(method: F) -> F:
+        method._zdr_handles = tuple(event_types)  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+class Projector:
+    """Base class of projectors.
+
+    Subclasses set ``name`` and ``tables`` and either mark per-event handlers with
+    ``@zdr.handles`` (simple) or override ``handle_batch`` and set
+    ``event_types`` (fast: one call per batch of thousands of events).
+    """
+
+    name: ClassVar[str]
+    tables: ClassVar[Sequence[sa.Table]] = ()
+    event_types: ClassVar[frozenset[str]] = frozenset()
+    _handlers: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        handlers: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                for event_type in getattr(value, "_zdr_handles", ()):
+                    handlers[event_type] = attr
+        cls._handlers = handlers
+        cls.event_types = frozenset(cls.event_types) | frozenset(handlers)
+
+    # -- what the engine calls -------------------------------------------------
+
+    def handle_batch(self, events: Sequence[RecordedEvent], conn: sa.Connection) -> None:
+        """Apply a batch of events (only of ``event_types``), in order.
+
+        The default calls the per-event handlers. Override it to apply a whole
+        batch at once, for example by folding it in Python and writing one
+        upsert per table.
+        """
+        for event in events:
+            getattr(self, self._handlers[event.type])(event, conn)
+
+    # -- helpers -------------------------------------------------------------
+
+    @classmethod
+    def import_path(cls) -> str:
+        """``module:QualName``, how another process finds this class again."""
+        return f"{cls.__module__}:{cls.__qualname__}"
+
+    @classmethod
+    def schemas(cls) -> list[str]:
+        """The schemas holding this projector's tables, sorted."""
+        return sorted({validate_live_schema(t.schema, table=t.name) for t in cls.tables})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__} {getattr(self, 'name', '?')!r}>"
+
+
+def check_projector(projector: object) -> Projector:
+    """Refuse a projector that zdr could not run, with a message naming what is wrong."""
+    if not isinstance(projector, Projector):
+        raise UnknownProjector(f"{projector!r} is not a zdr.Projector instance")
+    cls = type(projector)
+    name = getattr(cls, "name", None)
+    validate_key(name, what=f"projection name of {cls.__qualname__}")
+    if not cls.tables:
+        raise ConfigurationError(f"projector {name!r} declares no tables")
+    for table in cls.tables:
+        if not isinstance(table, sa.Table):
+            raise ConfigurationError(f"projector {name!r}: {table!r} is not a sqlalchemy.Table")
+    cls.schemas()
+    if not cls.event_types:
+        raise ConfigurationError(
+            f"projector {name!r} handles no event types: mark handlers with @zdr.handles "
+            "or set event_types for handle_batch"
+        )
+    return projector
+
+
+def load_projector(path: str) -> Projector:
+    """Instantiate a projector from its import path ``package.module:ClassName``."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UnknownProjector(f"projector path {path!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownProjector(
+            f"cannot import module {module_name!r} for projector {path!r}: {exc}"
+        ) from exc
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise UnknownProjector(f"module {module_name!r} has no projector {attr!r}")
+    if not (isinstance(target, type) and issubclass(target, Projector)):
+        raise UnknownProjector(f"{path!r} is not a zdr.Projector subclass")
+    return check_projector(target())
+
+
+def apply_events(
+    projector: Projector, events: Sequence[RecordedEvent], conn: sa.Connection, *, where: str
+) -> None:
+    """Apply the events the projector handles; wrap its failures in a ProjectorError.
+
+    ``where`` names the target in the message (a replay key or "live").
+    """
+    wanted = projector.event_types
+    relevant = [e for e in events if e.type in wanted]
+    if not relevant:
+        return
+    try:
+        projector.handle_batch(relevant, conn)
+    except ProjectorError:
+        raise
+    except Exception as exc:
+        culprit = _failing_event(exc)
+        if culprit is not None:
+            at = f"event {culprit.position} ({culprit.type}, stream {culprit.stream_id!r})"
+            position, event_type = culprit.position, culprit.type
+        else:
+            at = f"the batch of events {relevant[0].position}..{relevant[-1].position}"
+            position, event_type = relevant[0].position, None
+        raise ProjectorError(
+            f"projector {projector.name!r} failed on {at} while projecting to {where}: "
+            f"{_describe(exc)}",
+            projector=projector.name,
+            position=position,
+            event_type=event_type,
+        ) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about the failure: the database's own message, not SQLAlchemy's statement dump."""
+    cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    first_line = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first_line}"
+
+
+def _failing_event(exc: BaseException) -> RecordedEvent | None:
+    """The event a handler was working on when it raised, read from the traceback.
+
+    The innermost frame with a local ``event`` holding a RecordedEvent wins: the
+    default ``handle_batch`` and batch handlers that loop ``for event in events``
+    both name the exact event this way; otherwise the message names the batch.
+    """
+    tb = exc.__traceback__
+    found = None
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("event")
+        if isinstance(candidate, RecordedEvent):
+            found = candidate
+        tb = tb.tb_next
+    return found
+
+
+def physical_name(conn: sa.Connection, table: sa.Table) -> sql.Identifier:
+    """The quoted name of ``table`` in the copy this connection writes to.
+
+    For handlers that bypass SQLAlchemy Core (COPY through
+    ``conn.connection.driver_connection``), which ``schema_translate_map`` does
+    not reach.
+    """
+    translate = conn.get_execution_options().get("schema_translate_map") or {}
+    return sql.Identifier(translate.get(table.schema, table.schema), table.name)

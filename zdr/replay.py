@@ -1,0 +1,134 @@
+"""What a replay is: its states, its record, its runs, and the progress of a run."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class ReplayState(StrEnum):
+    """The life cycle of a replay.
+
+    created -> replaying -> caught_up -> dual_writing -> live -> rolled_back;
+    failed when a projector raised (resumable); removed once dropped.
+    """
+
+    CREATED = "created"
+    REPLAYING = "replaying"
+    CAUGHT_UP = "caught_up"
+    DUAL_WRITING = "dual_writing"
+    LIVE = "live"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+    REMOVED = "removed"
+
+
+#: States from which ``start_replay`` may run (resume, catch up, or restart).
+REPLAYABLE = frozenset(
+    {
+        ReplayState.CREATED,
+        ReplayState.REPLAYING,
+        ReplayState.CAUGHT_UP,
+        ReplayState.FAILED,
+        ReplayState.ROLLED_BACK,
+    }
+)
+#: States from which dual write may be switched on.
+DUAL_WRITABLE = frozenset(
+    {ReplayState.CREATED, ReplayState.REPLAYING, ReplayState.CAUGHT_UP, ReplayState.ROLLED_BACK}
+)
+#: States from which the replay may be put live.
+PROMOTABLE = frozenset({ReplayState.CAUGHT_UP, ReplayState.DUAL_WRITING})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of an operation on a replay (the original's "plays")."""
+
+    id: int
+    kind: str
+    status: str
+    started_at: dt.datetime
+    finished_at: dt.datetime | None
+    from_position: int | None
+    to_position: int | None
+    events: int
+    error: str | None
+
+    @property
+    def seconds(self) -> float:
+        end = self.finished_at or dt.datetime.now(dt.UTC)
+        return max((end - self.started_at).total_seconds(), 0.0)
+
+    @property
+    def rate(self) -> float | None:
+        """Events per second over the run, None before it has applied anything."""
+        seconds = self.seconds
+        return self.events / seconds if self.events and seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A replay as stored, with its checkpoint and run history."""
+
+    key: str
+    state: ReplayState
+    projectors: dict[str, str]
+    schemas: dict[str, str]
+    position: int
+    txid: int
+    events_applied: int
+    error: str | None
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    caught_up_at: dt.datetime | None = None
+    dual_write_at: dt.datetime | None = None
+    promoted_at: dt.datetime | None = None
+    rolled_back_at: dt.datetime | None = None
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def projections(self) -> list[str]:
+        return sorted(self.projectors)
+
+    @property
+    def rate(self) -> float | None:
+        """Events per second of the latest replay run that applied events."""
+        for run in reversed(self.runs):
+            if run.kind == "replay" and run.rate is not None:
+                return run.rate
+        return None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a running replay stands; passed to ``on_progress`` after each batch."""
+
+    key: str
+    events_done: int
+    events_total: int
+    position: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.events_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def eta_seconds(self) -> float | None:
+        remaining = max(self.events_total - self.events_done, 0)
+        return remaining / self.rate if self.rate > 0 else None
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    """What a promotion or rollback did and how long readers could have waited."""
+
+    key: str
+    state: ReplayState
+    position: int
+    lock_wait_ms: float
+    duration_ms: float
+    attempts: int
+    schemas: dict[str, str]
