@@ -830,7 +830,10 @@ class ReplayManager:
 
     def _resolve(self, ref: ProjectorRef) -> Projector:
         if isinstance(ref, Projector):
-            return check_projector(ref)
+            check_projector(ref)
+            with self._paths_lock:
+                # Later runs in this process (dual write, rollback) use this very instance.
+                return self._by_path.setdefault(ref.import_path(), ref)
         if not isinstance(ref, str):
             raise UnknownProjector(
                 f"{ref!r} is neither a projector name, an import path nor a Projector"

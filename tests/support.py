@@ -1,0 +1,100 @@
+"""Helpers shared by the tests: seeding the bank, reading read models, reference folds."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+import zdr
+from examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
+from examples.bank.projectors import BalancesV2
+
+
+def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
+    """Append (stream_id, event) pairs in one transaction, a call per run of one stream."""
+    positions: list[int] = []
+    with store.engine.begin() as conn:
+        i = 0
+        while i < len(events):
+            stream = events[i][0]
+            j = i
+            while j < len(events) and events[j][0] == stream:
+                j += 1
+            positions += store.append(stream, [e for _, e in events[i:j]], conn=conn)
+            i = j
+    return positions
+
+
+def seed(store: zdr.EventStore, n: int, *, accounts: int = 100, seed: int = 7) -> BankSimulator:
+    sim = BankSimulator(accounts=accounts, seed=seed)
+    append(store, sim.events(n))
+    return sim
+
+
+def balances(engine: sa.Engine, schema: str = "bank_balances") -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(f'SELECT * FROM "{schema}".balances').mappings().all()
+    return {row["account_id"]: dict(row) for row in rows}
+
+
+def assert_balances_match_fold(
+    engine: sa.Engine, store: zdr.EventStore, schema: str = "bank_balances"
+) -> None:
+    """The balances table equals a from-scratch fold of every event, column for column."""
+    expected = fold_balances(store.iter_all())
+    actual = balances(engine, schema)
+    assert set(actual) == set(expected), "accounts differ"
+    for account, want in expected.items():
+        got = actual[account]
+        for column in ("owner", "balance", "events", "closed"):
+            assert got[column] == want[column], (account, column, got, want)
+        if "deposits" in got:
+            assert got["deposits"] == want["deposits"], (account, got, want)
+
+
+def assert_history_exactly_once(
+    engine: sa.Engine, store: zdr.EventStore, schema: str = "bank_history"
+) -> None:
+    """Every deposit and withdrawal is in the history once, and nothing else is."""
+    want = [e.position for e in store.iter_all() if e.type in (DEPOSITED, WITHDRAWN)]
+    with engine.connect() as conn:
+        got = conn.exec_driver_sql(f'SELECT position FROM "{schema}".transactions').scalars().all()
+    duplicated = [p for p, n in Counter(got).items() if n > 1]
+    assert not duplicated, f"applied twice: {duplicated[:10]}"
+    assert sorted(got) == sorted(want), f"missing: {sorted(set(want) - set(got))[:10]}"
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+class SlowBalancesV2(BalancesV2):
+    """BalancesV2 that sleeps after writing each batch when ZDR_TEST_SLOW_BATCH is set.
+
+    Lets a test kill a replay while a batch's writes are done but not committed.
+    """
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        super().handle_batch(events, conn)
+        time.sleep(float(os.environ.get("ZDR_TEST_SLOW_BATCH", "0")))
+
+
+class ExplodingBalancesV2(BalancesV2):
+    """BalancesV2 whose per-event handling raises on the event at ZDR_TEST_EXPLODE_AT."""
+
+    explode_at: int = 0
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        for event in events:
+            if event.position == self.explode_at:
+                raise RuntimeError("cannot project this event")
+        super().handle_batch(events, conn)

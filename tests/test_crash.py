@@ -1,0 +1,71 @@
+"""Exactly once across a crash: a replay process killed with SIGKILL mid-batch resumes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import zdr
+from tests.support import (
+    SlowBalancesV2,
+    assert_balances_match_fold,
+    assert_history_exactly_once,
+    seed,
+    wait_for,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REPLAY_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import zdr
+    manager = zdr.ReplayManager(sys.argv[1])
+    manager.start_replay(sys.argv[2], batch_size=int(sys.argv[3]))
+    """
+)
+
+
+def test_a_replay_killed_mid_batch_resumes_to_the_same_result(manager, engine, database_url):
+    seed(manager.store, 6_000, accounts=300)
+    manager.project_live()
+    manager.create_replay("crash", [SlowBalancesV2(), "history"])
+    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": "0.15", "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", REPLAY_SCRIPT, database_url, "crash", "400"],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Wait until some batches have committed, then kill it while it sleeps
+        # inside a batch whose writes are done but not committed.
+        wait_for(lambda: _checkpoint(engine) >= 1_200 or child.poll() is not None, timeout=60)
+        assert child.poll() is None, child.stderr.read().decode()
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    killed_at = _checkpoint(engine)
+    assert 0 < killed_at < 6_000
+    assert manager.get_replay("crash").state is zdr.ReplayState.REPLAYING
+
+    replay = manager.start_replay("crash")
+
+    assert replay.state is zdr.ReplayState.CAUGHT_UP
+    assert replay.events_applied == 6_000, "each event counted once across both runs"
+    assert_balances_match_fold(engine, manager.store, "zdr_crash_1")
+
+    assert_history_exactly_once(engine, manager.store, "zdr_crash_2")
+
+
+def _checkpoint(engine) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            "SELECT position FROM zdr.checkpoints WHERE name = 'replay:crash'"
+        ).scalar_one()

@@ -1,0 +1,194 @@
+"""The whole life cycle on the bank example: the promoted read model equals the fold."""
+
+from __future__ import annotations
+
+import zdr
+from examples.bank.projectors import BalancesV2
+from tests.support import (
+    append,
+    assert_balances_match_fold,
+    assert_history_exactly_once,
+    balances,
+    seed,
+)
+
+
+def test_full_life_cycle_promotes_a_read_model_equal_to_the_fold(manager, engine):
+    sim = seed(manager.store, 3_000)
+    assert manager.project_live() == 3_000
+
+    replay = manager.create_replay("balances_v2", [BalancesV2()])
+    assert replay.state is zdr.ReplayState.CREATED
+    assert replay.schemas == {"bank_balances": "zdr_balances_v2_1"}
+    assert manager.get_replay_lag("balances_v2") == 3_000
+
+    replay = manager.start_replay("balances_v2")
+    assert replay.state is zdr.ReplayState.CAUGHT_UP
+    assert replay.events_applied == 3_000
+    assert replay.rate is not None and replay.rate > 0
+
+    # Events arrive while the replay is being prepared: the live runner applies
+    # them to live only, the replay catches up from its own checkpoint.
+    append(manager.store, sim.events(400))
+    assert manager.project_live() == 400
+    assert manager.get_replay_lag("balances_v2") == 400
+    manager.start_replay("balances_v2")
+    assert manager.get_replay_lag("balances_v2") == 0
+
+    append(manager.store, sim.events(200))
+    manager.start_projecting_to_replay("balances_v2", lag_threshold=500)
+    append(manager.store, sim.events(300))
+    assert manager.project_live() == 500
+
+    report = manager.put_replay_live("balances_v2")
+    assert report.state is zdr.ReplayState.LIVE
+    assert report.attempts == 1
+
+    assert_balances_match_fold(engine, manager.store)
+    assert "deposits" in next(iter(balances(engine).values()))
+    assert_history_exactly_once(engine, manager.store)
+    # After promotion the live runner writes the new shape with the new projector.
+    append(manager.store, sim.events(250))
+    assert manager.project_live() == 250
+    assert_balances_match_fold(engine, manager.store)
+
+    replay = manager.get_replay("balances_v2")
+    assert replay.state is zdr.ReplayState.LIVE
+    assert [run.kind for run in replay.runs] == ["replay", "replay", "promote"]
+    with engine.connect() as conn:
+        live = conn.exec_driver_sql(
+            "SELECT projector FROM zdr.projections WHERE name = 'balances'"
+        ).scalar_one()
+    assert live == BalancesV2.import_path()
+
+
+def test_a_replay_of_the_same_version_rebuilds_the_same_rows(manager, engine):
+    seed(manager.store, 2_000)
+    manager.project_live()
+    manager.create_replay("same", ["balances", "history"])
+    manager.start_replay("same")
+    assert balances(engine, "zdr_same_1") == balances(engine, "bank_balances")
+    assert_history_exactly_once(engine, manager.store, "zdr_same_2")
+
+
+def test_rollback_brings_the_previous_copy_up_to_date_and_makes_it_live(manager, engine):
+    sim = seed(manager.store, 1_500)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.start_projecting_to_replay("v2")
+    manager.project_live()
+    manager.put_replay_live("v2")
+
+    append(manager.store, sim.events(700))  # applied by v2 only, while it is live
+    manager.project_live()
+    report = manager.rollback("v2")
+
+    assert report.state is zdr.ReplayState.ROLLED_BACK
+    rows = balances(engine)
+    assert "deposits" not in next(iter(rows.values())), "the v1 shape is live again"
+    assert_balances_match_fold(engine, manager.store)
+    with engine.connect() as conn:
+        live = conn.exec_driver_sql(
+            "SELECT projector FROM zdr.projections WHERE name = 'balances'"
+        ).scalar_one()
+    assert live.endswith(":Balances")
+
+    append(manager.store, sim.events(100))
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_remove_drops_the_replay_copy_and_metadata_but_never_live_tables(manager, engine):
+    seed(manager.store, 500)
+    manager.project_live()
+    before = balances(engine)
+    manager.create_replay("gone", [BalancesV2()])
+    manager.start_replay("gone")
+
+    removed = manager.remove_replay("gone")
+
+    assert removed.state is zdr.ReplayState.REMOVED
+    assert manager.get_replay("gone") is None
+    assert balances(engine) == before
+    with engine.connect() as conn:
+        assert not conn.exec_driver_sql(
+            "SELECT 1 FROM pg_namespace WHERE nspname LIKE 'zdr\\_gone%%'"
+        ).first()
+        assert not conn.exec_driver_sql(
+            "SELECT 1 FROM zdr.checkpoints WHERE name = 'replay:gone'"
+        ).first()
+
+
+def test_removing_a_promoted_replay_drops_the_previous_copy_only(manager, engine):
+    seed(manager.store, 500)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.put_replay_live("v2")
+    live = balances(engine)
+
+    manager.remove_replay("v2")
+
+    assert balances(engine) == live
+    assert "deposits" in next(iter(live.values()))
+
+
+def test_setup_is_idempotent_and_keeps_data(manager, engine):
+    seed(manager.store, 100)
+    manager.project_live()
+    before = balances(engine)
+    manager.setup()
+    manager.store.setup()
+    assert balances(engine) == before
+
+
+def test_a_replay_can_start_over_from_zero(manager, engine):
+    seed(manager.store, 800)
+    manager.project_live()
+    manager.create_replay("again", [BalancesV2()])
+    manager.start_replay("again")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr_again_1.balances SET balance = -1")
+
+    replay = manager.start_replay("again", restart=True)
+
+    assert replay.events_applied == 800
+    assert_balances_match_fold(engine, manager.store, "zdr_again_1")
+
+
+def test_progress_is_reported_after_each_batch(manager):
+    seed(manager.store, 1_200)
+    manager.create_replay("progress", [BalancesV2()])
+    seen: list[zdr.Progress] = []
+    manager.start_replay("progress", batch_size=500, on_progress=seen.append)
+    assert [p.events_done for p in seen] == [500, 1_000, 1_200]
+    assert seen[-1].events_total == 1_200
+    assert seen[-1].eta_seconds == 0
+
+
+def test_grants_on_the_live_copy_follow_the_promotion(manager, engine):
+    seed(manager.store, 100)
+    manager.project_live()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE ROLE zdr_test_reader")
+        conn.exec_driver_sql("GRANT USAGE ON SCHEMA bank_balances TO zdr_test_reader")
+        conn.exec_driver_sql("GRANT SELECT ON bank_balances.balances TO zdr_test_reader")
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.put_replay_live("v2")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SET LOCAL ROLE zdr_test_reader")
+        assert conn.exec_driver_sql("SELECT count(*) FROM bank_balances.balances").scalar() > 0
+
+
+def test_the_same_projector_class_writes_live_and_replay_copies(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("copy", ["balances"])
+    manager.start_replay("copy")
+    with engine.connect() as conn:
+        tables = conn.exec_driver_sql(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'balances'"
+        ).scalars()
+        assert sorted(tables) == ["bank_balances", "zdr_copy_1"]
