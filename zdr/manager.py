@@ -333,7 +333,7 @@ class ReplayManager:
             return self._load(conn, key)
 
     def _check_coverage(self, conn: sa.Connection, projectors: list[Projector]) -> list[str]:
-        """The live schemas a replay swaps; refuse one that would swap away someone else's tables."""
+        """The live schemas a replay swaps; refuse one that would swap others' tables away."""
         live = {
             name: list(schemas)
             for name, schemas in conn.exec_driver_sql("SELECT name, schemas FROM zdr.projections")
@@ -348,7 +348,8 @@ class ReplayManager:
             if projector.schemas() != sorted(live[projector.name]):
                 raise ConfigurationError(
                     f"projector {projector.import_path()} writes schemas {projector.schemas()} "
-                    f"but the live projection {projector.name!r} is in {sorted(live[projector.name])}"
+                    f"but the live projection {projector.name!r} is in "
+                    f"{sorted(live[projector.name])}"
                 )
             wanted.update(projector.schemas())
         included = {p.name for p in projectors}
@@ -478,7 +479,7 @@ class ReplayManager:
             log.warning("could not record the failure of run %s", run_id, exc_info=True)
 
     def _apply(self, conn: sa.Connection, target: _Target, events: Sequence[RecordedEvent]) -> None:
-        """Claim the checkpoint, then write; both commit or roll back with the caller's transaction."""
+        """Claim the checkpoint, then write; both commit or roll back with the caller."""
         last = events[-1].cursor
         claimed = conn.exec_driver_sql(
             """UPDATE zdr.checkpoints SET txid = %s, position = %s,
@@ -798,7 +799,8 @@ class ReplayManager:
         assert stamp in (None, "caught_up_at", "dual_write_at", "promoted_at", "rolled_back_at")
         extra = f", {stamp} = now()" if stamp else ""
         conn.exec_driver_sql(
-            f"UPDATE zdr.replays SET state = %s, error = %s, updated_at = now(){extra} WHERE key = %s",
+            f"UPDATE zdr.replays SET state = %s, error = %s, updated_at = now(){extra} "
+            "WHERE key = %s",
             (state.value, error, key),
         )
 

@@ -141,7 +141,8 @@ def copy_grants(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
     for live, side in schema_map.items():
         grants = conn.exec_driver_sql(
             """
-            SELECT NULL::text AS rel, a.privilege_type, (SELECT rolname FROM pg_roles WHERE oid = a.grantee)
+            SELECT NULL::text AS rel, a.privilege_type,
+                   (SELECT rolname FROM pg_roles WHERE oid = a.grantee)
             FROM pg_namespace n, aclexplode(n.nspacl) a
             WHERE n.nspname = %(live)s AND a.grantee <> 0 AND a.grantee <> n.nspowner
             UNION ALL
