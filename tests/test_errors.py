@@ -132,7 +132,9 @@ def test_a_replay_must_take_every_projection_of_a_schema_it_swaps(engine):
     manager.create_replay("k", ["a", "b"])
 
 
-def test_a_projector_that_raises_names_the_event_and_the_replay_stays_resumable(manager, engine):
+def test_a_projector_that_raises_names_the_event_and_the_replay_stays_resumable(
+    manager, engine, monkeypatch
+):
     seed(manager.store, 1_000)
     monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 777)
     manager.create_replay("boom", [ExplodingBalancesV2()])
