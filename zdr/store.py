@@ -14,13 +14,16 @@ or above the horizon the reader used, so it sorts after everything read so far.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
+import orjson
 import sqlalchemy as sa
 from psycopg.rows import args_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from zdr.config import make_engine
 from zdr.errors import ZdrError
@@ -122,6 +125,7 @@ class EventStore:
             ORDER BY txid, position
             LIMIT %(limit)s
         """
+        self._copy_statement = "COPY zdr.events (stream_id, type, data, metadata) FROM STDIN"
         self._count_statement = "SELECT count(*) FROM zdr.events WHERE (txid, position) > (%s, %s)"
 
     def setup(self) -> None:
@@ -159,6 +163,24 @@ class EventStore:
         with self.engine.begin() as own:
             return _positions(own, self._append_statement, params)
 
+    def import_events(self, events: Iterable[tuple[str, Mapping[str, Any]]]) -> int:
+        """Bulk-load (stream_id, event) pairs with COPY, in one transaction; return the count.
+
+        For bringing an existing history in (or seeding a demo): ~10x faster than
+        ``append`` per stream. Positions follow the order given.
+        """
+        count = 0
+        with (
+            self.engine.begin() as conn,
+            _raw(conn).cursor() as cur,
+            cur.copy(self._copy_statement) as copy,
+        ):
+            for stream_id, event in events:
+                types, datas, metas = _columns_of([event])
+                copy.write_row((stream_id, types[0], datas[0], metas[0]))
+                count += 1
+        return count
+
     # -- EventReader ---------------------------------------------------------
 
     def read(
@@ -180,6 +202,7 @@ class EventStore:
             "limit": limit,
         }
         with _raw(conn).cursor(row_factory=args_row(RecordedEvent)) as cur:
+            set_json_loads(_loads_json, cur)
             cur.execute(self._read_statement, params)
             return cur.fetchall()
 
@@ -222,6 +245,20 @@ def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Js
         datas.append(Jsonb(dict(data)))
         metas.append(Jsonb(dict(meta)))
     return types, datas, metas
+
+
+_LONG_DIGITS = re.compile(rb"\d{19}")
+
+
+def _loads_json(data: bytes) -> Any:
+    """orjson (decoding is half of a replay's read cost), except where it would be wrong.
+
+    orjson reads integers beyond 64 bits as floats; ``json`` keeps them exact, so
+    a payload with a run of 19 digits or more goes to ``json``.
+    """
+    if _LONG_DIGITS.search(data):
+        return json.loads(data)
+    return orjson.loads(data)
 
 
 def _raw(conn: sa.Connection) -> Any:

@@ -28,7 +28,7 @@ class BankSimulator:
     seed: int = 7
     _rng: random.Random = field(init=False)
     _balances: dict[str, int] = field(init=False, default_factory=dict)
-    _closed: set[str] = field(init=False, default_factory=set)
+    _open: list[str] = field(init=False, default_factory=list)
     _opened: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -43,17 +43,19 @@ class BankSimulator:
 
     def _next(self) -> tuple[str, Event]:
         rng = self._rng
-        open_accounts = [a for a in self._balances if a not in self._closed]
-        if self._opened < self.accounts and (not open_accounts or rng.random() < 0.05):
+        if self._opened < self.accounts and (not self._open or rng.random() < 0.05):
             self._opened += 1
             account = f"acc-{self._opened:06d}"
             self._balances[account] = 0
+            self._open.append(account)
             owner = rng.choice(["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal"])
             return account, {"type": OPENED, "data": {"account_id": account, "owner": owner}}
-        account = open_accounts[rng.randrange(len(open_accounts))]
+        index = rng.randrange(len(self._open))
+        account = self._open[index]
         roll = rng.random()
-        if roll < 0.002 and len(open_accounts) > 1:
-            self._closed.add(account)
+        if roll < 0.002 and len(self._open) > 1:
+            self._open[index] = self._open[-1]
+            self._open.pop()
             return account, {"type": CLOSED, "data": {"account_id": account}}
         if roll < 0.35 and self._balances[account] > 0:
             amount = rng.randint(1, self._balances[account])

@@ -1,0 +1,71 @@
+"""The event store: appends, bulk import, and what a reader gets back."""
+
+from __future__ import annotations
+
+import threading
+
+import zdr
+
+
+def test_append_returns_ascending_positions_in_the_order_given(manager):
+    events = [{"type": f"E{i}", "data": {"i": i}} for i in range(50)]
+    positions = manager.store.append("stream-1", events)
+    assert positions == sorted(positions) and len(set(positions)) == 50
+    stored = {e.position: e for e in manager.store.iter_all()}
+    assert [stored[p].data["i"] for p in positions] == list(range(50))
+    assert all(stored[p].stream_id == "stream-1" for p in positions)
+
+
+def test_recorded_events_carry_every_field(manager):
+    [position] = manager.store.append(
+        "s", [{"type": "T", "data": {"a": 1}, "metadata": {"by": "me"}}]
+    )
+    [event] = manager.store.iter_all()
+    assert (event.position, event.type, event.data, event.metadata) == (
+        position,
+        "T",
+        {"a": 1},
+        {"by": "me"},
+    )
+    assert event.recorded_at is not None and event.recorded_at.tzinfo is not None
+    assert event.cursor == zdr.Cursor(event.txid, position)
+
+
+def test_payloads_round_trip_exactly_including_integers_beyond_64_bits(manager):
+    data = {"big": 2**70, "negative": -(2**64), "float": 0.1, "text": "ü\u2603", "nested": [1, {}]}
+    manager.store.append("s", [{"type": "T", "data": data}])
+    [event] = manager.store.iter_all()
+    assert event.data == data
+    assert isinstance(event.data["big"], int)
+
+
+def test_bulk_import_keeps_the_order_given(manager):
+    pairs = [(f"s{i % 3}", {"type": "T", "data": {"i": i}}) for i in range(1_000)]
+    assert manager.store.import_events(pairs) == 1_000
+    events = list(manager.store.iter_all())
+    assert [e.data["i"] for e in events] == list(range(1_000))
+    assert [e.stream_id for e in events[:3]] == ["s0", "s1", "s2"]
+
+
+def test_appends_from_many_connections_at_once_are_all_read_once(manager):
+    def appender(n: int) -> None:
+        for i in range(100):
+            manager.store.append(f"writer-{n}", [{"type": "T", "data": {"n": n, "i": i}}] * 3)
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    events = list(manager.store.iter_all(batch_size=97))
+    assert len(events) == 8 * 100 * 3
+    assert len({e.position for e in events}) == len(events)
+    assert [e.cursor for e in events] == sorted(e.cursor for e in events)
+
+
+def test_lag_counts_the_events_after_a_checkpoint(manager):
+    manager.store.append("s", [{"type": "T", "data": {}}] * 25)
+    manager.create_replay("lagging", ["balances"])
+    assert manager.get_replay_lag("lagging") == 25
+    manager.start_replay("lagging")
+    assert manager.get_replay_lag("lagging") == 0
