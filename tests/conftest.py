@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from examples.bank.projectors import Balances, DailyTotals, History
+from examples.bank.projectors import LIVE
 from zdr.config import to_sqlalchemy_url
 
 
@@ -68,8 +68,6 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
 
 @pytest.fixture()
 def manager(engine: sa.Engine) -> zdr.ReplayManager:
-    manager = zdr.ReplayManager(
-        engine, projectors=[Balances(), History(), DailyTotals()], batch_size=500
-    )
+    manager = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], batch_size=500)
     manager.setup()
     return manager

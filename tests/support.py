@@ -30,8 +30,10 @@ def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) 
     return positions
 
 
-def seed(store: zdr.EventStore, n: int, *, accounts: int = 100, seed: int = 7) -> BankSimulator:
-    sim = BankSimulator(accounts=accounts, seed=seed)
+def seed(
+    store: zdr.EventStore, n: int, *, accounts: int = 100, seed: int = 7, prefix: str = "acc"
+) -> BankSimulator:
+    sim = BankSimulator(accounts=accounts, seed=seed, prefix=prefix)
     append(store, sim.events(n))
     return sim
 

@@ -164,7 +164,7 @@ def test_a_broken_replay_projector_leaves_dual_write_but_live_goes_on(manager, e
     manager.start_replay("fragile")
     manager.start_projecting_to_replay("fragile")
     monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 305)
-    seed(manager.store, 20, seed=1)
+    seed(manager.store, 20, seed=1, prefix="new")
 
     assert manager.project_live() == 20
 

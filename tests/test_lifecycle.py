@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zdr
+from examples.bank.domain import fold_balances, fold_daily_totals
 from examples.bank.projectors import BalancesV2
 from tests.support import (
     append,
@@ -192,3 +193,24 @@ def test_the_same_projector_class_writes_live_and_replay_copies(manager, engine)
             "SELECT table_schema FROM information_schema.tables WHERE table_name = 'balances'"
         ).scalars()
         assert sorted(tables) == ["bank_balances", "zdr_copy_1"]
+
+
+def test_every_live_projection_equals_its_fold_after_live_projection(manager, engine):
+    seed(manager.store, 2_500, accounts=300)
+    manager.project_live(batch_size=333)
+    events = list(manager.store.iter_all())
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)
+    with engine.connect() as conn:
+        days = {
+            row.day: {k: row._mapping[k] for k in ("opened", "closed", "deposited", "withdrawn")}
+            for row in conn.exec_driver_sql("SELECT * FROM bank_stats.daily_totals")
+        }
+        accounts = dict(
+            conn.exec_driver_sql(
+                "SELECT account_id, closed_at IS NOT NULL FROM bank_accounts.accounts"
+            ).all()
+        )
+    assert days == fold_daily_totals(events)
+    folded = fold_balances(events)
+    assert accounts == {a: row["closed"] for a, row in folded.items()}

@@ -59,10 +59,10 @@ def test_appenders_with_open_transactions_during_replay_and_dual_write_lose_noth
 
     def appender(seed_: int) -> None:
         rng = random.Random(seed_)
-        sim = BankSimulator(accounts=50, seed=seed_)
+        sim = BankSimulator(accounts=50, seed=seed_, prefix=f"w{seed_}")
         try:
             while not stop.is_set():
-                batch = [(f"w{seed_}-{s}", e) for s, e in sim.events(rng.randint(1, 20))]
+                batch = sim.events(rng.randint(1, 20))
                 with engine.begin() as conn:
                     append_in(conn, manager.store, batch)
                     if rng.random() < 0.2:

@@ -10,7 +10,7 @@ import pytest
 
 import zdr
 from examples.bank.domain import BankSimulator
-from examples.bank.projectors import Balances, BalancesV2, DailyTotals, History
+from examples.bank.projectors import LIVE, BalancesV2
 from tests.support import (
     SlowBalancesV2,
     append,
@@ -80,9 +80,9 @@ def test_readers_in_a_loop_never_fail_and_switch_from_old_to_new_at_one_point(
                     return
 
     def writer() -> None:
-        local = BankSimulator(accounts=100, seed=99)
+        local = BankSimulator(accounts=100, seed=99, prefix="w")
         while not stop.is_set():
-            append(manager.store, [(f"w-{s}", e) for s, e in local.events(20)])
+            append(manager.store, local.events(20))
             time.sleep(0.005)
 
     runner = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.01})
@@ -218,7 +218,7 @@ def test_two_live_runners_are_refused(manager, engine):
     runner.start()
     try:
         time.sleep(0.3)
-        second = zdr.ReplayManager(engine, projectors=[Balances(), History(), DailyTotals()])
+        second = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE])
         with pytest.raises(zdr.RunnerBusy, match="another live runner"):
             second.project_live()
     finally:

@@ -26,6 +26,7 @@ class BankSimulator:
 
     accounts: int = 1_000
     seed: int = 7
+    prefix: str = "acc"
     _rng: random.Random = field(init=False)
     _balances: dict[str, int] = field(init=False, default_factory=dict)
     _open: list[str] = field(init=False, default_factory=list)
@@ -45,7 +46,7 @@ class BankSimulator:
         rng = self._rng
         if self._opened < self.accounts and (not self._open or rng.random() < 0.05):
             self._opened += 1
-            account = f"acc-{self._opened:06d}"
+            account = f"{self.prefix}-{self._opened:06d}"
             self._balances[account] = 0
             self._open.append(account)
             owner = rng.choice(["ada", "bob", "cy", "dee", "eve", "fay", "gus", "hal"])
@@ -89,3 +90,23 @@ def fold_balances(events: Iterable[Any]) -> dict[str, dict[str, Any]]:
         else:
             row["closed"] = True
     return rows
+
+
+def fold_daily_totals(events: Iterable[Any]) -> dict[Any, dict[str, int]]:
+    """Daily totals as a from-scratch fold, keyed by the UTC day events were recorded."""
+    days: dict[Any, dict[str, int]] = {}
+    for event in events:
+        if event.type not in EVENT_TYPES:
+            continue
+        totals = days.setdefault(
+            event.recorded_at.date(), {"opened": 0, "closed": 0, "deposited": 0, "withdrawn": 0}
+        )
+        if event.type == OPENED:
+            totals["opened"] += 1
+        elif event.type == CLOSED:
+            totals["closed"] += 1
+        elif event.type == DEPOSITED:
+            totals["deposited"] += event.data["amount"]
+        else:
+            totals["withdrawn"] += event.data["amount"]
+    return days

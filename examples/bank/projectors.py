@@ -1,9 +1,11 @@
-"""The bank's projectors: three live projections and a second version of one of them.
+"""The bank's projectors: four live projections and a second version of one of them.
 
 * ``Balances`` (keyed table): folds a whole batch in Python, then writes one
   upsert per batch with array parameters (the fast path).
 * ``History`` (append-only): one row per money movement, written with COPY.
-* ``DailyTotals`` (aggregate): per-event handlers, the simplest way to write one.
+* ``DailyTotals`` (aggregate): folds each batch per day, one upsert per batch.
+* ``Accounts`` (directory): per-event handlers, the simplest way to write one;
+  it only handles the few events that open or close an account.
 * ``BalancesV2``: the same projection, rebuilt with two new columns.
 """
 
@@ -17,7 +19,14 @@ from psycopg import sql
 from sqlalchemy.dialects import postgresql as pg
 
 import zdr
-from examples.bank.domain import CLOSED, DEPOSITED, EVENT_TYPES, OPENED, WITHDRAWN
+from examples.bank.domain import (
+    CLOSED,
+    DEPOSITED,
+    EVENT_TYPES,
+    OPENED,
+    WITHDRAWN,
+    fold_daily_totals,
+)
 from zdr.projector import physical_name
 
 v1 = sa.MetaData()
@@ -61,6 +70,16 @@ history = sa.Table(
     schema="bank_history",
 )
 
+accounts = sa.Table(
+    "accounts",
+    v1,
+    sa.Column("account_id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("closed_at", sa.DateTime(timezone=True)),
+    schema="bank_accounts",
+)
+
 daily_totals = sa.Table(
     "daily_totals",
     v1,
@@ -73,7 +92,9 @@ daily_totals = sa.Table(
 )
 
 
-def _array_upsert(table: sa.Table, types: dict[str, Any], merge: dict[str, Any]) -> Any:
+def _array_upsert(
+    table: sa.Table, types: dict[str, Any], merge: dict[str, Any], *, key: str = "account_id"
+) -> Any:
     """INSERT ... SELECT unnest(arrays) ... ON CONFLICT DO UPDATE, built once per table.
 
     One statement per batch whatever its size; schema_translate_map still applies
@@ -87,9 +108,14 @@ def _array_upsert(table: sa.Table, types: dict[str, Any], merge: dict[str, Any])
     )
     insert = pg.insert(table).from_select(list(types), source)
     return insert.on_conflict_do_update(
-        index_elements=[table.c.account_id],
+        index_elements=[table.c[key]],
         set_={name: expr(table, insert.excluded) for name, expr in merge.items()},
     )
+
+
+def _added(column: str) -> Any:
+    """Merge rule for a counter: the stored value plus the batch's."""
+    return lambda table, excluded: table.c[column] + excluded[column]
 
 
 class Balances(zdr.Projector):
@@ -110,8 +136,8 @@ class Balances(zdr.Projector):
         },
         {
             "owner": lambda t, x: sa.func.coalesce(x.owner, t.c.owner),
-            "balance": lambda t, x: t.c.balance + x.balance,
-            "events": lambda t, x: t.c.events + x.events,
+            "balance": _added("balance"),
+            "events": _added("events"),
             "closed": lambda t, x: t.c.closed.op("OR")(x.closed),
         },
     )
@@ -141,10 +167,10 @@ class BalancesV2(zdr.Projector):
         },
         {
             "owner": lambda t, x: sa.func.coalesce(x.owner, t.c.owner),
-            "balance": lambda t, x: t.c.balance + x.balance,
-            "events": lambda t, x: t.c.events + x.events,
+            "balance": _added("balance"),
+            "events": _added("events"),
             "closed": lambda t, x: t.c.closed.op("OR")(x.closed),
-            "deposits": lambda t, x: t.c.deposits + x.deposits,
+            "deposits": _added("deposits"),
             "last_position": lambda t, x: x.last_position,
         },
     )
@@ -222,32 +248,53 @@ class DailyTotals(zdr.Projector):
 
     name = "daily_totals"
     tables = [daily_totals]
+    event_types = frozenset(EVENT_TYPES)
 
-    def _add(self, conn: sa.Connection, event: zdr.RecordedEvent, **amounts: int) -> None:
-        day = event.recorded_at.date()
-        insert = pg.insert(daily_totals).values(day=day, **amounts)
-        conn.execute(
-            insert.on_conflict_do_update(
-                index_elements=[daily_totals.c.day],
-                set_={k: daily_totals.c[k] + insert.excluded[k] for k in amounts},
-            )
-        )
+    upsert = _array_upsert(
+        daily_totals,
+        {
+            "day": sa.Date,
+            "opened": sa.Integer,
+            "closed": sa.Integer,
+            "deposited": sa.BigInteger,
+            "withdrawn": sa.BigInteger,
+        },
+        {column: _added(column) for column in ("opened", "closed", "deposited", "withdrawn")},
+        key="day",
+    )
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        days = fold_daily_totals(events)
+        arrays: dict[str, list[Any]] = {"day": list(days)}
+        for column in ("opened", "closed", "deposited", "withdrawn"):
+            arrays[column] = [t[column] for t in days.values()]
+        conn.execute(self.upsert, arrays)
+
+
+class Accounts(zdr.Projector):
+    """A directory of accounts and their owners: the simplest kind, one event at a time."""
+
+    name = "accounts"
+    tables = [accounts]
 
     @zdr.handles(OPENED)
     def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
-        self._add(conn, event, opened=1)
+        conn.execute(
+            sa.insert(accounts).values(
+                account_id=event.data["account_id"],
+                owner=event.data["owner"],
+                opened_at=event.recorded_at,
+            )
+        )
 
     @zdr.handles(CLOSED)
     def closed(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
-        self._add(conn, event, closed=1)
-
-    @zdr.handles(DEPOSITED)
-    def deposited(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
-        self._add(conn, event, deposited=event.data["amount"])
-
-    @zdr.handles(WITHDRAWN)
-    def withdrawn(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
-        self._add(conn, event, withdrawn=event.data["amount"])
+        conn.execute(
+            sa.update(accounts)
+            .where(accounts.c.account_id == event.data["account_id"])
+            .values(closed_at=event.recorded_at)
+        )
 
 
-LIVE = [Balances, History, DailyTotals]
+#: The projectors that are live before any replay (the demo and tests register these).
+LIVE = [Balances, History, DailyTotals, Accounts]
