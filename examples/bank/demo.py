@@ -1,0 +1,310 @@
+"""The demo of a zero-downtime replay, on the bank example, under live traffic.
+
+It seeds a history, builds the live read models, then rebuilds the balances
+projection into a new shape (BalancesV2) while writers keep appending events
+and readers keep querying the live table, and promotes it. The summary says
+whether any event was lost or applied twice, whether any read failed, and how
+long readers stalled at the switch.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+
+import zdr
+from examples.bank.domain import BankSimulator, fold_balances
+from examples.bank.projectors import LIVE, BalancesV2
+from zdr.config import DATABASE_URL_ENV, embedded_url, to_sqlalchemy_url
+
+REPLAY_KEY = "balances_v2"
+DEMO_DATABASE = "zdr_demo"
+DEMO_SCHEMAS = ("zdr", "bank_balances", "bank_history", "bank_stats", "bank_accounts")
+
+
+@dataclass
+class DemoSummary:
+    """What the demo measured; ``lost``, ``duplicated`` and ``read_errors`` must be 0."""
+
+    events_expected: int = 0
+    events_in_read_model: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    accounts_differing: int = 0
+    appended_during_run: int = 0
+    reads: int = 0
+    read_errors: int = 0
+    max_read_stall_ms: float = 0.0  # longest read overlapping the promotion
+    max_read_ms_whole_run: float = 0.0
+    promoted: bool = False
+    replay_rate: float = 0.0
+    seconds: float = 0.0
+    database: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class DemoRefused(zdr.ZdrError):
+    """Raised when the named database already holds data the demo would mix with."""
+
+
+def demo_database(database_url: str | None, *, reset: bool) -> tuple[str, str]:
+    """The URL the demo runs against, and a description of it.
+
+    Without a URL (argument or ZDR_DATABASE_URL) the demo uses a database of its
+    own in the embedded PostgreSQL, made afresh on every run. A URL the user
+    names is used as it is, and refused if it already holds zdr data (unless
+    ``reset``, which drops only the demo's schemas).
+    """
+    named = database_url or os.environ.get(DATABASE_URL_ENV)
+    if not named:
+        server = sa.create_engine(embedded_url(), isolation_level="AUTOCOMMIT")
+        with server.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{DEMO_DATABASE}" WITH (FORCE)')
+            conn.exec_driver_sql(f'CREATE DATABASE "{DEMO_DATABASE}"')
+        url = server.url.set(database=DEMO_DATABASE).render_as_string(hide_password=False)
+        server.dispose()
+        folder = sa.make_url(url).query.get("host", "")
+        return url, f"embedded PostgreSQL (socket in {folder}), database {DEMO_DATABASE}"
+    url = to_sqlalchemy_url(named)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        present = (
+            conn.exec_driver_sql(
+                "SELECT nspname FROM pg_namespace "
+                "WHERE nspname = ANY(%s) OR nspname LIKE 'zdr\\_%%'",
+                (list(DEMO_SCHEMAS),),
+            )
+            .scalars()
+            .all()
+        )
+        if present and not reset:
+            raise DemoRefused(
+                f"the database already has zdr or bank schemas ({', '.join(sorted(present))}); "
+                "the demo will not mix with them: pass --reset to drop exactly these schemas, "
+                "or name an empty database"
+            )
+        for schema in present:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    engine.dispose()
+    return url, sa.make_url(url).render_as_string(hide_password=True)
+
+
+def _reader_process(url: str, stop: Any, results: Any) -> None:
+    """Query the live balances in a loop, in a process of its own (no GIL shared with the
+    replay), and send back how many reads ran, which failed, and how long each took."""
+    query = "SELECT count(*), coalesce(sum(balance), 0) FROM bank_balances.balances"
+    timings: list[tuple[float, float]] = []
+    errors: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not stop.is_set():
+            began = time.time()
+            try:
+                accounts, _ = conn.execute(query).fetchone()  # type: ignore[misc]
+                if not accounts:
+                    errors.append("the live balances table was empty")
+            except psycopg.Error as exc:
+                errors.append(str(exc).splitlines()[0])
+            timings.append((began, time.time() - began))
+            time.sleep(0.001)
+    results.send((timings, errors))
+
+
+class Traffic:
+    """Writers appending events and a live runner in threads, a reader in its own process."""
+
+    def __init__(self, manager: zdr.ReplayManager, url: str, *, rate: int = 600) -> None:
+        self.manager = manager
+        self.rate = rate
+        self.stop = threading.Event()
+        self.appended = 0
+        self.failures: list[BaseException] = []
+        self.timings: list[tuple[float, float]] = []
+        self.read_errors: list[str] = []
+        context = multiprocessing.get_context("spawn")
+        self._reader_stop = context.Event()
+        self._results, child_end = context.Pipe(duplex=False)
+        self._reader = context.Process(
+            target=_reader_process,
+            args=(
+                url.replace("postgresql+psycopg://", "postgresql://"),
+                self._reader_stop,
+                child_end,
+            ),
+            name="zdr-demo-reader",
+        )
+        self._threads = [
+            threading.Thread(target=self._guard(self._write), name="zdr-demo-writer"),
+            threading.Thread(target=self._guard(self._project), name="zdr-demo-live-runner"),
+        ]
+
+    def __enter__(self) -> Traffic:
+        self._reader.start()  # before the threads: spawn a clean process
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        self._reader_stop.set()
+        if self._results.poll(60):
+            self.timings, self.read_errors = self._results.recv()
+        self._reader.join(10)
+
+    def longest_read_ms(self, window: tuple[float, float] | None = None) -> float:
+        """The longest read, over the whole run or among reads overlapping ``window``."""
+        durations = [
+            took
+            for began, took in self.timings
+            if window is None or (began <= window[1] and began + took >= window[0])
+        ]
+        return round(max(durations, default=0.0) * 1000, 1)
+
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except BaseException as exc:  # reported in the summary
+                self.failures.append(exc)
+                self.stop.set()
+
+        return run
+
+    def _write(self) -> None:
+        sim = BankSimulator(accounts=200, seed=2024, prefix="live")
+        rng = random.Random(1)
+        store = self.manager.store
+        while not self.stop.is_set():
+            batch = sim.events(rng.randint(1, 12))
+            with store.engine.begin() as conn:
+                for stream, event in batch:
+                    store.append(stream, [event], conn=conn)
+                if rng.random() < 0.1:  # some writers are slow to commit
+                    time.sleep(rng.uniform(0.005, 0.05))
+            self.appended += len(batch)
+            time.sleep(len(batch) / self.rate)
+
+    def _project(self) -> None:
+        self.manager.follow(stop=self.stop, poll_interval=0.05)
+
+
+def run_demo(
+    database_url: str | None = None,
+    *,
+    events: int = 100_000,
+    reset: bool = False,
+    lag_threshold: int = 2_000,
+    approve: Callable[[zdr.Replay, int], bool] | None = None,
+    say: Callable[[str], None] = print,
+    on_progress: Callable[[zdr.Progress], None] | None = None,
+) -> DemoSummary:
+    """Run the whole zero-downtime replay under traffic and measure it."""
+    started = time.monotonic()
+    summary = DemoSummary()
+    url, summary.database = demo_database(database_url, reset=reset)
+    say(f"database: {summary.database}")
+    manager = zdr.ReplayManager(url, projectors=[cls() for cls in LIVE], batch_size=10_000)
+    manager.setup()
+
+    t0 = time.monotonic()
+    manager.store.import_events(BankSimulator(accounts=5_000, seed=7).events(events))
+    say(f"seeded {events:,} events in {time.monotonic() - t0:.1f}s")
+    t0 = time.monotonic()
+    manager.project_live()
+    say(f"built the live read models in {time.monotonic() - t0:.1f}s")
+
+    promotion_window = None
+    with Traffic(manager, url) as traffic:
+        time.sleep(0.5)
+        say(f"rebuilding 'balances' as {BalancesV2.import_path()} while writers and readers run")
+        manager.create_replay(REPLAY_KEY, [BalancesV2()])
+        replay = manager.start_replay(REPLAY_KEY, on_progress=on_progress)
+        summary.replay_rate = round(replay.rate or 0.0)
+        for round_ in range(1, 21):
+            lag = manager.get_replay_lag(REPLAY_KEY)
+            say(f"catch-up round {round_}: lag {lag}")
+            if lag <= lag_threshold:
+                break
+            manager.start_replay(REPLAY_KEY)
+        manager.start_projecting_to_replay(REPLAY_KEY, lag_threshold=lag_threshold)
+        say("dual write on: new events go to the live copy and the replay")
+        time.sleep(0.5)
+        replay = manager.get_replay(REPLAY_KEY)
+        assert replay is not None
+        lag = manager.get_replay_lag(REPLAY_KEY)
+        if approve is None or approve(replay, lag):
+            window_start = time.time()
+            report = _promote(manager)
+            promotion_window = (window_start, time.time())
+            summary.promoted = True
+            say(
+                f"promoted at position {report.position}: lock wait {report.lock_wait_ms:.1f} ms, "
+                f"swap {report.duration_ms:.1f} ms"
+            )
+        else:
+            say("not approved: the replay stays in dual write, live is unchanged")
+        time.sleep(1.0)
+    if traffic.failures:
+        raise traffic.failures[0]
+
+    manager.project_live()
+    _count(manager, summary)
+    summary.appended_during_run = traffic.appended
+    summary.reads = len(traffic.timings)
+    summary.read_errors = len(traffic.read_errors)
+    summary.max_read_stall_ms = traffic.longest_read_ms(promotion_window)
+    summary.max_read_ms_whole_run = traffic.longest_read_ms()
+    summary.notes = traffic.read_errors[:5]
+    summary.seconds = round(time.monotonic() - started, 1)
+    manager.engine.dispose()
+    return summary
+
+
+def _promote(manager: zdr.ReplayManager) -> zdr.SwapReport:
+    """Promote between two live batches (the live runner keeps both copies level)."""
+    for _ in range(200):
+        try:
+            return manager.put_replay_live(REPLAY_KEY)
+        except zdr.ReplayLagging:
+            time.sleep(0.05)
+    return manager.put_replay_live(REPLAY_KEY)
+
+
+def _count(manager: zdr.ReplayManager, summary: DemoSummary) -> None:
+    """Compare the live balances with a from-scratch fold of the whole log."""
+    expected = fold_balances(manager.store.iter_all())
+    with manager.engine.connect() as conn:
+        rows = {
+            row.account_id: row
+            for row in conn.exec_driver_sql("SELECT * FROM bank_balances.balances")
+        }
+    summary.events_expected = sum(row["events"] for row in expected.values())
+    summary.events_in_read_model = sum(row.events for row in rows.values())
+    for account, want in expected.items():
+        got = rows.get(account)
+        if got is None:
+            summary.lost += want["events"]
+            summary.accounts_differing += 1
+            continue
+        summary.lost += max(want["events"] - got.events, 0)
+        summary.duplicated += max(got.events - want["events"], 0)
+        if (got.balance, got.events, got.closed) != (
+            want["balance"],
+            want["events"],
+            want["closed"],
+        ):
+            summary.accounts_differing += 1
+    summary.accounts_differing += len(set(rows) - set(expected))
