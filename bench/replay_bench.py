@@ -101,7 +101,7 @@ def main() -> None:
         have = manager.store.count_after(conn, zdr.Cursor(0, 0))
     if have < args.events:
         sim = BankSimulator(accounts=args.accounts, seed=11)
-        manager.store.import_events(sim.events(args.events - have))
+        manager.store.import_events(sim.stream(args.events - have))
     with manager.engine.connect() as conn:
         conn.exec_driver_sql("ANALYZE zdr.events")
         conn.commit()

@@ -220,7 +220,7 @@ def run_demo(
     manager.setup()
 
     t0 = time.monotonic()
-    manager.store.import_events(BankSimulator(accounts=5_000, seed=7).events(events))
+    manager.store.import_events(BankSimulator(accounts=5_000, seed=7).stream(events))
     say(f"seeded {events:,} events in {time.monotonic() - t0:.1f}s")
     t0 = time.monotonic()
     manager.project_live()

@@ -7,7 +7,7 @@ what the balances table must hold after every event was applied exactly once.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,12 @@ class BankSimulator:
 
     def events(self, n: int) -> list[tuple[str, Event]]:
         """The next ``n`` events as (stream_id, event) pairs."""
-        out: list[tuple[str, Event]] = []
-        while len(out) < n:
-            out.append(self._next())
-        return out
+        return list(self.stream(n))
+
+    def stream(self, n: int) -> Iterator[tuple[str, Event]]:
+        """The next ``n`` events, one at a time (for seeding millions without holding them)."""
+        for _ in range(n):
+            yield self._next()
 
     def _next(self) -> tuple[str, Event]:
         rng = self._rng
