@@ -12,6 +12,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
+# Before anything imports Prefect: a home of the tests' own, and no analytics
+# (there is no internet here, and tests must not phone home).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="zdr-test-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 import pytest
 import sqlalchemy as sa
 
@@ -71,3 +77,12 @@ def manager(engine: sa.Engine) -> zdr.ReplayManager:
     manager = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], batch_size=500)
     manager.setup()
     return manager
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A temporary Prefect server for the flow tests (about 8 s, once per session)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -81,3 +81,27 @@ class ProjectorError(ZdrError):
 
 class DatabaseUnavailable(ZdrError):
     """Raised when no database can be reached or the embedded one cannot start."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that trying again may not meet: a lost connection, a
+    serialization failure or deadlock, a lock timeout, a database starting up.
+
+    Bad input, a missing replay or a projector's own bug fail the same way every
+    time and are not transient. A projector error is transient only if what the
+    projector hit was (say, a deadlock in its SQL).
+    """
+    import psycopg
+    import sqlalchemy.exc
+
+    if isinstance(exc, LockTimeout | DatabaseUnavailable):
+        return True
+    if isinstance(exc, ProjectorError):
+        return exc.__cause__ is not None and is_transient(exc.__cause__)
+    if isinstance(exc, ZdrError):
+        return False
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return exc.orig is not None and is_transient(exc.orig)
+    return isinstance(exc, psycopg.OperationalError | sqlalchemy.exc.TimeoutError)

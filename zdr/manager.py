@@ -28,7 +28,8 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -332,6 +333,56 @@ class ReplayManager:
             )
             return self._load(conn, key)
 
+    @_needs_setup
+    def ensure_replay(self, key: str, projectors: Sequence[ProjectorRef]) -> Replay:
+        """The replay ``key`` rebuilding these projectors: created, or the existing one.
+
+        For pipelines that are run again after a crash: the same key with the
+        same projectors resumes; the same key with other projectors is refused.
+        """
+        validate_key(key)
+        wanted = {p.name: p.import_path() for p in map(self._resolve, projectors)}
+        existing = self.get_replay(key)
+        if existing is None:
+            try:
+                return self.create_replay(key, projectors)
+            except DuplicateReplay:  # created by a concurrent caller just now
+                existing = self.get_replay(key)
+                assert existing is not None
+        building = existing.projectors
+        if existing.state is ReplayState.LIVE:
+            with self.engine.connect() as conn:
+                building = dict(
+                    conn.exec_driver_sql(
+                        "SELECT name, projector FROM zdr.projections WHERE name = ANY(%s)",
+                        (list(existing.projectors),),
+                    ).all()
+                )
+        if building != wanted:
+            raise DuplicateReplay(
+                f"replay {key!r} already exists and rebuilds {_describe_paths(building)}, "
+                f"not {_describe_paths(wanted)}: choose another key or remove it"
+            )
+        return existing
+
+    @contextmanager
+    def pipeline_lock(self, key: str) -> Iterator[None]:
+        """Hold the replay's pipeline lock for a whole pipeline run (one run per key).
+
+        Raises RunnerBusy at once if another pipeline run, in any process, holds it.
+        """
+        validate_key(key)
+        with (
+            self.engine.connect() as conn,
+            runner_lock(
+                conn,
+                f"pipeline:{key}",
+                busy_message=f"a pipeline run for replay {key!r} is already running "
+                "(one at a time per key)",
+            ),
+        ):
+            yield
+
     def _check_coverage(self, conn: sa.Connection, projectors: list[Projector]) -> list[str]:
         """The live schemas a replay swaps; refuse one that would swap others' tables away."""
         live = {
@@ -369,14 +420,18 @@ class ReplayManager:
         *,
         restart: bool = False,
         batch_size: int | None = None,
+        max_events: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
     ) -> Replay:
         """Replay history into the replay's copy, from its checkpoint up to the head as of now.
 
         Resumable: after a crash or kill, call it again and it goes on from the
         last committed batch. ``restart=True`` empties the copy and starts from zero.
-        Raises RunnerBusy if the replay is being run elsewhere, ProjectorError
-        (state failed, checkpoint at the last good batch) if a projector raises.
+        ``max_events`` stops after the batch that reaches it (state stays
+        ``replaying``; call again to go on), so a caller can cut a long replay
+        into retryable pieces. Raises RunnerBusy if the replay is being run
+        elsewhere, ProjectorError (state failed, checkpoint at the last good
+        batch) if a projector raises.
         """
         validate_key(key)
         with self.engine.connect() as conn, self._replay_runner(conn, key):
@@ -396,17 +451,19 @@ class ReplayManager:
                 self._set_state(conn, key, ReplayState.REPLAYING)
                 run_id = self._start_run(conn, key, "replay", replay.position)
             target = self._replay_target(replay)
-            self._run_batches(
+            finished = self._run_batches(
                 conn,
                 target,
                 run_id=run_id,
                 batch_size=batch_size or self.batch_size,
                 below_txid=head,
+                max_events=max_events,
                 on_progress=on_progress,
                 total=total,
             )
             with conn.begin():
-                self._set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
+                if finished:
+                    self._set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
                 self._finish_run(conn, run_id, "succeeded")
                 return self._load(conn, key)
 
@@ -419,20 +476,24 @@ class ReplayManager:
         batch_size: int,
         below_txid: int | None = None,
         until: Cursor | None = None,
+        max_events: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         total: int = 0,
-    ) -> int:
-        """Batches of short transactions, each committing writes and checkpoint together."""
+    ) -> bool:
+        """Batches of short transactions, each committing writes and checkpoint together.
+
+        True when it ran out of events, False when it stopped at ``max_events``.
+        """
         started = time.monotonic()
         done = 0
         try:
-            while True:
+            while max_events is None or done < max_events:
                 with conn.begin():
                     events = self.reader.read(
                         conn, target.cursor, batch_size, until=until, below_txid=below_txid
                     )
                     if not events:
-                        break
+                        return True
                     self._apply(conn, target, events)
                     conn.exec_driver_sql(
                         "UPDATE zdr.runs SET events = events + %s, to_position = %s WHERE id = %s",
@@ -456,7 +517,7 @@ class ReplayManager:
         except BaseException as exc:
             self._record_failure(conn, target, run_id, exc, None)
             raise
-        return done
+        return False
 
     def _record_failure(
         self,
@@ -876,6 +937,10 @@ def _require(replay: Replay, allowed: Iterable[ReplayState], operation: str) -> 
             f"{operation} is not allowed for replay {replay.key!r} in state "
             f"{replay.state.value!r} (allowed: {', '.join(sorted(s.value for s in allowed))})"
         )
+
+
+def _describe_paths(paths: dict[str, str]) -> str:
+    return ", ".join(f"{name} with {path}" for name, path in sorted(paths.items()))
 
 
 def _live_checkpoint(name: str) -> str:

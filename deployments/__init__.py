@@ -1,0 +1,1 @@
+"""How the flows are deployed: `python -m deployments.serve`, or prefect.yaml with a worker."""

@@ -1,0 +1,299 @@
+"""The zero-downtime replay pipeline: clone, replay, catch up, dual write, approve, promote.
+
+Run it from the Prefect UI (deployment "zero-downtime-replay"), on a schedule,
+or from Python::
+
+    from flows.zero_downtime_replay import zero_downtime_replay
+    zero_downtime_replay(replay_key="balances_v2",
+                         projectors=["examples.bank.projectors:BalancesV2"],
+                         auto_approve=True)
+
+A live runner (``flows.live_projection`` or ``ReplayManager.follow``) must be
+running for dual write to keep the replay level with live.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from pydantic import BaseModel
+
+import zdr
+from flows.approval import Approval
+from tasks.replay import (
+    clone_schema,
+    enable_dual_write,
+    manager_for,
+    measure_lag,
+    promote,
+    remove,
+    replay_batches,
+    verify_replay,
+)
+from zdr.config import resolve_url
+
+RESUMABLE = {"created", "replaying", "failed", "rolled_back"}
+
+
+class NotConverged(zdr.ZdrError):
+    """Raised when catch-up rounds do not bring the lag under the threshold."""
+
+
+class ApprovalTimedOut(zdr.ZdrError):
+    """Raised when nobody answered the approval in time (the replay is left intact)."""
+
+
+class ReplaySummary(BaseModel):
+    """What a pipeline run did."""
+
+    replay_key: str
+    state: str
+    events_applied: int
+    position: int
+    lag: int
+    promoted: bool
+    approved: bool | None = None
+    approver: str | None = None
+    comment: str | None = None
+    lock_wait_ms: float | None = None
+    swap_ms: float | None = None
+    removed: bool = False
+
+
+@flow(name="zero-downtime-replay", log_prints=True)
+def zero_downtime_replay(
+    replay_key: str,
+    projectors: list[str],
+    database_url: str | None = None,
+    batch_size: int = 10_000,
+    lag_threshold: int = 1_000,
+    max_catch_up_rounds: int = 10,
+    approval_timeout_s: int = 3_600,
+    auto_approve: bool = False,
+    remove_on_reject: bool = False,
+    events_per_task: int = 200_000,
+) -> ReplaySummary:
+    """Rebuild ``projectors`` beside the live read model and promote them with no gap."""
+    logger = get_run_logger()
+    zdr.names.validate_key(replay_key)
+    url = resolve_url(database_url)
+    with manager_for(url).pipeline_lock(replay_key):
+        replay = clone_schema(url, replay_key, projectors)
+        if replay["state"] == "live":
+            logger.info("replay %r is already live: nothing to do", replay_key)
+            return _summary(replay, lag=measure_lag(url, replay_key), promoted=True)
+        if replay["state"] in RESUMABLE:
+            replay = _replay_history(url, replay_key, replay, batch_size, events_per_task)
+        if replay["state"] == "caught_up":
+            _catch_up(
+                url, replay_key, batch_size, lag_threshold, max_catch_up_rounds, events_per_task
+            )
+            replay = enable_dual_write(url, replay_key, lag_threshold)
+            logger.info("dual write is on: the live runner now writes both copies")
+
+        report = verify_replay(url, replay_key)
+        _publish_report(replay_key, report)
+        decision = _approval(replay_key, report, auto_approve, approval_timeout_s)
+        logger.info(
+            "%s by %s: %s",
+            "approved" if decision.approve else "rejected",
+            decision.approver,
+            decision.comment or "(no comment)",
+        )
+        if not decision.approve:
+            removed = False
+            if remove_on_reject:
+                remove(url, replay_key)
+                removed = True
+                logger.info("replay %r removed as asked; live is unchanged", replay_key)
+            else:
+                logger.info("replay %r left intact in dual write; live is unchanged", replay_key)
+            return _summary(
+                report["replay"], lag=report["lag"], promoted=False, decision=decision
+            ).model_copy(update={"removed": removed})
+
+        promotion = _promote_when_level(url, replay_key)
+        _publish_promotion(replay_key, promotion)
+        final = verify_replay(url, replay_key)
+        return _summary(
+            final["replay"], lag=final["lag"], promoted=True, decision=decision
+        ).model_copy(
+            update={
+                "lock_wait_ms": promotion.get("lock_wait_ms"),
+                "swap_ms": promotion.get("duration_ms"),
+            }
+        )
+
+
+def _replay_history(
+    url: str, key: str, replay: dict[str, Any], batch_size: int, events_per_task: int
+) -> dict[str, Any]:
+    """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs."""
+    logger = get_run_logger()
+    done_before = replay["events_applied"]
+    remaining = measure_lag(url, key)
+    total = done_before + remaining
+    progress_id = create_progress_artifact(
+        progress=_percent(done_before, total),
+        key=_artifact_key(key, "progress"),
+        description=f"Replay {key!r}: events applied out of the log",
+    )
+    started = time.monotonic()
+    while True:
+        replay = replay_batches(url, key, batch_size=batch_size, max_events=events_per_task)
+        done = replay["events_applied"]
+        total = max(total, done)
+        update_progress_artifact(progress_id, _percent(done, total))
+        elapsed = time.monotonic() - started
+        rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 else 0.0
+        logger.info(
+            "replayed %s of %s events (%.0f events/s, ETA %.0fs)",
+            f"{done:,}",
+            f"{total:,}",
+            rate,
+            eta,
+        )
+        if replay["state"] == "caught_up":
+            update_progress_artifact(progress_id, 100.0)
+            return replay
+
+
+def _catch_up(
+    url: str, key: str, batch_size: int, lag_threshold: int, rounds: int, events_per_task: int
+) -> None:
+    logger = get_run_logger()
+    for round_ in range(1, rounds + 1):
+        lag = measure_lag(url, key)
+        logger.info(
+            "catch-up round %d: lag %s (threshold %s)", round_, f"{lag:,}", f"{lag_threshold:,}"
+        )
+        if lag <= lag_threshold:
+            return
+        replay_batches(url, key, batch_size=batch_size, max_events=max(events_per_task, lag))
+    lag = measure_lag(url, key)
+    if lag > lag_threshold:
+        raise NotConverged(
+            f"replay {key!r} is still {lag:,} events behind after {rounds} catch-up rounds "
+            f"(threshold {lag_threshold:,}): events arrive faster than it replays. The replay "
+            "is intact; run the pipeline again, or raise lag_threshold or max_catch_up_rounds"
+        )
+
+
+def _approval(key: str, report: dict[str, Any], auto: bool, timeout_s: int) -> Approval:
+    if auto:
+        return Approval(approve=True, approver="auto_approve", comment="unattended run")
+    logger = get_run_logger()
+    description = _report_markdown(key, report)
+    logger.info("waiting up to %ss for approval (Prefect UI, or `zdr approve %s`)", timeout_s, key)
+    try:
+        return pause_flow_run(
+            wait_for_input=Approval.with_initial_data(
+                description=description, approve=False, comment=""
+            ),
+            timeout=timeout_s,
+            poll_interval=1,
+            key=f"approve-{key}",
+        )
+    except FlowPauseTimeout as exc:
+        raise ApprovalTimedOut(
+            f"nobody approved replay {key!r} within {timeout_s}s; it is left intact in dual "
+            "write and live is unchanged. Run the pipeline again to ask again"
+        ) from exc
+
+
+def _promote_when_level(url: str, key: str) -> dict[str, Any]:
+    """Promote between two live batches: the live runner keeps both copies level."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return promote(url, key)
+        except zdr.ReplayLagging:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _publish_report(key: str, report: dict[str, Any]) -> None:
+    create_markdown_artifact(
+        markdown=_report_markdown(key, report),
+        key=_artifact_key(key, "report"),
+        description=f"Replay {key!r}: what to look at before approving",
+    )
+    create_table_artifact(
+        table=report["tables"],
+        key=_artifact_key(key, "row-counts"),
+        description=f"Replay {key!r}: rows per table, live and replay",
+    )
+
+
+def _publish_promotion(key: str, promotion: dict[str, Any]) -> None:
+    create_markdown_artifact(
+        markdown=(
+            f"### Replay `{key}` is live\n\n"
+            f"| | |\n|---|---|\n"
+            f"| position | {promotion.get('position')} |\n"
+            f"| lock wait | {promotion.get('lock_wait_ms', 0):.1f} ms |\n"
+            f"| swap transaction | {promotion.get('duration_ms', 0):.1f} ms |\n"
+            f"| attempts | {promotion.get('attempts', 1)} |\n"
+        ),
+        key=_artifact_key(key, "promotion"),
+        description=f"Replay {key!r}: the promotion",
+    )
+
+
+def _report_markdown(key: str, report: dict[str, Any]) -> str:
+    replay = report["replay"]
+    rate = replay.get("rate") or 0
+    lines = [
+        f"### Replay `{key}`",
+        "",
+        f"* state: **{replay['state']}**, lag **{report['lag']:,}** events",
+        f"* events applied: {replay['events_applied']:,} (last replay run {rate:,.0f} events/s)",
+        f"* projectors: {', '.join(f'`{p}`' for p in replay['projectors'].values())}",
+        "",
+        "| table | live rows | replay rows | difference |",
+        "|---|---:|---:|---:|",
+    ]
+    for t in report["tables"]:
+        lines.append(
+            f"| {t['schema']}.{t['table']} | {t['live_rows']} | {t['replay_rows']} "
+            f"| {t['difference']} |"
+        )
+    lines += ["", "Approve to promote the replay to live; the current copy is kept for rollback."]
+    return "\n".join(lines)
+
+
+def _summary(
+    replay: dict[str, Any], *, lag: int, promoted: bool, decision: Approval | None = None
+) -> ReplaySummary:
+    return ReplaySummary(
+        replay_key=replay["key"],
+        state=replay["state"],
+        events_applied=replay["events_applied"],
+        position=replay["position"],
+        lag=lag,
+        promoted=promoted,
+        approved=None if decision is None else decision.approve,
+        approver=None if decision is None else decision.approver,
+        comment=None if decision is None else decision.comment,
+    )
+
+
+def _percent(done: int, total: int) -> float:
+    return 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
+
+
+def _artifact_key(replay_key: str, what: str) -> str:
+    """Artifact keys take lower-case letters, digits and dashes only."""
+    return f"zdr-{replay_key.replace('_', '-')}-{what}"

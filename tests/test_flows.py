@@ -1,0 +1,240 @@
+"""The Prefect pipeline: end to end, approval, retries, resume, one run per key."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from prefect.flow_runs import resume_flow_run
+
+import zdr
+from examples.bank.domain import BankSimulator
+from flows.approval import NoPausedRun, answer, find_paused_run
+from flows.zero_downtime_replay import zero_downtime_replay
+from tests.support import (
+    ExplodingBalancesV2,
+    append,
+    assert_balances_match_fold,
+    balances,
+    seed,
+    wait_for,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+V2 = "examples.bank.projectors:BalancesV2"
+EXPLODING = "tests.support:ExplodingBalancesV2"
+
+
+class LiveTraffic:
+    """A writer and the live runner in threads, as in production."""
+
+    def __init__(self, manager: zdr.ReplayManager, *, write: bool = True) -> None:
+        self.manager = manager
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._guard(self._follow))]
+        if write:
+            self.threads.append(threading.Thread(target=self._guard(self._write)))
+
+    def __enter__(self) -> LiveTraffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors
+
+    def _guard(self, body):
+        def run():
+            try:
+                body()
+            except BaseException as exc:  # pragma: no cover - reported at exit
+                self.errors.append(exc)
+
+        return run
+
+    def _follow(self) -> None:
+        self.manager.follow(stop=self.stop, poll_interval=0.02)
+
+    def _write(self) -> None:
+        sim = BankSimulator(accounts=50, seed=5, prefix="flow")
+        while not self.stop.is_set():
+            append(self.manager.store, sim.events(10))
+            time.sleep(0.01)
+
+
+def _run_in_thread(**parameters):
+    """Start the pipeline in a thread; return the thread and a dict for its outcome."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = zero_downtime_replay(**parameters)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_the_pipeline_promotes_a_replay_equal_to_the_fold_under_appends(
+    manager, engine, database_url
+):
+    seed(manager.store, 4_000)
+    manager.project_live()
+    with LiveTraffic(manager):
+        summary = zero_downtime_replay(
+            replay_key="flow_v2",
+            projectors=[V2],
+            database_url=database_url,
+            batch_size=700,
+            events_per_task=1_500,
+            auto_approve=True,
+        )
+    manager.project_live()
+    assert summary.promoted and summary.state == "live"
+    assert summary.approver == "auto_approve"
+    assert summary.lock_wait_ms is not None
+    assert_balances_match_fold(engine, manager.store)
+    assert "deposits" in next(iter(balances(engine).values()))
+    runs = manager.get_replay("flow_v2").runs
+    assert sum(r.events for r in runs if r.kind == "replay") >= 4_000
+    assert len([r for r in runs if r.kind == "replay"]) >= 3, "cut into task-sized pieces"
+
+
+def test_a_rejection_leaves_the_replay_intact_and_live_unchanged(manager, engine, database_url):
+    seed(manager.store, 1_000)
+    manager.project_live()
+    with LiveTraffic(manager, write=False):
+        thread, outcome = _run_in_thread(
+            replay_key="ask", projectors=[V2], database_url=database_url
+        )
+        wait_for(lambda: _paused("ask"), timeout=60)
+        answer("ask", approve=False, approver="ops-alice", comment="numbers look off")
+        thread.join(60)
+    summary = outcome["result"]
+    assert not summary.promoted and summary.approved is False
+    assert (summary.approver, summary.comment) == ("ops-alice", "numbers look off")
+    assert manager.get_replay("ask").state is zdr.ReplayState.DUAL_WRITING
+    assert "deposits" not in next(iter(balances(engine).values())), "live is unchanged"
+
+
+def test_an_approval_promotes_and_invalid_input_is_refused(manager, engine, database_url):
+    seed(manager.store, 1_000)
+    manager.project_live()
+    with LiveTraffic(manager, write=False):
+        thread, outcome = _run_in_thread(
+            replay_key="ask", projectors=[V2], database_url=database_url
+        )
+        wait_for(lambda: _paused("ask"), timeout=60)
+        run_id = find_paused_run("ask")
+        with pytest.raises(RuntimeError, match="'approver' is a required property"):
+            resume_flow_run(run_id, run_input={"approve": True})  # no approver
+        assert find_paused_run("ask") == run_id, "still waiting after the bad input"
+        answer("ask", approve=True, approver="ops-bob", comment="ship it")
+        thread.join(60)
+    summary = outcome["result"]
+    assert summary.promoted and summary.approver == "ops-bob"
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_url, monkeypatch):
+    seed(manager.store, 500)
+    manager.project_live()
+    calls = []
+    original = zdr.ReplayManager.start_projecting_to_replay
+
+    def flaky(self, key, **kwargs):
+        calls.append(key)
+        if len(calls) == 1:
+            raise zdr.LockTimeout("the locks were busy (injected)")
+        return original(self, key, **kwargs)
+
+    monkeypatch.setattr(zdr.ReplayManager, "start_projecting_to_replay", flaky)
+    with LiveTraffic(manager, write=False):
+        summary = zero_downtime_replay(
+            replay_key="flaky", projectors=[V2], database_url=database_url, auto_approve=True
+        )
+    assert len(calls) == 2
+    assert summary.promoted
+
+
+def test_a_projector_bug_fails_at_once_with_its_message(manager, database_url, monkeypatch):
+    seed(manager.store, 500)
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 123)
+    calls = []
+    original = zdr.ReplayManager.start_replay
+    monkeypatch.setattr(
+        zdr.ReplayManager,
+        "start_replay",
+        lambda self, key, **kw: calls.append(key) or original(self, key, **kw),
+    )
+    with pytest.raises(zdr.ProjectorError, match="event 123"):
+        zero_downtime_replay(replay_key="buggy", projectors=[EXPLODING], database_url=database_url)
+    assert calls == ["buggy"], "not retried"
+
+
+def test_a_second_run_of_a_failed_pipeline_resumes_from_the_checkpoint(
+    manager, engine, database_url, monkeypatch
+):
+    seed(manager.store, 2_000)
+    manager.project_live()
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 1_555)
+    parameters = dict(
+        replay_key="resume",
+        projectors=[EXPLODING],
+        database_url=database_url,
+        batch_size=250,
+        auto_approve=True,
+    )
+    with pytest.raises(zdr.ProjectorError):
+        zero_downtime_replay(**parameters)
+    failed_at = manager.get_replay("resume").position
+    assert failed_at == 1_500
+
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 0)  # the bug is fixed
+    with LiveTraffic(manager, write=False):
+        summary = zero_downtime_replay(**parameters)
+
+    assert summary.promoted
+    replay_runs = [r for r in manager.get_replay("resume").runs if r.kind == "replay"]
+    assert replay_runs[0].status == "failed"
+    assert replay_runs[1].from_position == failed_at
+    assert summary.events_applied == 2_000, "nothing applied twice"
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_a_second_pipeline_run_on_the_same_key_is_refused(manager, database_url):
+    seed(manager.store, 300)
+    manager.project_live()
+    with LiveTraffic(manager, write=False):
+        thread, outcome = _run_in_thread(
+            replay_key="solo", projectors=[V2], database_url=database_url
+        )
+        wait_for(lambda: _paused("solo"), timeout=60)
+        with pytest.raises(zdr.RunnerBusy, match="pipeline run for replay 'solo' is already"):
+            zero_downtime_replay(replay_key="solo", projectors=[V2], database_url=database_url)
+        answer("solo", approve=True, approver="ops")
+        thread.join(60)
+    assert outcome["result"].promoted
+
+
+def test_the_same_key_with_other_projectors_is_refused(manager, database_url):
+    seed(manager.store, 100)
+    manager.create_replay("taken", ["history"])
+    with pytest.raises(zdr.DuplicateReplay, match="already exists and rebuilds history"):
+        zero_downtime_replay(replay_key="taken", projectors=[V2], database_url=database_url)
+
+
+def _paused(key: str) -> bool:
+    try:
+        find_paused_run(key)
+        return True
+    except NoPausedRun:
+        return False
