@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -20,6 +21,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.prompt import Confirm
 from rich.table import Table
 
 import zdr
@@ -49,10 +51,8 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
     state["debug"] = debug
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    if debug:  # otherwise Prefect's console handler formats flow logs its own way
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -61,51 +61,51 @@ def demo(
         int, typer.Option(min=1_000, help="Events to seed before the replay.")
     ] = 100_000,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
     reset: Annotated[
         bool, typer.Option(help="With a named database: drop the demo's schemas first.")
     ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Run a zero-downtime replay of the bank example under live traffic and measure it."""
+    """Run the zero-downtime replay pipeline on the bank example under live traffic."""
     from examples.bank.demo import run_demo
 
-    with _progress(transient=True) as progress:
-        task = progress.add_task("replaying", total=None)
-
-        def on_progress(p: zdr.Progress) -> None:
-            progress.update(
-                task,
-                total=p.events_total,
-                completed=p.events_done,
-                description=f"replaying  {p.rate:,.0f} events/s",
-            )
-
-        summary = run_demo(
-            database_url,
-            events=events,
-            reset=reset,
-            say=lambda line: console.print(f"[dim]·[/dim] {line}"),
-            on_progress=on_progress,
-        )
+    interactive = sys.stdin.isatty() and not yes and not as_json
+    summary = run_demo(
+        database_url,
+        events=events,
+        reset=reset,
+        ask=_ask_on_terminal if interactive else None,
+        say=lambda line: console.print(f"[dim]·[/dim] {line}"),
+    )
     table = Table(title="zero-downtime replay: summary", show_header=False)
     for name, value in summary.as_dict().items():
         if name != "notes":
-            table.add_row(
-                name,
-                f"{value:,}"
-                if isinstance(value, int | float) and not isinstance(value, bool)
-                else str(value),
-            )
+            table.add_row(name, _cell(value))
     console.print(table)
     for note in summary.notes:
         console.print(f"[yellow]read error:[/yellow] {note}")
     if as_json:
         sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
-    healthy = not (
-        summary.lost or summary.duplicated or summary.read_errors or summary.accounts_differing
-    )
-    if not healthy:
+    problems = summary.lost or summary.duplicated or summary.read_errors
+    if problems or summary.accounts_differing:
         raise typer.Exit(1)
+
+
+def _ask_on_terminal(replay_key: str) -> tuple[bool, str, str]:
+    console.print(
+        f"\nThe pipeline waits for approval of replay [bold]{replay_key}[/bold] "
+        "(its report is in the flow run's artifacts)."
+    )
+    approve = Confirm.ask("Promote it to live?", console=console, default=True)
+    approver = os.environ.get("USER") or "terminal"
+    return approve, approver, "answered on the terminal by the demo"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:,}"
 
 
 def _progress(*, transient: bool) -> Progress:
@@ -121,6 +121,8 @@ def _progress(*, transient: bool) -> Progress:
 
 def main() -> None:
     """Entry point: run the app, turning zdr errors into one line and an exit code."""
+    # No internet is assumed; Prefect's no-server mode should not try to phone home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         app(standalone_mode=False)
     except zdr.ZdrError as exc:

@@ -884,7 +884,7 @@ class ReplayManager:
         to_position: int | None = None,
     ) -> None:
         conn.exec_driver_sql(
-            """UPDATE zdr.runs SET status = %s, error = %s, finished_at = now(),
+            """UPDATE zdr.runs SET status = %s, error = %s, finished_at = clock_timestamp(),
                    to_position = COALESCE(%s, to_position) WHERE id = %s""",
             (status, error, to_position, run_id),
         )

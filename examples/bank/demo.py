@@ -1,8 +1,9 @@
 """The demo of a zero-downtime replay, on the bank example, under live traffic.
 
-It seeds a history, builds the live read models, then rebuilds the balances
-projection into a new shape (BalancesV2) while writers keep appending events
-and readers keep querying the live table, and promotes it. The summary says
+It seeds a history, builds the live read models, then runs the pipeline (the
+``zero-downtime-replay`` Prefect flow, in Prefect's no-server mode) to rebuild
+the balances projection into a new shape (BalancesV2) while a writer keeps
+appending events and a reader keeps querying the live table, and promotes it. The summary says
 whether any event was lost or applied twice, whether any read failed, and how
 long readers stalled at the switch.
 """
@@ -207,11 +208,17 @@ def run_demo(
     events: int = 100_000,
     reset: bool = False,
     lag_threshold: int = 2_000,
-    approve: Callable[[zdr.Replay, int], bool] | None = None,
+    ask: Callable[[str], tuple[bool, str, str]] | None = None,
     say: Callable[[str], None] = print,
-    on_progress: Callable[[zdr.Progress], None] | None = None,
 ) -> DemoSummary:
-    """Run the whole zero-downtime replay under traffic and measure it."""
+    """Run the zero-downtime replay pipeline (the Prefect flow) under traffic and measure it.
+
+    ``ask`` (given the replay key, returns approve, approver, comment) answers the
+    approval the way a person would; without it the run is auto-approved.
+    """
+    from flows.approval import answer
+    from flows.zero_downtime_replay import zero_downtime_replay
+
     started = time.monotonic()
     summary = DemoSummary()
     url, summary.database = demo_database(database_url, reset=reset)
@@ -226,34 +233,28 @@ def run_demo(
     manager.project_live()
     say(f"built the live read models in {time.monotonic() - t0:.1f}s")
 
-    promotion_window = None
     with Traffic(manager, url) as traffic:
         time.sleep(0.5)
-        say(f"rebuilding 'balances' as {BalancesV2.import_path()} while writers and readers run")
-        manager.create_replay(REPLAY_KEY, [BalancesV2()])
-        replay = manager.start_replay(REPLAY_KEY, on_progress=on_progress)
-        summary.replay_rate = round(replay.rate or 0.0)
-        for round_ in range(1, 21):
-            lag = manager.get_replay_lag(REPLAY_KEY)
-            say(f"catch-up round {round_}: lag {lag}")
-            if lag <= lag_threshold:
-                break
-            manager.start_replay(REPLAY_KEY)
-        manager.start_projecting_to_replay(REPLAY_KEY, lag_threshold=lag_threshold)
-        say("dual write on: new events go to the live copy and the replay")
-        time.sleep(0.5)
-        replay = manager.get_replay(REPLAY_KEY)
-        assert replay is not None
-        lag = manager.get_replay_lag(REPLAY_KEY)
-        if approve is None or approve(replay, lag):
-            window_start = time.time()
-            report = _promote(manager)
-            promotion_window = (window_start, time.time())
-            summary.promoted = True
-            say(
-                f"promoted at position {report.position}: lock wait {report.lock_wait_ms:.1f} ms, "
-                f"swap {report.duration_ms:.1f} ms"
+        say(f"running the pipeline: rebuild 'balances' as {BalancesV2.import_path()}")
+        approver = None
+        if ask is not None:
+            approver = threading.Thread(
+                target=_answer_when_paused, args=(ask, answer), name="zdr-demo-approver"
             )
+            approver.start()
+        result = zero_downtime_replay(
+            replay_key=REPLAY_KEY,
+            projectors=[BalancesV2.import_path()],
+            database_url=url,
+            lag_threshold=lag_threshold,
+            auto_approve=ask is None,
+            approval_timeout_s=900,
+        )
+        if approver is not None:
+            approver.join(5)
+        summary.promoted = result.promoted
+        if result.promoted:
+            say(f"promoted: lock wait {result.lock_wait_ms:.1f} ms, swap {result.swap_ms:.1f} ms")
         else:
             say("not approved: the replay stays in dual write, live is unchanged")
         time.sleep(1.0)
@@ -261,11 +262,14 @@ def run_demo(
         raise traffic.failures[0]
 
     manager.project_live()
+    replay = manager.get_replay(REPLAY_KEY)
+    assert replay is not None
+    summary.replay_rate = round(replay.rate or 0.0)
     _count(manager, summary)
     summary.appended_during_run = traffic.appended
     summary.reads = len(traffic.timings)
     summary.read_errors = len(traffic.read_errors)
-    summary.max_read_stall_ms = traffic.longest_read_ms(promotion_window)
+    summary.max_read_stall_ms = traffic.longest_read_ms(_promotion_window(replay))
     summary.max_read_ms_whole_run = traffic.longest_read_ms()
     summary.notes = traffic.read_errors[:5]
     summary.seconds = round(time.monotonic() - started, 1)
@@ -273,14 +277,27 @@ def run_demo(
     return summary
 
 
-def _promote(manager: zdr.ReplayManager) -> zdr.SwapReport:
-    """Promote between two live batches (the live runner keeps both copies level)."""
-    for _ in range(200):
+def _answer_when_paused(
+    ask: Callable[[str], tuple[bool, str, str]], answer: Callable[..., Any]
+) -> None:
+    from flows.approval import NoPausedRun, find_paused_run
+
+    while True:
         try:
-            return manager.put_replay_live(REPLAY_KEY)
-        except zdr.ReplayLagging:
-            time.sleep(0.05)
-    return manager.put_replay_live(REPLAY_KEY)
+            find_paused_run(REPLAY_KEY)
+            break
+        except NoPausedRun:
+            time.sleep(0.5)
+    approve, approver, comment = ask(REPLAY_KEY)
+    answer(REPLAY_KEY, approve=approve, approver=approver, comment=comment)
+
+
+def _promotion_window(replay: zdr.Replay) -> tuple[float, float] | None:
+    """When the swap transaction ran (database clock = this machine's clock)."""
+    for run in replay.runs:
+        if run.kind == "promote" and run.finished_at is not None:
+            return run.started_at.timestamp(), run.finished_at.timestamp()
+    return None
 
 
 def _count(manager: zdr.ReplayManager, summary: DemoSummary) -> None:
