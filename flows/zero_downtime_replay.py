@@ -203,7 +203,7 @@ def _approval(key: str, report: dict[str, Any], auto: bool, timeout_s: int) -> A
             ),
             timeout=timeout_s,
             poll_interval=1,
-            key=f"approve-{key}",
+            key=f"approve-{_dashed(key)}",
         )
     except FlowPauseTimeout as exc:
         raise ApprovalTimedOut(
@@ -295,5 +295,9 @@ def _percent(done: int, total: int) -> float:
 
 
 def _artifact_key(replay_key: str, what: str) -> str:
-    """Artifact keys take lower-case letters, digits and dashes only."""
-    return f"zdr-{replay_key.replace('_', '-')}-{what}"
+    return f"zdr-{_dashed(replay_key)}-{what}"
+
+
+def _dashed(replay_key: str) -> str:
+    """Prefect's artifact and pause keys take lower-case letters, digits and dashes only."""
+    return replay_key.replace("_", "-")

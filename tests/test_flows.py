@@ -130,14 +130,14 @@ def test_an_approval_promotes_and_invalid_input_is_refused(manager, engine, data
     manager.project_live()
     with LiveTraffic(manager, write=False):
         thread, outcome = _run_in_thread(
-            replay_key="ask", projectors=[V2], database_url=database_url
+            replay_key="ask_me", projectors=[V2], database_url=database_url
         )
-        wait_for(lambda: _paused("ask"), timeout=60)
-        run_id = find_paused_run("ask")
+        wait_for(lambda: _paused("ask_me"), timeout=60)
+        run_id = find_paused_run("ask_me")
         with pytest.raises(RuntimeError, match="'approver' is a required property"):
             resume_flow_run(run_id, run_input={"approve": True})  # no approver
-        assert find_paused_run("ask") == run_id, "still waiting after the bad input"
-        answer("ask", approve=True, approver="ops-bob", comment="ship it")
+        assert find_paused_run("ask_me") == run_id, "still waiting after the bad input"
+        answer("ask_me", approve=True, approver="ops-bob", comment="ship it")
         thread.join(60)
     summary = outcome["result"]
     assert summary.promoted and summary.approver == "ops-bob"
@@ -230,6 +230,34 @@ def test_the_same_key_with_other_projectors_is_refused(manager, database_url):
     manager.create_replay("taken", ["history"])
     with pytest.raises(zdr.DuplicateReplay, match="already exists and rebuilds history"):
         zero_downtime_replay(replay_key="taken", projectors=[V2], database_url=database_url)
+
+
+def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url):
+    from examples.bank.demo import run_demo
+
+    summary = run_demo(database_url, events=5_000, reset=True, say=lambda line: None)
+
+    assert summary.promoted
+    assert summary.events_expected == summary.events_in_read_model > 5_000
+    assert (summary.lost, summary.duplicated, summary.accounts_differing) == (0, 0, 0)
+    assert summary.read_errors == 0 and summary.reads > 0
+
+
+def test_the_demo_asks_and_a_no_leaves_live_as_it_was(database_url):
+    from examples.bank.demo import run_demo
+
+    asked = []
+    summary = run_demo(
+        database_url,
+        events=2_000,
+        reset=True,
+        say=lambda line: None,
+        ask=lambda key: asked.append(key) or (False, "tester", "not today"),
+    )
+
+    assert asked == ["balances_v2"]
+    assert not summary.promoted
+    assert (summary.lost, summary.duplicated, summary.read_errors) == (0, 0, 0)
 
 
 def _paused(key: str) -> bool:

@@ -214,14 +214,3 @@ def test_every_live_projection_equals_its_fold_after_live_projection(manager, en
     assert days == fold_daily_totals(events)
     folded = fold_balances(events)
     assert accounts == {a: row["closed"] for a, row in folded.items()}
-
-
-def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url):
-    from examples.bank.demo import run_demo
-
-    summary = run_demo(database_url, events=5_000, reset=True, say=lambda line: None)
-
-    assert summary.promoted
-    assert summary.events_expected == summary.events_in_read_model > 5_000
-    assert (summary.lost, summary.duplicated, summary.accounts_differing) == (0, 0, 0)
-    assert summary.read_errors == 0 and summary.reads > 0

@@ -236,22 +236,25 @@ def run_demo(
     with Traffic(manager, url) as traffic:
         time.sleep(0.5)
         say(f"running the pipeline: rebuild 'balances' as {BalancesV2.import_path()}")
-        approver = None
+        flow_done = threading.Event()
         if ask is not None:
-            approver = threading.Thread(
-                target=_answer_when_paused, args=(ask, answer), name="zdr-demo-approver"
+            threading.Thread(
+                target=_answer_when_paused,
+                args=(ask, answer, flow_done),
+                name="zdr-demo-approver",
+                daemon=True,
+            ).start()
+        try:
+            result = zero_downtime_replay(
+                replay_key=REPLAY_KEY,
+                projectors=[BalancesV2.import_path()],
+                database_url=url,
+                lag_threshold=lag_threshold,
+                auto_approve=ask is None,
+                approval_timeout_s=900,
             )
-            approver.start()
-        result = zero_downtime_replay(
-            replay_key=REPLAY_KEY,
-            projectors=[BalancesV2.import_path()],
-            database_url=url,
-            lag_threshold=lag_threshold,
-            auto_approve=ask is None,
-            approval_timeout_s=900,
-        )
-        if approver is not None:
-            approver.join(5)
+        finally:
+            flow_done.set()
         summary.promoted = result.promoted
         if result.promoted:
             say(f"promoted: lock wait {result.lock_wait_ms:.1f} ms, swap {result.swap_ms:.1f} ms")
@@ -278,16 +281,20 @@ def run_demo(
 
 
 def _answer_when_paused(
-    ask: Callable[[str], tuple[bool, str, str]], answer: Callable[..., Any]
+    ask: Callable[[str], tuple[bool, str, str]],
+    answer: Callable[..., Any],
+    flow_done: threading.Event,
 ) -> None:
     from flows.approval import NoPausedRun, find_paused_run
 
-    while True:
+    while not flow_done.is_set():
         try:
             find_paused_run(REPLAY_KEY)
             break
         except NoPausedRun:
-            time.sleep(0.5)
+            flow_done.wait(0.5)
+    else:
+        return  # the flow ended without asking (it failed, or was auto-approved)
     approve, approver, comment = ask(REPLAY_KEY)
     answer(REPLAY_KEY, approve=approve, approver=approver, comment=comment)
 
