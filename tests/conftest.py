@@ -14,19 +14,19 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 
-# Before anything imports Prefect: a home of the tests' own, and no analytics
-# (there is no internet here, and tests must not phone home).
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="zdr-test-prefect-")
-atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
 import pytest
 import sqlalchemy as sa
 
 import zdr
 from examples.bank.projectors import LIVE
 from zdr.config import to_sqlalchemy_url
+
+# Before anything imports Prefect (nothing above does): a home of the tests' own, and no analytics
+# (there is no internet here, and tests must not phone home).
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="zdr-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(scope="session")
