@@ -266,3 +266,16 @@ def _paused(key: str) -> bool:
         return True
     except NoPausedRun:
         return False
+
+
+def test_the_readme_flow_example_runs(engine, database_url, monkeypatch, capsys):
+    import re
+
+    from tests.test_readme import README
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    flow_example = next(b for b in blocks if "zero_downtime_replay(" in b)
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    exec(compile(flow_example, str(README), "exec"), {"__name__": "readme_flow_example"})
+    assert capsys.readouterr().out.splitlines()[-1] == "live True"
+    assert "deposits" in next(iter(balances(engine).values()))
