@@ -231,7 +231,16 @@ def _publish_report(key: str, report: dict[str, Any]) -> None:
         description=f"Replay {key!r}: what to look at before approving",
     )
     create_table_artifact(
-        table=report["tables"],
+        table=[
+            {
+                "table": t["table"],
+                "live_rows": t["live_rows"],
+                "replay_rows": t["replay_rows"],
+                "equal": t["equal"],
+                "differing_columns": ", ".join(t["differing_columns"]),
+            }
+            for t in report["verification"]["tables"]
+        ],
         key=_artifact_key(key, "row-counts"),
         description=f"Replay {key!r}: rows per table, live and replay",
     )
@@ -256,21 +265,16 @@ def _report_markdown(key: str, report: dict[str, Any]) -> str:
     replay = report["replay"]
     rate = replay.get("rate") or 0
     lines = [
-        f"### Replay `{key}`",
+        f"## Replay `{key}`",
         "",
         f"* state: **{replay['state']}**, lag **{report['lag']:,}** events",
         f"* events applied: {replay['events_applied']:,} (last replay run {rate:,.0f} events/s)",
         f"* projectors: {', '.join(f'`{p}`' for p in replay['projectors'].values())}",
         "",
-        "| table | live rows | replay rows | difference |",
-        "|---|---:|---:|---:|",
+        report["verification_markdown"],
+        "",
+        "Approve to promote the replay to live; the current copy is kept for rollback.",
     ]
-    for t in report["tables"]:
-        lines.append(
-            f"| {t['schema']}.{t['table']} | {t['live_rows']} | {t['replay_rows']} "
-            f"| {t['difference']} |"
-        )
-    lines += ["", "Approve to promote the replay to live; the current copy is kept for rollback."]
     return "\n".join(lines)
 
 

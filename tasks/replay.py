@@ -24,7 +24,6 @@ from prefect.states import State
 import zdr
 from zdr.errors import is_transient
 from zdr.projector import load_projector
-from zdr.verify import row_counts
 
 
 def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -94,18 +93,17 @@ def enable_dual_write(database_url: str, replay_key: str, lag_threshold: int) ->
 
 @task(name="verify-replay", **RETRIES)
 def verify_replay(database_url: str, replay_key: str) -> dict[str, Any]:
-    """What the approver looks at: state, lag, rate and row counts live vs replay."""
+    """What the approver looks at: state, lag, rate, and the verification report."""
     manager = manager_for(database_url)
     replay = manager.get_replay(replay_key)
     if replay is None:
         raise zdr.ReplayNotFound(f"no replay with key {replay_key!r}")
+    verification = manager.verify(replay_key)
     return {
         "replay": snapshot(replay),
         "lag": manager.get_replay_lag(replay_key),
-        "tables": [
-            {**asdict(count), "difference": count.difference}
-            for count in row_counts(manager.engine, replay)
-        ],
+        "verification": verification.to_dict(),
+        "verification_markdown": verification.to_markdown(),
     }
 
 

@@ -64,6 +64,7 @@ from zdr.replay import (
     SwapReport,
 )
 from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
+from zdr.verify import VerificationReport, verify
 
 log = logging.getLogger("zdr")
 
@@ -584,6 +585,19 @@ class ReplayManager:
         with self.engine.connect() as conn:
             replay = self._load(conn, key, runs=False)
             return self.reader.count_after(conn, Cursor(replay.txid, replay.position))
+
+    @_needs_setup
+    def verify(
+        self, key: str, *, max_differences: int = 20, chunk_rows: int = 50_000
+    ) -> VerificationReport:
+        """Compare the replay's copy with the live copy in one snapshot (see zdr.verify)."""
+        validate_key(key)
+        with self.engine.connect() as conn:
+            replay = self._load(conn, key, runs=False)
+            live = dict(conn.exec_driver_sql("SELECT name, projector FROM zdr.projections").all())
+        return verify(
+            self.engine, replay, live, max_differences=max_differences, chunk_rows=chunk_rows
+        )
 
     @_needs_setup
     def start_projecting_to_replay(self, key: str, *, lag_threshold: int | None = None) -> Replay:
