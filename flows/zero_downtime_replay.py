@@ -273,9 +273,26 @@ def _report_markdown(key: str, report: dict[str, Any]) -> str:
         "",
         report["verification_markdown"],
         "",
+        *_lag_table(report["lag_history"]),
         "Approve to promote the replay to live; the current copy is kept for rollback.",
     ]
     return "\n".join(lines)
+
+
+def _lag_table(samples: list[dict[str, Any]]) -> list[str]:
+    if not samples:
+        return []
+    lines = [
+        "Lag over time:",
+        "",
+        "| time | events applied | lag | events/s |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {s['at']} | {s['events_applied']:,} | {s['lag']:,} | {s['events_per_s']:,} |"
+        for s in samples
+    ]
+    return [*lines, ""]
 
 
 def _summary(

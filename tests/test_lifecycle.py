@@ -214,3 +214,17 @@ def test_every_live_projection_equals_its_fold_after_live_projection(manager, en
     assert days == fold_daily_totals(events)
     folded = fold_balances(events)
     assert accounts == {a: row["closed"] for a, row in folded.items()}
+
+
+def test_a_replay_records_its_lag_and_rate_over_time(manager, monkeypatch):
+    import zdr.manager
+
+    monkeypatch.setattr(zdr.manager, "SAMPLE_EVERY_S", 0.0)  # a sample per batch
+    seed(manager.store, 2_000)
+    manager.create_replay("sampled", ["balances"])
+    manager.start_replay("sampled", batch_size=500)
+
+    history = manager.lag_history("sampled")
+    assert list(history["events_applied"]) == [500, 1_000, 1_500, 2_000, 2_000]
+    assert list(history["lag"]) == [1_500, 1_000, 500, 0, 0]
+    assert (history["events_per_s"].iloc[1:4] > 0).all()

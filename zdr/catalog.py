@@ -57,6 +57,16 @@ CREATE_STATEMENTS = [
         error text
     )""",
     "CREATE INDEX IF NOT EXISTS runs_replay ON zdr.runs (replay_key, id)",
+    # Where a replay stood over time, about once a second while it runs: for
+    # rate and ETA in `zdr status` and the lag chart in the approval report.
+    """CREATE TABLE IF NOT EXISTS zdr.samples (
+        replay_key text NOT NULL REFERENCES zdr.replays (key) ON DELETE CASCADE,
+        at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        position bigint NOT NULL,
+        events_applied bigint NOT NULL,
+        lag bigint NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS samples_replay ON zdr.samples (replay_key, at)",
 ]
 
 

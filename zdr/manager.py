@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import datetime as dt
 import functools
 import json
 import logging
@@ -33,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
@@ -67,6 +69,9 @@ from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
 from zdr.verify import VerificationReport, verify
 
 log = logging.getLogger("zdr")
+
+#: How often a running replay records a sample of its position and lag.
+SAMPLE_EVERY_S = 1.0
 
 T = TypeVar("T")
 ProjectorRef = str | Projector
@@ -486,6 +491,7 @@ class ReplayManager:
         True when it ran out of events, False when it stopped at ``max_events``.
         """
         started = time.monotonic()
+        sampled = 0.0
         done = 0
         try:
             while max_events is None or done < max_events:
@@ -494,12 +500,20 @@ class ReplayManager:
                         conn, target.cursor, batch_size, until=until, below_txid=below_txid
                     )
                     if not events:
+                        self._sample(conn, target.replay_key, lag=None)
                         return True
                     self._apply(conn, target, events)
                     conn.exec_driver_sql(
                         "UPDATE zdr.runs SET events = events + %s, to_position = %s WHERE id = %s",
                         (len(events), events[-1].position, run_id),
                     )
+                    if time.monotonic() - sampled >= SAMPLE_EVERY_S:
+                        # The lag as known at the start minus what was done since:
+                        # a count per sample would cost as much as a batch.
+                        self._sample(
+                            conn, target.replay_key, lag=max(total - done - len(events), 0)
+                        )
+                        sampled = time.monotonic()
                 target.cursor = events[-1].cursor
                 done += len(events)
                 if on_progress is not None:
@@ -878,6 +892,43 @@ class ReplayManager:
             "WHERE key = %s",
             (state.value, error, key),
         )
+
+    def _sample(self, conn: sa.Connection, key: str | None, *, lag: int | None) -> None:
+        """Record where the replay stands as of this transaction (lag None: count it)."""
+        if key is None:
+            return
+        if lag is None:
+            lag = self.reader.count_after(conn, self._cursor_of(conn, key))
+        conn.exec_driver_sql(
+            """INSERT INTO zdr.samples (replay_key, position, events_applied, lag)
+               SELECT %s, position, events_applied, %s FROM zdr.checkpoints WHERE name = %s""",
+            (key, lag, _replay_checkpoint(key)),
+        )
+
+    def _cursor_of(self, conn: sa.Connection, key: str) -> Cursor:
+        txid, position = conn.exec_driver_sql(
+            "SELECT txid, position FROM zdr.checkpoints WHERE name = %s", (_replay_checkpoint(key),)
+        ).one()
+        return Cursor(txid, position)
+
+    @_needs_setup
+    def lag_history(self, key: str, *, since: dt.datetime | None = None) -> pd.DataFrame:
+        """Samples of the replay's position, events applied and lag over time, with the rate.
+
+        Columns: at, position, events_applied, lag, events_per_s (between samples).
+        """
+        validate_key(key)
+        with self.engine.connect() as conn:
+            self._load(conn, key, runs=False)
+            rows = conn.exec_driver_sql(
+                """SELECT at, position, events_applied, lag FROM zdr.samples
+                   WHERE replay_key = %s AND at >= %s ORDER BY at""",
+                (key, since or dt.datetime.min.replace(tzinfo=dt.UTC)),
+            ).all()
+        history = pd.DataFrame(rows, columns=["at", "position", "events_applied", "lag"])
+        seconds = history["at"].diff().dt.total_seconds()
+        history["events_per_s"] = (history["events_applied"].diff() / seconds).fillna(0.0)
+        return history
 
     def _start_run(self, conn: sa.Connection, key: str, kind: str, position: int) -> int:
         return int(
