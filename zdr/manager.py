@@ -926,6 +926,7 @@ class ReplayManager:
                 (key, since or dt.datetime.min.replace(tzinfo=dt.UTC)),
             ).all()
         history = pd.DataFrame(rows, columns=["at", "position", "events_applied", "lag"])
+        history["at"] = pd.to_datetime(history["at"], utc=True)
         seconds = history["at"].diff().dt.total_seconds()
         history["events_per_s"] = (history["events_applied"].diff() / seconds).fillna(0.0)
         return history

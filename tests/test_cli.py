@@ -1,0 +1,207 @@
+"""`zdr` against a real database: each command's happy path, and its error path."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+import zdr
+from cli.main import main
+from tests.support import balances, seed, wait_for
+
+V1 = "examples.bank.projectors:Balances"
+V2 = "examples.bank.projectors:BalancesV2"
+LIVE = ",".join(
+    f"examples.bank.projectors:{name}"
+    for name in ("Balances", "History", "DailyTotals", "Accounts")
+)
+
+
+@pytest.fixture()
+def cli(database_url, manager, capsys, monkeypatch):
+    """Run `zdr ARGS...` in process; return (exit code, stdout, stderr)."""
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def _catalog(engine):
+    with engine.connect() as conn:
+        return (
+            conn.exec_driver_sql("SELECT key, state FROM zdr.replays ORDER BY key").all(),
+            conn.exec_driver_sql("SELECT name, position FROM zdr.checkpoints ORDER BY 1").all(),
+            sorted(conn.exec_driver_sql("SELECT nspname FROM pg_namespace").scalars()),
+        )
+
+
+def test_the_whole_life_cycle_from_the_command_line(cli, manager, engine):
+    seed(manager.store, 1_200)
+    assert cli("setup", "-p", LIVE)[0] == 0
+    assert cli("live", "-p", LIVE, "--max-seconds", "1")[0] == 0
+    assert sum(r["events"] for r in balances(engine).values()) == 1_200
+
+    code, _, err = cli("create", "v2", "-p", V2)
+    assert code == 0 and "bank_balances -> zdr_v2_1" in err
+
+    assert json.loads(cli("lag", "v2", "--json")[1]) == {"key": "v2", "lag": 1_200}
+    code, _, err = cli("replay", "v2", "--batch-size", "300")
+    assert code == 0 and "caught_up at position 1,200" in err
+
+    code, out, _ = cli("status", "--json")
+    [row] = json.loads(out)
+    assert (row["key"], row["state"], row["position"], row["lag"]) == ("v2", "caught_up", 1_200, 0)
+    code, out, _ = cli("status")
+    assert code == 0 and "caught_up" in out and "v2" in out
+
+    assert cli("dual-write", "v2")[0] == 0
+    code, out, _ = cli("verify", "v2", "--json")
+    assert code == 0 and json.loads(out)["equal"] is True
+
+    code, _, err = cli("promote", "v2", "--yes")
+    assert code == 0 and "is live" in err
+    assert "deposits" in next(iter(balances(engine).values()))
+    code, _, err = cli("rollback", "v2", "--yes")
+    assert code == 0 and "rolled back" in err
+    assert "deposits" not in next(iter(balances(engine).values()))
+    assert cli("remove", "v2", "--yes")[0] == 0
+    assert manager.get_replay("v2") is None
+
+
+def test_verify_exits_1_and_names_the_difference(cli, manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("check", ["balances"])
+    manager.start_replay("check")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM zdr_check_1.balances WHERE account_id = 'acc-000003'")
+
+    code, out, _ = cli("verify", "check", "--json")
+
+    assert code == 1
+    report = json.loads(out)
+    assert report["equal"] is False
+    [difference] = report["differences"]
+    assert difference["table"] == "bank_balances.balances"
+    assert difference["kind"] == "missing" and difference["key"] == {"account_id": "acc-000003"}
+    code, out, _ = cli("verify", "check")
+    assert code == 1 and "acc-000003" in out
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["lag", "{key}"],
+        ["status", "{key}"],
+        ["replay", "{key}"],
+        ["dual-write", "{key}"],
+        ["verify", "{key}"],
+        ["promote", "{key}", "--yes"],
+        ["rollback", "{key}", "--yes"],
+        ["remove", "{key}", "--yes"],
+    ],
+)
+@pytest.mark.parametrize(
+    ("key", "codes", "message"),
+    [
+        ("nope", {1}, "no replay with key 'nope'"),
+        ("Robert'); DROP TABLE zdr.events;--", {2}, "invalid replay key"),
+    ],
+)
+def test_a_bad_or_unknown_key_is_one_clear_line_and_changes_nothing(
+    cli, engine, command, key, codes, message
+):
+    before = _catalog(engine)
+    code, out, err = cli(*[part.format(key=key) for part in command])
+    assert code in codes
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 3, err
+    assert _catalog(engine) == before
+
+
+def test_create_with_a_bad_key_is_refused_with_exit_code_2(cli, engine):
+    before = _catalog(engine)
+    code, _, err = cli("create", "Robert'); DROP TABLE zdr.events;--", "-p", V2)
+    assert code == 2 and "invalid replay key" in err
+    assert _catalog(engine) == before
+
+
+def test_an_unknown_projector_is_refused_with_exit_code_2(cli, engine):
+    before = _catalog(engine)
+    code, _, err = cli("create", "k", "-p", "examples.bank.projectors:Nope")
+    assert code == 2 and "has no projector 'Nope'" in err
+    assert _catalog(engine) == before
+
+
+def test_promote_asks_for_confirmation_and_refuses_without_a_terminal(cli, manager):
+    seed(manager.store, 50)
+    manager.project_live()
+    manager.create_replay("ask", ["balances"])
+    manager.start_replay("ask")
+    code, _, err = cli("promote", "ask")
+    assert code == 2 and "--yes" in err
+    assert manager.get_replay("ask").state is zdr.ReplayState.CAUGHT_UP
+
+
+def test_debug_shows_the_traceback(cli):
+    with pytest.raises(zdr.ReplayNotFound):
+        main(["--debug", "lag", "nope"])
+
+
+@pytest.mark.usefixtures("prefect_harness")
+@pytest.mark.parametrize("decision", ["approve", "reject"])
+def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
+    cli, manager, engine, database_url, decision
+):
+    seed(manager.store, 400)
+    manager.project_live()
+    stop = threading.Event()
+    runner = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    runner.start()
+    outcome: dict = {}
+
+    def pipeline() -> None:
+        outcome["run"] = cli("run", "gate", "-p", V2, "--json")
+
+    flow = threading.Thread(target=pipeline)
+    flow.start()
+    try:
+        from flows.approval import NoPausedRun, find_paused_run
+
+        def paused() -> bool:
+            try:
+                return bool(find_paused_run("gate"))
+            except NoPausedRun:
+                return False
+
+        wait_for(paused, timeout=60)
+        code, _, err = cli(decision, "gate", "--approver", "ops-carol", "--comment", "checked")
+        assert code == 0 and f"{decision.rstrip('e')}ed replay gate" in err
+        flow.join(60)
+    finally:
+        stop.set()
+        runner.join(10)
+    code, out, _ = outcome["run"]
+    summary = json.loads(out)
+    assert code == 0
+    assert summary["approver"] == "ops-carol" and summary["comment"] == "checked"
+    assert summary["promoted"] is (decision == "approve")
+    assert ("deposits" in next(iter(balances(engine).values()))) is (decision == "approve")
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_approve_without_a_paused_run_says_so(cli):
+    code, _, err = cli("approve", "idle")
+    assert code == 1 and "no pipeline run for replay 'idle' is waiting" in err
