@@ -82,11 +82,13 @@ def test_a_new_shape_compares_shared_columns_and_summarises_both_sides(manager):
     assert report.equal, "the shared columns hold the same values"
     assert table.only_replay_columns == ["deposits", "last_position"]
     columns = {row["column"]: row for row in table.summary}
-    assert columns["deposits"]["live_non_null"] is None
-    assert columns["deposits"]["replay_non_null"] == table.replay_rows
-    assert columns["balance"]["live_max"] == columns["balance"]["replay_max"]
+    assert columns["deposits"]["live"] is None
+    assert columns["deposits"]["replay"]["non_null"] == table.replay_rows
+    assert columns["balance"]["live"]["max"] == columns["balance"]["replay"]["max"]
+    assert columns["account_id"]["live"]["distinct"] == table.live_rows
     markdown = report.to_markdown()
-    assert "live beside replay" in markdown and "| deposits |" in markdown
+    assert "Columns of bank_balances.balances, live / replay" in markdown
+    assert f"| deposits | - / integer | - / {table.replay_rows} |" in markdown
 
 
 def test_a_replay_that_is_not_level_with_live_says_so(manager):

@@ -139,8 +139,8 @@ class VerificationReport:
                 lines.append("| ... | | more differences not listed | |")
         for t in self.tables:
             if t.summary:
-                lines += ["", f"Columns of {t.table}, live beside replay:", ""]
-                lines += _markdown_table(pd.DataFrame(t.summary))
+                lines += ["", f"Columns of {t.table}, live / replay:", ""]
+                lines += _markdown_table(_summary_frame(t.summary))
         return "\n".join(lines)
 
 
@@ -335,36 +335,33 @@ def _summaries(
     live_cols: dict[str, str],
     side_cols: dict[str, str],
 ) -> list[dict[str, Any]]:
-    """Per column and side: non-null values, distinct values, min and max."""
-    frames = []
-    for label, schema, cols in (("live", live, live_cols), ("replay", side, side_cols)):
-        for column, kind in cols.items():
-            ident = sql.Identifier(column)
-            ordered = kind in SUMMARY_TYPES
-            statement = sql.SQL(
-                "SELECT count({c}), count(DISTINCT {c}), {lo}, {hi} FROM {t}"
-            ).format(
-                c=ident,
-                lo=sql.SQL("min({})::text").format(ident) if ordered else sql.SQL("NULL"),
-                hi=sql.SQL("max({})::text").format(ident) if ordered else sql.SQL("NULL"),
-                t=sql.Identifier(schema, table),
-            )
-            non_null, distinct, low, high = conn.exec_driver_sql(_text(conn, statement)).one()
-            frames.append(
-                {
-                    "column": column,
-                    "side": label,
-                    "type": kind,
-                    "non_null": non_null,
-                    "distinct": distinct,
-                    "min": low,
-                    "max": high,
-                }
-            )
-    wide = pd.DataFrame(frames).pivot(index="column", columns="side")
-    wide.columns = [f"{side}_{what}" for what, side in wide.columns]
-    wide = wide.reset_index().astype(object).where(wide.reset_index().notna(), None)
-    return wide.to_dict(orient="records")
+    """Per column: type, non-null values, distinct values, min and max, live beside replay."""
+    columns = list(live_cols) + [c for c in side_cols if c not in live_cols]
+    return [
+        {
+            "column": column,
+            "live": _summary(conn, live, table, column, live_cols.get(column)),
+            "replay": _summary(conn, side, table, column, side_cols.get(column)),
+        }
+        for column in columns
+    ]
+
+
+def _summary(
+    conn: sa.Connection, schema: str, table: str, column: str, kind: str | None
+) -> dict[str, Any] | None:
+    if kind is None:
+        return None
+    ident = sql.Identifier(column)
+    ordered = kind in SUMMARY_TYPES
+    statement = sql.SQL("SELECT count({c}), count(DISTINCT {c}), {lo}, {hi} FROM {t}").format(
+        c=ident,
+        lo=sql.SQL("min({})::text").format(ident) if ordered else sql.SQL("NULL"),
+        hi=sql.SQL("max({})::text").format(ident) if ordered else sql.SQL("NULL"),
+        t=sql.Identifier(schema, table),
+    )
+    non_null, distinct, low, high = conn.exec_driver_sql(_text(conn, statement)).one()
+    return {"type": kind, "non_null": non_null, "distinct": distinct, "min": low, "max": high}
 
 
 def _tables(conn: sa.Connection, schema: str) -> set[str]:
@@ -448,6 +445,21 @@ def _plain(value: Any) -> Any:
 
 def _n(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
+
+
+def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per column, each cell "live / replay" ("-" where a side lacks the column)."""
+
+    def both(row: dict[str, Any], field: str) -> str:
+        values = [row[side][field] if row[side] else "-" for side in ("live", "replay")]
+        if values[0] == values[1]:
+            return "-" if values[0] is None else str(values[0])
+        return " / ".join("-" if v is None else str(v) for v in values)
+
+    fields = ("type", "non_null", "distinct", "min", "max")
+    return pd.DataFrame(
+        [{"column": row["column"], **{f: both(row, f) for f in fields}} for row in summary]
+    )
 
 
 def _markdown_table(frame: pd.DataFrame) -> list[str]:
