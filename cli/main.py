@@ -33,6 +33,7 @@ from rich.table import Table
 
 import zdr
 from zdr.projector import load_projector
+from zdr.verify import NOT_LEVEL
 
 app = typer.Typer(
     name="zdr",
@@ -407,20 +408,17 @@ def _print_verification(report: Any) -> None:
             ", ".join(t.differing_columns) or "-",
         )
     out.print(table)
-    if report.differences:
-        diffs = Table("table", "row", "what", "columns", "live", "replay")
-        for d in report.differences:
-            diffs.add_row(
-                d.table,
-                ", ".join(f"{k}={v}" for k, v in d.key.items()),
-                d.kind,
-                ", ".join(d.columns) or "-",
-                json.dumps(d.live, default=str) if d.live else "-",
-                json.dumps(d.replay, default=str) if d.replay else "-",
-            )
-        out.print(diffs)
-        if report.truncated:
-            err.print("(more differences not listed: --max-differences)")
+    if not report.level:
+        err.print(f"[yellow]{NOT_LEVEL}[/yellow]")
+    for d in report.differences:
+        row = ", ".join(f"{k}={v}" for k, v in d.key.items())
+        if d.kind == "changed":
+            what = ", ".join(f"{c} {d.live[c]!r} -> {d.replay[c]!r}" for c in d.columns)
+        else:
+            what = "missing from the replay" if d.kind == "missing" else "only in the replay"
+        out.print(f"{d.table} {row}: {d.kind}: {what}", highlight=False)
+    if report.truncated:
+        err.print("(more differences not listed: --max-differences)")
 
 
 def _confirm(yes: bool, question: str, manager: zdr.ReplayManager, key: str) -> None:

@@ -101,6 +101,7 @@ def test_a_replay_that_is_not_level_with_live_says_so(manager):
     manager.project_live()
     report = manager.verify("behind")
     assert not report.level and not report.equal
+    assert not report.differences, "rows of copies at different positions are not compared"
     assert "not level" in report.to_markdown()
 
 

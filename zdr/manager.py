@@ -805,10 +805,16 @@ class ReplayManager:
         for name, cursor in self._live_positions(conn, replay.projections).items():
             if cursor != at:
                 behind = self.reader.count_after(conn, at) - self.reader.count_after(conn, cursor)
+                if behind > 0:
+                    why = f"the replay is {behind} events behind live projection {name!r}"
+                    fix = "switch dual write on and keep the live runner going"
+                else:
+                    why = f"live projection {name!r} is {-behind} events behind the replay"
+                    fix = "run the live runner until it catches up"
                 raise ReplayLagging(
-                    f"replay {replay.key!r} is at position {at.position} but live projection "
-                    f"{name!r} is at {cursor.position} ({behind:+d} events): the copies must be "
-                    "at the same position to swap; keep the live runner going with dual write on",
+                    f"cannot swap replay {replay.key!r} (at position {at.position}) with live "
+                    f"(at {cursor.position}): {why}; the copies must be at the same "
+                    f"position: {fix}",
                     lag=behind,
                 )
 
