@@ -30,6 +30,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -488,20 +489,33 @@ class ReplayManager:
     ) -> bool:
         """Batches of short transactions, each committing writes and checkpoint together.
 
+        The next batch is read on a second connection while this one is applied
+        (reading and decoding is half the work). That is safe: each batch still
+        claims the checkpoint it starts from, so a batch read ahead is applied only
+        after the one before it committed, and thrown away otherwise.
         True when it ran out of events, False when it stopped at ``max_events``.
         """
+
+        def read_after(cursor: Cursor) -> list[RecordedEvent]:
+            with self.engine.connect() as reader, reader.begin():
+                return self.reader.read(
+                    reader, cursor, batch_size, until=until, below_txid=below_txid
+                )
+
         started = time.monotonic()
         sampled = 0.0
         done = 0
+        read_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdr-read-ahead")
         try:
+            upcoming = read_ahead.submit(read_after, target.cursor)
             while max_events is None or done < max_events:
-                with conn.begin():
-                    events = self.reader.read(
-                        conn, target.cursor, batch_size, until=until, below_txid=below_txid
-                    )
-                    if not events:
+                events = upcoming.result()
+                if not events:
+                    with conn.begin():
                         self._sample(conn, target.replay_key, lag=None)
-                        return True
+                    return True
+                upcoming = read_ahead.submit(read_after, events[-1].cursor)
+                with conn.begin():
                     self._apply(conn, target, events)
                     conn.exec_driver_sql(
                         "UPDATE zdr.runs SET events = events + %s, to_position = %s WHERE id = %s",
@@ -532,6 +546,8 @@ class ReplayManager:
         except BaseException as exc:
             self._record_failure(conn, target, run_id, exc, None)
             raise
+        finally:
+            read_ahead.shutdown(wait=True, cancel_futures=True)
         return False
 
     def _record_failure(
