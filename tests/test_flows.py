@@ -10,6 +10,7 @@ from prefect.flow_runs import resume_flow_run
 
 import zdr
 from examples.bank.domain import BankSimulator
+from examples.bank.projectors import BalancesV2
 from flows.approval import NoPausedRun, answer, find_paused_run
 from flows.zero_downtime_replay import zero_downtime_replay
 from tests.support import (
@@ -279,3 +280,75 @@ def test_the_readme_flow_example_runs(engine, database_url, monkeypatch, capsys)
     exec(compile(flow_example, str(README), "exec"), {"__name__": "readme_flow_example"})
     assert capsys.readouterr().out.splitlines()[-1] == "live True"
     assert "deposits" in next(iter(balances(engine).values()))
+
+
+def test_catch_up_that_does_not_converge_fails_clearly_and_leaves_the_replay(
+    manager, database_url, monkeypatch
+):
+    from flows.zero_downtime_replay import NotConverged
+
+    seed(manager.store, 300)
+    sim = BankSimulator(accounts=20, seed=3, prefix="late")
+    original = zdr.ReplayManager.start_replay
+
+    def busy_log(self, key, **kwargs):  # events keep arriving faster than it catches up
+        replay = original(self, key, **kwargs)
+        append(manager.store, sim.events(50))
+        return replay
+
+    monkeypatch.setattr(zdr.ReplayManager, "start_replay", busy_log)
+    with pytest.raises(NotConverged, match="still 50 events behind after 2 catch-up rounds"):
+        zero_downtime_replay(
+            replay_key="runaway",
+            projectors=[V2],
+            database_url=database_url,
+            lag_threshold=10,
+            max_catch_up_rounds=2,
+        )
+    assert manager.get_replay("runaway").state is zdr.ReplayState.CAUGHT_UP
+
+
+def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
+    manager, engine, database_url
+):
+    from flows.zero_downtime_replay import ApprovalTimedOut
+
+    seed(manager.store, 200)
+    manager.project_live()
+    with pytest.raises(ApprovalTimedOut, match="left intact in dual write"):
+        zero_downtime_replay(
+            replay_key="nobody", projectors=[V2], database_url=database_url, approval_timeout_s=2
+        )
+    assert manager.get_replay("nobody").state is zdr.ReplayState.DUAL_WRITING
+    assert "deposits" not in next(iter(balances(engine).values()))
+
+
+def test_a_rejection_with_remove_on_reject_removes_the_replay(manager, engine, database_url):
+    seed(manager.store, 200)
+    manager.project_live()
+    thread, outcome = _run_in_thread(
+        replay_key="unwanted", projectors=[V2], database_url=database_url, remove_on_reject=True
+    )
+    wait_for(lambda: _paused("unwanted"), timeout=60)
+    answer("unwanted", approve=False, approver="ops", comment="not needed")
+    thread.join(60)
+    assert outcome["result"].removed and not outcome["result"].promoted
+    assert manager.get_replay("unwanted") is None
+    assert "deposits" not in next(iter(balances(engine).values()))
+
+
+def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, database_url):
+    from flows.operations import promote_replay, remove_replay, replay_status, rollback_replay
+
+    seed(manager.store, 200)
+    manager.project_live()
+    manager.create_replay("steps", [BalancesV2()])
+    manager.start_replay("steps")
+
+    [row] = replay_status(database_url=database_url)
+    assert (row["key"], row["state"], row["lag"]) == ("steps", "caught_up", 0)
+    assert promote_replay("steps", database_url=database_url)["state"] == "live"
+    assert "deposits" in next(iter(balances(engine).values()))
+    assert rollback_replay("steps", database_url=database_url)["state"] == "rolled_back"
+    assert remove_replay("steps", database_url=database_url)["state"] == "removed"
+    assert replay_status(database_url=database_url) == []
