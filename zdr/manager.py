@@ -39,7 +39,7 @@ import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
-from zdr import catalog, targets
+from zdr import catalog, records, targets
 from zdr.config import make_engine
 from zdr.errors import (
     ConfigurationError,
@@ -63,7 +63,6 @@ from zdr.replay import (
     Progress,
     Replay,
     ReplayState,
-    Run,
     SwapReport,
 )
 from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
@@ -179,7 +178,7 @@ class ReplayManager:
             )
             conn.exec_driver_sql(
                 "INSERT INTO zdr.checkpoints (name) VALUES (%s)",
-                (_live_checkpoint(projector.name),),
+                (records.live_checkpoint(projector.name),),
             )
             log.info("projection %r is live with %s", projector.name, path)
         elif live_path != path:
@@ -271,13 +270,13 @@ class ReplayManager:
                         self._apply(conn, target, todo)
                 except ProjectorError as exc:
                     log.error("replay %r left dual write: %s", target.replay_key, exc)
-                    self._set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
+                    records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
             return len(events)
 
     def _live_targets(self, conn: sa.Connection) -> list[_Target]:
         found = [
             _Target(
-                checkpoint=_live_checkpoint(name),
+                checkpoint=records.live_checkpoint(name),
                 projectors=[self._projector_for_path(path)],
                 schema_map=None,
                 where=f"live projection {name!r}",
@@ -292,7 +291,7 @@ class ReplayManager:
             "SELECT key FROM zdr.replays WHERE state = %s ORDER BY key",
             (ReplayState.DUAL_WRITING.value,),
         ).scalars():
-            found.append(self._replay_target(self._load(conn, key, runs=False)))
+            found.append(self._replay_target(records.load_replay(conn, key, runs=False)))
         return found
 
     # -- the replay life cycle -------------------------------------------------
@@ -336,9 +335,9 @@ class ReplayManager:
                 ),
             )
             conn.exec_driver_sql(
-                "INSERT INTO zdr.checkpoints (name) VALUES (%s)", (_replay_checkpoint(key),)
+                "INSERT INTO zdr.checkpoints (name) VALUES (%s)", (records.replay_checkpoint(key),)
             )
-            return self._load(conn, key)
+            return records.load_replay(conn, key)
 
     @_needs_setup
     def ensure_replay(self, key: str, projectors: Sequence[ProjectorRef]) -> Replay:
@@ -443,20 +442,20 @@ class ReplayManager:
         validate_key(key)
         with self.engine.connect() as conn, self._replay_runner(conn, key):
             with conn.begin():
-                replay = self._load(conn, key, lock=True)
+                replay = records.load_replay(conn, key, lock=True)
                 _require(replay, REPLAYABLE, "start_replay")
                 if restart:
                     targets.truncate(conn, replay.schemas)
                     conn.exec_driver_sql(
                         """UPDATE zdr.checkpoints SET txid = 0, position = 0, events_applied = 0,
                            updated_at = now() WHERE name = %s""",
-                        (_replay_checkpoint(key),),
+                        (records.replay_checkpoint(key),),
                     )
-                    replay = self._load(conn, key)
+                    replay = records.load_replay(conn, key)
                 head = self.reader.horizon(conn)
                 total = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
-                self._set_state(conn, key, ReplayState.REPLAYING)
-                run_id = self._start_run(conn, key, "replay", replay.position)
+                records.set_state(conn, key, ReplayState.REPLAYING)
+                run_id = records.start_run(conn, key, "replay", replay.position)
             target = self._replay_target(replay)
             finished = self._run_batches(
                 conn,
@@ -470,9 +469,9 @@ class ReplayManager:
             )
             with conn.begin():
                 if finished:
-                    self._set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
-                self._finish_run(conn, run_id, "succeeded")
-                return self._load(conn, key)
+                    records.set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
+                records.finish_run(conn, run_id, "succeeded")
+                return records.load_replay(conn, key)
 
     def _run_batches(
         self,
@@ -565,8 +564,8 @@ class ReplayManager:
             with conn.begin():
                 message = f"{type(exc).__name__}: {exc}"
                 if state is not None and target.replay_key is not None:
-                    self._set_state(conn, target.replay_key, state, error=message)
-                self._finish_run(conn, run_id, "failed", error=message)
+                    records.set_state(conn, target.replay_key, state, error=message)
+                records.finish_run(conn, run_id, "failed", error=message)
         except Exception:  # the original error matters more than the bookkeeping
             log.warning("could not record the failure of run %s", run_id, exc_info=True)
 
@@ -597,7 +596,7 @@ class ReplayManager:
         validate_key(key)
         with self.engine.connect() as conn:
             try:
-                return self._load(conn, key)
+                return records.load_replay(conn, key)
             except ReplayNotFound:
                 return None
 
@@ -606,14 +605,14 @@ class ReplayManager:
         """Every replay, oldest first."""
         with self.engine.connect() as conn:
             keys = conn.exec_driver_sql("SELECT key FROM zdr.replays ORDER BY created_at, key")
-            return [self._load(conn, key) for key in keys.scalars().all()]
+            return [records.load_replay(conn, key) for key in keys.scalars().all()]
 
     @_needs_setup
     def get_replay_lag(self, key: str) -> int:
         """How many committed events sort after the replay's checkpoint (index-only count)."""
         validate_key(key)
         with self.engine.connect() as conn:
-            replay = self._load(conn, key, runs=False)
+            replay = records.load_replay(conn, key, runs=False)
             return self.reader.count_after(conn, Cursor(replay.txid, replay.position))
 
     @_needs_setup
@@ -623,7 +622,7 @@ class ReplayManager:
         """Compare the replay's copy with the live copy in one snapshot (see zdr.verify)."""
         validate_key(key)
         with self.engine.connect() as conn:
-            replay = self._load(conn, key, runs=False)
+            replay = records.load_replay(conn, key, runs=False)
             live = dict(conn.exec_driver_sql("SELECT name, projector FROM zdr.projections").all())
         return verify(
             self.engine, replay, live, max_differences=max_differences, chunk_rows=chunk_rows
@@ -640,7 +639,7 @@ class ReplayManager:
         validate_key(key)
         threshold = self.lag_threshold if lag_threshold is None else lag_threshold
         with self.engine.connect() as conn, self._replay_runner(conn, key), conn.begin():
-            replay = self._load(conn, key, lock=True)
+            replay = records.load_replay(conn, key, lock=True)
             _require(replay, DUAL_WRITABLE, "start_projecting_to_replay")
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:
@@ -649,8 +648,8 @@ class ReplayManager:
                     "start_replay again to catch up before switching dual write on",
                     lag=lag,
                 )
-            self._set_state(conn, key, ReplayState.DUAL_WRITING, stamp="dual_write_at")
-            return self._load(conn, key)
+            records.set_state(conn, key, ReplayState.DUAL_WRITING, stamp="dual_write_at")
+            return records.load_replay(conn, key)
 
     @_needs_setup
     def put_replay_live(self, key: str) -> SwapReport:
@@ -664,7 +663,7 @@ class ReplayManager:
         validate_key(key)
 
         def promote(conn: sa.Connection) -> Replay:
-            replay = self._load(conn, key, lock=True, runs=False)
+            replay = records.load_replay(conn, key, lock=True, runs=False)
             _require(replay, PROMOTABLE, "put_replay_live")
             self._require_at_live_position(conn, replay)
             return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promote")
@@ -678,20 +677,20 @@ class ReplayManager:
         validate_key(key)
         with self.engine.connect() as conn, self._replay_runner(conn, key):
             with conn.begin():
-                replay = self._load(conn, key, lock=True)
+                replay = records.load_replay(conn, key, lock=True)
                 _require(replay, {ReplayState.LIVE}, "rollback")
                 live_at = self._common_live_position(conn, replay)
-                run_id = self._start_run(conn, key, "rollback catch-up", replay.position)
+                run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
             target = self._replay_target(replay, where=f"previous live copy of replay {key!r}")
             # Most of the way outside the swap lock, in batches; the rest inside it.
             self._run_batches(
                 conn, target, run_id=run_id, batch_size=batch_size or self.batch_size, until=live_at
             )
             with conn.begin():
-                self._finish_run(conn, run_id, "succeeded")
+                records.finish_run(conn, run_id, "succeeded")
 
             def roll_back(conn: sa.Connection) -> Replay:
-                current = self._load(conn, key, lock=True, runs=False)
+                current = records.load_replay(conn, key, lock=True, runs=False)
                 _require(current, {ReplayState.LIVE}, "rollback")
                 live_now = self._common_live_position(conn, current)
                 target.cursor = Cursor(current.txid, current.position)
@@ -701,7 +700,7 @@ class ReplayManager:
                         break
                     self._apply(conn, target, events)
                     target.cursor = events[-1].cursor
-                current = self._load(conn, key, runs=False)
+                current = records.load_replay(conn, key, runs=False)
                 self._require_at_live_position(conn, current)
                 return self._swap(
                     conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback"
@@ -719,17 +718,17 @@ class ReplayManager:
         validate_key(key)
 
         def stop_dual_write(conn: sa.Connection) -> Replay:
-            replay = self._load(conn, key, lock=True)
+            replay = records.load_replay(conn, key, lock=True)
             if replay.state is ReplayState.DUAL_WRITING:
-                self._set_state(conn, key, ReplayState.CAUGHT_UP)
+                records.set_state(conn, key, ReplayState.CAUGHT_UP)
             return replay
 
         def drop(conn: sa.Connection) -> Replay:
-            replay = self._load(conn, key, lock=True, runs=False)
+            replay = records.load_replay(conn, key, lock=True, runs=False)
             targets.drop(conn, list(replay.schemas.values()))
             conn.exec_driver_sql("DELETE FROM zdr.replays WHERE key = %s", (key,))
             conn.exec_driver_sql(
-                "DELETE FROM zdr.checkpoints WHERE name = %s", (_replay_checkpoint(key),)
+                "DELETE FROM zdr.checkpoints WHERE name = %s", (records.replay_checkpoint(key),)
             )
             return replay
 
@@ -759,10 +758,10 @@ class ReplayManager:
             "UPDATE zdr.replays SET projectors = %s WHERE key = %s",
             (json.dumps(swapped), replay.key),
         )
-        self._set_state(conn, replay.key, state, stamp=stamp)
-        run_id = self._start_run(conn, replay.key, kind, replay.position)
-        self._finish_run(conn, run_id, "succeeded", to_position=replay.position)
-        return self._load(conn, replay.key)
+        records.set_state(conn, replay.key, state, stamp=stamp)
+        run_id = records.start_run(conn, replay.key, kind, replay.position)
+        records.finish_run(conn, run_id, "succeeded", to_position=replay.position)
+        return records.load_replay(conn, replay.key)
 
     def _with_swap_lock(
         self,
@@ -846,7 +845,7 @@ class ReplayManager:
     def _live_positions(self, conn: sa.Connection, names: list[str]) -> dict[str, Cursor]:
         rows = conn.exec_driver_sql(
             "SELECT name, txid, position FROM zdr.checkpoints WHERE name = ANY(%s)",
-            ([_live_checkpoint(n) for n in names],),
+            ([records.live_checkpoint(n) for n in names],),
         )
         return {name.removeprefix("live:"): Cursor(txid, pos) for name, txid, pos in rows}
 
@@ -861,7 +860,7 @@ class ReplayManager:
 
     def _replay_target(self, replay: Replay, *, where: str | None = None) -> _Target:
         return _Target(
-            checkpoint=_replay_checkpoint(replay.key),
+            checkpoint=records.replay_checkpoint(replay.key),
             projectors=[self._projector_for_path(p) for _, p in sorted(replay.projectors.items())],
             schema_map=dict(replay.schemas),
             where=where or f"replay {replay.key!r}",
@@ -869,69 +868,13 @@ class ReplayManager:
             replay_key=replay.key,
         )
 
-    def _load(
-        self, conn: sa.Connection, key: str, *, lock: bool = False, runs: bool = True
-    ) -> Replay:
-        row = conn.exec_driver_sql(
-            f"""SELECT r.key, r.state, r.projectors, r.schemas, c.position, c.txid,
-                       c.events_applied, r.error, r.created_at, r.updated_at, r.caught_up_at,
-                       r.dual_write_at, r.promoted_at, r.rolled_back_at
-                FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = 'replay:' || r.key
-                WHERE r.key = %s {"FOR UPDATE OF r" if lock else ""}""",
-            (key,),
-        ).first()
-        if row is None:
-            raise ReplayNotFound(f"no replay with key {key!r}")
-        history = []
-        if runs:
-            history = [
-                Run(*r)
-                for r in conn.exec_driver_sql(
-                    """SELECT id, kind, status, started_at, finished_at, from_position,
-                              to_position, events, error
-                       FROM zdr.runs WHERE replay_key = %s ORDER BY id""",
-                    (key,),
-                )
-            ]
-        values = list(row)
-        values[1] = ReplayState(values[1])
-        return Replay(*values, runs=history)
-
-    def _set_state(
-        self,
-        conn: sa.Connection,
-        key: str,
-        state: ReplayState,
-        *,
-        error: str | None = None,
-        stamp: str | None = None,
-    ) -> None:
-        # ``stamp`` is one of our own column names, never user input.
-        assert stamp in (None, "caught_up_at", "dual_write_at", "promoted_at", "rolled_back_at")
-        extra = f", {stamp} = now()" if stamp else ""
-        conn.exec_driver_sql(
-            f"UPDATE zdr.replays SET state = %s, error = %s, updated_at = now(){extra} "
-            "WHERE key = %s",
-            (state.value, error, key),
-        )
-
     def _sample(self, conn: sa.Connection, key: str | None, *, lag: int | None) -> None:
         """Record where the replay stands as of this transaction (lag None: count it)."""
         if key is None:
             return
         if lag is None:
-            lag = self.reader.count_after(conn, self._cursor_of(conn, key))
-        conn.exec_driver_sql(
-            """INSERT INTO zdr.samples (replay_key, position, events_applied, lag)
-               SELECT %s, position, events_applied, %s FROM zdr.checkpoints WHERE name = %s""",
-            (key, lag, _replay_checkpoint(key)),
-        )
-
-    def _cursor_of(self, conn: sa.Connection, key: str) -> Cursor:
-        txid, position = conn.exec_driver_sql(
-            "SELECT txid, position FROM zdr.checkpoints WHERE name = %s", (_replay_checkpoint(key),)
-        ).one()
-        return Cursor(txid, position)
+            lag = self.reader.count_after(conn, records.replay_cursor(conn, key))
+        records.add_sample(conn, key, lag)
 
     @_needs_setup
     def lag_history(self, key: str, *, since: dt.datetime | None = None) -> pd.DataFrame:
@@ -941,41 +884,12 @@ class ReplayManager:
         """
         validate_key(key)
         with self.engine.connect() as conn:
-            self._load(conn, key, runs=False)
-            rows = conn.exec_driver_sql(
-                """SELECT at, position, events_applied, lag FROM zdr.samples
-                   WHERE replay_key = %s AND at >= %s ORDER BY at""",
-                (key, since or dt.datetime.min.replace(tzinfo=dt.UTC)),
-            ).all()
-        history = pd.DataFrame(rows, columns=["at", "position", "events_applied", "lag"])
+            records.load_replay(conn, key, runs=False)
+            history = records.samples(conn, key, since)
         history["at"] = pd.to_datetime(history["at"], utc=True)
         seconds = history["at"].diff().dt.total_seconds()
         history["events_per_s"] = (history["events_applied"].diff() / seconds).fillna(0.0)
         return history
-
-    def _start_run(self, conn: sa.Connection, key: str, kind: str, position: int) -> int:
-        return int(
-            conn.exec_driver_sql(
-                """INSERT INTO zdr.runs (replay_key, kind, status, from_position, to_position)
-                   VALUES (%s, %s, 'running', %s, %s) RETURNING id""",
-                (key, kind, position, position),
-            ).scalar_one()
-        )
-
-    def _finish_run(
-        self,
-        conn: sa.Connection,
-        run_id: int,
-        status: str,
-        *,
-        error: str | None = None,
-        to_position: int | None = None,
-    ) -> None:
-        conn.exec_driver_sql(
-            """UPDATE zdr.runs SET status = %s, error = %s, finished_at = clock_timestamp(),
-                   to_position = COALESCE(%s, to_position) WHERE id = %s""",
-            (status, error, to_position, run_id),
-        )
 
     # -- projectors ----------------------------------------------------------------
 
@@ -1029,11 +943,3 @@ def _require(replay: Replay, allowed: Iterable[ReplayState], operation: str) -> 
 
 def _describe_paths(paths: dict[str, str]) -> str:
     return ", ".join(f"{name} with {path}" for name, path in sorted(paths.items()))
-
-
-def _live_checkpoint(name: str) -> str:
-    return f"live:{name}"
-
-
-def _replay_checkpoint(key: str) -> str:
-    return f"replay:{key}"
