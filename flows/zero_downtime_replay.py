@@ -157,13 +157,14 @@ def _replay_history(
         elapsed = time.monotonic() - started
         rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
-        logger.info(
-            "replayed %s of %s events (%.0f events/s, ETA %.0fs)",
-            f"{done:,}",
-            f"{total:,}",
-            rate,
-            eta,
-        )
+        if replay["run_events"]:  # a task that found nothing new has nothing to say
+            logger.info(
+                "replayed %s of %s events (%.0f events/s, ETA %.0fs)",
+                f"{done:,}",
+                f"{total:,}",
+                rate,
+                eta,
+            )
         if replay["state"] == "caught_up":
             update_progress_artifact(progress_id, 100.0)
             return replay
