@@ -51,6 +51,13 @@ def runner_lock(conn: sa.Connection, name: str, *, busy_message: str) -> Iterato
             conn.commit()
 
 
+def lock_setup(conn: sa.Connection) -> None:
+    """Serialise set-up: two processes running CREATE ... IF NOT EXISTS at once would race."""
+    conn.exec_driver_sql(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, "setup")
+    )
+
+
 def lock_live_batch(conn: sa.Connection) -> None:
     """Wait for the live batch lock, until the end of the current transaction."""
     conn.exec_driver_sql(

@@ -53,7 +53,7 @@ from zdr.errors import (
     RunnerBusy,
     UnknownProjector,
 )
-from zdr.locks import LIVE_RUNNER, lock_live_batch, replay_lock_name, runner_lock
+from zdr.locks import LIVE_RUNNER, lock_live_batch, lock_setup, replay_lock_name, runner_lock
 from zdr.names import validate_key
 from zdr.projector import Projector, apply_events, check_projector, load_projector
 from zdr.replay import (
@@ -158,8 +158,7 @@ class ReplayManager:
         recorded for it; a different registered version is only used by replays.
         """
         with self.engine.begin() as conn:
-            # Two processes calling setup() at once would race on CREATE ... IF NOT EXISTS.
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('zdr:setup'))")
+            lock_setup(conn)
             self.store.create(conn)
             catalog.create(conn)
             for projector in self._registered.values():

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from zdr.config import make_engine
 from zdr.errors import ZdrError
+from zdr.locks import lock_setup
 
 
 class Cursor(NamedTuple):
@@ -132,8 +133,7 @@ class EventStore:
     def setup(self) -> None:
         """Create the event table if it does not exist (safe to call any number of times)."""
         with self.engine.begin() as conn:
-            # Two processes calling setup() at once would race on CREATE ... IF NOT EXISTS.
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('zdr:setup'))")
+            lock_setup(conn)
             self.create(conn)
 
     def create(self, conn: sa.Connection) -> None:

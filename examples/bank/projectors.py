@@ -210,8 +210,11 @@ def fold_batch(events: Sequence[zdr.RecordedEvent]) -> dict[str, dict[str, Any]]
     return rows
 
 
-def _as_arrays(rows: dict[str, dict[str, Any]], columns: list[str]) -> dict[str, list[Any]]:
-    arrays: dict[str, list[Any]] = {"account_id": list(rows)}
+def _as_arrays(
+    rows: dict[Any, dict[str, Any]], columns: Sequence[str], *, key: str = "account_id"
+) -> dict[str, list[Any]]:
+    """Rows keyed by ``key`` as one array per column, the parameters of an array upsert."""
+    arrays: dict[str, list[Any]] = {key: list(rows)}
     for column in columns:
         arrays[column] = [row[column] for row in rows.values()]
     return arrays
@@ -243,6 +246,9 @@ class History(zdr.Projector):
                 )
 
 
+TOTALS = ("opened", "closed", "deposited", "withdrawn")
+
+
 class DailyTotals(zdr.Projector):
     """Per day: accounts opened and closed, money deposited and withdrawn."""
 
@@ -259,16 +265,12 @@ class DailyTotals(zdr.Projector):
             "deposited": sa.BigInteger,
             "withdrawn": sa.BigInteger,
         },
-        {column: _added(column) for column in ("opened", "closed", "deposited", "withdrawn")},
+        {column: _added(column) for column in TOTALS},
         key="day",
     )
 
     def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
-        days = fold_daily_totals(events)
-        arrays: dict[str, list[Any]] = {"day": list(days)}
-        for column in ("opened", "closed", "deposited", "withdrawn"):
-            arrays[column] = [t[column] for t in days.values()]
-        conn.execute(self.upsert, arrays)
+        conn.execute(self.upsert, _as_arrays(fold_daily_totals(events), TOTALS, key="day"))
 
 
 class Accounts(zdr.Projector):
