@@ -278,7 +278,7 @@ def run(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
-    from flows.zero_downtime_replay import zero_downtime_replay
+    from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     summary = zero_downtime_replay(
         replay_key=key,
@@ -327,7 +327,7 @@ def demo(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the zero-downtime replay pipeline on the bank example under live traffic."""
-    from examples.bank.demo import run_demo
+    from zdr.examples.bank.demo import run_demo
 
     interactive = sys.stdin.isatty() and not yes and not as_json
     summary = run_demo(
@@ -433,7 +433,7 @@ def _confirm(yes: bool, question: str, manager: zdr.ReplayManager, key: str) -> 
 
 
 def _answer(key: str, approve_it: bool, approver: str, comment: str) -> None:
-    from flows.approval import answer
+    from zdr.flows.approval import answer
 
     who = approver or os.environ.get("USER") or "zdr-cli"
     run_id = answer(key, approve=approve_it, approver=who, comment=comment)

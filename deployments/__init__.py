@@ -1,1 +1,1 @@
-"""How the flows are deployed: `python -m deployments.serve`, or prefect.yaml with a worker."""
+"""How the flows are deployed: `python -m zdr.deployments.serve`, or prefect.yaml with a worker."""

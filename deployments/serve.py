@@ -3,7 +3,7 @@
     prefect server start                       # in another terminal (schedules need it)
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     export ZDR_DATABASE_URL=postgresql://...   # the database the flows work on
-    python -m deployments.serve                # add --paused to serve without schedules
+    python -m zdr.deployments.serve                # add --paused to serve without schedules
 
 Deployments (name "<flow>/<deployment>"):
 
@@ -26,16 +26,15 @@ import os
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
-
-from examples.bank.projectors import LIVE
-from flows.operations import (
+from zdr.examples.bank.projectors import LIVE
+from zdr.flows.operations import (
     live_projection,
     promote_replay,
     remove_replay,
     replay_status,
     rollback_replay,
 )
-from flows.zero_downtime_replay import zero_downtime_replay
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
 LIVE_PROJECTORS_ENV = "ZDR_LIVE_PROJECTORS"
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from zdr.tasks import replay as steps
 
 import zdr
-from tasks import replay as steps
 from zdr.config import resolve_url
 
 

@@ -3,9 +3,9 @@
 Run it from the Prefect UI (deployment "zero-downtime-replay"), on a schedule,
 or from Python::
 
-    from flows.zero_downtime_replay import zero_downtime_replay
+    from zdr.flows.zero_downtime_replay import zero_downtime_replay
     zero_downtime_replay(replay_key="balances_v2",
-                         projectors=["examples.bank.projectors:BalancesV2"],
+                         projectors=["zdr.examples.bank.projectors:BalancesV2"],
                          auto_approve=True)
 
 A live runner (``flows.live_projection`` or ``ReplayManager.follow``) must be
@@ -27,10 +27,8 @@ from prefect.artifacts import (
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from pydantic import BaseModel
-
-import zdr
-from flows.approval import Approval
-from tasks.replay import (
+from zdr.flows.approval import Approval
+from zdr.tasks.replay import (
     clone_schema,
     enable_dual_write,
     manager_for,
@@ -40,6 +38,8 @@ from tasks.replay import (
     replay_batches,
     verify_replay,
 )
+
+import zdr
 from zdr.config import resolve_url
 
 RESUMABLE = {"created", "replaying", "failed", "rolled_back"}

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from zdr.examples.bank.projectors import LIVE
 
 import zdr
-from examples.bank.projectors import LIVE
 from zdr.config import to_sqlalchemy_url
 
 # Before anything imports Prefect (nothing above does): a home of the tests' own, and no analytics

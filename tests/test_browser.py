@@ -40,10 +40,10 @@ pytestmark = [
 
 PIPELINE = """
 import json, sys
-from flows.zero_downtime_replay import zero_downtime_replay
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
 summary = zero_downtime_replay(
     replay_key="ui_gate",
-    projectors=["examples.bank.projectors:BalancesV2"],
+    projectors=["zdr.examples.bank.projectors:BalancesV2"],
     database_url=sys.argv[1],
     approval_timeout_s=300,
 )
@@ -166,8 +166,7 @@ def _field(label: str, control: str) -> str:
 
 def _wait_for_paused_run(api: str, key: str, pipeline: subprocess.Popen) -> str:
     from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.approval import NoPausedRun, find_paused_run
+    from zdr.flows.approval import NoPausedRun, find_paused_run
 
     found: list[str] = []
 

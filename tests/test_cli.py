@@ -6,15 +6,15 @@ import json
 import threading
 
 import pytest
+from zdr.cli.main import main
 
 import zdr
-from cli.main import main
 from tests.support import balances, seed, wait_for
 
-V1 = "examples.bank.projectors:Balances"
-V2 = "examples.bank.projectors:BalancesV2"
+V1 = "zdr.examples.bank.projectors:Balances"
+V2 = "zdr.examples.bank.projectors:BalancesV2"
 LIVE = ",".join(
-    f"examples.bank.projectors:{name}"
+    f"zdr.examples.bank.projectors:{name}"
     for name in ("Balances", "History", "DailyTotals", "Accounts")
 )
 
@@ -140,7 +140,7 @@ def test_create_with_a_bad_key_is_refused_with_exit_code_2(cli, engine):
 
 def test_an_unknown_projector_is_refused_with_exit_code_2(cli, engine):
     before = _catalog(engine)
-    code, _, err = cli("create", "k", "-p", "examples.bank.projectors:Nope")
+    code, _, err = cli("create", "k", "-p", "zdr.examples.bank.projectors:Nope")
     assert code == 2 and "has no projector 'Nope'" in err
     assert _catalog(engine) == before
 
@@ -178,7 +178,7 @@ def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
     flow = threading.Thread(target=pipeline)
     flow.start()
     try:
-        from flows.approval import NoPausedRun, find_paused_run
+        from zdr.flows.approval import NoPausedRun, find_paused_run
 
         def paused() -> bool:
             try:

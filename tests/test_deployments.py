@@ -14,8 +14,8 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import get_current_settings
+from zdr.deployments.serve import deployments
 
-from deployments.serve import deployments
 from tests.support import seed, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ PIPELINE = "zero-downtime-replay/zero-downtime-replay"
 LIVE = "live-projection/live-projection"
 SAMPLE_RUN_PARAMETERS = {
     "replay_key": "balances_v2",
-    "projectors": ["examples.bank.projectors:BalancesV2"],
+    "projectors": ["zdr.examples.bank.projectors:BalancesV2"],
 }
 
 
@@ -56,7 +56,8 @@ def test_prefect_yaml_deployments_load_and_their_parameters_validate():
     names = {d["name"] for d in spec["deployments"]}
     assert {"zero-downtime-replay", "live-projection"} <= names
     for deployment in spec["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        # Module-path entrypoints: a worker needs the installed package, not this checkout.
+        flow = load_flow_from_entrypoint(deployment["entrypoint"])
         flow.validate_parameters(deployment.get("parameters", {}))
         assert deployment["work_pool"]["name"] == "zdr"
     live = next(d for d in spec["deployments"] if d["name"] == "live-projection")
@@ -74,7 +75,7 @@ def test_a_served_deployment_runs_through_run_deployment(manager, engine, databa
         "PYTHONPATH": str(ROOT),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve", "--paused"],
+        [sys.executable, "-m", "zdr.deployments.serve", "--paused"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
+from zdr.examples.bank.projectors import Balances, BalancesV2
 
 import zdr
-from examples.bank.projectors import Balances, BalancesV2
 from tests.support import ExplodingBalancesV2, assert_balances_match_fold, seed
 
 BAD_KEYS = [
@@ -83,9 +83,9 @@ def test_a_duplicate_key_is_refused_and_the_first_replay_is_untouched(manager, e
     ("projectors", "error", "message"),
     [
         (["nope"], zdr.UnknownProjector, "unknown projector 'nope'"),
-        (["examples.bank.projectors:Nope"], zdr.UnknownProjector, "has no projector 'Nope'"),
+        (["zdr.examples.bank.projectors:Nope"], zdr.UnknownProjector, "has no projector 'Nope'"),
         (["no.such.module:X"], zdr.UnknownProjector, "cannot import module 'no.such.module'"),
-        (["examples.bank.domain:BankSimulator"], zdr.UnknownProjector, "not a zdr.Projector"),
+        (["zdr.examples.bank.domain:BankSimulator"], zdr.UnknownProjector, "not a zdr.Projector"),
         ([], zdr.ConfigurationError, "non-empty list"),
         ("balances", zdr.ConfigurationError, "non-empty list"),
         (["balances", BalancesV2()], zdr.ConfigurationError, "each projection once"),
@@ -105,7 +105,7 @@ def test_a_projection_that_is_not_live_is_refused(engine):
     manager = zdr.ReplayManager(engine, projectors=[Balances()])
     manager.setup()
     with pytest.raises(zdr.UnknownProjector, match="no live projection named 'history'"):
-        manager.create_replay("k", ["examples.bank.projectors:History"])
+        manager.create_replay("k", ["zdr.examples.bank.projectors:History"])
 
 
 def test_a_replay_must_take_every_projection_of_a_schema_it_swaps(engine):

@@ -7,12 +7,12 @@ import time
 
 import pytest
 from prefect.flow_runs import resume_flow_run
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import BalancesV2
+from zdr.flows.approval import NoPausedRun, answer, find_paused_run
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
 import zdr
-from examples.bank.domain import BankSimulator
-from examples.bank.projectors import BalancesV2
-from flows.approval import NoPausedRun, answer, find_paused_run
-from flows.zero_downtime_replay import zero_downtime_replay
 from tests.support import (
     ExplodingBalancesV2,
     append,
@@ -24,7 +24,7 @@ from tests.support import (
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
-V2 = "examples.bank.projectors:BalancesV2"
+V2 = "zdr.examples.bank.projectors:BalancesV2"
 EXPLODING = "tests.support:ExplodingBalancesV2"
 
 
@@ -234,7 +234,7 @@ def test_the_same_key_with_other_projectors_is_refused(manager, database_url):
 
 
 def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url):
-    from examples.bank.demo import run_demo
+    from zdr.examples.bank.demo import run_demo
 
     summary = run_demo(database_url, events=5_000, reset=True, say=lambda line: None)
 
@@ -245,7 +245,7 @@ def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_ur
 
 
 def test_the_demo_asks_and_a_no_leaves_live_as_it_was(database_url):
-    from examples.bank.demo import run_demo
+    from zdr.examples.bank.demo import run_demo
 
     asked = []
     summary = run_demo(
@@ -285,7 +285,7 @@ def test_the_readme_flow_example_runs(engine, database_url, monkeypatch, capsys)
 def test_catch_up_that_does_not_converge_fails_clearly_and_leaves_the_replay(
     manager, database_url, monkeypatch
 ):
-    from flows.zero_downtime_replay import NotConverged
+    from zdr.flows.zero_downtime_replay import NotConverged
 
     seed(manager.store, 300)
     sim = BankSimulator(accounts=20, seed=3, prefix="late")
@@ -311,7 +311,7 @@ def test_catch_up_that_does_not_converge_fails_clearly_and_leaves_the_replay(
 def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
     manager, engine, database_url
 ):
-    from flows.zero_downtime_replay import ApprovalTimedOut
+    from zdr.flows.zero_downtime_replay import ApprovalTimedOut
 
     seed(manager.store, 200)
     manager.project_live()
@@ -338,7 +338,7 @@ def test_a_rejection_with_remove_on_reject_removes_the_replay(manager, engine, d
 
 
 def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, database_url):
-    from flows.operations import promote_replay, remove_replay, replay_status, rollback_replay
+    from zdr.flows.operations import promote_replay, remove_replay, replay_status, rollback_replay
 
     seed(manager.store, 200)
     manager.project_live()

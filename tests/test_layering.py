@@ -1,4 +1,9 @@
-"""The core stays usable on its own: nothing in zdr/ imports Prefect."""
+"""The core stays usable on its own: nothing in zdr's core imports Prefect.
+
+Installed, the pipeline's parts live under the same name (``zdr.flows``,
+``zdr.tasks``, ``zdr.deployments``, ``zdr.cli``, ``zdr.examples``); they may
+import Prefect, the core modules may not, and ``import zdr`` must not either.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +15,17 @@ from pathlib import Path
 import zdr
 
 ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_PACKAGES = {"cli", "flows", "tasks", "deployments", "examples"}
 
 
 def test_the_core_imports_no_prefect():
-    modules = [f"zdr.{m.name}" for m in pkgutil.iter_modules(zdr.__path__)]
+    modules = [
+        f"zdr.{m.name}"
+        for m in pkgutil.iter_modules(zdr.__path__)
+        if m.name not in PIPELINE_PACKAGES
+    ]
     code = (
-        f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"import sys, importlib\nimport zdr\nfor m in {modules!r}: importlib.import_module(m)\n"
         "print(sorted(n for n in sys.modules if n.split('.')[0] == 'prefect'))"
     )
     result = subprocess.run(
@@ -23,3 +33,15 @@ def test_the_core_imports_no_prefect():
     )
     assert "zdr.manager" in modules and "zdr.verify" in modules
     assert result.stdout.strip() == "[]"
+
+
+def test_the_pipeline_lives_under_the_one_name_zdr():
+    import zdr.deployments.serve
+    import zdr.examples.bank.projectors
+    import zdr.flows.zero_downtime_replay
+    import zdr.tasks.replay
+
+    assert zdr.examples.bank.projectors.BalancesV2.import_path() == (
+        "zdr.examples.bank.projectors:BalancesV2"
+    )
+    assert zdr.flows.zero_downtime_replay.zero_downtime_replay.name == "zero-downtime-replay"

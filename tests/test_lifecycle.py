@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from zdr.examples.bank.domain import fold_balances, fold_daily_totals
+from zdr.examples.bank.projectors import BalancesV2
+
 import zdr
-from examples.bank.domain import fold_balances, fold_daily_totals
-from examples.bank.projectors import BalancesV2
 from tests.support import (
     append,
     assert_balances_match_fold,

@@ -7,10 +7,10 @@ import threading
 import time
 
 import sqlalchemy as sa
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import BalancesV2
 
 import zdr
-from examples.bank.domain import BankSimulator
-from examples.bank.projectors import BalancesV2
 from tests.support import (
     append,
     assert_balances_match_fold,

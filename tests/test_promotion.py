@@ -7,10 +7,10 @@ import time
 
 import psycopg
 import pytest
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 import zdr
-from examples.bank.domain import BankSimulator
-from examples.bank.projectors import LIVE, BalancesV2
 from tests.support import (
     SlowBalancesV2,
     append,

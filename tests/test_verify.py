@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from zdr.examples.bank.projectors import BalancesV2
 
 import zdr
-from examples.bank.projectors import BalancesV2
 from tests.support import seed
 
 

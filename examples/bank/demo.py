@@ -21,10 +21,10 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from zdr.examples.bank.domain import BankSimulator, fold_balances
+from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 import zdr
-from examples.bank.domain import BankSimulator, fold_balances
-from examples.bank.projectors import LIVE, BalancesV2
 from zdr.config import DATABASE_URL_ENV, embedded_url, to_sqlalchemy_url
 
 REPLAY_KEY = "balances_v2"
@@ -216,8 +216,8 @@ def run_demo(
     ``ask`` (given the replay key, returns approve, approver, comment) answers the
     approval the way a person would; without it the run is auto-approved.
     """
-    from flows.approval import answer
-    from flows.zero_downtime_replay import zero_downtime_replay
+    from zdr.flows.approval import answer
+    from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     started = time.monotonic()
     summary = DemoSummary()
@@ -285,7 +285,7 @@ def _answer_when_paused(
     answer: Callable[..., Any],
     flow_done: threading.Event,
 ) -> None:
-    from flows.approval import NoPausedRun, find_paused_run
+    from zdr.flows.approval import NoPausedRun, find_paused_run
 
     while not flow_done.is_set():
         try:

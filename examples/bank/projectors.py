@@ -17,9 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.dialects import postgresql as pg
-
-import zdr
-from examples.bank.domain import (
+from zdr.examples.bank.domain import (
     CLOSED,
     DEPOSITED,
     EVENT_TYPES,
@@ -27,6 +25,8 @@ from examples.bank.domain import (
     WITHDRAWN,
     fold_daily_totals,
 )
+
+import zdr
 from zdr.projector import physical_name
 
 v1 = sa.MetaData()
