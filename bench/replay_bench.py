@@ -29,11 +29,10 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, BankSimulator  # noqa: E402
-from zdr.examples.bank.projectors import Balances, BalancesV2  # noqa: E402
-
 import zdr  # noqa: E402
 from zdr.config import embedded_url, to_sqlalchemy_url  # noqa: E402
+from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, BankSimulator  # noqa: E402
+from zdr.examples.bank.projectors import Balances, BalancesV2  # noqa: E402
 
 BASELINE_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS bench_naive.balances (
     account_id text PRIMARY KEY, owner text, balance bigint NOT NULL DEFAULT 0,

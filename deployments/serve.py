@@ -26,6 +26,7 @@ import os
 from prefect import serve
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
+
 from zdr.examples.bank.projectors import LIVE
 from zdr.flows.operations import (
     live_projection,

@@ -19,6 +19,7 @@ from prefect.input import RunInput
 from pydantic import Field
 
 import zdr
+from zdr.errors import NoPausedRun
 
 PIPELINE_FLOW_NAME = "zero-downtime-replay"
 
@@ -29,10 +30,6 @@ class Approval(RunInput):
     approve: bool = Field(False, description="Promote the replay to live.")
     approver: str = Field(..., min_length=1, description="Who decides (name or handle).")
     comment: str = Field("", description="Why; kept in the run's logs and result.")
-
-
-class NoPausedRun(zdr.ZdrError, LookupError):
-    """Raised when no pipeline run for a replay key waits for approval."""
 
 
 def find_paused_run(replay_key: str) -> UUID:

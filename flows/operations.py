@@ -6,10 +6,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from zdr.tasks import replay as steps
 
 import zdr
 from zdr.config import resolve_url
+from zdr.tasks import replay as steps
 
 
 @flow(name="live-projection")

@@ -27,6 +27,10 @@ from prefect.artifacts import (
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from pydantic import BaseModel
+
+import zdr
+from zdr.config import resolve_url
+from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import Approval
 from zdr.tasks.replay import (
     clone_schema,
@@ -39,18 +43,7 @@ from zdr.tasks.replay import (
     verify_replay,
 )
 
-import zdr
-from zdr.config import resolve_url
-
 RESUMABLE = {"created", "replaying", "failed", "rolled_back"}
-
-
-class NotConverged(zdr.ZdrError):
-    """Raised when catch-up rounds do not bring the lag under the threshold."""
-
-
-class ApprovalTimedOut(zdr.ZdrError):
-    """Raised when nobody answered the approval in time (the replay is left intact)."""
 
 
 class ReplaySummary(BaseModel):

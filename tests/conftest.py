@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from zdr.examples.bank.projectors import LIVE
 
 import zdr
 from zdr.config import to_sqlalchemy_url
+from zdr.examples.bank.projectors import LIVE
 
 # Before anything imports Prefect (nothing above does): a home of the tests' own, and no analytics
 # (there is no internet here, and tests must not phone home).

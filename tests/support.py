@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
-from zdr.examples.bank.projectors import BalancesV2
 
 import zdr
+from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
+from zdr.examples.bank.projectors import BalancesV2
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:

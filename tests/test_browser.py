@@ -166,6 +166,7 @@ def _field(label: str, control: str) -> str:
 
 def _wait_for_paused_run(api: str, key: str, pipeline: subprocess.Popen) -> str:
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from zdr.flows.approval import NoPausedRun, find_paused_run
 
     found: list[str] = []

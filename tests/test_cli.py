@@ -6,10 +6,10 @@ import json
 import threading
 
 import pytest
-from zdr.cli.main import main
 
 import zdr
 from tests.support import balances, seed, wait_for
+from zdr.cli.main import main
 
 V1 = "zdr.examples.bank.projectors:Balances"
 V2 = "zdr.examples.bank.projectors:BalancesV2"

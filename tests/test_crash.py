@@ -65,7 +65,5 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(manager, engine, d
 
 
 def _checkpoint(engine) -> int:
-    with engine.connect() as conn:
-        return conn.exec_driver_sql(
-            "SELECT position FROM zdr.checkpoints WHERE name = 'replay:crash'"
-        ).scalar_one()
+    """The crashed replay's committed position, as a second process sees it."""
+    return zdr.ReplayManager(engine).checkpoints()["replay:crash"].position

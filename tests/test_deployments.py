@@ -14,9 +14,9 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import get_current_settings
-from zdr.deployments.serve import deployments
 
 from tests.support import seed, wait_for
+from zdr.deployments.serve import deployments
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = "zero-downtime-replay/zero-downtime-replay"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from zdr.examples.bank.projectors import Balances, BalancesV2
 
 import zdr
 from tests.support import ExplodingBalancesV2, assert_balances_match_fold, seed
+from zdr.examples.bank.projectors import Balances, BalancesV2
 
 BAD_KEYS = [
     "",

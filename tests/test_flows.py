@@ -7,10 +7,6 @@ import time
 
 import pytest
 from prefect.flow_runs import resume_flow_run
-from zdr.examples.bank.domain import BankSimulator
-from zdr.examples.bank.projectors import BalancesV2
-from zdr.flows.approval import NoPausedRun, answer, find_paused_run
-from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
 import zdr
 from tests.support import (
@@ -21,6 +17,10 @@ from tests.support import (
     seed,
     wait_for,
 )
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import BalancesV2
+from zdr.flows.approval import NoPausedRun, answer, find_paused_run
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

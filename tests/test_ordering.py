@@ -7,8 +7,6 @@ import threading
 import time
 
 import sqlalchemy as sa
-from zdr.examples.bank.domain import BankSimulator
-from zdr.examples.bank.projectors import BalancesV2
 
 import zdr
 from tests.support import (
@@ -17,6 +15,9 @@ from tests.support import (
     assert_history_exactly_once,
     seed,
 )
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import BalancesV2
+from zdr.runner import LiveRunner, apply_batch
 
 
 def test_an_event_committed_late_below_positions_already_read_is_still_delivered(manager, engine):
@@ -128,13 +129,14 @@ def test_a_stale_runner_cannot_apply_a_batch_twice(manager, engine):
     seed(manager.store, 100)
     manager.project_live()
     with engine.connect() as conn:
-        [target] = [t for t in manager._live_targets(conn) if "history" in t.where]
-        events = manager.store.read(conn, zdr.Cursor(0, 0), 50)
-        target.cursor = zdr.Cursor(0, 0)  # what a second, stale runner would believe
+        runner = LiveRunner(manager.reader, manager.registry)
+        [target] = [t for t in runner.targets(conn) if "history" in t.where]
+        events = manager.store.read(conn, zdr.store.START, 50)
+        target.cursor = zdr.store.START  # what a second, stale runner would believe
         conn.rollback()
         tx = conn.begin()
         try:
-            manager._apply(conn, target, events)
+            apply_batch(conn, target, events)
             raise AssertionError("a stale claim was accepted")
         except zdr.RunnerBusy:
             tx.rollback()

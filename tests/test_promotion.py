@@ -7,8 +7,6 @@ import time
 
 import psycopg
 import pytest
-from zdr.examples.bank.domain import BankSimulator
-from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 import zdr
 from tests.support import (
@@ -19,8 +17,9 @@ from tests.support import (
     seed,
     wait_for,
 )
-
-LIVE_BATCH_LOCK = "SELECT pg_advisory_lock(x'7a6472'::int, hashtext('live-batch'))"
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import LIVE, BalancesV2
+from zdr.locks import holding_live_batch_lock
 
 
 def _dual_writing_replay(manager, key="v2"):
@@ -147,13 +146,13 @@ def test_promotion_that_cannot_get_its_lock_fails_cleanly(manager, engine):
     live_rows = balances(engine)
     impatient = zdr.ReplayManager(engine, lock_timeout=0.05, swap_attempts=2)
 
-    with engine.connect() as holder:
-        holder.exec_driver_sql(LIVE_BATCH_LOCK)  # a live batch that takes forever
-        holder.commit()
-        with pytest.raises(zdr.LockTimeout) as refused:
-            impatient.put_replay_live("v2")
-        holder.exec_driver_sql("SELECT pg_advisory_unlock_all()")
-        holder.commit()
+    # A live batch that takes as long as the block.
+    with (
+        engine.connect() as holder,
+        holding_live_batch_lock(holder),
+        pytest.raises(zdr.LockTimeout) as refused,
+    ):
+        impatient.put_replay_live("v2")
 
     assert "nothing was changed" in str(refused.value)
     assert _state(engine) == before

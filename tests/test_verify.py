@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from zdr.examples.bank.projectors import BalancesV2
 
 import zdr
 from tests.support import seed
+from zdr.examples.bank.projectors import BalancesV2
 
 
 @pytest.fixture()

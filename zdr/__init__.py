@@ -1,13 +1,17 @@
 """zero-downtime-replays: rebuild event-sourced read models in PostgreSQL without downtime."""
 
 from zdr.errors import (
+    ApprovalTimedOut,
     ConfigurationError,
     DatabaseUnavailable,
     DependentObjects,
     DuplicateReplay,
+    InvalidEvent,
     InvalidName,
     InvalidState,
     LockTimeout,
+    NoPausedRun,
+    NotConverged,
     NotSetUp,
     ProjectorError,
     ReplayLagging,
@@ -19,9 +23,11 @@ from zdr.errors import (
 from zdr.manager import ReplayManager
 from zdr.projector import Projector, handles
 from zdr.replay import Progress, Replay, ReplayState, Run, SwapReport
+from zdr.settings import Settings
 from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
 
 __all__ = [
+    "ApprovalTimedOut",
     "ConfigurationError",
     "Cursor",
     "DatabaseUnavailable",
@@ -29,9 +35,12 @@ __all__ = [
     "DuplicateReplay",
     "EventReader",
     "EventStore",
+    "InvalidEvent",
     "InvalidName",
     "InvalidState",
     "LockTimeout",
+    "NoPausedRun",
+    "NotConverged",
     "NotSetUp",
     "Progress",
     "Projector",
@@ -44,6 +53,7 @@ __all__ = [
     "ReplayState",
     "Run",
     "RunnerBusy",
+    "Settings",
     "SwapReport",
     "UnknownProjector",
     "ZdrError",

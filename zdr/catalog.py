@@ -74,3 +74,16 @@ def create(conn: sa.Connection) -> None:
     """Create the metadata tables if missing; the caller holds the setup lock."""
     for statement in CREATE_STATEMENTS:
         conn.exec_driver_sql(statement)
+
+
+def is_set_up(conn: sa.Connection) -> bool:
+    """Whether every metadata table exists (asked when a statement found one missing)."""
+    return bool(
+        conn.exec_driver_sql(
+            """SELECT to_regclass('zdr.checkpoints') IS NOT NULL
+                  AND to_regclass('zdr.projections') IS NOT NULL
+                  AND to_regclass('zdr.replays') IS NOT NULL
+                  AND to_regclass('zdr.runs') IS NOT NULL
+                  AND to_regclass('zdr.samples') IS NOT NULL"""
+        ).scalar_one()
+    )

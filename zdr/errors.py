@@ -1,8 +1,10 @@
 """Every error zdr raises is a ZdrError; each subclass says when it is raised.
 
-Driver errors are translated at the boundary where they happen, keeping the
-cause (``raise X(...) from exc``), so callers never have to catch psycopg or
-SQLAlchemy exceptions to handle an expected failure.
+All of them live here, the pipeline's and the command line's too. Driver
+errors are translated at one boundary (the ``ReplayManager`` facade, by SQLSTATE
+class, never by message text), keeping the cause (``raise X(...) from exc``),
+so callers never have to catch psycopg or SQLAlchemy exceptions to handle an
+expected failure. ``is_transient`` says which failures are worth a retry.
 """
 
 from __future__ import annotations
@@ -81,6 +83,25 @@ class ProjectorError(ZdrError):
 
 class DatabaseUnavailable(ZdrError):
     """Raised when no database can be reached or the embedded one cannot start."""
+
+
+class InvalidEvent(ZdrError, ValueError):
+    """Raised when ``append`` or ``import_events`` is given an event it cannot store
+    (nothing of the call is stored)."""
+
+
+class NotConverged(ZdrError):
+    """Raised when the pipeline's catch-up rounds do not bring the lag under the threshold
+    (the replay is left intact)."""
+
+
+class ApprovalTimedOut(ZdrError):
+    """Raised when nobody answered the pipeline's approval in time (the replay is left
+    intact, live unchanged)."""
+
+
+class NoPausedRun(ZdrError, LookupError):
+    """Raised when no pipeline run for a replay key waits for approval."""
 
 
 def is_transient(exc: BaseException) -> bool:

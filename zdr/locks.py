@@ -10,24 +10,21 @@ Two kinds are used, both keyed in zdr's own lock space (first key 0x7a6472, "zdr
   transactions that swap, remove or switch on dual write, so those never
   interleave with a batch. It is held for one batch (milliseconds), and the
   swap asks for it under a short ``lock_timeout``.
+
+The lock names are spelled in ``zdr.names``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import sqlalchemy as sa
 
 from zdr.errors import RunnerBusy
+from zdr.names import LIVE_BATCH_LOCK, LIVE_RUNNER_LOCK, SETUP_LOCK, pipeline_lock, replay_lock
 
 ZDR_LOCK_SPACE = 0x7A6472
-LIVE_RUNNER = "live-runner"
-LIVE_BATCH = "live-batch"
-
-
-def replay_lock_name(key: str) -> str:
-    return f"replay:{key}"
 
 
 @contextmanager
@@ -51,15 +48,64 @@ def runner_lock(conn: sa.Connection, name: str, *, busy_message: str) -> Iterato
             conn.commit()
 
 
+def live_runner(conn: sa.Connection) -> AbstractContextManager[None]:
+    """The one live runner of a database."""
+    return runner_lock(
+        conn,
+        LIVE_RUNNER_LOCK,
+        busy_message="another live runner is already running on this database "
+        "(only one may apply events to the live read models)",
+    )
+
+
+def replay_runner(conn: sa.Connection, key: str) -> AbstractContextManager[None]:
+    """The one run of a replay at a time (replay, dual-write switch, promotion, removal)."""
+    return runner_lock(
+        conn,
+        replay_lock(key),
+        busy_message=f"replay {key!r} is busy: another run holds it (one runner per replay)",
+    )
+
+
+def pipeline_runner(conn: sa.Connection, key: str) -> AbstractContextManager[None]:
+    """The one pipeline run of a replay key at a time, in any process."""
+    return runner_lock(
+        conn,
+        pipeline_lock(key),
+        busy_message=f"a pipeline run for replay {key!r} is already running "
+        "(one at a time per key)",
+    )
+
+
 def lock_setup(conn: sa.Connection) -> None:
     """Serialise set-up: two processes running CREATE ... IF NOT EXISTS at once would race."""
-    conn.exec_driver_sql(
-        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, "setup")
-    )
+    _xact_lock(conn, SETUP_LOCK)
 
 
 def lock_live_batch(conn: sa.Connection) -> None:
     """Wait for the live batch lock, until the end of the current transaction."""
+    _xact_lock(conn, LIVE_BATCH_LOCK)
+
+
+@contextmanager
+def holding_live_batch_lock(conn: sa.Connection) -> Iterator[None]:
+    """Hold the live batch lock at session level until the block ends.
+
+    For tests and drills: it stands for a live batch that takes as long as the
+    block, so promotion, removal and the live runner wait for it.
+    """
     conn.exec_driver_sql(
-        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, LIVE_BATCH)
+        "SELECT pg_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, LIVE_BATCH_LOCK)
     )
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.exec_driver_sql(
+            "SELECT pg_advisory_unlock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, LIVE_BATCH_LOCK)
+        )
+        conn.commit()
+
+
+def _xact_lock(conn: sa.Connection, name: str) -> None:
+    conn.exec_driver_sql("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name))

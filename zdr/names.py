@@ -47,3 +47,52 @@ def validate_live_schema(schema: object, *, table: str) -> str:
             "with 'zdr' and cannot swap 'public' or system schemas"
         )
     return schema
+
+
+# -- physical names -----------------------------------------------------------
+# Every name zdr gives to something in the database is spelled here and only
+# here: checkpoint rows, side and swap schemas, advisory lock names.
+
+LIVE_CHECKPOINT_PREFIX = "live:"
+REPLAY_CHECKPOINT_PREFIX = "replay:"
+
+
+def live_checkpoint(projection: str) -> str:
+    """The checkpoint row of a projection's live copy."""
+    return LIVE_CHECKPOINT_PREFIX + projection
+
+
+def replay_checkpoint(key: str) -> str:
+    """The checkpoint row of a replay's copy (after promotion: the previous live copy)."""
+    return REPLAY_CHECKPOINT_PREFIX + key
+
+
+def projection_of(checkpoint: str) -> str:
+    """The projection a live checkpoint row belongs to."""
+    return checkpoint.removeprefix(LIVE_CHECKPOINT_PREFIX)
+
+
+def side_schema(key: str, index: int) -> str:
+    """The schema holding a replay's copy of its ``index``-th live schema (1-based)."""
+    return f"zdr_{key}_{index}"
+
+
+def swap_schema(side: str) -> str:
+    """The name a live schema passes through while it trades names with ``side``."""
+    return "zdr_swap_" + side.removeprefix("zdr_")
+
+
+#: Advisory lock names (hashed into zdr's lock space, see zdr.locks).
+LIVE_RUNNER_LOCK = "live-runner"
+LIVE_BATCH_LOCK = "live-batch"
+SETUP_LOCK = "setup"
+
+
+def replay_lock(key: str) -> str:
+    """The session lock one run of a replay holds (one runner per replay)."""
+    return f"replay:{key}"
+
+
+def pipeline_lock(key: str) -> str:
+    """The session lock one pipeline run of a replay key holds for its whole length."""
+    return f"pipeline:{key}"

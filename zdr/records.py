@@ -1,33 +1,192 @@
-"""Reading and writing zdr's own records: replays, checkpoints, runs, samples.
+"""Every statement on zdr's own tables: projections, replays, checkpoints, runs, samples.
 
 Every function works in the caller's transaction, so a record changes together
 with what it describes (a batch's checkpoint with its writes, a state with the
-swap that caused it).
+swap that caused it). The tables themselves are declared in ``zdr.catalog``;
+the names of checkpoint rows come from ``zdr.names``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+from collections.abc import Sequence
 
 import pandas as pd
 import sqlalchemy as sa
 
 from zdr.errors import ReplayNotFound
+from zdr.names import live_checkpoint, projection_of, replay_checkpoint
 from zdr.replay import Replay, ReplayState, Run
 from zdr.store import Cursor
 
 #: Columns stamped when a replay reaches a state; our own names, never user input.
 STAMPS = frozenset({"caught_up_at", "dual_write_at", "promoted_at", "rolled_back_at"})
 
-
-def live_checkpoint(name: str) -> str:
-    """The checkpoint row of a projection's live copy."""
-    return f"live:{name}"
+# -- checkpoints ------------------------------------------------------------------
 
 
-def replay_checkpoint(key: str) -> str:
-    """The checkpoint row of a replay's copy (after promotion: the previous live copy)."""
-    return f"replay:{key}"
+def add_checkpoint(conn: sa.Connection, name: str) -> None:
+    """A new target's checkpoint, at the start of the log."""
+    conn.exec_driver_sql("INSERT INTO zdr.checkpoints (name) VALUES (%s)", (name,))
+
+
+def claim_checkpoint(
+    conn: sa.Connection, name: str, *, expected: Cursor, to: Cursor, events: int
+) -> bool:
+    """Move a checkpoint from ``expected`` to ``to``; False if it was not at ``expected``.
+
+    This is exactly once: the claim and the batch's writes commit or roll back
+    together, and a second runner that started from the same checkpoint finds
+    it moved (the row lock makes it wait for the first one's commit).
+    """
+    claimed = conn.exec_driver_sql(
+        """UPDATE zdr.checkpoints SET txid = %s, position = %s,
+               events_applied = events_applied + %s, updated_at = now()
+           WHERE name = %s AND txid = %s AND position = %s""",
+        (to.txid, to.position, events, name, expected.txid, expected.position),
+    ).rowcount
+    return claimed == 1
+
+
+def reset_checkpoint(conn: sa.Connection, name: str) -> None:
+    """Back to the start of the log (a replay started again from zero)."""
+    conn.exec_driver_sql(
+        """UPDATE zdr.checkpoints SET txid = 0, position = 0, events_applied = 0,
+           updated_at = now() WHERE name = %s""",
+        (name,),
+    )
+
+
+def replay_cursor(conn: sa.Connection, key: str) -> Cursor:
+    """Where the replay's copy stands. Raises ReplayNotFound."""
+    row = conn.exec_driver_sql(
+        "SELECT txid, position FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),)
+    ).first()
+    if row is None:
+        raise ReplayNotFound(f"no replay with key {key!r}")
+    return Cursor(row[0], row[1])
+
+
+def live_cursors(conn: sa.Connection, projections: Sequence[str]) -> dict[str, Cursor]:
+    """Where the live copies of these projections stand."""
+    rows = conn.exec_driver_sql(
+        "SELECT name, txid, position FROM zdr.checkpoints WHERE name = ANY(%s)",
+        ([live_checkpoint(n) for n in projections],),
+    )
+    return {projection_of(name): Cursor(txid, pos) for name, txid, pos in rows}
+
+
+def all_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
+    """Every checkpoint row by name (for operators and tests)."""
+    rows = conn.exec_driver_sql("SELECT name, txid, position FROM zdr.checkpoints ORDER BY name")
+    return {name: Cursor(txid, pos) for name, txid, pos in rows}
+
+
+# -- projections (the live copies) -----------------------------------------------
+
+
+def live_projector_path(conn: sa.Connection, projection: str) -> str | None:
+    """The import path of the projector writing a projection's live copy (None: not live)."""
+    path = conn.exec_driver_sql(
+        "SELECT projector FROM zdr.projections WHERE name = %s", (projection,)
+    ).scalar()
+    return None if path is None else str(path)
+
+
+def live_projector_paths(
+    conn: sa.Connection, projections: Sequence[str] | None = None
+) -> dict[str, str]:
+    """Projection name -> import path of its live projector (all of them, or these)."""
+    if projections is None:
+        rows = conn.exec_driver_sql("SELECT name, projector FROM zdr.projections")
+    else:
+        rows = conn.exec_driver_sql(
+            "SELECT name, projector FROM zdr.projections WHERE name = ANY(%s)",
+            (list(projections),),
+        )
+    return {name: path for name, path in rows}
+
+
+def live_schemas(conn: sa.Connection) -> dict[str, list[str]]:
+    """Projection name -> the live schemas it writes."""
+    rows = conn.exec_driver_sql("SELECT name, schemas FROM zdr.projections")
+    return {name: list(schemas) for name, schemas in rows}
+
+
+def add_projection(conn: sa.Connection, name: str, path: str, schemas: Sequence[str]) -> None:
+    """A new live projection, with its checkpoint at the start of the log."""
+    conn.exec_driver_sql(
+        "INSERT INTO zdr.projections (name, projector, schemas) VALUES (%s, %s, %s)",
+        (name, path, list(schemas)),
+    )
+    add_checkpoint(conn, live_checkpoint(name))
+
+
+def live_targets(conn: sa.Connection) -> list[tuple[str, str, Cursor]]:
+    """(projection, projector path, checkpoint) of every live copy, by name."""
+    rows = conn.exec_driver_sql(
+        """SELECT p.name, p.projector, c.txid, c.position FROM zdr.projections p
+           JOIN zdr.checkpoints c ON c.name = %s || p.name ORDER BY p.name""",
+        (live_checkpoint(""),),
+    )
+    return [(name, path, Cursor(txid, position)) for name, path, txid, position in rows]
+
+
+def set_live_projector(conn: sa.Connection, projection: str, path: str) -> str:
+    """Record the projector that now writes the live copy; return the one it replaces."""
+    return str(
+        conn.exec_driver_sql(
+            """UPDATE zdr.projections p SET projector = %s, updated_at = now()
+               FROM zdr.projections old WHERE p.name = %s AND old.name = p.name
+               RETURNING old.projector""",
+            (path, projection),
+        ).scalar_one()
+    )
+
+
+# -- replays -------------------------------------------------------------------------
+
+
+def replay_exists(conn: sa.Connection, key: str) -> bool:
+    return (
+        conn.exec_driver_sql("SELECT 1 FROM zdr.replays WHERE key = %s", (key,)).first() is not None
+    )
+
+
+def add_replay(
+    conn: sa.Connection, key: str, projectors: dict[str, str], schemas: dict[str, str]
+) -> None:
+    """A new replay in state created, with its checkpoint at the start of the log."""
+    conn.exec_driver_sql(
+        "INSERT INTO zdr.replays (key, state, projectors, schemas) VALUES (%s, %s, %s, %s)",
+        (key, ReplayState.CREATED.value, json.dumps(projectors), json.dumps(schemas)),
+    )
+    add_checkpoint(conn, replay_checkpoint(key))
+
+
+def delete_replay(conn: sa.Connection, key: str) -> None:
+    """Forget a replay: its record, runs, samples and checkpoint."""
+    conn.exec_driver_sql("DELETE FROM zdr.replays WHERE key = %s", (key,))
+    conn.exec_driver_sql("DELETE FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),))
+
+
+def set_replay_projectors(conn: sa.Connection, key: str, projectors: dict[str, str]) -> None:
+    """Record which projector classes write the replay's side copy."""
+    conn.exec_driver_sql(
+        "UPDATE zdr.replays SET projectors = %s WHERE key = %s", (json.dumps(projectors), key)
+    )
+
+
+def replay_keys(conn: sa.Connection, state: ReplayState | None = None) -> list[str]:
+    """Keys of every replay (or those in ``state``), oldest first."""
+    if state is None:
+        rows = conn.exec_driver_sql("SELECT key FROM zdr.replays ORDER BY created_at, key")
+    else:
+        rows = conn.exec_driver_sql(
+            "SELECT key FROM zdr.replays WHERE state = %s ORDER BY key", (state.value,)
+        )
+    return [str(key) for key in rows.scalars()]
 
 
 def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool = True) -> Replay:
@@ -37,9 +196,9 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
         f"""SELECT r.key, r.state, r.projectors, r.schemas, c.position, c.txid,
                    c.events_applied, r.error, r.created_at, r.updated_at, r.caught_up_at,
                    r.dual_write_at, r.promoted_at, r.rolled_back_at
-            FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = 'replay:' || r.key
+            FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = %s || r.key
             WHERE r.key = %s {"FOR UPDATE OF r" if lock else ""}""",
-        (key,),
+        (replay_checkpoint(""), key),
     ).first()
     if row is None:
         raise ReplayNotFound(f"no replay with key {key!r}")
@@ -76,6 +235,9 @@ def set_state(
     )
 
 
+# -- runs and samples ----------------------------------------------------------------
+
+
 def start_run(conn: sa.Connection, key: str, kind: str, position: int) -> int:
     return int(
         conn.exec_driver_sql(
@@ -83,6 +245,14 @@ def start_run(conn: sa.Connection, key: str, kind: str, position: int) -> int:
                VALUES (%s, %s, 'running', %s, %s) RETURNING id""",
             (key, kind, position, position),
         ).scalar_one()
+    )
+
+
+def count_run_events(conn: sa.Connection, run_id: int, events: int, to_position: int) -> None:
+    """Add a batch to a run's tally, in the batch's own transaction."""
+    conn.exec_driver_sql(
+        "UPDATE zdr.runs SET events = events + %s, to_position = %s WHERE id = %s",
+        (events, to_position, run_id),
     )
 
 
@@ -99,13 +269,6 @@ def finish_run(
                to_position = COALESCE(%s, to_position) WHERE id = %s""",
         (status, error, to_position, run_id),
     )
-
-
-def replay_cursor(conn: sa.Connection, key: str) -> Cursor:
-    txid, position = conn.exec_driver_sql(
-        "SELECT txid, position FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),)
-    ).one()
-    return Cursor(txid, position)
 
 
 def add_sample(conn: sa.Connection, key: str, lag: int) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from zdr.errors import InvalidState
 
 
 class ReplayState(StrEnum):
@@ -40,6 +43,16 @@ DUAL_WRITABLE = frozenset(
 )
 #: States from which the replay may be put live.
 PROMOTABLE = frozenset({ReplayState.CAUGHT_UP, ReplayState.DUAL_WRITING})
+
+
+def require_state(replay: Replay, allowed: Iterable[ReplayState], operation: str) -> None:
+    """Refuse (InvalidState) an operation the replay's state does not allow."""
+    allowed = set(allowed)
+    if replay.state not in allowed:
+        raise InvalidState(
+            f"{operation} is not allowed for replay {replay.key!r} in state "
+            f"{replay.state.value!r} (allowed: {', '.join(sorted(s.value for s in allowed))})"
+        )
 
 
 @dataclass(frozen=True)

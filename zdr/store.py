@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from psycopg.types.json import Jsonb
 
 from zdr.config import make_engine
-from zdr.errors import ZdrError
+from zdr.errors import InvalidEvent
 from zdr.locks import lock_setup
 
 
@@ -154,7 +154,7 @@ class EventStore:
         then commit, or not, with it).
         """
         if not isinstance(stream_id, str) or not stream_id:
-            raise ZdrError(f"stream_id must be a non-empty string, got {stream_id!r}")
+            raise InvalidEvent(f"stream_id must be a non-empty string, got {stream_id!r}")
         types, datas, metas = _columns_of(events)
         if not types:
             return []
@@ -230,17 +230,17 @@ def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Js
     metas: list[Jsonb] = []
     for i, event in enumerate(events):
         if not isinstance(event, Mapping):
-            raise ZdrError(f"event {i} must be a mapping with 'type' and 'data', got {event!r}")
+            raise InvalidEvent(f"event {i} must be a mapping with 'type' and 'data', got {event!r}")
         unknown = set(event) - {"type", "data", "metadata"}
         if unknown:
-            raise ZdrError(f"event {i} has unknown fields {sorted(unknown)}")
+            raise InvalidEvent(f"event {i} has unknown fields {sorted(unknown)}")
         kind, data, meta = event.get("type"), event.get("data"), event.get("metadata", {})
         if not isinstance(kind, str) or not kind:
-            raise ZdrError(f"event {i} needs a non-empty string 'type', got {kind!r}")
+            raise InvalidEvent(f"event {i} needs a non-empty string 'type', got {kind!r}")
         if not isinstance(data, Mapping):
-            raise ZdrError(f"event {i} ({kind}) needs a dict 'data', got {type(data).__name__}")
+            raise InvalidEvent(f"event {i} ({kind}) needs a dict 'data', got {type(data).__name__}")
         if not isinstance(meta, Mapping):
-            raise ZdrError(f"event {i} ({kind}) has 'metadata' that is not a dict")
+            raise InvalidEvent(f"event {i} ({kind}) has 'metadata' that is not a dict")
         types.append(kind)
         datas.append(Jsonb(dict(data)))
         metas.append(Jsonb(dict(meta)))

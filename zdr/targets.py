@@ -17,24 +17,18 @@ inside the live schema that the replay does not have would vanish from view.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from psycopg import sql
 
 from zdr.errors import DependentObjects
+from zdr.names import swap_schema
 
 if TYPE_CHECKING:
     from zdr.projector import Projector
-
-
-def side_schema(key: str, index: int) -> str:
-    return f"zdr_{key}_{index}"
-
-
-def _swap_schema(side: str) -> str:
-    return "zdr_swap_" + side.removeprefix("zdr_")
 
 
 def _run(conn: sa.Connection, statement: sql.Composable, params: Sequence[object] = ()) -> None:
@@ -42,9 +36,18 @@ def _run(conn: sa.Connection, statement: sql.Composable, params: Sequence[object
     conn.exec_driver_sql(statement.as_string(raw), tuple(params) if params else ())
 
 
-def translated(conn: sa.Connection, schema_map: Mapping[str, str] | None) -> sa.Connection:
-    """Point the connection's table names at a copy (None: the live copy)."""
-    return conn.execution_options(schema_translate_map=dict(schema_map) if schema_map else None)
+@contextmanager
+def writing_to(conn: sa.Connection, schema_map: Mapping[str, str] | None) -> Iterator[None]:
+    """Point the connection's table names at a copy (None: the live copy) for the block.
+
+    ``execution_options`` on a Connection changes that connection in place, so
+    the live copy is restored afterwards, whatever happens in the block.
+    """
+    conn.execution_options(schema_translate_map=dict(schema_map) if schema_map else None)
+    try:
+        yield
+    finally:
+        conn.execution_options(schema_translate_map=None)
 
 
 def clone(
@@ -53,13 +56,10 @@ def clone(
     """Create the side schemas and the projectors' tables, indexes, constraints and sequences."""
     for side in schema_map.values():
         _run(conn, sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(side)))
-    try:
-        translated(conn, schema_map)
+    with writing_to(conn, schema_map):
         for projector in projectors:
             for table in projector.tables:
                 table.create(conn)
-    finally:
-        translated(conn, None)
 
 
 def create_live(conn: sa.Connection, projector: Projector) -> None:
@@ -72,7 +72,7 @@ def create_live(conn: sa.Connection, projector: Projector) -> None:
 
 def truncate(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
     """Empty every table of the side schemas (for a replay started again from zero)."""
-    names = _tables_in(conn, list(schema_map.values()))
+    names = tables_in(conn, list(schema_map.values()))
     if names:
         _run(
             conn,
@@ -85,7 +85,7 @@ def truncate(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
 def swap(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
     """Exchange the names of each live schema and its side schema, in the caller's transaction."""
     for live, side in schema_map.items():
-        tmp = _swap_schema(side)
+        tmp = swap_schema(side)
         for old, new in ((live, tmp), (side, live), (tmp, side)):
             _run(
                 conn,
@@ -103,7 +103,7 @@ def drop(conn: sa.Connection, schemas: Sequence[str]) -> None:
         raise DependentObjects(
             "cannot remove: objects outside zdr depend on its tables: " + "; ".join(outside)
         )
-    names = _tables_in(conn, existing)
+    names = tables_in(conn, existing)
     if names:
         _run(
             conn,
@@ -177,7 +177,8 @@ def _schema_exists(conn: sa.Connection, schema: str) -> bool:
     )
 
 
-def _tables_in(conn: sa.Connection, schemas: Sequence[str]) -> list[tuple[str, str]]:
+def tables_in(conn: sa.Connection, schemas: Sequence[str]) -> list[tuple[str, str]]:
+    """(schema, table) of every table in ``schemas`` (partitions counted with their parent)."""
     rows = conn.exec_driver_sql(
         """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p') AND NOT c.relispartition

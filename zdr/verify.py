@@ -22,9 +22,10 @@ import pandas as pd
 import sqlalchemy as sa
 from psycopg import sql
 
-from zdr.errors import ReplayNotFound
+from zdr import records
 from zdr.names import validate_key
 from zdr.replay import Replay
+from zdr.targets import tables_in
 
 NOT_LEVEL = "not level: verify with dual write on and the live runner running"
 
@@ -159,21 +160,16 @@ def verify(
     validate_key(replay.key)
     snapshot = engine.connect().execution_options(isolation_level="REPEATABLE READ")
     with snapshot as conn, conn.begin():
-        current = conn.exec_driver_sql(
-            "SELECT name, position FROM zdr.checkpoints WHERE name = ANY(%s)",
-            ([f"live:{n}" for n in replay.projectors] + [f"replay:{replay.key}"],),
-        ).all()
-        if not any(name == f"replay:{replay.key}" for name, _ in current):
-            raise ReplayNotFound(f"no replay with key {replay.key!r}")
-        positions = dict(current)
-        live_position = min((p for n, p in positions.items() if n.startswith("live:")), default=0)
+        replay_position = records.replay_cursor(conn, replay.key).position
+        live_cursors = records.live_cursors(conn, list(replay.projectors))
+        live_position = min((c.position for c in live_cursors.values()), default=0)
         # Rows of copies at different positions differ for that reason alone.
-        level = live_position == positions[f"replay:{replay.key}"]
+        level = live_position == replay_position
         tables: list[TableReport] = []
         differences: list[Difference] = []
         truncated = False
         for live_schema, side_schema in sorted(replay.schemas.items()):
-            for table in sorted(_tables(conn, live_schema) | _tables(conn, side_schema)):
+            for table in sorted(_table_names(conn, live_schema, side_schema)):
                 report, found, more = _compare_table(
                     conn,
                     live_schema,
@@ -190,7 +186,7 @@ def verify(
         state=replay.state.value,
         same_version=_same_version(replay, live_projectors),
         live_position=live_position,
-        replay_position=positions[f"replay:{replay.key}"],
+        replay_position=replay_position,
         tables=tables,
         differences=differences,
         truncated=truncated,
@@ -369,14 +365,8 @@ def _summary(
     return {"type": kind, "non_null": non_null, "distinct": distinct, "min": low, "max": high}
 
 
-def _tables(conn: sa.Connection, schema: str) -> set[str]:
-    return set(
-        conn.exec_driver_sql(
-            """SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE n.nspname = %s AND c.relkind IN ('r', 'p')""",
-            (schema,),
-        ).scalars()
-    )
+def _table_names(conn: sa.Connection, *schemas: str) -> set[str]:
+    return {table for _, table in tables_in(conn, schemas)}
 
 
 def _columns(conn: sa.Connection, schema: str, table: str) -> dict[str, str]:

@@ -21,11 +21,11 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
-from zdr.examples.bank.domain import BankSimulator, fold_balances
-from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 import zdr
 from zdr.config import DATABASE_URL_ENV, embedded_url, to_sqlalchemy_url
+from zdr.examples.bank.domain import BankSimulator, fold_balances
+from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 REPLAY_KEY = "balances_v2"
 DEMO_DATABASE = "zdr_demo"

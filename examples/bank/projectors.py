@@ -17,6 +17,8 @@ from typing import Any
 import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy.dialects import postgresql as pg
+
+import zdr
 from zdr.examples.bank.domain import (
     CLOSED,
     DEPOSITED,
@@ -25,8 +27,6 @@ from zdr.examples.bank.domain import (
     WITHDRAWN,
     fold_daily_totals,
 )
-
-import zdr
 from zdr.projector import physical_name
 
 v1 = sa.MetaData()

@@ -1,0 +1,134 @@
+"""Which projector class writes which copy: resolving references, live registrations, coverage.
+
+A projector is referred to by its projection name (the registered one), by its
+import path (``pkg.module:Class``, how another process finds it again) or by an
+instance. zdr records the import path of the class writing each copy, so the
+live runner finds the right version by itself after a promotion; this module
+turns those paths back into instances, once per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+import sqlalchemy as sa
+
+from zdr import records, targets
+from zdr.errors import ConfigurationError, UnknownProjector
+from zdr.names import validate_key
+from zdr.projector import Projector, check_projector, load_projector
+
+log = logging.getLogger("zdr")
+
+ProjectorRef = str | Projector
+
+
+class Registry:
+    """The projectors a manager was given, and every class loaded by import path since.
+
+    Safe to share between threads; projectors must keep no state between calls.
+    """
+
+    def __init__(self, projectors: Iterable[Projector] = ()) -> None:
+        self._registered: dict[str, Projector] = {}
+        self._by_path: dict[str, Projector] = {}
+        self._lock = threading.Lock()
+        for projector in projectors:
+            check_projector(projector)
+            if projector.name in self._registered:
+                raise ConfigurationError(f"two projectors are named {projector.name!r}")
+            self._registered[projector.name] = projector
+            self._by_path[projector.import_path()] = projector
+
+    @property
+    def registered(self) -> list[Projector]:
+        return list(self._registered.values())
+
+    def resolve(self, ref: ProjectorRef, conn: sa.Connection) -> Projector:
+        """The projector a reference means; a bare name not registered here is looked up
+        among the live projections (``conn``)."""
+        if isinstance(ref, Projector):
+            check_projector(ref)
+            with self._lock:
+                # Later runs in this process (dual write, rollback) use this very instance.
+                return self._by_path.setdefault(ref.import_path(), ref)
+        if not isinstance(ref, str):
+            raise UnknownProjector(
+                f"{ref!r} is neither a projector name, an import path nor a Projector"
+            )
+        if ":" in ref:
+            return self.for_path(ref)
+        validate_key(ref, what="projector name")
+        if ref in self._registered:
+            return self._registered[ref]
+        path = records.live_projector_path(conn, ref)
+        if path is None:
+            known = sorted(self._registered) or ["(none registered)"]
+            raise UnknownProjector(f"unknown projector {ref!r}; known: {', '.join(known)}")
+        return self.for_path(path)
+
+    def for_path(self, path: str) -> Projector:
+        """The instance for an import path, imported once per process."""
+        with self._lock:
+            projector = self._by_path.get(path)
+            if projector is None:
+                projector = load_projector(path)
+                self._by_path[path] = projector
+            return projector
+
+
+def register_live(conn: sa.Connection, projector: Projector) -> None:
+    """Create a new projection's live tables and records; leave a live one as it is.
+
+    A projection that is already live keeps the projector version recorded for
+    it; a different registered version is only used by replays.
+    """
+    live_path = records.live_projector_path(conn, projector.name)
+    path = projector.import_path()
+    if live_path is None:
+        targets.create_live(conn, projector)
+        records.add_projection(conn, projector.name, path, projector.schemas())
+        log.info("projection %r is live with %s", projector.name, path)
+    elif live_path != path:
+        log.warning(
+            "projection %r is live with %s; %s is registered and will be used by "
+            "replays until one of them is promoted",
+            projector.name,
+            live_path,
+            path,
+        )
+
+
+def check_coverage(conn: sa.Connection, projectors: list[Projector]) -> list[str]:
+    """The live schemas a replay of ``projectors`` swaps; refuse one that would swap others'
+    tables away, or that rebuilds a projection that is not live."""
+    live = records.live_schemas(conn)
+    wanted: set[str] = set()
+    for projector in projectors:
+        if projector.name not in live:
+            raise UnknownProjector(
+                f"no live projection named {projector.name!r}: register its projector "
+                "with the ReplayManager and call setup() first"
+            )
+        if projector.schemas() != sorted(live[projector.name]):
+            raise ConfigurationError(
+                f"projector {projector.import_path()} writes schemas {projector.schemas()} "
+                f"but the live projection {projector.name!r} is in "
+                f"{sorted(live[projector.name])}"
+            )
+        wanted.update(projector.schemas())
+    included = {p.name for p in projectors}
+    for name, schemas in live.items():
+        shared = wanted.intersection(schemas)
+        if name not in included and shared:
+            raise ConfigurationError(
+                f"schema {sorted(shared)[0]!r} also holds projection {name!r}: a replay "
+                "swaps whole schemas, so include that projection in the replay"
+            )
+    return sorted(wanted)
+
+
+def describe_paths(paths: dict[str, str]) -> str:
+    return ", ".join(f"{name} with {path}" for name, path in sorted(paths.items()))
