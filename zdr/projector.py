@@ -192,4 +192,5 @@ def physical_name(conn: sa.Connection, table: sa.Table) -> sql.Identifier:
     not reach.
     """
     translate = conn.get_execution_options().get("schema_translate_map") or {}
-    return sql.Identifier(translate.get(table.schema, table.schema), table.name)
+    schema = validate_live_schema(table.schema, table=table.name)
+    return sql.Identifier(translate.get(schema, schema), table.name)

@@ -213,9 +213,9 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
                 (key,),
             )
         ]
-    values = list(row)
-    values[1] = ReplayState(values[1])
-    return Replay(*values, runs=history)
+    fields = dict(row._mapping)
+    fields["state"] = ReplayState(fields["state"])
+    return Replay(**fields, runs=history)
 
 
 def set_state(

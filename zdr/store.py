@@ -204,7 +204,8 @@ class EventStore:
         }
         with _raw(conn).cursor(row_factory=_event_row) as cur:
             cur.execute(self._read_statement, params)
-            return cur.fetchall()
+            events: list[RecordedEvent] = cur.fetchall()
+            return events
 
     def horizon(self, conn: sa.Connection) -> int:
         return int(conn.exec_driver_sql(f"SELECT {_HORIZON}").scalar_one())
