@@ -30,7 +30,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zdr  # noqa: E402
-from zdr.config import embedded_url, to_sqlalchemy_url  # noqa: E402
+from zdr.config import embedded_url, to_libpq_url, to_sqlalchemy_url  # noqa: E402
 from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, BankSimulator  # noqa: E402
 from zdr.examples.bank.projectors import Balances, BalancesV2  # noqa: E402
 
@@ -52,8 +52,8 @@ def fresh_database(url: str | None) -> str:
 def naive_replay(url: str, store: zdr.EventStore, sample: int) -> float:
     """One statement and one transaction per event, like the PHP original. Events/s."""
     with store.engine.connect() as conn:
-        events = store.read(conn, zdr.Cursor(0, 0), sample)
-    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as db:
+        events = store.read(conn, zdr.store.START, sample)
+    with psycopg.connect(to_libpq_url(url)) as db:
         db.autocommit = True
         db.execute("CREATE SCHEMA IF NOT EXISTS bench_naive")
         db.execute(BASELINE_TABLE)
@@ -98,7 +98,7 @@ def main() -> None:
     if manager.get_replay("bench") is not None:  # left by an interrupted run
         manager.remove_replay("bench")
     with manager.engine.connect() as conn:
-        have = manager.store.count_after(conn, zdr.Cursor(0, 0))
+        have = manager.store.count_after(conn, zdr.store.START)
     if have < args.events:
         sim = BankSimulator(accounts=args.accounts, seed=11)
         manager.store.import_events(sim.stream(args.events - have))

@@ -17,6 +17,7 @@ from tests.support import (
     seed,
     wait_for,
 )
+from zdr.config import to_libpq_url
 from zdr.examples.bank.domain import BankSimulator
 from zdr.examples.bank.projectors import LIVE, BalancesV2
 from zdr.locks import holding_live_batch_lock
@@ -58,7 +59,7 @@ def test_readers_in_a_loop_never_fail_and_switch_from_old_to_new_at_one_point(
     manager, engine, database_url
 ):
     _dual_writing_replay(manager)
-    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    url = to_libpq_url(database_url)
     stop = threading.Event()
     seen: dict[str, list[tuple[float, bool]]] = {name: [] for name in READS}  # (time, is new)
     failures: list[BaseException] = []

@@ -87,6 +87,11 @@ def to_sqlalchemy_url(url: str) -> str:
     return url
 
 
+def to_libpq_url(url: str) -> str:
+    """The plain ``postgresql://`` form of a SQLAlchemy URL, for psycopg.connect and libpq tools."""
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
 def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
     """An Engine for a URL, ZDR_DATABASE_URL or the embedded server; an Engine is used as is."""
     if isinstance(url_or_engine, sa.Engine):

@@ -23,7 +23,7 @@ import psycopg
 import sqlalchemy as sa
 
 import zdr
-from zdr.config import DATABASE_URL_ENV, embedded_url, to_sqlalchemy_url
+from zdr.config import DATABASE_URL_ENV, embedded_url, to_libpq_url, to_sqlalchemy_url
 from zdr.examples.bank.domain import BankSimulator, fold_balances
 from zdr.examples.bank.projectors import LIVE, BalancesV2
 
@@ -139,7 +139,7 @@ class Traffic:
         self._reader = context.Process(
             target=_reader_process,
             args=(
-                url.replace("postgresql+psycopg://", "postgresql://"),
+                to_libpq_url(url),
                 self._reader_stop,
                 child_end,
             ),
