@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 import zdr
+from zdr import reports
 from zdr.config import resolve_url
 from zdr.tasks import replay as steps
 
@@ -62,11 +63,7 @@ def replay_status(
     """The replays, their states, positions and lags, as a table artifact."""
     rows = steps.replay_status(resolve_url(database_url), replay_key)
     create_table_artifact(
-        table=[
-            {k: row[k] for k in ("key", "state", "position", "events_applied", "lag")}
-            for row in rows
-        ]
-        or [{"key": "(no replays)"}],
+        table=reports.status_records(rows),
         key="zdr-replay-status",
         description="zdr replays",
     )

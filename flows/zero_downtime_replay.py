@@ -29,6 +29,7 @@ from prefect.flow_runs import pause_flow_run
 from pydantic import BaseModel
 
 import zdr
+from zdr import reports
 from zdr.config import resolve_url
 from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import Approval
@@ -149,15 +150,8 @@ def _replay_history(
         update_progress_artifact(progress_id, _percent(done, total))
         elapsed = time.monotonic() - started
         rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else 0.0
         if replay["run_events"]:  # a task that found nothing new has nothing to say
-            logger.info(
-                "replayed %s of %s events (%.0f events/s, ETA %.0fs)",
-                f"{done:,}",
-                f"{total:,}",
-                rate,
-                eta,
-            )
+            logger.info(reports.replay_progress(done, total, rate))
         if replay["state"] == "caught_up":
             update_progress_artifact(progress_id, 100.0)
             return replay
@@ -225,16 +219,7 @@ def _publish_report(key: str, report: dict[str, Any]) -> None:
         description=f"Replay {key!r}: what to look at before approving",
     )
     create_table_artifact(
-        table=[
-            {
-                "table": t["table"],
-                "live_rows": t["live_rows"],
-                "replay_rows": t["replay_rows"],
-                "equal": t["equal"],
-                "differing_columns": ", ".join(t["differing_columns"]),
-            }
-            for t in report["verification"]["tables"]
-        ],
+        table=reports.row_counts(report["verification"]["tables"]),
         key=_artifact_key(key, "row-counts"),
         description=f"Replay {key!r}: rows per table, live and replay",
     )
@@ -242,13 +227,12 @@ def _publish_report(key: str, report: dict[str, Any]) -> None:
 
 def _publish_promotion(key: str, promotion: dict[str, Any]) -> None:
     create_markdown_artifact(
-        markdown=(
-            f"### Replay `{key}` is live\n\n"
-            f"| | |\n|---|---|\n"
-            f"| position | {promotion.get('position')} |\n"
-            f"| lock wait | {promotion.get('lock_wait_ms', 0):.1f} ms |\n"
-            f"| swap transaction | {promotion.get('duration_ms', 0):.1f} ms |\n"
-            f"| attempts | {promotion.get('attempts', 1)} |\n"
+        markdown=reports.promotion_markdown(
+            key,
+            position=promotion.get("position"),
+            lock_wait_ms=promotion.get("lock_wait_ms", 0),
+            duration_ms=promotion.get("duration_ms", 0),
+            attempts=promotion.get("attempts", 1),
         ),
         key=_artifact_key(key, "promotion"),
         description=f"Replay {key!r}: the promotion",
@@ -256,37 +240,18 @@ def _publish_promotion(key: str, promotion: dict[str, Any]) -> None:
 
 
 def _report_markdown(key: str, report: dict[str, Any]) -> str:
+    """The approver's report, from what ``verify_replay`` returned."""
     replay = report["replay"]
-    rate = replay.get("rate") or 0
-    lines = [
-        f"## Replay `{key}`",
-        "",
-        f"* state: **{replay['state']}**, lag **{report['lag']:,}** events",
-        f"* events applied: {replay['events_applied']:,} (last replay run {rate:,.0f} events/s)",
-        f"* projectors: {', '.join(f'`{p}`' for p in replay['projectors'].values())}",
-        "",
-        report["verification_markdown"],
-        "",
-        *_lag_table(report["lag_history"]),
-        "Approve to promote the replay to live; the current copy is kept for rollback.",
-    ]
-    return "\n".join(lines)
-
-
-def _lag_table(samples: list[dict[str, Any]]) -> list[str]:
-    if not samples:
-        return []
-    lines = [
-        "Lag over time:",
-        "",
-        "| time | events applied | lag | events/s |",
-        "|---|---:|---:|---:|",
-    ]
-    lines += [
-        f"| {s['at']} | {s['events_applied']:,} | {s['lag']:,} | {s['events_per_s']:,} |"
-        for s in samples
-    ]
-    return [*lines, ""]
+    return reports.approval_markdown(
+        key,
+        state=replay["state"],
+        lag=report["lag"],
+        events_applied=replay["events_applied"],
+        rate=replay.get("rate"),
+        projectors=replay["projectors"].values(),
+        verification=report["verification_markdown"],
+        lag_rows=report["lag_history"],
+    )
 
 
 def _summary(

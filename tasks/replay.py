@@ -16,13 +16,13 @@ import functools
 from dataclasses import asdict
 from typing import Any
 
-import pandas as pd
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 import zdr
+from zdr import reports
 from zdr.errors import is_transient
 from zdr.projector import load_projector
 
@@ -104,26 +104,9 @@ def verify_replay(database_url: str, replay_key: str) -> dict[str, Any]:
         "replay": snapshot(replay),
         "lag": manager.get_replay_lag(replay_key),
         "verification": verification.to_dict(),
-        "verification_markdown": verification.to_markdown(),
-        "lag_history": lag_over_time(manager.lag_history(replay_key)),
+        "verification_markdown": reports.verification_markdown(verification),
+        "lag_history": reports.lag_samples(manager.lag_history(replay_key)),
     }
-
-
-def lag_over_time(history: pd.DataFrame, rows: int = 12) -> list[dict[str, Any]]:
-    """At most ``rows`` samples, evenly spread, the last one always in."""
-    if history.empty:
-        return []
-    step = max(len(history) // rows, 1)
-    picked = pd.concat([history.iloc[::step], history.iloc[[-1]]]).drop_duplicates("at")
-    return [
-        {
-            "at": row.at.strftime("%H:%M:%S"),
-            "events_applied": int(row.events_applied),
-            "lag": int(row.lag),
-            "events_per_s": round(float(row.events_per_s)),
-        }
-        for row in picked.tail(rows + 1).itertuples()
-    ]
 
 
 @task(name="promote", **RETRIES)

@@ -1,0 +1,114 @@
+"""The `zdr` application: the typer app, the options every command shares, the consoles,
+and the entry point that turns zdr's errors into one line and an exit code.
+
+Output meant for people goes to stderr (messages, progress bars) or is a table;
+``--json`` prints one JSON document on stdout. An error is one line and a
+non-zero exit code (2 for bad input, 1 otherwise), with a traceback only under
+``--debug``.
+
+The commands live in modules by subject (``lifecycle``, ``inspection``,
+``pipeline``) and register on this app when imported; ``zdr.cli.main`` imports them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+import zdr
+from zdr.projector import load_projector
+
+app = typer.Typer(
+    name="zdr",
+    help="Rebuild event-sourced read models in PostgreSQL without downtime.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+state = {"debug": False}
+
+#: Bad input: exit code 2 (like a usage error); every other zdr error: 1.
+BAD_INPUT = (zdr.InvalidName, zdr.ConfigurationError, zdr.UnknownProjector)
+
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--database-url",
+        envvar="ZDR_DATABASE_URL",
+        help="PostgreSQL URL (default: ZDR_DATABASE_URL, else the embedded PostgreSQL).",
+        show_default=False,
+    ),
+]
+Key = Annotated[str, typer.Argument(help="The replay's key, e.g. balances_v2.")]
+Projectors = Annotated[
+    list[str],
+    typer.Option(
+        "--projectors",
+        "-p",
+        help="Projector import paths (module:Class), repeated or comma-separated.",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+) -> None:
+    state["debug"] = debug
+    if debug:  # otherwise Prefect's console handler formats flow logs its own way
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+
+
+def manager_for(database_url: str | None, projectors: Sequence[str] = ()) -> zdr.ReplayManager:
+    """A manager for the command's database, with these projectors loaded."""
+    return zdr.ReplayManager(
+        database_url, projectors=[load_projector(p) for p in paths(projectors)]
+    )
+
+
+def paths(projectors: Sequence[str]) -> list[str]:
+    """``-p a -p b`` and ``-p a,b`` both give [a, b]."""
+    return [p.strip() for item in projectors for p in item.split(",") if p.strip()]
+
+
+def existing_replay(manager: zdr.ReplayManager, key: str) -> zdr.Replay:
+    """The replay ``key``, or ``ReplayNotFound`` naming it."""
+    found = manager.get_replay(key)
+    if found is None:
+        raise zdr.ReplayNotFound(f"no replay with key {key!r}")
+    return found
+
+
+def print_json(value: Any, indent: int | None = 2) -> None:
+    sys.stdout.write(json.dumps(value, indent=indent, default=str) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: typer handles usage errors, help and exit codes; zdr's errors become
+    one line here."""
+    # Prefect's no-server mode should not try to reach the internet.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        app(args=list(argv) if argv is not None else None)
+    except zdr.ZdrError as exc:
+        if state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        sys.exit(2 if isinstance(exc, BAD_INPUT) else 1)
+    except Exception as exc:
+        if state["debug"]:
+            raise
+        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        sys.exit(1)

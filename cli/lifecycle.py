@@ -1,0 +1,167 @@
+"""The life cycle, one command per step: setup, create, replay, dual-write, promote,
+rollback, remove, and the live runner that keeps live (and dual-writing replays) level."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Annotated
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.prompt import Confirm
+
+import zdr
+from zdr.cli.app import (
+    DatabaseUrl,
+    Key,
+    Projectors,
+    Yes,
+    app,
+    err,
+    existing_replay,
+    manager_for,
+    paths,
+)
+
+
+@app.command()
+def setup(projectors: Projectors, database_url: DatabaseUrl = None) -> None:
+    """Create zdr's tables and the live tables of these projectors (idempotent)."""
+    manager_for(database_url, projectors).setup()
+    err.print(f"set up: {', '.join(paths(projectors))}")
+
+
+@app.command()
+def create(key: Key, projectors: Projectors, database_url: DatabaseUrl = None) -> None:
+    """Create a replay: validate, and clone the projectors' tables into its own schemas."""
+    replay = manager_for(database_url).create_replay(key, paths(projectors))
+    schemas = ", ".join(f"{live} -> {side}" for live, side in sorted(replay.schemas.items()))
+    err.print(f"created replay [bold]{key}[/bold]: {schemas}")
+
+
+@app.command()
+def replay(
+    key: Key,
+    restart: Annotated[bool, typer.Option(help="Empty the replay and start from zero.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Events per transaction.")] = 10_000,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Replay the history into the replay's copy, up to the head (resumes where it stopped)."""
+    manager = manager_for(database_url)
+    with _progress() as progress:
+        task = progress.add_task(f"replaying {key}", total=None)
+
+        def on_progress(p: zdr.Progress) -> None:
+            progress.update(
+                task,
+                total=p.events_total,
+                completed=p.events_done,
+                description=f"replaying {key}  {p.rate:,.0f} events/s",
+            )
+
+        result = manager.start_replay(
+            key, restart=restart, batch_size=batch_size, on_progress=on_progress
+        )
+    run = result.runs[-1]
+    err.print(
+        f"replay [bold]{key}[/bold] is {result.state.value} at position {result.position:,}: "
+        f"{run.events:,} events in {run.seconds:.1f}s ({run.rate or 0:,.0f} events/s)"
+    )
+
+
+@app.command("dual-write")
+def dual_write(
+    key: Key,
+    lag_threshold: Annotated[int, typer.Option(min=0, help="Refuse above this lag.")] = 1_000,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Switch dual write on: the live runner writes the replay too, with no gap."""
+    manager_for(database_url).start_projecting_to_replay(key, lag_threshold=lag_threshold)
+    err.print(f"dual write on for [bold]{key}[/bold]; a live runner must be running (zdr live)")
+
+
+@app.command()
+def promote(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+    """Put the replay live in one transaction; the previous copy is kept for rollback."""
+    manager = manager_for(database_url)
+    _confirm(yes, f"Put replay {key!r} live? Readers switch to its copy at once.", manager, key)
+    report = manager.put_replay_live(key)
+    err.print(
+        f"replay [bold]{key}[/bold] is live at position {report.position:,} "
+        f"(lock wait {report.lock_wait_ms:.1f} ms, swap {report.duration_ms:.1f} ms)"
+    )
+
+
+@app.command()
+def rollback(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+    """Make the copy the replay replaced live again, brought up to date."""
+    manager = manager_for(database_url)
+    _confirm(yes, f"Roll back replay {key!r}? The previous copy becomes live.", manager, key)
+    report = manager.rollback(key)
+    err.print(f"rolled back [bold]{key}[/bold] at position {report.position:,}")
+
+
+@app.command()
+def remove(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+    """Drop the replay's copy and metadata (after promotion: the previous live copy)."""
+    manager = manager_for(database_url)
+    _confirm(yes, f"Remove replay {key!r} and drop its copy?", manager, key)
+    manager.remove_replay(key)
+    err.print(f"removed replay [bold]{key}[/bold]")
+
+
+@app.command()
+def live(
+    projectors: Projectors,
+    max_seconds: Annotated[
+        float | None, typer.Option(help="Stop after this long (default: until Ctrl-C).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 10_000,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops."""
+    manager = manager_for(database_url, projectors)
+    manager.setup()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    applied = [0]
+
+    def on_batch(count: int) -> None:
+        applied[0] += count
+        err.print(f"applied {applied[0]:,} events", end="\r")
+
+    err.print("live runner started (Ctrl-C stops after the batch in flight)")
+    total = manager.follow(
+        stop=stop, max_seconds=max_seconds, batch_size=batch_size, on_batch=on_batch
+    )
+    err.print(f"live runner stopped: {total:,} events applied")
+
+
+def _confirm(yes: bool, question: str, manager: zdr.ReplayManager, key: str) -> None:
+    existing_replay(manager, key)  # say so before asking anything
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
+    if not Confirm.ask(question, console=err, default=False):
+        raise typer.Abort()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )

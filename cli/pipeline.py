@@ -1,0 +1,127 @@
+"""The whole pipeline as a Prefect flow: run it, answer its approval, or run the demo.
+
+Prefect is imported only when one of these commands runs: the other commands start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.prompt import Confirm
+from rich.table import Table
+
+from zdr.cli.app import AsJson, DatabaseUrl, Key, Projectors, app, err, paths, print_json
+
+Comment = Annotated[str, typer.Option(help="Why.")]
+
+
+@app.command()
+def run(
+    key: Key,
+    projectors: Projectors,
+    auto_approve: Annotated[bool, typer.Option(help="Promote without asking.")] = False,
+    lag_threshold: Annotated[int, typer.Option(min=0)] = 1_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = 10_000,
+    approval_timeout: Annotated[int, typer.Option(min=1, help="Seconds to wait.")] = 3_600,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
+    from zdr.flows.zero_downtime_replay import zero_downtime_replay
+
+    summary = zero_downtime_replay(
+        replay_key=key,
+        projectors=paths(projectors),
+        database_url=database_url,
+        batch_size=batch_size,
+        lag_threshold=lag_threshold,
+        approval_timeout_s=approval_timeout,
+        auto_approve=auto_approve,
+    )
+    if as_json:
+        print_json(summary.model_dump())
+    else:
+        verdict = "promoted" if summary.promoted else "not promoted"
+        err.print(f"replay [bold]{key}[/bold]: {summary.state}, {verdict}")
+
+
+@app.command()
+def approve(
+    key: Key,
+    approver: Annotated[str, typer.Option(help="Who approves.")] = "",
+    comment: Comment = "",
+) -> None:
+    """Approve the paused pipeline run of a replay: it goes on and promotes."""
+    _answer(key, True, approver, comment)
+
+
+@app.command()
+def reject(
+    key: Key,
+    approver: Annotated[str, typer.Option(help="Who rejects.")] = "",
+    comment: Comment = "",
+) -> None:
+    """Reject the paused pipeline run of a replay: live stays as it is."""
+    _answer(key, False, approver, comment)
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=1_000, help="Events to seed first.")] = 100_000,
+    as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
+    reset: Annotated[
+        bool, typer.Option(help="With a named database: drop the demo's schemas first.")
+    ] = False,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run the zero-downtime replay pipeline on the bank example under live traffic."""
+    from zdr.examples.bank.demo import run_demo
+
+    interactive = sys.stdin.isatty() and not yes and not as_json
+    summary = run_demo(
+        database_url,
+        events=events,
+        reset=reset,
+        ask=_ask_on_terminal if interactive else None,
+        say=lambda line: err.print(f"[dim]·[/dim] {line}"),
+    )
+    table = Table(title="zero-downtime replay: summary", show_header=False)
+    for name, value in summary.as_dict().items():
+        if name != "notes":
+            table.add_row(name, _cell(value))
+    err.print(table)
+    for note in summary.notes:
+        err.print(f"[yellow]read error:[/yellow] {note}")
+    if as_json:
+        print_json(summary.as_dict(), indent=None)
+    problems = summary.lost or summary.duplicated or summary.read_errors
+    if problems or summary.accounts_differing:
+        raise typer.Exit(1)
+
+
+def _answer(key: str, approve_it: bool, approver: str, comment: str) -> None:
+    from zdr.flows.approval import answer
+
+    who = approver or os.environ.get("USER") or "zdr-cli"
+    run_id = answer(key, approve=approve_it, approver=who, comment=comment)
+    verb = "approved" if approve_it else "rejected"
+    err.print(f"{verb} replay [bold]{key}[/bold] (flow run {run_id}) as {who}")
+
+
+def _ask_on_terminal(replay_key: str) -> tuple[bool, str, str]:
+    err.print(
+        f"\nThe pipeline waits for approval of replay [bold]{replay_key}[/bold] "
+        "(its report is in the flow run's artifacts)."
+    )
+    approve_it = Confirm.ask("Promote it to live?", console=err, default=True)
+    return approve_it, os.environ.get("USER") or "terminal", "answered on the demo's terminal"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return f"{value:,}"

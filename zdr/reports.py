@@ -1,0 +1,339 @@
+"""What zdr shows people: status rows, ETAs, verification, lag over time, the approver's
+report and the promotion, as text and markdown.
+
+One renderer for the command line and the Prefect pipeline, so ``zdr status`` and the
+flow's logs give the same ETA and ``zdr verify --markdown`` prints what the approver
+reads. Functions take zdr's dataclasses, a lag-history DataFrame (as
+``ReplayManager.lag_history`` returns it) and plain values; nothing here imports
+Prefect or touches the database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from zdr.verify import NOT_LEVEL
+
+if TYPE_CHECKING:
+    from zdr.replay import Replay
+    from zdr.verify import Difference, VerificationReport
+
+#: How many recent samples the status's events/s averages over.
+RATE_SAMPLES = 10
+#: The columns of ``zdr status``, in order.
+STATUS_COLUMNS = ("key", "state", "position", "lag", "events/s", "ETA", "last run", "age")
+#: The columns of ``zdr verify``'s table, in order.
+VERIFICATION_COLUMNS = ("table", "live rows", "replay rows", "columns compared", "differing")
+
+
+# -- time ----------------------------------------------------------------------
+
+
+def eta_seconds(remaining: int, rate: float | None) -> float | None:
+    """Seconds until ``remaining`` events are applied at ``rate`` events/s.
+
+    0 when nothing remains; None when something remains but the rate is not known yet.
+    """
+    if remaining <= 0:
+        return 0.0
+    if not rate or rate <= 0:
+        return None
+    return remaining / rate
+
+
+def duration(seconds: float | None) -> str:
+    """``42s``, ``17m``, ``3h05m``; ``-`` when unknown."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7_200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3_600}h{(seconds % 3_600) // 60:02d}m"
+
+
+def replay_progress(done: int, total: int, rate: float) -> str:
+    """One line on a running replay: how far, how fast, how long still."""
+    eta = eta_seconds(total - done, rate)
+    return f"replayed {done:,} of {total:,} events ({rate:.0f} events/s, " + (
+        "ETA unknown)" if eta is None else f"ETA {eta:.0f}s)"
+    )
+
+
+# -- status --------------------------------------------------------------------
+
+
+def recent_rate(history: pd.DataFrame, fallback: float | None = None) -> float | None:
+    """Events/s over the latest samples of ``history``; ``fallback`` with fewer than two."""
+    if len(history) > 1:
+        return float(history["events_per_s"].tail(RATE_SAMPLES).mean())
+    return fallback
+
+
+def status_row(
+    replay: Replay, *, lag: int, history: pd.DataFrame, now: dt.datetime | None = None
+) -> dict[str, Any]:
+    """Where a replay stands, as plain data (``zdr status --json`` prints these).
+
+    ``history`` is its recent lag history; the rate is the mean over its latest
+    samples, else the rate of the replay's last run.
+    """
+    rate = recent_rate(history, replay.rate)
+    last = replay.runs[-1] if replay.runs else None
+    now = now or dt.datetime.now(dt.UTC)
+    return {
+        "key": replay.key,
+        "state": replay.state.value,
+        "position": replay.position,
+        "events_applied": replay.events_applied,
+        "lag": lag,
+        "rate": rate or None,
+        "eta_seconds": eta_seconds(lag, rate),
+        "last_run": f"{last.kind} {last.status}" if last else None,
+        "age_seconds": (now - replay.created_at).total_seconds(),
+        "error": replay.error,
+    }
+
+
+def status_cells(row: Mapping[str, Any]) -> list[str]:
+    """A ``status_row`` as the cells of ``STATUS_COLUMNS``."""
+    return [
+        row["key"],
+        row["state"],
+        f"{row['position']:,}",
+        f"{row['lag']:,}",
+        f"{row['rate']:,.0f}" if row["rate"] else "-",
+        duration(row["eta_seconds"]),
+        row["last_run"] or "-",
+        duration(row["age_seconds"]),
+    ]
+
+
+def status_records(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Replays as records for a table artifact (one placeholder record when there are none)."""
+    fields = ("key", "state", "position", "events_applied", "lag")
+    return [{k: row[k] for k in fields} for row in rows] or [{"key": "(no replays)"}]
+
+
+# -- verification --------------------------------------------------------------
+
+
+def verification_headline(report: VerificationReport, *, verdict: str | None = None) -> str:
+    """``replay KEY: equal (live at N, replay at M)``; ``verdict`` replaces the word
+    (the command line colours it)."""
+    if verdict is None:
+        verdict = "equal" if report.equal else "differences found"
+    return (
+        f"replay {report.key}: {verdict} (live at {report.live_position:,}, "
+        f"replay at {report.replay_position:,}"
+        + ("" if report.same_version else "; a new projector version")
+        + ")"
+    )
+
+
+def verification_cells(report: VerificationReport) -> list[list[str]]:
+    """One row per table: live rows, replay rows, columns compared, columns differing."""
+    return [
+        [
+            t.table,
+            _n(t.live_rows),
+            _n(t.replay_rows),
+            str(len(t.compared_columns)),
+            ", ".join(t.differing_columns) or "-",
+        ]
+        for t in report.tables
+    ]
+
+
+def difference_line(d: Difference) -> str:
+    """``TABLE KEY=VALUE: missing: missing from the replay`` (or what changed, column by
+    column)."""
+    row = ", ".join(f"{k}={v}" for k, v in d.key.items())
+    if d.kind == "changed":
+        live, replay = d.live or {}, d.replay or {}
+        what = ", ".join(f"{c} {live[c]!r} -> {replay[c]!r}" for c in d.columns)
+    else:
+        what = "missing from the replay" if d.kind == "missing" else "only in the replay"
+    return f"{d.table} {row}: {d.kind}: {what}"
+
+
+def difference_lines(report: VerificationReport) -> list[str]:
+    """One line per differing row the report lists."""
+    return [difference_line(d) for d in report.differences]
+
+
+def verification_markdown(report: VerificationReport) -> str:
+    """The report as markdown (``zdr verify --markdown``, the approver's report)."""
+    verdict = "**equal**" if report.equal else "**differences found**"
+    lines = [
+        f"### Verification of replay `{report.key}`: {verdict}",
+        "",
+        f"* state {report.state}; projector version "
+        f"{'the same as live' if report.same_version else 'new (a new shape or a fix)'}",
+        f"* compared at live position {report.live_position}, replay position "
+        f"{report.replay_position}"
+        + ("" if report.level else f" ({NOT_LEVEL}; rows were not compared)"),
+        "",
+        "| table | live rows | replay rows | columns compared | columns differing |",
+        "|---|---:|---:|---:|---|",
+        *("| " + " | ".join(cells) + " |" for cells in verification_cells(report)),
+    ]
+    if report.differences:
+        lines += ["", "| table | row | what | columns |", "|---|---|---|---|"]
+        for d in report.differences:
+            key = ", ".join(f"{k}={v}" for k, v in d.key.items())
+            lines.append(f"| {d.table} | {key} | {d.kind} | {', '.join(d.columns) or '-'} |")
+        if report.truncated:
+            lines.append("| ... | | more differences not listed | |")
+    for t in report.tables:
+        if t.summary:
+            lines += ["", f"Columns of {t.table}, live / replay:", ""]
+            lines += _markdown_table(_summary_frame(t.summary))
+    return "\n".join(lines)
+
+
+def row_counts(tables: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per table, live and replay, as records for a table artifact (``tables`` as in
+    ``VerificationReport.to_dict()["tables"]``)."""
+    return [
+        {
+            "table": t["table"],
+            "live_rows": t["live_rows"],
+            "replay_rows": t["replay_rows"],
+            "equal": t["equal"],
+            "differing_columns": ", ".join(t["differing_columns"]),
+        }
+        for t in tables
+    ]
+
+
+# -- lag over time -------------------------------------------------------------
+
+
+def lag_samples(history: pd.DataFrame, rows: int = 12) -> list[dict[str, Any]]:
+    """At most ``rows`` samples of a lag history, evenly spread, first and last always in.
+
+    A sample that would read exactly like the next one (same second, same numbers, as
+    when a caught-up replay is sampled twice) is left out, so no row repeats and the
+    last sample is the one kept.
+    """
+    if history.empty or rows < 1:
+        return []
+    positions = sorted({round(i) for i in _spread(len(history) - 1, min(rows, len(history)))})
+    records = [
+        {
+            "at": row.at.strftime("%H:%M:%S"),
+            "events_applied": int(row.events_applied),
+            "lag": int(row.lag),
+            "events_per_s": round(float(row.events_per_s)),
+        }
+        for row in history.iloc[positions].itertuples()
+    ]
+    return [r for r, after in zip(records, [*records[1:], None], strict=True) if r != after]
+
+
+def lag_markdown(samples: Sequence[Mapping[str, Any]]) -> list[str]:
+    """``lag_samples`` as a markdown table, with a blank line after; nothing without samples."""
+    if not samples:
+        return []
+    return [
+        "Lag over time:",
+        "",
+        "| time | events applied | lag | events/s |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {s['at']} | {s['events_applied']:,} | {s['lag']:,} | {s['events_per_s']:,} |"
+            for s in samples
+        ),
+        "",
+    ]
+
+
+# -- the pipeline's reports ----------------------------------------------------
+
+
+def approval_markdown(
+    key: str,
+    *,
+    state: str,
+    lag: int,
+    events_applied: int,
+    rate: float | None,
+    projectors: Iterable[str],
+    verification: str,
+    lag_rows: Sequence[Mapping[str, Any]],
+) -> str:
+    """What the approver reads before promoting: state, lag, rate, projectors, the
+    verification (markdown, ``verification_markdown``) and the lag over time
+    (``lag_samples``)."""
+    lines = [
+        f"## Replay `{key}`",
+        "",
+        f"* state: **{state}**, lag **{lag:,}** events",
+        f"* events applied: {events_applied:,} (last replay run {rate or 0:,.0f} events/s)",
+        f"* projectors: {', '.join(f'`{p}`' for p in projectors)}",
+        "",
+        verification,
+        "",
+        *lag_markdown(lag_rows),
+        "Approve to promote the replay to live; the current copy is kept for rollback.",
+    ]
+    return "\n".join(lines)
+
+
+def promotion_markdown(
+    key: str, *, position: int | None, lock_wait_ms: float, duration_ms: float, attempts: int
+) -> str:
+    """What a promotion did: the position and how long readers could have waited."""
+    return (
+        f"### Replay `{key}` is live\n\n"
+        f"| | |\n|---|---|\n"
+        f"| position | {position} |\n"
+        f"| lock wait | {lock_wait_ms:.1f} ms |\n"
+        f"| swap transaction | {duration_ms:.1f} ms |\n"
+        f"| attempts | {attempts} |\n"
+    )
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _spread(last: int, count: int) -> list[float]:
+    """``count`` points from 0 to ``last``, evenly spaced (both ends in)."""
+    if count <= 1:
+        return [float(last)]
+    return [last * i / (count - 1) for i in range(count)]
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per column, each cell "live / replay" ("-" where a side lacks the column)."""
+
+    def both(row: dict[str, Any], field: str) -> str:
+        values = [row[side][field] if row[side] else "-" for side in ("live", "replay")]
+        if values[0] == values[1]:
+            return "-" if values[0] is None else str(values[0])
+        return " / ".join("-" if v is None else str(v) for v in values)
+
+    fields = ("type", "non_null", "distinct", "min", "max")
+    return pd.DataFrame(
+        [{"column": row["column"], **{f: both(row, f) for f in fields}} for row in summary]
+    )
+
+
+def _markdown_table(frame: pd.DataFrame) -> list[str]:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = [
+        "| " + " | ".join("-" if v is None else str(v) for v in row) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return [header, rule, *rows]
