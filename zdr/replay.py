@@ -114,6 +114,18 @@ class Replay:
         return None
 
 
+def eta_seconds(remaining: int, rate: float | None) -> float | None:
+    """Seconds until ``remaining`` events are applied at ``rate`` events/s.
+
+    0 when nothing remains; None when something remains but the rate is not known yet.
+    """
+    if remaining <= 0:
+        return 0.0
+    if not rate or rate <= 0:
+        return None
+    return remaining / rate
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a running replay stands; passed to ``on_progress`` after each batch."""
@@ -130,8 +142,7 @@ class Progress:
 
     @property
     def eta_seconds(self) -> float | None:
-        remaining = max(self.events_total - self.events_done, 0)
-        return remaining / self.rate if self.rate > 0 else None
+        return eta_seconds(self.events_total - self.events_done, self.rate)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from zdr.replay import eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
@@ -31,18 +32,6 @@ VERIFICATION_COLUMNS = ("table", "live rows", "replay rows", "columns compared",
 
 
 # -- time ----------------------------------------------------------------------
-
-
-def eta_seconds(remaining: int, rate: float | None) -> float | None:
-    """Seconds until ``remaining`` events are applied at ``rate`` events/s.
-
-    0 when nothing remains; None when something remains but the rate is not known yet.
-    """
-    if remaining <= 0:
-        return 0.0
-    if not rate or rate <= 0:
-        return None
-    return remaining / rate
 
 
 def duration(seconds: float | None) -> str:
@@ -225,14 +214,15 @@ def lag_samples(history: pd.DataFrame, rows: int = 12) -> list[dict[str, Any]]:
     if history.empty or rows < 1:
         return []
     positions = sorted({round(i) for i in _spread(len(history) - 1, min(rows, len(history)))})
+    picked = history.iloc[positions].to_dict("records")
     records = [
         {
-            "at": row.at.strftime("%H:%M:%S"),
-            "events_applied": int(row.events_applied),
-            "lag": int(row.lag),
-            "events_per_s": round(float(row.events_per_s)),
+            "at": pd.Timestamp(row["at"]).strftime("%H:%M:%S"),
+            "events_applied": int(row["events_applied"]),
+            "lag": int(row["lag"]),
+            "events_per_s": round(float(row["events_per_s"])),
         }
-        for row in history.iloc[positions].itertuples()
+        for row in picked
     ]
     return [r for r, after in zip(records, [*records[1:], None], strict=True) if r != after]
 

@@ -116,36 +116,10 @@ class VerificationReport:
         }
 
     def to_markdown(self) -> str:
-        verdict = "**equal**" if self.equal else "**differences found**"
-        lines = [
-            f"### Verification of replay `{self.key}`: {verdict}",
-            "",
-            f"* state {self.state}; projector version "
-            f"{'the same as live' if self.same_version else 'new (a new shape or a fix)'}",
-            f"* compared at live position {self.live_position}, replay position "
-            f"{self.replay_position}"
-            + ("" if self.level else f" ({NOT_LEVEL}; rows were not compared)"),
-            "",
-            "| table | live rows | replay rows | columns compared | columns differing |",
-            "|---|---:|---:|---:|---|",
-        ]
-        for t in self.tables:
-            lines.append(
-                f"| {t.table} | {_n(t.live_rows)} | {_n(t.replay_rows)} | "
-                f"{len(t.compared_columns)} | {', '.join(t.differing_columns) or '-'} |"
-            )
-        if self.differences:
-            lines += ["", "| table | row | what | columns |", "|---|---|---|---|"]
-            for d in self.differences:
-                key = ", ".join(f"{k}={v}" for k, v in d.key.items())
-                lines.append(f"| {d.table} | {key} | {d.kind} | {', '.join(d.columns) or '-'} |")
-            if self.truncated:
-                lines.append("| ... | | more differences not listed | |")
-        for t in self.tables:
-            if t.summary:
-                lines += ["", f"Columns of {t.table}, live / replay:", ""]
-                lines += _markdown_table(_summary_frame(t.summary))
-        return "\n".join(lines)
+        """The report as markdown, as the approver reads it (see ``zdr.reports``)."""
+        from zdr.reports import verification_markdown  # reports renders; it imports this module
+
+        return verification_markdown(self)
 
 
 def verify(
@@ -436,32 +410,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, str | int | float | bool):
         return value
     return str(value)
-
-
-def _n(value: int | None) -> str:
-    return "-" if value is None else f"{value:,}"
-
-
-def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per column, each cell "live / replay" ("-" where a side lacks the column)."""
-
-    def both(row: dict[str, Any], field: str) -> str:
-        values = [row[side][field] if row[side] else "-" for side in ("live", "replay")]
-        if values[0] == values[1]:
-            return "-" if values[0] is None else str(values[0])
-        return " / ".join("-" if v is None else str(v) for v in values)
-
-    fields = ("type", "non_null", "distinct", "min", "max")
-    return pd.DataFrame(
-        [{"column": row["column"], **{f: both(row, f) for f in fields}} for row in summary]
-    )
-
-
-def _markdown_table(frame: pd.DataFrame) -> list[str]:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = [
-        "| " + " | ".join("-" if v is None else str(v) for v in row) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return [header, rule, *rows]
