@@ -83,14 +83,6 @@ def paths(projectors: Sequence[str]) -> list[str]:
     return [p.strip() for item in projectors for p in item.split(",") if p.strip()]
 
 
-def existing_replay(manager: zdr.ReplayManager, key: str) -> zdr.Replay:
-    """The replay ``key``, or ``ReplayNotFound`` naming it."""
-    found = manager.get_replay(key)
-    if found is None:
-        raise zdr.ReplayNotFound(f"no replay with key {key!r}")
-    return found
-
-
 def print_json(value: Any, indent: int | None = 2) -> None:
     sys.stdout.write(json.dumps(value, indent=indent, default=str) + "\n")
 

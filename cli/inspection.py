@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated
 
 import typer
@@ -15,15 +14,11 @@ from zdr.cli.app import (
     Key,
     app,
     err,
-    existing_replay,
     manager_for,
     out,
     print_json,
 )
 from zdr.verify import NOT_LEVEL, VerificationReport
-
-#: How far back ``zdr status`` looks for the recent rate.
-RATE_WINDOW = dt.timedelta(minutes=5)
 
 
 @app.command()
@@ -33,15 +28,7 @@ def status(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Where the replays stand: state, position, lag, rate, ETA, last run, age."""
-    manager = manager_for(database_url)
-    replays = manager.list_replays() if key is None else [existing_replay(manager, key)]
-    since = dt.datetime.now(dt.UTC) - RATE_WINDOW
-    rows = [
-        reports.status_row(
-            r, lag=manager.get_replay_lag(r.key), history=manager.lag_history(r.key, since=since)
-        )
-        for r in replays
-    ]
+    rows = manager_for(database_url).status(key)
     if as_json:
         print_json(rows)
         return

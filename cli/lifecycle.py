@@ -26,7 +26,6 @@ from zdr.cli.app import (
     Yes,
     app,
     err,
-    existing_replay,
     manager_for,
     paths,
 )
@@ -147,7 +146,7 @@ def live(
 
 
 def _confirm(yes: bool, question: str, manager: zdr.ReplayManager, key: str) -> None:
-    existing_replay(manager, key)  # say so before asking anything
+    manager.require_replay(key)  # say so before asking anything
     if yes:
         return
     if not sys.stdin.isatty():

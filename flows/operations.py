@@ -10,6 +10,7 @@ from prefect.artifacts import create_table_artifact
 import zdr
 from zdr import reports
 from zdr.config import resolve_url
+from zdr.settings import DEFAULTS
 from zdr.tasks import replay as steps
 
 
@@ -18,7 +19,7 @@ def live_projection(
     projectors: list[str],
     database_url: str | None = None,
     max_seconds: float = 55.0,
-    batch_size: int = 10_000,
+    batch_size: int = DEFAULTS.batch_size,
 ) -> dict[str, Any]:
     """Apply new events to the live read models (and dual-writing replays) for a while.
 
@@ -39,19 +40,19 @@ def live_projection(
 
 
 @flow(name="promote-replay")
-def promote_replay(replay_key: str, database_url: str | None = None) -> dict[str, Any]:
+def promote_replay(replay_key: str, database_url: str | None = None) -> zdr.SwapReport:
     """Put a replay live (atomic; the previous copy is kept)."""
     return steps.promote(resolve_url(database_url), replay_key)
 
 
 @flow(name="rollback-replay")
-def rollback_replay(replay_key: str, database_url: str | None = None) -> dict[str, Any]:
+def rollback_replay(replay_key: str, database_url: str | None = None) -> zdr.SwapReport:
     """Make the copy a promotion replaced live again."""
-    return steps.roll_back(resolve_url(database_url), replay_key)
+    return steps.rollback(resolve_url(database_url), replay_key)
 
 
 @flow(name="remove-replay")
-def remove_replay(replay_key: str, database_url: str | None = None) -> dict[str, Any]:
+def remove_replay(replay_key: str, database_url: str | None = None) -> zdr.Replay:
     """Drop a replay's copy and metadata; never a live table."""
     return steps.remove(resolve_url(database_url), replay_key)
 

@@ -15,7 +15,6 @@ running for dual write to keep the replay level with live.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -33,6 +32,9 @@ from zdr import reports
 from zdr.config import resolve_url
 from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import Approval
+from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
+from zdr.reports import ApprovalReport
+from zdr.settings import DEFAULTS
 from zdr.tasks.replay import (
     clone_schema,
     enable_dual_write,
@@ -44,14 +46,12 @@ from zdr.tasks.replay import (
     verify_replay,
 )
 
-RESUMABLE = {"created", "replaying", "failed", "rolled_back"}
-
 
 class ReplaySummary(BaseModel):
     """What a pipeline run did."""
 
     replay_key: str
-    state: str
+    state: ReplayState
     events_applied: int
     position: int
     lag: int
@@ -69,13 +69,13 @@ def zero_downtime_replay(
     replay_key: str,
     projectors: list[str],
     database_url: str | None = None,
-    batch_size: int = 10_000,
-    lag_threshold: int = 1_000,
-    max_catch_up_rounds: int = 10,
-    approval_timeout_s: int = 3_600,
+    batch_size: int = DEFAULTS.batch_size,
+    lag_threshold: int = DEFAULTS.lag_threshold,
+    max_catch_up_rounds: int = DEFAULTS.catch_up_rounds,
+    approval_timeout_s: int = DEFAULTS.approval_timeout_s,
     auto_approve: bool = False,
     remove_on_reject: bool = False,
-    events_per_task: int = 200_000,
+    events_per_task: int = DEFAULTS.events_per_task,
 ) -> ReplaySummary:
     """Rebuild ``projectors`` beside the live read model and promote them with no gap."""
     logger = get_run_logger()
@@ -83,12 +83,12 @@ def zero_downtime_replay(
     url = resolve_url(database_url)
     with manager_for(url).pipeline_lock(replay_key):
         replay = clone_schema(url, replay_key, projectors)
-        if replay["state"] == "live":
+        if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
             return _summary(replay, lag=measure_lag(url, replay_key), promoted=True)
-        if replay["state"] in RESUMABLE:
-            replay = _replay_history(url, replay_key, replay, batch_size, events_per_task)
-        if replay["state"] == "caught_up":
+        if replay.state in REPLAYABLE:
+            replay = _replay_history(url, replay, batch_size, events_per_task)
+        if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
                 url, replay_key, batch_size, lag_threshold, max_catch_up_rounds, events_per_task
             )
@@ -96,8 +96,8 @@ def zero_downtime_replay(
             logger.info("dual write is on: the live runner now writes both copies")
 
         report = verify_replay(url, replay_key)
-        _publish_report(replay_key, report)
-        decision = _approval(replay_key, report, auto_approve, approval_timeout_s)
+        _publish_report(report)
+        decision = _approval(report, auto_approve, approval_timeout_s)
         logger.info(
             "%s by %s: %s",
             "approved" if decision.approve else "rejected",
@@ -113,30 +113,23 @@ def zero_downtime_replay(
             else:
                 logger.info("replay %r left intact in dual write; live is unchanged", replay_key)
             return _summary(
-                report["replay"], lag=report["lag"], promoted=False, decision=decision
+                report.replay, lag=report.lag, promoted=False, decision=decision
             ).model_copy(update={"removed": removed})
 
         promotion = _promote_when_level(url, replay_key)
-        _publish_promotion(replay_key, promotion)
+        _publish_promotion(promotion)
         final = verify_replay(url, replay_key)
-        return _summary(
-            final["replay"], lag=final["lag"], promoted=True, decision=decision
-        ).model_copy(
-            update={
-                "lock_wait_ms": promotion.get("lock_wait_ms"),
-                "swap_ms": promotion.get("duration_ms"),
-            }
+        return _summary(final.replay, lag=final.lag, promoted=True, decision=decision).model_copy(
+            update={"lock_wait_ms": promotion.lock_wait_ms, "swap_ms": promotion.duration_ms}
         )
 
 
-def _replay_history(
-    url: str, key: str, replay: dict[str, Any], batch_size: int, events_per_task: int
-) -> dict[str, Any]:
+def _replay_history(url: str, replay: Replay, batch_size: int, events_per_task: int) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs."""
     logger = get_run_logger()
-    done_before = replay["events_applied"]
-    remaining = measure_lag(url, key)
-    total = done_before + remaining
+    key = replay.key
+    done_before = replay.events_applied
+    total = done_before + measure_lag(url, key)
     progress_id = create_progress_artifact(
         progress=_percent(done_before, total),
         key=_artifact_key(key, "progress"),
@@ -145,14 +138,14 @@ def _replay_history(
     started = time.monotonic()
     while True:
         replay = replay_batches(url, key, batch_size=batch_size, max_events=events_per_task)
-        done = replay["events_applied"]
+        done = replay.events_applied
         total = max(total, done)
         update_progress_artifact(progress_id, _percent(done, total))
         elapsed = time.monotonic() - started
         rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
-        if replay["run_events"]:  # a task that found nothing new has nothing to say
+        if replay.runs[-1].events:  # a task that found nothing new has nothing to say
             logger.info(reports.replay_progress(done, total, rate))
-        if replay["state"] == "caught_up":
+        if replay.state is ReplayState.CAUGHT_UP:
             update_progress_artifact(progress_id, 100.0)
             return replay
 
@@ -178,16 +171,16 @@ def _catch_up(
         )
 
 
-def _approval(key: str, report: dict[str, Any], auto: bool, timeout_s: int) -> Approval:
+def _approval(report: ApprovalReport, auto: bool, timeout_s: int) -> Approval:
     if auto:
         return Approval(approve=True, approver="auto_approve", comment="unattended run")
+    key = report.replay.key
     logger = get_run_logger()
-    description = _report_markdown(key, report)
     logger.info("waiting up to %ss for approval (Prefect UI, or `zdr approve %s`)", timeout_s, key)
     try:
         return pause_flow_run(
             wait_for_input=Approval.with_initial_data(
-                description=description, approve=False, comment=""
+                description=report.to_markdown(), approve=False, comment=""
             ),
             timeout=timeout_s,
             poll_interval=1,
@@ -200,9 +193,9 @@ def _approval(key: str, report: dict[str, Any], auto: bool, timeout_s: int) -> A
         ) from exc
 
 
-def _promote_when_level(url: str, key: str) -> dict[str, Any]:
+def _promote_when_level(url: str, key: str) -> SwapReport:
     """Promote between two live batches: the live runner keeps both copies level."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + DEFAULTS.promotion_wait_s
     while True:
         try:
             return promote(url, key)
@@ -212,56 +205,42 @@ def _promote_when_level(url: str, key: str) -> dict[str, Any]:
             time.sleep(0.2)
 
 
-def _publish_report(key: str, report: dict[str, Any]) -> None:
+def _publish_report(report: ApprovalReport) -> None:
+    key = report.replay.key
     create_markdown_artifact(
-        markdown=_report_markdown(key, report),
+        markdown=report.to_markdown(),
         key=_artifact_key(key, "report"),
         description=f"Replay {key!r}: what to look at before approving",
     )
     create_table_artifact(
-        table=reports.row_counts(report["verification"]["tables"]),
+        table=reports.row_counts(report.verification.to_dict()["tables"]),
         key=_artifact_key(key, "row-counts"),
         description=f"Replay {key!r}: rows per table, live and replay",
     )
 
 
-def _publish_promotion(key: str, promotion: dict[str, Any]) -> None:
+def _publish_promotion(promotion: SwapReport) -> None:
     create_markdown_artifact(
         markdown=reports.promotion_markdown(
-            key,
-            position=promotion.get("position"),
-            lock_wait_ms=promotion.get("lock_wait_ms", 0),
-            duration_ms=promotion.get("duration_ms", 0),
-            attempts=promotion.get("attempts", 1),
+            promotion.key,
+            position=promotion.position,
+            lock_wait_ms=promotion.lock_wait_ms,
+            duration_ms=promotion.duration_ms,
+            attempts=promotion.attempts,
         ),
-        key=_artifact_key(key, "promotion"),
-        description=f"Replay {key!r}: the promotion",
-    )
-
-
-def _report_markdown(key: str, report: dict[str, Any]) -> str:
-    """The approver's report, from what ``verify_replay`` returned."""
-    replay = report["replay"]
-    return reports.approval_markdown(
-        key,
-        state=replay["state"],
-        lag=report["lag"],
-        events_applied=replay["events_applied"],
-        rate=replay.get("rate"),
-        projectors=replay["projectors"].values(),
-        verification=report["verification_markdown"],
-        lag_rows=report["lag_history"],
+        key=_artifact_key(promotion.key, "promotion"),
+        description=f"Replay {promotion.key!r}: the promotion",
     )
 
 
 def _summary(
-    replay: dict[str, Any], *, lag: int, promoted: bool, decision: Approval | None = None
+    replay: Replay, *, lag: int, promoted: bool, decision: Approval | None = None
 ) -> ReplaySummary:
     return ReplaySummary(
-        replay_key=replay["key"],
-        state=replay["state"],
-        events_applied=replay["events_applied"],
-        position=replay["position"],
+        replay_key=replay.key,
+        state=replay.state,
+        events_applied=replay.events_applied,
+        position=replay.position,
         lag=lag,
         promoted=promoted,
         approved=None if decision is None else decision.approve,

@@ -13,7 +13,6 @@ thousands), never one event.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict
 from typing import Any
 
 from prefect import Task, task
@@ -25,6 +24,7 @@ import zdr
 from zdr import reports
 from zdr.errors import is_transient
 from zdr.projector import load_projector
+from zdr.reports import ApprovalReport
 
 
 def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -47,33 +47,23 @@ def manager_for(database_url: str) -> zdr.ReplayManager:
     return zdr.ReplayManager(database_url)
 
 
-def snapshot(replay: zdr.Replay) -> dict[str, Any]:
-    """A replay as plain data for flow logic and results (runs left out)."""
-    data = asdict(replay)
-    data.pop("runs")
-    data["state"] = replay.state.value
-    data["rate"] = replay.rate
-    return data
-
-
 @task(name="clone-schema", **RETRIES)
-def clone_schema(database_url: str, replay_key: str, projectors: list[str]) -> dict[str, Any]:
+def clone_schema(database_url: str, replay_key: str, projectors: list[str]) -> zdr.Replay:
     """Create the replay and its copy of the tables, or take up the existing one."""
-    return snapshot(manager_for(database_url).ensure_replay(replay_key, projectors))
+    return manager_for(database_url).ensure_replay(replay_key, projectors)
 
 
 @task(name="replay-batches", **RETRIES)
 def replay_batches(
     database_url: str, replay_key: str, *, batch_size: int, max_events: int
-) -> dict[str, Any]:
-    """Replay up to ``max_events`` more events, in batches of ``batch_size``."""
-    replay = manager_for(database_url).start_replay(
+) -> zdr.Replay:
+    """Replay up to ``max_events`` more events, in batches of ``batch_size``.
+
+    The returned replay's last run (``runs[-1]``) says what this task did.
+    """
+    return manager_for(database_url).start_replay(
         replay_key, batch_size=batch_size, max_events=max_events
     )
-    result = snapshot(replay)
-    result["run_events"] = replay.runs[-1].events
-    result["run_seconds"] = replay.runs[-1].seconds
-    return result
 
 
 @task(name="measure-lag", **RETRIES)
@@ -83,54 +73,54 @@ def measure_lag(database_url: str, replay_key: str) -> int:
 
 
 @task(name="enable-dual-write", **RETRIES)
-def enable_dual_write(database_url: str, replay_key: str, lag_threshold: int) -> dict[str, Any]:
+def enable_dual_write(database_url: str, replay_key: str, lag_threshold: int) -> zdr.Replay:
     """From now on the live runner writes the replay's copy too."""
     manager = manager_for(database_url)
-    replay = manager.get_replay(replay_key)
-    if replay is not None and replay.state is zdr.ReplayState.DUAL_WRITING:
-        return snapshot(replay)  # a retry after the switch committed
-    return snapshot(manager.start_projecting_to_replay(replay_key, lag_threshold=lag_threshold))
+    replay = manager.require_replay(replay_key)
+    if replay.state is zdr.ReplayState.DUAL_WRITING:
+        return replay  # a retry after the switch committed
+    return manager.enable_dual_write(replay_key, lag_threshold=lag_threshold)
 
 
 @task(name="verify-replay", **RETRIES)
-def verify_replay(database_url: str, replay_key: str) -> dict[str, Any]:
+def verify_replay(database_url: str, replay_key: str) -> ApprovalReport:
     """What the approver looks at: state, lag, rate, and the verification report."""
     manager = manager_for(database_url)
-    replay = manager.get_replay(replay_key)
-    if replay is None:
-        raise zdr.ReplayNotFound(f"no replay with key {replay_key!r}")
-    verification = manager.verify(replay_key)
-    return {
-        "replay": snapshot(replay),
-        "lag": manager.get_replay_lag(replay_key),
-        "verification": verification.to_dict(),
-        "verification_markdown": reports.verification_markdown(verification),
-        "lag_history": reports.lag_samples(manager.lag_history(replay_key)),
-    }
+    return ApprovalReport(
+        replay=manager.require_replay(replay_key),
+        lag=manager.get_replay_lag(replay_key),
+        verification=manager.verify(replay_key),
+        lag_history=reports.lag_samples(manager.lag_history(replay_key)),
+    )
 
 
 @task(name="promote", **RETRIES)
-def promote(database_url: str, replay_key: str) -> dict[str, Any]:
+def promote(database_url: str, replay_key: str) -> zdr.SwapReport:
     """Make the replay's copy live in one transaction."""
     manager = manager_for(database_url)
-    replay = manager.get_replay(replay_key)
-    if replay is not None and replay.state is zdr.ReplayState.LIVE:
-        return {"key": replay_key, "state": "live", "already": True}  # retried after commit
-    report = manager.put_replay_live(replay_key)
-    return {**asdict(report), "state": report.state.value}
+    replay = manager.require_replay(replay_key)
+    if replay.state is zdr.ReplayState.LIVE:  # a retry after the promotion committed
+        return zdr.SwapReport.unchanged(replay)
+    return manager.promote(replay_key)
 
 
-@task(name="roll-back", **RETRIES)
-def roll_back(database_url: str, replay_key: str) -> dict[str, Any]:
+@task(name="rollback", **RETRIES)
+def rollback(database_url: str, replay_key: str) -> zdr.SwapReport:
     """Make the previous copy live again."""
-    report = manager_for(database_url).rollback(replay_key)
-    return {**asdict(report), "state": report.state.value}
+    manager = manager_for(database_url)
+    replay = manager.require_replay(replay_key)
+    if replay.state is zdr.ReplayState.ROLLED_BACK:  # a retry after the rollback committed
+        return zdr.SwapReport.unchanged(replay)
+    return manager.rollback(replay_key)
+
+
+roll_back = rollback  # the task's earlier name
 
 
 @task(name="remove-replay", **RETRIES)
-def remove(database_url: str, replay_key: str) -> dict[str, Any]:
+def remove(database_url: str, replay_key: str) -> zdr.Replay:
     """Drop the replay's copy and metadata; never a live table."""
-    return snapshot(manager_for(database_url).remove_replay(replay_key))
+    return manager_for(database_url).remove_replay(replay_key)
 
 
 @task(name="project-live", **RETRIES)
@@ -149,11 +139,5 @@ def project_live(
 
 @task(name="replay-status", **RETRIES)
 def replay_status(database_url: str, replay_key: str | None = None) -> list[dict[str, Any]]:
-    """Every replay (or one) with its state, position and lag."""
-    manager = manager_for(database_url)
-    replays = manager.list_replays()
-    if replay_key is not None:
-        replays = [r for r in replays if r.key == replay_key]
-        if not replays:
-            raise zdr.ReplayNotFound(f"no replay with key {replay_key!r}")
-    return [{**snapshot(r), "lag": manager.get_replay_lag(r.key)} for r in replays]
+    """Every replay (or one) with its state, position, lag, rate and ETA."""
+    return manager_for(database_url).status(replay_key)

@@ -149,7 +149,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_
     seed(manager.store, 500)
     manager.project_live()
     calls = []
-    original = zdr.ReplayManager.start_projecting_to_replay
+    original = zdr.ReplayManager.enable_dual_write
 
     def flaky(self, key, **kwargs):
         calls.append(key)
@@ -157,7 +157,7 @@ def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_
             raise zdr.LockTimeout("the locks were busy (injected)")
         return original(self, key, **kwargs)
 
-    monkeypatch.setattr(zdr.ReplayManager, "start_projecting_to_replay", flaky)
+    monkeypatch.setattr(zdr.ReplayManager, "enable_dual_write", flaky)
     with LiveTraffic(manager, write=False):
         summary = zero_downtime_replay(
             replay_key="flaky", projectors=[V2], database_url=database_url, auto_approve=True
@@ -347,8 +347,9 @@ def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, da
 
     [row] = replay_status(database_url=database_url)
     assert (row["key"], row["state"], row["lag"]) == ("steps", "caught_up", 0)
-    assert promote_replay("steps", database_url=database_url)["state"] == "live"
+    assert promote_replay("steps", database_url=database_url).state is zdr.ReplayState.LIVE
     assert "deposits" in next(iter(balances(engine).values()))
-    assert rollback_replay("steps", database_url=database_url)["state"] == "rolled_back"
-    assert remove_replay("steps", database_url=database_url)["state"] == "removed"
+    rolled_back = rollback_replay("steps", database_url=database_url)
+    assert rolled_back.state is zdr.ReplayState.ROLLED_BACK
+    assert remove_replay("steps", database_url=database_url).state is zdr.ReplayState.REMOVED
     assert replay_status(database_url=database_url) == []

@@ -37,7 +37,7 @@ import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
-from zdr import catalog, records, targets
+from zdr import catalog, records, reports, targets
 from zdr.config import make_engine
 from zdr.errors import ConfigurationError, DuplicateReplay, NotSetUp, ReplayLagging, ReplayNotFound
 from zdr.locks import live_runner, lock_setup, pipeline_runner, replay_runner
@@ -372,6 +372,27 @@ class ReplayManager:
                 return records.load_replay(conn, key)
             except ReplayNotFound:
                 return None
+
+    def require_replay(self, key: str) -> Replay:
+        """The replay ``key``; raises ReplayNotFound for an unknown key."""
+        replay = self.get_replay(key)
+        if replay is None:
+            raise ReplayNotFound(f"no replay with key {key!r}")
+        return replay
+
+    def status(self, key: str | None = None) -> list[dict[str, Any]]:
+        """Where every replay (or the one ``key``) stands: state, position, lag, recent
+        rate, ETA, last run, age (rows of ``zdr.reports.status_row``)."""
+        replays = self.list_replays() if key is None else [self.require_replay(key)]
+        since = dt.datetime.now(dt.UTC) - reports.RATE_WINDOW
+        return [
+            reports.status_row(
+                replay,
+                lag=self.get_replay_lag(replay.key),
+                history=self.lag_history(replay.key, since=since),
+            )
+            for replay in replays
+        ]
 
     @_translate_errors
     def list_replays(self) -> list[Replay]:

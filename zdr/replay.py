@@ -156,3 +156,16 @@ class SwapReport:
     duration_ms: float
     attempts: int
     schemas: dict[str, str]
+
+    @classmethod
+    def unchanged(cls, replay: Replay) -> SwapReport:
+        """The report of a swap that had already happened (a step retried after its commit)."""
+        return cls(
+            key=replay.key,
+            state=replay.state,
+            position=replay.position,
+            lock_wait_ms=0.0,
+            duration_ms=0.0,
+            attempts=0,
+            schemas=replay.schemas,
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 #: How many recent samples the status's events/s averages over.
 RATE_SAMPLES = 10
+#: How far back a status row looks for the recent rate.
+RATE_WINDOW = dt.timedelta(minutes=5)
 #: The columns of ``zdr status``, in order.
 STATUS_COLUMNS = ("key", "state", "position", "lag", "events/s", "ETA", "last run", "age")
 #: The columns of ``zdr verify``'s table, in order.
@@ -274,6 +277,29 @@ def approval_markdown(
         "Approve to promote the replay to live; the current copy is kept for rollback.",
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ApprovalReport:
+    """What an approver looks at before promoting: the replay, its lag, the verification
+    and the lag over time (what the pipeline's ``verify-replay`` step returns)."""
+
+    replay: Replay
+    lag: int
+    verification: VerificationReport
+    lag_history: list[dict[str, Any]]
+
+    def to_markdown(self) -> str:
+        return approval_markdown(
+            self.replay.key,
+            state=self.replay.state.value,
+            lag=self.lag,
+            events_applied=self.replay.events_applied,
+            rate=self.replay.rate,
+            projectors=self.replay.projectors.values(),
+            verification=verification_markdown(self.verification),
+            lag_rows=self.lag_history,
+        )
 
 
 def promotion_markdown(
