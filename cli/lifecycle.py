@@ -1,4 +1,4 @@
-"""The life cycle, one command per step: setup, create, replay, dual-write, promote,
+"""The life cycle, one command per step: setup, create, replay, enable-dual-write, promote,
 rollback, remove, and the live runner that keeps live (and dual-writing replays) level."""
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from zdr.cli.app import (
     manager_for,
     paths,
 )
+from zdr.settings import DEFAULTS
 
 
 @app.command()
@@ -50,7 +51,9 @@ def create(key: Key, projectors: Projectors, database_url: DatabaseUrl = None) -
 def replay(
     key: Key,
     restart: Annotated[bool, typer.Option(help="Empty the replay and start from zero.")] = False,
-    batch_size: Annotated[int, typer.Option(min=1, help="Events per transaction.")] = 10_000,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Events per transaction.")
+    ] = DEFAULTS.batch_size,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Replay the history into the replay's copy, up to the head (resumes where it stopped)."""
@@ -76,14 +79,17 @@ def replay(
     )
 
 
-@app.command("dual-write")
-def dual_write(
+@app.command("enable-dual-write")
+@app.command("dual-write", help="Alias of enable-dual-write.")
+def enable_dual_write(
     key: Key,
-    lag_threshold: Annotated[int, typer.Option(min=0, help="Refuse above this lag.")] = 1_000,
+    lag_threshold: Annotated[
+        int, typer.Option(min=0, help="Refuse above this lag.")
+    ] = DEFAULTS.lag_threshold,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Switch dual write on: the live runner writes the replay too, with no gap."""
-    manager_for(database_url).start_projecting_to_replay(key, lag_threshold=lag_threshold)
+    manager_for(database_url).enable_dual_write(key, lag_threshold=lag_threshold)
     err.print(f"dual write on for [bold]{key}[/bold]; a live runner must be running (zdr live)")
 
 
@@ -92,7 +98,7 @@ def promote(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> Non
     """Put the replay live in one transaction; the previous copy is kept for rollback."""
     manager = manager_for(database_url)
     _confirm(yes, f"Put replay {key!r} live? Readers switch to its copy at once.", manager, key)
-    report = manager.put_replay_live(key)
+    report = manager.promote(key)
     err.print(
         f"replay [bold]{key}[/bold] is live at position {report.position:,} "
         f"(lock wait {report.lock_wait_ms:.1f} ms, swap {report.duration_ms:.1f} ms)"
@@ -123,7 +129,7 @@ def live(
     max_seconds: Annotated[
         float | None, typer.Option(help="Stop after this long (default: until Ctrl-C).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 10_000,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULTS.batch_size,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops."""

@@ -14,6 +14,7 @@ from rich.prompt import Confirm
 from rich.table import Table
 
 from zdr.cli.app import AsJson, DatabaseUrl, Key, Projectors, app, err, paths, print_json
+from zdr.settings import DEFAULTS
 
 Comment = Annotated[str, typer.Option(help="Why.")]
 
@@ -23,9 +24,11 @@ def run(
     key: Key,
     projectors: Projectors,
     auto_approve: Annotated[bool, typer.Option(help="Promote without asking.")] = False,
-    lag_threshold: Annotated[int, typer.Option(min=0)] = 1_000,
-    batch_size: Annotated[int, typer.Option(min=1)] = 10_000,
-    approval_timeout: Annotated[int, typer.Option(min=1, help="Seconds to wait.")] = 3_600,
+    lag_threshold: Annotated[int, typer.Option(min=0)] = DEFAULTS.lag_threshold,
+    batch_size: Annotated[int, typer.Option(min=1)] = DEFAULTS.batch_size,
+    approval_timeout: Annotated[
+        int, typer.Option(min=1, help="Seconds to wait.")
+    ] = DEFAULTS.approval_timeout_s,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
 ) -> None:

@@ -66,7 +66,7 @@ def test_the_whole_life_cycle_from_the_command_line(cli, manager, engine):
     code, out, _ = cli("status")
     assert code == 0 and "caught_up" in out and "v2" in out
 
-    assert cli("dual-write", "v2")[0] == 0
+    assert cli("enable-dual-write", "v2")[0] == 0
     code, out, _ = cli("verify", "v2", "--json")
     assert code == 0 and json.loads(out)["equal"] is True
 
