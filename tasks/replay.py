@@ -13,6 +13,7 @@ thousands), never one event.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, task
@@ -98,23 +99,30 @@ def verify_replay(database_url: str, replay_key: str) -> ApprovalReport:
 def promote(database_url: str, replay_key: str) -> zdr.SwapReport:
     """Make the replay's copy live in one transaction."""
     manager = manager_for(database_url)
-    replay = manager.require_replay(replay_key)
-    if replay.state is zdr.ReplayState.LIVE:  # a retry after the promotion committed
-        return zdr.SwapReport.unchanged(replay)
-    return manager.promote(replay_key)
+    return _swap_once(manager, replay_key, zdr.ReplayState.LIVE, manager.promote)
 
 
 @task(name="rollback", **RETRIES)
 def rollback(database_url: str, replay_key: str) -> zdr.SwapReport:
     """Make the previous copy live again."""
     manager = manager_for(database_url)
-    replay = manager.require_replay(replay_key)
-    if replay.state is zdr.ReplayState.ROLLED_BACK:  # a retry after the rollback committed
-        return zdr.SwapReport.unchanged(replay)
-    return manager.rollback(replay_key)
+    return _swap_once(manager, replay_key, zdr.ReplayState.ROLLED_BACK, manager.rollback)
 
 
 roll_back = rollback  # the task's earlier name
+
+
+def _swap_once(
+    manager: zdr.ReplayManager,
+    key: str,
+    done: zdr.ReplayState,
+    swap: Callable[[str], zdr.SwapReport],
+) -> zdr.SwapReport:
+    """Swap, unless a try before this retry already committed the swap (state ``done``)."""
+    replay = manager.require_replay(key)
+    if replay.state is done:
+        return zdr.SwapReport.unchanged(replay)
+    return swap(key)
 
 
 @task(name="remove-replay", **RETRIES)
