@@ -30,6 +30,7 @@ from rich.progress import (
 )
 from rich.prompt import Confirm
 from rich.table import Table
+from zdr.cli.embedded import embedded_app
 
 import zdr
 from zdr.projector import load_projector
@@ -42,6 +43,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(embedded_app, name="embedded")
 out = Console()
 err = Console(stderr=True)
 state = {"debug": False}
