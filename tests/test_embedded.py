@@ -12,35 +12,15 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.support import postgres_on, wait_until_gone
+
 ZDR = str(Path(sys.executable).with_name("zdr"))
-
-
-def postgres_on(data_dir: Path) -> list[psutil.Process]:
-    """The postgres processes whose data folder (``-D``) is ``data_dir``."""
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if (
-            proc.info["name"] == "postgres"
-            and "-D" in cmdline
-            and cmdline[cmdline.index("-D") + 1] == str(data_dir)
-        ):
-            found.append(proc)
-    return found
-
-
-def wait_until_gone(data_dir: Path, seconds: float = 10) -> list[psutil.Process]:
-    deadline = time.monotonic() + seconds
-    while (left := postgres_on(data_dir)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
 
 
 def env_for(data_dir: Path) -> dict[str, str]:
