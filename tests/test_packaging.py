@@ -4,8 +4,8 @@ Build the wheel, install it (with its dependencies) into a new virtual
 environment, and check that it adds one top-level name to site-packages, `zdr`
 (plus its dist-info), and that `zdr --help` and a small `zdr demo` work from a
 folder outside the checkout, with the embedded PostgreSQL, which is stopped
-again afterwards. About 40 s here with uv and a warm cache (uv is used when it
-is on PATH, else `python -m venv` and pip, a few minutes on a cold cache).
+again afterwards. It takes about 45 s here with uv (used when it is on PATH)
+and about 60 s with `python -m venv` and pip, both with a warm package cache.
 """
 
 from __future__ import annotations
