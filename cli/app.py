@@ -92,15 +92,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     one line here."""
     # Prefect's no-server mode should not try to reach the internet.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its first start on a machine creates its database; on a busy machine that takes
+    # longer than Prefect's 20 s default, and `zdr run`/`zdr demo` would fail for it.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         app(args=list(argv) if argv is not None else None)
     except zdr.ZdrError as exc:
         if state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2 if isinstance(exc, BAD_INPUT) else 1)
     except Exception as exc:
         if state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print(
+            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(1)

@@ -72,7 +72,9 @@ def deployments(*, paused: bool = False) -> list[RunnerDeployment]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Serve the zdr flows as deployments.")
+    parser = argparse.ArgumentParser(
+        prog="python -m zdr.deployments.serve", description="Serve the zdr flows as deployments."
+    )
     parser.add_argument("--paused", action="store_true", help="serve without running schedules")
     args = parser.parse_args()
     serve(*deployments(paused=args.paused))

@@ -80,6 +80,13 @@ def zero_downtime_replay(
     """Rebuild ``projectors`` beside the live read model and promote them with no gap."""
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
+    DEFAULTS.replace(  # refuse bad numbers before anything runs (ConfigurationError)
+        batch_size=batch_size,
+        lag_threshold=lag_threshold,
+        catch_up_rounds=max_catch_up_rounds,
+        approval_timeout_s=approval_timeout_s,
+        events_per_task=events_per_task,
+    )
     url = resolve_url(database_url)
     with manager_for(url).pipeline_lock(replay_key):
         replay = clone_schema(url, replay_key, projectors)

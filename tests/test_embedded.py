@@ -198,3 +198,36 @@ os.read(r, 1)
     assert "keeps running" in parent.stderr  # the parent says the child still uses it
     assert "child ok" in parent.stderr  # (the captured output waits for the child too)
     assert wait_until_gone(data_dir, 20) == []
+
+
+def test_a_postgresql_zdr_did_not_start_is_never_stopped(tmp_path, monkeypatch):
+    """A cluster of the machine's own (its server is not pgserver's binary) is refused."""
+    import zdr
+    from zdr import embedded
+
+    class Postmaster:  # what pgserver reads from a foreign cluster's postmaster.pid
+        pid = 4242
+
+        class process:
+            @staticmethod
+            def exe() -> str:
+                return "/usr/lib/postgresql/15/bin/postgres"
+
+    folder = tmp_path / "cluster"
+    folder.mkdir()
+    monkeypatch.setattr(embedded, "_postmaster", lambda data_dir: Postmaster())
+    monkeypatch.setattr(embedded, "_pg_ctl_stop", lambda data_dir: pytest.fail("stopped it"))
+    with pytest.raises(zdr.ConfigurationError, match="not an embedded one started by zdr"):
+        embedded.stop(folder, force=True)
+    assert not embedded.status(folder).running
+    assert list(folder.iterdir()) == [], "nothing written into its data folder"
+
+
+def test_a_data_folder_with_a_space_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "with space" / "pg"
+    result = subprocess.run(
+        [ZDR, "status"], env=env_for(folder), capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "has a space in its path" in result.stderr
+    assert not folder.exists()

@@ -219,6 +219,32 @@ def test_an_unprepared_database_gets_one_instruction(engine):
 
 
 @pytest.mark.parametrize(
+    "operation",
+    [
+        lambda m: m.start_replay("k"),
+        lambda m: m.enable_dual_write("k"),
+        lambda m: m.project_live(),
+        lambda m: m.get_replay_lag("k"),
+    ],
+    ids=["start_replay", "enable_dual_write", "project_live", "get_replay_lag"],
+)
+def test_a_missing_event_table_is_not_set_up_not_a_raw_error(manager, engine, operation):
+    manager.create_replay("k", [BalancesV2()])
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE zdr.events CASCADE")
+    with pytest.raises(zdr.NotSetUp, match=r"call ReplayManager.setup\(\)"):
+        operation(manager)
+
+
+def test_a_projectors_own_missing_table_stays_a_projector_error(manager, engine):
+    seed(manager.store, 50)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE bank_balances.balances")
+    with pytest.raises(zdr.ProjectorError, match="balances"):
+        manager.project_live()
+
+
+@pytest.mark.parametrize(
     ("events", "message"),
     [
         ([{"data": {}}], "non-empty string 'type'"),

@@ -166,6 +166,22 @@ def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_
     assert summary.promoted
 
 
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [("events_per_task", 0), ("batch_size", -1), ("max_catch_up_rounds", 0)],
+)
+def test_bad_numbers_are_refused_before_anything_runs(manager, database_url, parameter, value):
+    with pytest.raises(zdr.ConfigurationError, match="must be a whole number"):
+        zero_downtime_replay(
+            replay_key="bad_numbers",
+            projectors=[V2],
+            database_url=database_url,
+            auto_approve=True,
+            **{parameter: value},
+        )
+    assert manager.get_replay("bad_numbers") is None
+
+
 def test_a_projector_bug_fails_at_once_with_its_message(manager, database_url, monkeypatch):
     seed(manager.store, 500)
     monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 123)

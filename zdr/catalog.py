@@ -77,10 +77,12 @@ def create(conn: sa.Connection) -> None:
 
 
 def is_set_up(conn: sa.Connection) -> bool:
-    """Whether every metadata table exists (asked when a statement found one missing)."""
+    """Whether the event table and every metadata table exist (asked when a statement
+    found one missing)."""
     return bool(
         conn.exec_driver_sql(
-            """SELECT to_regclass('zdr.checkpoints') IS NOT NULL
+            """SELECT to_regclass('zdr.events') IS NOT NULL
+                  AND to_regclass('zdr.checkpoints') IS NOT NULL
                   AND to_regclass('zdr.projections') IS NOT NULL
                   AND to_regclass('zdr.replays') IS NOT NULL
                   AND to_regclass('zdr.runs') IS NOT NULL

@@ -19,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from zdr import embedded
-from zdr.errors import DatabaseUnavailable
+from zdr.errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger("zdr")
 
@@ -49,6 +49,12 @@ def embedded_url(data_dir: str | Path | None = None) -> str:
     unless another live process still uses it (see :mod:`zdr.embedded`).
     """
     path = Path(data_dir) if data_dir is not None else default_embedded_dir()
+    if any(c.isspace() for c in str(path.resolve())):
+        # pgserver passes the socket folder to postgres unquoted: it would fail to start.
+        raise ConfigurationError(
+            f"the embedded PostgreSQL's data folder {str(path)!r} has a space in its path, "
+            f"which it cannot start in: set {EMBEDDED_DIR_ENV} to a folder without spaces"
+        )
     with _embedded_lock:
         server, pid = _embedded_servers.get(path, (None, None))
         if server is None or pid != os.getpid():  # a forked child attaches on its own

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zdr.errors import EmbeddedInUse
+from zdr.errors import ConfigurationError, EmbeddedInUse
 
 HANDLE_LIST = ".handle_pids.json"
 
@@ -145,6 +145,22 @@ def _postmaster(data_dir: Path) -> Any:
     return info
 
 
+def _foreign(data_dir: Path) -> str | None:
+    """The executable of a PostgreSQL running on ``data_dir`` that pgserver did not start
+    (a cluster of the machine's own, say), or None. zdr never stops one of those."""
+    import psutil
+
+    info = _postmaster(data_dir)
+    if info is None:
+        return None
+    package = Path(_pgserver().__file__).resolve().parent
+    try:
+        executable = Path(info.process.exe()).resolve()
+    except (psutil.Error, OSError):
+        return "(a server whose executable cannot be read)"
+    return None if executable.is_relative_to(package) else str(executable)
+
+
 def status(data_dir: str | Path | None = None) -> EmbeddedStatus:
     """The embedded server on ``data_dir`` (default: the one zdr would use); never starts it."""
     from zdr.config import default_embedded_dir, to_sqlalchemy_url
@@ -157,7 +173,7 @@ def status(data_dir: str | Path | None = None) -> EmbeddedStatus:
         holders=[_holder(pid) for pid in _read_pids(path)],
     )
     info = _postmaster(path)
-    if info is not None:
+    if info is not None and _foreign(path) is None:
         result.running = True
         result.pid = info.pid
         result.socket_dir = str(info.socket_dir) if info.socket_dir else None
@@ -191,6 +207,12 @@ def stop(data_dir: str | Path | None = None, *, force: bool = False) -> Embedded
     from zdr.config import default_embedded_dir
 
     path = Path(data_dir).expanduser().resolve() if data_dir else default_embedded_dir()
+    foreign = _foreign(path)
+    if foreign is not None:
+        raise ConfigurationError(
+            f"the PostgreSQL running in {path} is not an embedded one started by zdr "
+            f"(its server is {foreign}): zdr stops only its own; nothing was done"
+        )
     with _server_lock():
         before = status(path)
         others = [h for h in before.live_holders if h.pid != os.getpid()]
@@ -202,7 +224,7 @@ def stop(data_dir: str | Path | None = None, *, force: bool = False) -> Embedded
             )
         if before.running:
             _pg_ctl_stop(path)
-        if path.exists():
+        if (path / HANDLE_LIST).exists():
             _write_pids(path, [])
     return before
 

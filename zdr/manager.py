@@ -75,8 +75,10 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: ReplayManager, *args: Any, **kwargs: Any) -> T:
         try:
             return method(self, *args, **kwargs)
-        except sa.exc.ProgrammingError as exc:
-            if isinstance(exc.orig, psycopg.errors.UndefinedTable) and not self._is_set_up():
+        except (sa.exc.ProgrammingError, psycopg.errors.UndefinedTable) as exc:
+            # SQLAlchemy wraps the driver's error; the hot path (psycopg directly) does not.
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+            if isinstance(cause, psycopg.errors.UndefinedTable) and not self._is_set_up():
                 raise NotSetUp(
                     "zdr is not set up in this database: call ReplayManager.setup() "
                     "(or run `zdr setup`) first"
@@ -114,21 +116,67 @@ class ReplayManager:
             "lock_timeout_s": lock_timeout,
             "swap_attempts": swap_attempts,
         }
-        self.settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+        if not isinstance(settings, Settings):
+            raise ConfigurationError(f"settings must be a zdr.Settings, got {settings!r}")
         self.engine = make_engine(url_or_engine)
         self.store = EventStore(self.engine)
         self.reader: EventReader = reader or self.store
         self.registry = Registry(projectors)
         self._live = LiveRunner(self.reader, self.registry)
-        self._promotion = Promotion(self.engine, self.reader, self.registry, self.settings)
+        self._promotion = Promotion(self.engine, self.reader, self.registry, settings)
+        self.settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def settings(self) -> Settings:
+        """The tuning in force; assign a new ``Settings`` (or set one of the attributes
+        below) to change it for every later operation."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        if not isinstance(settings, Settings):
+            raise ConfigurationError(f"settings must be a zdr.Settings, got {settings!r}")
+        self._settings = settings
+        self._promotion.settings = settings
 
     @property
     def batch_size(self) -> int:
         return self.settings.batch_size
 
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.settings = self.settings.replace(batch_size=value)
+
     @property
     def lag_threshold(self) -> int:
         return self.settings.lag_threshold
+
+    @lag_threshold.setter
+    def lag_threshold(self, value: int) -> None:
+        self.settings = self.settings.replace(lag_threshold=value)
+
+    @property
+    def lock_timeout(self) -> float:
+        """Seconds (``settings.lock_timeout_s``)."""
+        return self.settings.lock_timeout_s
+
+    @lock_timeout.setter
+    def lock_timeout(self, value: float) -> None:
+        self.settings = self.settings.replace(lock_timeout_s=value)
+
+    @property
+    def swap_attempts(self) -> int:
+        return self.settings.swap_attempts
+
+    @swap_attempts.setter
+    def swap_attempts(self, value: int) -> None:
+        self.settings = self.settings.replace(swap_attempts=value)
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        """A call's own batch size (validated like the setting), else the setting."""
+        if batch_size is None:
+            return self.settings.batch_size
+        return self.settings.replace(batch_size=batch_size).batch_size
 
     # -- set-up ----------------------------------------------------------------
 
@@ -154,7 +202,7 @@ class ReplayManager:
         Raises RunnerBusy at once if another live runner is running.
         """
         with self.engine.connect() as conn, live_runner(conn):
-            return self._live.until_idle(conn, batch_size or self.batch_size, max_batches)
+            return self._live.until_idle(conn, self._batch_size(batch_size), max_batches)
 
     @_translate_errors
     def follow(
@@ -174,7 +222,7 @@ class ReplayManager:
                 stop=stop or threading.Event(),
                 poll_interval_s=poll_interval,
                 deadline=deadline,
-                batch_size=batch_size or self.batch_size,
+                batch_size=self._batch_size(batch_size),
                 on_batch=on_batch,
             )
 
@@ -270,6 +318,9 @@ class ReplayManager:
         batch) if a projector raises.
         """
         validate_key(key)
+        size = self._batch_size(batch_size)  # refused before anything changes
+        if max_events is not None and (isinstance(max_events, bool) or max_events < 1):
+            raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
         with self.engine.connect() as conn, replay_runner(conn, key):
             with conn.begin():
                 replay = records.load_replay(conn, key, lock=True)
@@ -287,7 +338,7 @@ class ReplayManager:
                 self.reader,
                 replay_target(self.registry, replay),
                 run_id=run_id,
-                batch_size=batch_size or self.batch_size,
+                batch_size=size,
                 sample_interval_s=self.settings.sample_interval_s,
             ).run(
                 conn,
@@ -312,7 +363,11 @@ class ReplayManager:
         (``start_projecting_to_replay`` is the same, by the PHP original's name.)
         """
         validate_key(key)
-        threshold = self.lag_threshold if lag_threshold is None else lag_threshold
+        threshold = (
+            self.lag_threshold
+            if lag_threshold is None
+            else self.settings.replace(lag_threshold=lag_threshold).lag_threshold
+        )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
             replay = records.load_replay(conn, key, lock=True)
             require_state(replay, DUAL_WRITABLE, "enable_dual_write")
@@ -339,16 +394,24 @@ class ReplayManager:
         with self.engine.connect() as conn, replay_runner(conn, key):
             return self._promotion.promote(conn, key)
 
-    #: The PHP original's names for these steps, kept as aliases.
-    start_projecting_to_replay = enable_dual_write
-    put_replay_live = promote
+    # The PHP original's names for these two steps, kept as aliases. They call the
+    # new names, so a subclass that overrides enable_dual_write or promote is used
+    # whichever name the caller knows.
+
+    def start_projecting_to_replay(self, key: str, *, lag_threshold: int | None = None) -> Replay:
+        """Alias of :meth:`enable_dual_write` (the PHP original's name)."""
+        return self.enable_dual_write(key, lag_threshold=lag_threshold)
+
+    def put_replay_live(self, key: str) -> SwapReport:
+        """Alias of :meth:`promote` (the PHP original's name)."""
+        return self.promote(key)
 
     @_translate_errors
     def rollback(self, key: str, *, batch_size: int | None = None) -> SwapReport:
         """Make the previous live copy live again, brought up to date with its own projector."""
         validate_key(key)
         with self.engine.connect() as conn, replay_runner(conn, key):
-            return self._promotion.rollback(conn, key, batch_size=batch_size or self.batch_size)
+            return self._promotion.rollback(conn, key, batch_size=self._batch_size(batch_size))
 
     @_translate_errors
     def remove_replay(self, key: str) -> Replay:

@@ -64,7 +64,7 @@ class Promotion:
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
-            require_state(replay, PROMOTABLE, "put_replay_live")
+            require_state(replay, PROMOTABLE, "promote")
             self.require_at_live_position(conn, replay)
             return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promote")
 

@@ -7,10 +7,16 @@ so a default is written once. Units are in the names (``_s`` seconds).
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from zdr.errors import ConfigurationError
+
+#: PostgreSQL's lock_timeout is an int of milliseconds; a day is far beyond any sane wait.
+MAX_LOCK_TIMEOUT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -37,15 +43,13 @@ class Settings:
     promotion_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
-        at_least_one = ("batch_size", "swap_attempts", "events_per_task", "catch_up_rounds")
-        for name in at_least_one:
-            _check(name, getattr(self, name), lambda v: v >= 1, "at least 1")
-        _check("approval_timeout_s", self.approval_timeout_s, lambda v: v >= 1, "at least 1")
-        _check("lag_threshold", self.lag_threshold, lambda v: v >= 0, "0 or more")
-        for name in ("lock_timeout_s",):
-            _check(name, getattr(self, name), lambda v: v > 0, "more than 0")
-        for name in ("sample_interval_s", "promotion_wait_s"):
-            _check(name, getattr(self, name), lambda v: v >= 0, "0 or more")
+        for name in ("batch_size", "swap_attempts", "events_per_task", "catch_up_rounds"):
+            _whole(self, name, minimum=1)
+        _whole(self, "approval_timeout_s", minimum=1)
+        _whole(self, "lag_threshold", minimum=0)
+        _seconds(self, "lock_timeout_s", above_zero=True, maximum=MAX_LOCK_TIMEOUT_S)
+        _seconds(self, "sample_interval_s")
+        _seconds(self, "promotion_wait_s")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (validated like the original)."""
@@ -55,9 +59,37 @@ class Settings:
         return dataclasses.replace(self, **changes)
 
 
-def _check(name: str, value: object, ok: Any, wanted: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not ok(value):
-        raise ConfigurationError(f"{name} must be a number {wanted}, got {value!r}")
+def _whole(settings: Settings, name: str, *, minimum: int) -> None:
+    """A whole number (numpy's too) of at least ``minimum``; stored as a plain int."""
+    value = getattr(settings, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigurationError(
+            f"{name} must be a whole number of at least {minimum}, got {value!r}"
+        )
+    object.__setattr__(settings, name, int(value))
+
+
+def _seconds(
+    settings: Settings, name: str, *, above_zero: bool = False, maximum: float = math.inf
+) -> None:
+    """A finite number of seconds, 0 or more (or more than 0); stored as a float."""
+    value = getattr(settings, name)
+    wanted = "more than 0" if above_zero else "0 or more"
+    number = None
+    if not isinstance(value, bool) and isinstance(value, numbers.Real | decimal.Decimal):
+        number = float(value)
+    ok = (
+        number is not None
+        and math.isfinite(number)
+        and (number > 0 if above_zero else number >= 0)
+        and number <= maximum
+    )
+    if not ok:
+        limit = f" and at most {maximum:g}" if math.isfinite(maximum) else ""
+        raise ConfigurationError(
+            f"{name} must be a number of seconds {wanted}{limit}, got {value!r}"
+        )
+    object.__setattr__(settings, name, number)
 
 
 DEFAULTS = Settings()
