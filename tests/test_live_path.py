@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 import zdr
-from zdr.examples.bank.projectors import LIVE
+from tests.support import SlowBalancesV2, assert_balances_match_fold, balances, seed, wait_for
+from zdr.examples.bank.projectors import LIVE, BalancesV2
 
 
 def _timed(work) -> tuple[threading.Thread, dict[str, float]]:
@@ -40,3 +43,55 @@ def test_setup_with_nothing_to_create_never_makes_appends_wait(manager, engine):
     append.join(10)
     assert setup_took.get("s", 99) < 1.0, "setup waited for the application's transaction"
     assert append_took.get("s", 99) < 1.0, "an append waited behind setup"
+
+
+def test_a_slow_replay_does_not_hold_the_live_runner_back(manager, engine, monkeypatch):
+    """Each replay batch holds a transaction id for seconds; live latency stays far below."""
+    seed(manager.store, 600)
+    manager.project_live()
+    manager.create_replay("slow", [SlowBalancesV2()])
+    monkeypatch.setenv("ZDR_TEST_SLOW_BATCH", "2.5")  # each batch sleeps before its commit
+    replay = threading.Thread(
+        target=manager.start_replay, args=("slow",), kwargs={"batch_size": 200}
+    )
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    replay.start()
+    live.start()
+    try:
+        time.sleep(0.5)  # the first replay batch is applied and holds its transaction open
+        latencies = []
+        for i in range(3):
+            manager.store.append(f"acc-late-{i}", [_opened(f"acc-late-{i}")])
+            appended = time.monotonic()
+            wait_for(lambda i=i: f"acc-late-{i}" in balances(engine), timeout=30, interval=0.01)
+            latencies.append(time.monotonic() - appended)
+    finally:
+        stop.set()
+        live.join(30)
+        replay.join(60)
+    assert max(latencies) < 1.0, f"append to live took {max(latencies):.2f}s during a slow replay"
+    assert manager.get_replay("slow").state is zdr.ReplayState.CAUGHT_UP
+    assert_balances_match_fold(engine, manager.store)
+    manager.start_replay("slow")
+    assert_balances_match_fold(engine, manager.store, "zdr_slow_1")
+
+
+def test_a_projector_cannot_append_events_from_a_replay_transaction(manager, engine):
+    """The horizon passes replay transactions only because they append no events."""
+
+    class Appending(BalancesV2):
+        def handle_batch(self, events, conn):
+            manager.store.append("sneaky", [{"type": "Ok", "data": {}}], conn=conn)
+
+    seed(manager.store, 50)
+    manager.create_replay("sneaky", [Appending()])
+    with pytest.raises(zdr.ProjectorError, match="cannot be appended from a replay's transaction"):
+        manager.start_replay("sneaky")
+    with engine.connect() as conn:
+        sneaked = conn.exec_driver_sql("SELECT count(*) FROM zdr.events WHERE stream_id = 'sneaky'")
+        assert sneaked.scalar_one() == 0
+
+
+def _opened(account: str) -> dict:
+    return {"type": "AccountOpened", "data": {"account_id": account, "owner": "late"}}

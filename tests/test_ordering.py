@@ -13,6 +13,7 @@ from tests.support import (
     append,
     assert_balances_match_fold,
     assert_history_exactly_once,
+    balances,
     seed,
 )
 from zdr.examples.bank.domain import BankSimulator
@@ -150,3 +151,26 @@ def _opened(account: str) -> dict:
 def append_in(conn: sa.Connection, store: zdr.EventStore, events) -> None:
     for stream, event in events:
         store.append(stream, [event], conn=conn)
+
+
+def test_a_replay_transaction_in_progress_never_lets_the_horizon_pass_an_appender(manager, engine):
+    """The horizon passes zdr's runner transactions, and only those: an application
+    transaction that is still open keeps every later event back, runner or not."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with engine.connect() as app, engine.connect() as runner:
+        app_tx = app.begin()
+        [late] = manager.store.append("acc-late", [_opened("acc-late")], conn=app)
+        runner_tx = runner.begin()
+        zdr.store.mark_runner_transaction(runner)
+        runner.exec_driver_sql("SELECT pg_current_xact_id()")  # a runner's xid, after app's
+        [early] = manager.store.append("acc-early", [_opened("acc-early")])
+        manager.project_live()
+        assert "acc-early" not in balances(engine), "read past an open appender"
+        app_tx.commit()
+        manager.project_live()  # the runner is still open: the horizon passes it
+        assert {"acc-late", "acc-early"} <= set(balances(engine))
+        runner_tx.rollback()
+    assert early > late
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)

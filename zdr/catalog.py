@@ -97,7 +97,8 @@ def create(conn: sa.Connection) -> None:
 
 
 def create_missing(conn: sa.Connection, objects: Sequence[tuple[str, str]]) -> None:
-    """Run the statements whose object (a schema, or a ``schema.relation``) is missing.
+    """Run the statements whose object is missing: a schema (``zdr``), a relation
+    (``zdr.events``), a function (``zdr.f()``) or a trigger (``zdr.events/name``).
 
     Why look first: ``CREATE INDEX IF NOT EXISTS`` takes its lock on the table
     before it finds the index there, so on a live event table it would wait for
@@ -111,6 +112,12 @@ def create_missing(conn: sa.Connection, objects: Sequence[tuple[str, str]]) -> N
             """SELECT name FROM unnest(%s::text[]) AS name
                WHERE CASE WHEN strpos(name, '.') = 0
                           THEN EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = name)
+                          WHEN strpos(name, '/') > 0
+                          THEN EXISTS (SELECT 1 FROM pg_trigger
+                                       WHERE tgrelid = to_regclass(split_part(name, '/', 1))
+                                         AND tgname = split_part(name, '/', 2))
+                          WHEN name LIKE '%%()'
+                          THEN to_regprocedure(name) IS NOT NULL
                           ELSE to_regclass(name) IS NOT NULL END""",
             ([name for name, _ in objects],),
         ).scalars()

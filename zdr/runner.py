@@ -36,7 +36,7 @@ from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
 from zdr.registry import Registry
 from zdr.replay import Progress, Replay, ReplayState
-from zdr.store import Cursor, EventReader, RecordedEvent
+from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transaction
 
 log = logging.getLogger("zdr")
 
@@ -145,6 +145,7 @@ class BatchRun:
                     return True
                 upcoming = read_ahead.submit(read_after, events[-1].cursor)
                 with conn.begin():
+                    mark_runner_transaction(conn)  # the live runner's horizon passes it
                     apply_batch(conn, target, events)
                     records.count_run_events(conn, self.run_id, len(events), events[-1].position)
                     if time.monotonic() - sampled >= self.sample_interval_s:

@@ -88,7 +88,27 @@ class EventReader(Protocol):
 # Payloads come as text and are decoded by _event_row: cheaper than psycopg's
 # jsonb loader, and empty metadata is not decoded at all.
 _COLUMNS = "position, txid, stream_id, type, data::text, metadata::text, recorded_at"
-_HORIZON = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+#: What zdr's replay transactions call themselves while they hold a transaction id
+#: (``SET LOCAL application_name``, see ``mark_runner_transaction``). They append no
+#: events (a trigger on the event table refuses it), so the horizon may pass them.
+RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
+# The safe horizon: the oldest transaction still in progress that may append events,
+# else the snapshot's xmax. Transactions in progress are the snapshot's xip list;
+# zdr's own runner transactions are left out (their top-level xid is backend_xid in
+# pg_stat_activity, 32 bits: compared on the low 32 bits of the xid8, which is exact
+# among transactions in progress at once). Leaving them out is what keeps a slow
+# replay batch (seconds) from holding the live runner back for as long. Whatever is
+# not sure (a session's row not visible, a runner that moved on) counts as in
+# progress: the horizon can only come out lower, never past an appending transaction.
+_HORIZON = f"""(
+    SELECT COALESCE(
+        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
+         WHERE (x::text::bigint & 4294967295) NOT IN (
+             SELECT backend_xid::text::bigint FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL
+               AND application_name = '{RUNNER_APPLICATION_NAME}')),
+        pg_snapshot_xmax(s.snap)::text::bigint)
+    FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
 
 
 class EventStore:
@@ -118,6 +138,25 @@ class EventStore:
             (
                 "zdr.events_stream",
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
+            ),
+            (
+                "zdr.refuse_runner_appends()",
+                f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends() RETURNS trigger
+                    LANGUAGE plpgsql AS $$
+                    BEGIN
+                        IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
+                        THEN RAISE EXCEPTION USING
+                            ERRCODE = 'ZR001',
+                            MESSAGE = 'events cannot be appended from a replay''s '
+                                || 'transaction (a projector writes read models only)';
+                        END IF;
+                        RETURN NULL;
+                    END $$""",
+            ),
+            (
+                "zdr.events/refuse_runner_appends",
+                """CREATE TRIGGER refuse_runner_appends BEFORE INSERT ON zdr.events
+                   FOR EACH STATEMENT EXECUTE FUNCTION zdr.refuse_runner_appends()""",
             ),
         ]
         # ORDER BY ord makes the identity default run in the caller's order, so
@@ -236,6 +275,13 @@ class EventStore:
                 return
             yield from batch
             cursor = batch[-1].cursor
+
+
+def mark_runner_transaction(conn: sa.Connection) -> None:
+    """Mark the current transaction as a zdr runner's, for its whole length: the safe
+    horizon then passes it (it appends no events), so a slow batch does not hold back
+    the live runner. Call it first thing in the transaction, before any write."""
+    conn.exec_driver_sql(f"SET LOCAL application_name = '{RUNNER_APPLICATION_NAME}'")
 
 
 def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Jsonb], list[Jsonb]]:
