@@ -1,0 +1,161 @@
+"""Live latency: how long from an append's commit to its row in the live read model.
+
+Prints one JSON line (numbers only, no pass/fail):
+
+    python bench/live_latency.py [--events 300000] [--database-url URL]
+
+The live runner (``ReplayManager.follow``) tails the log while a probe appends
+one event about every 50 ms and times how long it takes to appear in the live
+balances table, in three phases:
+
+* ``idle``: nothing else runs;
+* ``during_replay``: a replay rebuilds the balances projection (BalancesV2)
+  from the whole log beside it (its own rate is reported too);
+* ``during_new_read_model``: a brand-new read model (the history projection) is
+  registered and builds from the start of the log in the live runner.
+
+Without a URL it runs in a database of its own in the embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import zdr  # noqa: E402
+from zdr.config import embedded_url, to_sqlalchemy_url  # noqa: E402
+from zdr.examples.bank.domain import BankSimulator  # noqa: E402
+from zdr.examples.bank.projectors import Balances, BalancesV2, History  # noqa: E402
+
+PROBE_EVERY_S = 0.05
+
+
+def fresh_database(url: str | None) -> str:
+    if url:
+        return to_sqlalchemy_url(url)
+    server = sa.create_engine(embedded_url(), isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.exec_driver_sql('DROP DATABASE IF EXISTS "zdr_live_bench" WITH (FORCE)')
+        conn.exec_driver_sql('CREATE DATABASE "zdr_live_bench"')
+    return server.url.set(database="zdr_live_bench").render_as_string(hide_password=False)
+
+
+class Probe:
+    """Appends an account-opened event and waits for its row in the live balances."""
+
+    def __init__(self, manager: zdr.ReplayManager) -> None:
+        self.manager = manager
+        self.count = 0
+
+    def once(self, timeout_s: float = 120.0) -> float:
+        self.count += 1
+        account = f"probe-{self.count:06d}"
+        event = {"type": "AccountOpened", "data": {"account_id": account, "owner": "probe"}}
+        with self.manager.engine.connect() as conn:
+            self.manager.store.append(account, [event])
+            appended = time.perf_counter()
+            deadline = appended + timeout_s
+            while time.perf_counter() < deadline:
+                found = conn.exec_driver_sql(
+                    "SELECT 1 FROM bank_balances.balances WHERE account_id = %s", (account,)
+                ).first()
+                conn.rollback()
+                if found:
+                    return time.perf_counter() - appended
+                time.sleep(0.002)
+        return timeout_s
+
+    def during(self, busy: threading.Thread | None, seconds: float) -> list[float]:
+        """Probe until ``busy`` ends (or for ``seconds`` when there is nothing busy)."""
+        samples = []
+        end = time.monotonic() + seconds
+        while (busy.is_alive() if busy is not None else time.monotonic() < end) or not samples:
+            samples.append(self.once())
+            time.sleep(PROBE_EVERY_S)
+        return samples
+
+
+def summary(samples: list[float]) -> dict[str, float | int]:
+    ms = sorted(s * 1000 for s in samples)
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return {
+        "probes": len(ms),
+        "p50_ms": round(statistics.median(ms), 1),
+        "p99_ms": round(p99, 1),
+        "max_ms": round(ms[-1], 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--accounts", type=int, default=10_000)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--database-url", default=None)
+    args = parser.parse_args()
+
+    url = fresh_database(args.database_url)
+    manager = zdr.ReplayManager(url, projectors=[Balances()])
+    manager.setup()
+    for replay in manager.list_replays():  # left by an interrupted run
+        manager.remove_replay(replay.key)
+    with manager.engine.connect() as conn:
+        have = manager.store.count_after(conn, zdr.store.START)
+    if have < args.events:
+        manager.store.import_events(
+            BankSimulator(accounts=args.accounts).stream(args.events - have)
+        )
+    manager.project_live()
+
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.01})
+    live.start()
+    probe = Probe(manager)
+    result: dict[str, object] = {"events": max(have, args.events)}
+    try:
+        result["idle"] = summary(probe.during(None, args.idle_seconds))
+
+        manager.create_replay("live_bench", [BalancesV2()])
+        rebuilt: dict[str, float] = {}
+
+        def replay() -> None:
+            started = time.perf_counter()
+            done = manager.start_replay("live_bench")
+            rebuilt["rate"] = done.events_applied / (time.perf_counter() - started)
+
+        busy = threading.Thread(target=replay)
+        busy.start()
+        result["during_replay"] = summary(probe.during(busy, 0))
+        busy.join()
+        result["replay_events_per_s"] = round(rebuilt["rate"])
+        manager.remove_replay("live_bench")
+
+        def new_read_model() -> None:
+            zdr.ReplayManager(manager.engine, projectors=[History()]).setup()
+            while True:  # built once its checkpoint is level with the live balances
+                points = manager.checkpoints()
+                if points["live:history"] >= points["live:balances"]:
+                    return
+                time.sleep(0.05)
+
+        busy = threading.Thread(target=new_read_model)
+        busy.start()
+        result["during_new_read_model"] = summary(probe.during(busy, 0))
+        busy.join()
+    finally:
+        stop.set()
+        live.join()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
