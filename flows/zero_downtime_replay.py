@@ -88,7 +88,7 @@ def zero_downtime_replay(
         events_per_task=events_per_task,
     )
     url = resolve_url(database_url)
-    with manager_for(url).pipeline_lock(replay_key):
+    with manager_for(url).pipeline_lock(replay_key) as lock:
         replay = clone_schema(url, replay_key, projectors)
         if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
@@ -123,6 +123,7 @@ def zero_downtime_replay(
                 report.replay, lag=report.lag, promoted=False, decision=decision
             ).model_copy(update={"removed": removed})
 
+        lock.require()  # never promote without the lock (a lost connection loses it)
         promotion = _promote_when_level(url, replay_key)
         _publish_promotion(promotion)
         final = verify_replay(url, replay_key)

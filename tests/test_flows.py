@@ -166,6 +166,31 @@ def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_
     assert summary.promoted
 
 
+def test_a_pipeline_that_lost_its_lock_stops_before_promoting(
+    manager, engine, database_url, monkeypatch
+):
+    seed(manager.store, 300)
+    manager.project_live()
+    original = zdr.ReplayManager.verify
+
+    def verify_then_lose_the_connections(self, key, **kwargs):
+        report = original(self, key, **kwargs)
+        with engine.connect() as admin:  # a network cut: every other session is gone
+            admin.exec_driver_sql(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+            )
+            admin.commit()
+        return report
+
+    monkeypatch.setattr(zdr.ReplayManager, "verify", verify_then_lose_the_connections)
+    with pytest.raises(zdr.LockLost, match="lost its lock"):
+        zero_downtime_replay(
+            replay_key="lost", projectors=[V2], database_url=database_url, auto_approve=True
+        )
+    assert manager.get_replay("lost").state is zdr.ReplayState.DUAL_WRITING, "not promoted"
+
+
 @pytest.mark.parametrize(
     ("parameter", "value"),
     [("events_per_task", 0), ("batch_size", -1), ("max_catch_up_rounds", 0)],

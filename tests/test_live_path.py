@@ -95,3 +95,23 @@ def test_a_projector_cannot_append_events_from_a_replay_transaction(manager, eng
 
 def _opened(account: str) -> dict:
     return {"type": "AccountOpened", "data": {"account_id": account, "owner": "late"}}
+
+
+def test_a_pipeline_lock_lost_with_its_connection_is_noticed(manager, engine):
+    with manager.pipeline_lock("k") as lock:
+        lock.require()  # held
+        with engine.connect() as admin:
+            _terminate_other_sessions(admin)
+        with pytest.raises(zdr.LockLost, match="lost its lock"):
+            lock.require()
+    with manager.pipeline_lock("k") as again:  # free for the next run
+        again.require()
+
+
+def _terminate_other_sessions(admin) -> None:
+    """What a restarted server or a network cut does to every other session."""
+    admin.exec_driver_sql(
+        """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+           WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+    )
+    admin.commit()

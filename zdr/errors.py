@@ -54,6 +54,11 @@ class RunnerBusy(ZdrError):
     """Raised when another runner already holds a replay or the live projection."""
 
 
+class LockLost(ZdrError):
+    """Raised when a pipeline run finds it no longer holds its lock (its connection was
+    lost): it stops before promoting, so two runs of one key never interleave."""
+
+
 class LockTimeout(ZdrError):
     """Raised when promotion, rollback or removal cannot get its locks in time.
 

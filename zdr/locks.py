@@ -16,12 +16,13 @@ The lock names are spelled in ``zdr.names``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import sqlalchemy as sa
 
-from zdr.errors import RunnerBusy
+from zdr.errors import LockLost, RunnerBusy
 from zdr.names import LIVE_BATCH_LOCK, LIVE_RUNNER_LOCK, SETUP_LOCK, pipeline_lock, replay_lock
 
 ZDR_LOCK_SPACE = 0x7A6472
@@ -39,13 +40,16 @@ def runner_lock(conn: sa.Connection, name: str, *, busy_message: str) -> Iterato
     try:
         yield
     finally:
-        if conn.in_transaction():
-            conn.rollback()
-        if not conn.closed and not conn.invalidated:
-            conn.exec_driver_sql(
-                "SELECT pg_advisory_unlock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
-            )
-            conn.commit()
+        # A session that died took its lock with it: nothing to release, and the error
+        # that ended the block matters more than this one.
+        with contextlib.suppress(sa.exc.DBAPIError):
+            if conn.in_transaction():
+                conn.rollback()
+            if not conn.closed and not conn.invalidated:
+                conn.exec_driver_sql(
+                    "SELECT pg_advisory_unlock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
+                )
+                conn.commit()
 
 
 def live_runner(conn: sa.Connection) -> AbstractContextManager[None]:
@@ -75,6 +79,39 @@ def pipeline_runner(conn: sa.Connection, key: str) -> AbstractContextManager[Non
         busy_message=f"a pipeline run for replay {key!r} is already running "
         "(one at a time per key)",
     )
+
+
+class PipelineLock:
+    """The session lock a pipeline run holds for its whole length, with a way to check
+    that it still holds it: a lost connection loses the lock with it, silently, and a
+    second run of the same key could then start."""
+
+    def __init__(self, conn: sa.Connection, key: str) -> None:
+        self.conn = conn
+        self.key = key
+
+    def require(self) -> None:
+        """Raise LockLost unless this session is alive and still holds the lock."""
+        name = pipeline_lock(self.key)
+        try:
+            held = self.conn.exec_driver_sql(
+                """SELECT EXISTS (SELECT 1 FROM pg_locks
+                   WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                     AND classid::bigint = %s AND objsubid = 2
+                     AND objid::bigint = (hashtext(%s)::bigint & 4294967295))""",
+                (ZDR_LOCK_SPACE, name),
+            ).scalar_one()
+            self.conn.commit()
+        except sa.exc.DBAPIError as exc:
+            raise LockLost(
+                f"the pipeline run of replay {self.key!r} lost its lock (its connection "
+                "failed); it stops here, before changing anything more: run it again"
+            ) from exc
+        if not held:
+            raise LockLost(
+                f"the pipeline run of replay {self.key!r} no longer holds its lock; it "
+                "stops here, before changing anything more: run it again"
+            )
 
 
 def lock_setup(conn: sa.Connection) -> None:

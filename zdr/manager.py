@@ -40,7 +40,7 @@ import sqlalchemy as sa
 from zdr import catalog, records, reports, targets
 from zdr.config import make_engine
 from zdr.errors import ConfigurationError, DuplicateReplay, NotSetUp, ReplayLagging, ReplayNotFound
-from zdr.locks import live_runner, lock_setup, pipeline_runner, replay_runner
+from zdr.locks import PipelineLock, live_runner, lock_setup, pipeline_runner, replay_runner
 from zdr.names import replay_checkpoint, side_schema, validate_key
 from zdr.projector import Projector
 from zdr.promotion import Promotion
@@ -288,14 +288,16 @@ class ReplayManager:
         return existing
 
     @contextmanager
-    def pipeline_lock(self, key: str) -> Iterator[None]:
+    def pipeline_lock(self, key: str) -> Iterator[PipelineLock]:
         """Hold the replay's pipeline lock for a whole pipeline run (one run per key).
 
         Raises RunnerBusy at once if another pipeline run, in any process, holds it.
+        The lock's ``require()`` raises LockLost if the lock was lost since (call it
+        before a step that must not run twice at once, such as promotion).
         """
         validate_key(key)
         with self.engine.connect() as conn, pipeline_runner(conn, key):
-            yield
+            yield PipelineLock(conn, key)
 
     @_translate_errors
     def start_replay(
