@@ -21,6 +21,7 @@ from zdr.errors import (
     UnknownProjector,
     ZdrError,
 )
+from zdr.horizon import Horizon, HorizonHolder
 from zdr.manager import ReplayManager
 from zdr.projector import Projector, handles
 from zdr.replay import Progress, Replay, ReplayState, Run, SwapReport
@@ -37,6 +38,8 @@ __all__ = [
     "EmbeddedInUse",
     "EventReader",
     "EventStore",
+    "Horizon",
+    "HorizonHolder",
     "InvalidEvent",
     "InvalidName",
     "InvalidState",
