@@ -12,14 +12,15 @@ from zdr import reports
 from zdr.cli.app import (
     AsJson,
     DatabaseUrl,
+    HorizonWarning,
     Key,
     app,
     err,
     manager_for,
     out,
     print_json,
+    with_horizon_warning,
 )
-from zdr.settings import DEFAULTS
 from zdr.verify import NOT_LEVEL, VerificationReport
 
 
@@ -27,23 +28,13 @@ from zdr.verify import NOT_LEVEL, VerificationReport
 def status(
     key: Annotated[str | None, typer.Argument(help="One replay (default: all).")] = None,
     as_json: AsJson = False,
-    horizon_warning: Annotated[
-        float | None,
-        typer.Option(
-            "--horizon-warning",
-            envvar="ZDR_HORIZON_WARNING_S",
-            help="Warn when a transaction has held the safe horizon this many seconds "
-            f"(default {DEFAULTS.horizon_warning_s:g}).",
-            show_default=False,
-        ),
-    ] = None,
+    horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Where the replays stand (state, position, lag, rate, ETA, last run, age), the live
     read models' lag, and a warning when the safe horizon is held too long."""
     manager = manager_for(database_url)
-    if horizon_warning is not None:
-        manager.settings = manager.settings.replace(horizon_warning_s=horizon_warning)
+    with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
     if as_json:
         print_json(rows)

@@ -22,6 +22,7 @@ from tests.support import seed, wait_for
 from zdr.cli.main import main
 
 APP = "zdr-test-blocker"
+BALANCES = "zdr.examples.bank.projectors:Balances"
 #: The blocker's query; reports show its first line.
 QUERY = "SELECT pg_current_xact_id()::text::bigint"
 BLOCKER_SQL = f"{QUERY}\n  AS txid -- held open by the test"
@@ -214,3 +215,25 @@ def test_the_warning_threshold_is_a_validated_setting():
     assert zdr.Settings().horizon_warning_s == 30.0
     with pytest.raises(zdr.ConfigurationError, match="horizon_warning_s must be a number"):
         zdr.Settings(horizon_warning_s=-1)
+
+
+def test_zdr_live_takes_the_warning_threshold(cli, manager, other_database, caplog):
+    name, url = other_database
+    _quiet(manager)
+    with write_transaction(url) as (_, pid, _):
+        seed(manager.store, 5)
+        with caplog.at_level(logging.INFO, logger="zdr"):
+            code, _, err = cli(
+                "live",
+                "-p",
+                BALANCES,
+                "--max-seconds",
+                "1",
+                "--horizon-warning",
+                "0.2",
+            )
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"pid {pid}" in warnings[0] and name in warnings[0]
+    code, _, err = cli("live", "-p", BALANCES, "--horizon-warning", "-1")
+    assert code == 2 and err.startswith("error: horizon_warning_s must be")
