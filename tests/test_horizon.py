@@ -237,3 +237,29 @@ def test_zdr_live_takes_the_warning_threshold(cli, manager, other_database, capl
     assert len(warnings) == 1 and f"pid {pid}" in warnings[0] and name in warnings[0]
     code, _, err = cli("live", "-p", BALANCES, "--horizon-warning", "-1")
     assert code == 2 and err.startswith("error: horizon_warning_s must be")
+
+
+def test_a_prepared_transaction_is_named(manager, other_database):
+    name, url = other_database
+    engine = sa.create_engine(url, poolclass=sa.NullPool, isolation_level="AUTOCOMMIT")
+    gid = f"zdr_test_{uuid.uuid4().hex[:8]}"
+    try:
+        with engine.connect() as conn:
+            if int(conn.exec_driver_sql("SHOW max_prepared_transactions").scalar_one()) == 0:
+                pytest.skip("the test server allows no prepared transactions")
+            _quiet(manager)
+            conn.exec_driver_sql("CREATE TABLE parked (x int)")
+            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("INSERT INTO parked VALUES (1)")
+            conn.exec_driver_sql(f"PREPARE TRANSACTION '{gid}'")
+        found = manager.horizon()
+    finally:
+        with engine.connect() as conn:
+            left = "SELECT 1 FROM pg_prepared_xacts WHERE gid = %s"
+            if conn.exec_driver_sql(left, (gid,)).first():
+                conn.exec_driver_sql(f"ROLLBACK PREPARED '{gid}'")
+        engine.dispose()
+    holder = found.holder
+    assert holder is not None and holder.kind == "prepared transaction"
+    assert (holder.name, holder.database, holder.pid, holder.state) == (gid, name, None, "prepared")
+    assert f"prepared transaction '{gid}'" in holder.describe()
