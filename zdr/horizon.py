@@ -207,7 +207,10 @@ class HorizonWatch:
         self.reader = reader
         self.threshold_s = threshold_s
         self.clock = clock
+        #: Once events wait, look again at most this often (a count and the holder query).
+        self.interval_s = min(max(threshold_s, 0.05), 1.0)
         self.waiting_since: float | None = None
+        self.next_check = 0.0
         self.warned: set[tuple[str, int | None, str | None, int] | None] = set()
 
     def progressed(self) -> None:
@@ -231,15 +234,18 @@ class HorizonWatch:
                 conn.rollback()
 
     def _idle(self, conn: sa.Connection) -> None:
+        now = self.clock()
+        if self.waiting_since is not None and now < self.next_check:
+            return
         with conn.begin():
             cursors = records.followed_cursors(conn)
             waiting = self.reader.count_after(conn, min(cursors)) if cursors else 0
         if not waiting:
             self.progressed()
             return
-        now = self.clock()
         if self.waiting_since is None:
             self.waiting_since = now
+        self.next_check = now + self.interval_s
         waited = now - self.waiting_since
         if waited <= self.threshold_s:
             return
