@@ -59,6 +59,16 @@ Projectors = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+HorizonWarning = Annotated[
+    float | None,
+    typer.Option(
+        "--horizon-warning",
+        envvar="ZDR_HORIZON_WARNING_S",
+        help="Warn when a transaction has held the safe horizon this many seconds "
+        "(default: Settings.horizon_warning_s, 30).",
+        show_default=False,
+    ),
+]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
 
@@ -76,6 +86,12 @@ def manager_for(database_url: str | None, projectors: Sequence[str] = ()) -> zdr
     return zdr.ReplayManager(
         database_url, projectors=[load_projector(p) for p in paths(projectors)]
     )
+
+
+def with_horizon_warning(manager: zdr.ReplayManager, seconds: float | None) -> None:
+    """Apply ``--horizon-warning`` (validated like the setting: bad input exits 2)."""
+    if seconds is not None:
+        manager.settings = manager.settings.replace(horizon_warning_s=seconds)
 
 
 def paths(projectors: Sequence[str]) -> list[str]:

@@ -1,22 +1,25 @@
-"""Looking before acting: status, lag and verify change nothing."""
+"""Looking before acting: status, lag, horizon and verify change nothing."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from zdr import reports
 from zdr.cli.app import (
     AsJson,
     DatabaseUrl,
+    HorizonWarning,
     Key,
     app,
     err,
     manager_for,
     out,
     print_json,
+    with_horizon_warning,
 )
 from zdr.verify import NOT_LEVEL, VerificationReport
 
@@ -25,20 +28,50 @@ from zdr.verify import NOT_LEVEL, VerificationReport
 def status(
     key: Annotated[str | None, typer.Argument(help="One replay (default: all).")] = None,
     as_json: AsJson = False,
+    horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Where the replays stand: state, position, lag, rate, ETA, last run, age."""
-    rows = manager_for(database_url).status(key)
+    """Where the replays stand (state, position, lag, rate, ETA, last run, age), the live
+    read models' lag, and a warning when the safe horizon is held too long."""
+    manager = manager_for(database_url)
+    with_horizon_warning(manager, horizon_warning)
+    rows = manager.status(key)
     if as_json:
         print_json(rows)
         return
-    if not rows:
+    if rows:
+        table = Table(*reports.STATUS_COLUMNS)
+        for row in rows:
+            table.add_row(*reports.status_cells(row))
+        out.print(table)
+    else:
         err.print("no replays")
+    if key is None:
+        live = manager.live_lag()
+        if live:
+            table = Table("live projection", "lag")
+            for name, value in live.items():
+                table.add_row(name, f"{value:,}")
+            out.print(table)
+    horizon = manager.horizon()
+    threshold = manager.settings.horizon_warning_s
+    if horizon.held_longer_than(threshold):
+        err.print(
+            f"[yellow]warning:[/yellow] {escape(reports.horizon_warning(horizon))}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def horizon(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+    """The safe horizon the runners read under, and the transaction holding it back, if any."""
+    found = manager_for(database_url).horizon()
+    if as_json:
+        print_json(found.to_dict())
         return
-    table = Table(*reports.STATUS_COLUMNS)
-    for row in rows:
-        table.add_row(*reports.status_cells(row))
-    out.print(table)
+    for line in reports.horizon_lines(found):
+        out.print(line, markup=False, highlight=False)
 
 
 @app.command()

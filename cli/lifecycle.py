@@ -21,6 +21,7 @@ from rich.prompt import Confirm
 import zdr
 from zdr.cli.app import (
     DatabaseUrl,
+    HorizonWarning,
     Key,
     Projectors,
     Yes,
@@ -28,6 +29,7 @@ from zdr.cli.app import (
     err,
     manager_for,
     paths,
+    with_horizon_warning,
 )
 from zdr.settings import DEFAULTS
 
@@ -130,10 +132,15 @@ def live(
         float | None, typer.Option(help="Stop after this long (default: until Ctrl-C).")
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULTS.batch_size,
+    horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops."""
+    """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
+
+    Warns (stderr) naming the transaction that holds the safe horizon when events have
+    waited behind it longer than --horizon-warning seconds."""
     manager = manager_for(database_url, projectors)
+    with_horizon_warning(manager, horizon_warning)
     manager.setup()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -22,6 +22,7 @@ from zdr.errors import (
     UnknownProjector,
     ZdrError,
 )
+from zdr.horizon import Horizon, HorizonHolder
 from zdr.manager import ReplayManager
 from zdr.projector import Projector, handles
 from zdr.replay import Progress, Replay, ReplayState, Run, SwapReport
@@ -38,6 +39,8 @@ __all__ = [
     "EmbeddedInUse",
     "EventReader",
     "EventStore",
+    "Horizon",
+    "HorizonHolder",
     "InvalidEvent",
     "InvalidName",
     "InvalidState",

@@ -40,6 +40,7 @@ import sqlalchemy as sa
 from zdr import catalog, records, reports, targets
 from zdr.config import make_engine
 from zdr.errors import ConfigurationError, DuplicateReplay, NotSetUp, ReplayLagging, ReplayNotFound
+from zdr.horizon import Horizon, inspect_horizon
 from zdr.locks import PipelineLock, live_runner, lock_setup, pipeline_runner, replay_runner
 from zdr.names import replay_checkpoint, side_schema, validate_key
 from zdr.projector import Projector
@@ -224,6 +225,7 @@ class ReplayManager:
                 deadline=deadline,
                 batch_size=self._batch_size(batch_size),
                 on_batch=on_batch,
+                horizon_warning_s=self.settings.horizon_warning_s,
             )
 
     # -- the replay life cycle -------------------------------------------------
@@ -471,6 +473,20 @@ class ReplayManager:
         validate_key(key)
         with self.engine.connect() as conn:
             return self.reader.count_after(conn, records.replay_cursor(conn, key))
+
+    @_translate_errors
+    def live_lag(self) -> dict[str, int]:
+        """How many committed events sort after each live copy's checkpoint, by projection."""
+        with self.engine.connect() as conn, conn.begin():
+            cursors = records.live_checkpoints(conn)
+            return {name: self.reader.count_after(conn, c) for name, c in cursors.items()}
+
+    def horizon(self) -> Horizon:
+        """The safe horizon the runners read under and, when an open transaction anywhere
+        in the cluster holds it back, that transaction: pid, database, user, application,
+        state, age and the first line of its query (see ``zdr.horizon``)."""
+        with self.engine.connect() as conn, conn.begin():
+            return inspect_horizon(conn, self.reader)
 
     @_translate_errors
     def checkpoints(self) -> dict[str, Cursor]:

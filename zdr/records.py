@@ -77,6 +77,28 @@ def live_cursors(conn: sa.Connection, projections: Sequence[str]) -> dict[str, C
     return {projection_of(name): Cursor(txid, pos) for name, txid, pos in rows}
 
 
+def live_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
+    """Where every live copy stands, by projection name."""
+    rows = conn.exec_driver_sql(
+        """SELECT p.name, c.txid, c.position FROM zdr.projections p
+           JOIN zdr.checkpoints c ON c.name = %s || p.name ORDER BY p.name""",
+        (live_checkpoint(""),),
+    )
+    return {name: Cursor(txid, position) for name, txid, position in rows}
+
+
+def followed_cursors(conn: sa.Connection) -> list[Cursor]:
+    """The checkpoints the live runner moves: every live copy's and every dual-writing
+    replay's."""
+    rows = conn.exec_driver_sql(
+        """SELECT c.txid, c.position FROM zdr.checkpoints c
+           WHERE c.name IN (SELECT %s || name FROM zdr.projections)
+              OR c.name IN (SELECT %s || key FROM zdr.replays WHERE state = %s)""",
+        (live_checkpoint(""), replay_checkpoint(""), ReplayState.DUAL_WRITING.value),
+    )
+    return [Cursor(txid, position) for txid, position in rows]
+
+
 def all_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
     """Every checkpoint row by name (for operators and tests)."""
     rows = conn.exec_driver_sql("SELECT name, txid, position FROM zdr.checkpoints ORDER BY name")

@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from zdr.horizon import age
 from zdr.replay import eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
+    from zdr.horizon import Horizon
     from zdr.replay import Replay
     from zdr.verify import Difference, VerificationReport
 
@@ -110,6 +112,41 @@ def status_records(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Replays as records for a table artifact (one placeholder record when there are none)."""
     fields = ("key", "state", "position", "events_applied", "lag")
     return [{k: row[k] for k in fields} for row in rows] or [{"key": "(no replays)"}]
+
+
+# -- the safe horizon ----------------------------------------------------------
+
+
+def horizon_warning(horizon: Horizon) -> str:
+    """The one-line warning ``zdr status`` prints when the horizon is held."""
+    holder = horizon.holder
+    if holder is None:
+        return horizon.describe()
+    return (
+        f"the safe horizon is held by {holder.describe()}; events committed after it "
+        "wait (live read models and replays stand still) until it ends: see `zdr horizon`"
+    )
+
+
+def horizon_lines(horizon: Horizon) -> list[str]:
+    """``zdr horizon``: the horizon, then the holder field by field."""
+    head = f"safe horizon: transaction {horizon.txid:,}"
+    holder = horizon.holder
+    if holder is None:
+        return [head, "nothing holds it back"]
+    who = f"pid {holder.pid}" if holder.kind == "session" else f"{holder.kind} {holder.name!r}"
+    held = "" if holder.age_s is None else f" for {age(holder.age_s)}"
+    lines = [head, f"held by {who}{held}"]
+    fields = [
+        ("pid", holder.pid),
+        ("database", holder.database),
+        ("user", holder.user),
+        ("application", holder.application_name),
+        ("state", holder.state),
+        ("query", holder.query),
+    ]
+    lines += [f"  {name + ':':<13}{value}" for name, value in fields if value not in (None, "")]
+    return lines
 
 
 # -- verification --------------------------------------------------------------

@@ -230,14 +230,28 @@ class LiveRunner:
         deadline: float | None,
         batch_size: int,
         on_batch: Callable[[int], None] | None = None,
+        horizon_warning_s: float | None = None,
     ) -> int:
-        """Keep applying until ``stop`` is set or the monotonic ``deadline`` passes."""
+        """Keep applying until ``stop`` is set or the monotonic ``deadline`` passes.
+
+        With ``horizon_warning_s``: when nothing could be applied for longer than
+        that while events wait above the safe horizon, log a warning naming the
+        transaction that holds it (once per holder; see ``zdr.horizon.HorizonWatch``).
+        """
+        from zdr.horizon import HorizonWatch
+
+        watch = None if horizon_warning_s is None else HorizonWatch(self.reader, horizon_warning_s)
         total = 0
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
             applied = self.until_idle(conn, batch_size, 1)
             total += applied
             if on_batch is not None and applied:
                 on_batch(applied)
+            if watch is not None:
+                if applied:
+                    watch.progressed()
+                else:
+                    watch.idle(conn)
             if not applied:
                 stop.wait(poll_interval_s)
         return total

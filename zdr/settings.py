@@ -41,6 +41,9 @@ class Settings:
     approval_timeout_s: int = 3_600
     #: How long the pipeline keeps trying to promote while live and replay are not level.
     promotion_wait_s: float = 60.0
+    #: When an open transaction has held the safe horizon this long, ``zdr status`` warns
+    #: and the live runner logs a warning naming it (events wait behind it meanwhile).
+    horizon_warning_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "swap_attempts", "events_per_task", "catch_up_rounds"):
@@ -50,6 +53,7 @@ class Settings:
         _seconds(self, "lock_timeout_s", above_zero=True, maximum=MAX_LOCK_TIMEOUT_S)
         _seconds(self, "sample_interval_s")
         _seconds(self, "promotion_wait_s")
+        _seconds(self, "horizon_warning_s")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (validated like the original)."""
