@@ -108,24 +108,29 @@ def test_a_projection_that_is_not_live_is_refused(engine):
         manager.create_replay("k", ["zdr.examples.bank.projectors:History"])
 
 
+_shared = sa.MetaData()
+
+
+# At module level: a replay records its projectors' import paths, and another process
+# must be able to load them (create_replay refuses classes defined in a function).
+class SharedA(zdr.Projector):
+    name = "a"
+    tables = [sa.Table("a", _shared, sa.Column("id", sa.Integer), schema="shared_s")]
+
+    @zdr.handles("X")
+    def x(self, event, conn): ...
+
+
+class SharedB(zdr.Projector):
+    name = "b"
+    tables = [sa.Table("b", _shared, sa.Column("id", sa.Integer), schema="shared_s")]
+
+    @zdr.handles("X")
+    def x(self, event, conn): ...
+
+
 def test_a_replay_must_take_every_projection_of_a_schema_it_swaps(engine):
-    shared = sa.MetaData()
-
-    class A(zdr.Projector):
-        name = "a"
-        tables = [sa.Table("a", shared, sa.Column("id", sa.Integer), schema="shared_s")]
-
-        @zdr.handles("X")
-        def x(self, event, conn): ...
-
-    class B(zdr.Projector):
-        name = "b"
-        tables = [sa.Table("b", shared, sa.Column("id", sa.Integer), schema="shared_s")]
-
-        @zdr.handles("X")
-        def x(self, event, conn): ...
-
-    manager = zdr.ReplayManager(engine, projectors=[A(), B()])
+    manager = zdr.ReplayManager(engine, projectors=[SharedA(), SharedB()])
     manager.setup()
     with pytest.raises(zdr.ConfigurationError, match="'shared_s' also holds projection 'b'"):
         manager.create_replay("k", ["a"])
@@ -283,3 +288,41 @@ def test_all_errors_share_one_root():
         zdr.ReplayLagging,
     ):
         assert issubclass(error, zdr.ZdrError)
+
+
+def _main_class() -> type:
+    return type("MainBalances", (BalancesV2,), {"__module__": "__main__"})
+
+
+def _local_class() -> type:
+    class LocalBalances(BalancesV2):
+        pass
+
+    return LocalBalances
+
+
+def _impostor_class() -> type:
+    """Says it is zdr.examples.bank.projectors:BalancesV2 but is another class."""
+    return type(
+        "BalancesV2",
+        (BalancesV2,),
+        {"__module__": BalancesV2.__module__, "__qualname__": "BalancesV2"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_main_class, "__main__:MainBalances"),
+        (_local_class, "<locals>"),
+        (_impostor_class, "another class"),
+    ],
+    ids=["__main__", "local", "impostor"],
+)
+def test_create_replay_refuses_a_projector_another_process_cannot_load(manager, make, says):
+    seed(manager.store, 10)
+    manager.project_live()
+    with pytest.raises(zdr.ConfigurationError, match="another process") as refused:
+        manager.create_replay("unloadable", [make()()])
+    assert says in str(refused.value)
+    assert manager.get_replay("unloadable") is None
