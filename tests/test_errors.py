@@ -108,29 +108,24 @@ def test_a_projection_that_is_not_live_is_refused(engine):
         manager.create_replay("k", ["zdr.examples.bank.projectors:History"])
 
 
-_shared = sa.MetaData()
-
-
-# At module level: a replay records its projectors' import paths, and another process
-# must be able to load them (create_replay refuses classes defined in a function).
-class SharedA(zdr.Projector):
-    name = "a"
-    tables = [sa.Table("a", _shared, sa.Column("id", sa.Integer), schema="shared_s")]
-
-    @zdr.handles("X")
-    def x(self, event, conn): ...
-
-
-class SharedB(zdr.Projector):
-    name = "b"
-    tables = [sa.Table("b", _shared, sa.Column("id", sa.Integer), schema="shared_s")]
-
-    @zdr.handles("X")
-    def x(self, event, conn): ...
-
-
 def test_a_replay_must_take_every_projection_of_a_schema_it_swaps(engine):
-    manager = zdr.ReplayManager(engine, projectors=[SharedA(), SharedB()])
+    shared = sa.MetaData()
+
+    class A(zdr.Projector):
+        name = "a"
+        tables = [sa.Table("a", shared, sa.Column("id", sa.Integer), schema="shared_s")]
+
+        @zdr.handles("X")
+        def x(self, event, conn): ...
+
+    class B(zdr.Projector):
+        name = "b"
+        tables = [sa.Table("b", shared, sa.Column("id", sa.Integer), schema="shared_s")]
+
+        @zdr.handles("X")
+        def x(self, event, conn): ...
+
+    manager = zdr.ReplayManager(engine, projectors=[A(), B()])
     manager.setup()
     with pytest.raises(zdr.ConfigurationError, match="'shared_s' also holds projection 'b'"):
         manager.create_replay("k", ["a"])
@@ -320,9 +315,24 @@ def _impostor_class() -> type:
     ids=["__main__", "local", "impostor"],
 )
 def test_create_replay_refuses_a_projector_another_process_cannot_load(manager, make, says):
+    """The replay's import path is what the live runner and the pipeline's workers load."""
     seed(manager.store, 10)
     manager.project_live()
     with pytest.raises(zdr.ConfigurationError, match="another process") as refused:
         manager.create_replay("unloadable", [make()()])
     assert says in str(refused.value)
     assert manager.get_replay("unloadable") is None
+
+
+def test_a_registered_projector_is_replayed_by_the_path_its_live_projection_has(engine):
+    """Registered with the manager, a class is recorded for live by the same path already:
+    one process (a script) may replay it, by name or instance."""
+    main_balances = _main_class()()
+    manager = zdr.ReplayManager(engine, projectors=[main_balances])
+    manager.setup()
+    seed(manager.store, 10)
+    manager.project_live()
+    assert manager.create_replay("by_name", ["balances"]).projectors == {
+        "balances": "__main__:MainBalances"
+    }
+    manager.create_replay("by_instance", [main_balances])

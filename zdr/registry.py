@@ -51,7 +51,9 @@ class Registry:
         among the live projections (``conn``)."""
         if isinstance(ref, Projector):
             check_projector(ref)
-            check_loadable(ref)
+            if type(ref) not in {type(p) for p in self._registered.values()}:
+                # A registered class is recorded for its live projection by this same path.
+                check_loadable(ref)
             with self._lock:
                 # Later runs in this process (dual write, rollback) use this very instance.
                 return self._by_path.setdefault(ref.import_path(), ref)
@@ -63,7 +65,7 @@ class Registry:
             return self.for_path(ref)
         validate_key(ref, what="projector name")
         if ref in self._registered:
-            return check_loadable(self._registered[ref])
+            return self._registered[ref]
         path = records.live_projector_path(conn, ref)
         if path is None:
             known = sorted(self._registered) or ["(none registered)"]
