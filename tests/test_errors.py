@@ -283,3 +283,56 @@ def test_all_errors_share_one_root():
         zdr.ReplayLagging,
     ):
         assert issubclass(error, zdr.ZdrError)
+
+
+def _main_class() -> type:
+    return type("MainBalances", (BalancesV2,), {"__module__": "__main__"})
+
+
+def _local_class() -> type:
+    class LocalBalances(BalancesV2):
+        pass
+
+    return LocalBalances
+
+
+def _impostor_class() -> type:
+    """Says it is zdr.examples.bank.projectors:BalancesV2 but is another class."""
+    return type(
+        "BalancesV2",
+        (BalancesV2,),
+        {"__module__": BalancesV2.__module__, "__qualname__": "BalancesV2"},
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_main_class, "__main__:MainBalances"),
+        (_local_class, "<locals>"),
+        (_impostor_class, "another class"),
+    ],
+    ids=["__main__", "local", "impostor"],
+)
+def test_create_replay_refuses_a_projector_another_process_cannot_load(manager, make, says):
+    """The replay's import path is what the live runner and the pipeline's workers load."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with pytest.raises(zdr.ConfigurationError, match="another process") as refused:
+        manager.create_replay("unloadable", [make()()])
+    assert says in str(refused.value)
+    assert manager.get_replay("unloadable") is None
+
+
+def test_a_registered_projector_is_replayed_by_the_path_its_live_projection_has(engine):
+    """Registered with the manager, a class is recorded for live by the same path already:
+    one process (a script) may replay it, by name or instance."""
+    main_balances = _main_class()()
+    manager = zdr.ReplayManager(engine, projectors=[main_balances])
+    manager.setup()
+    seed(manager.store, 10)
+    manager.project_live()
+    assert manager.create_replay("by_name", ["balances"]).projectors == {
+        "balances": "__main__:MainBalances"
+    }
+    manager.create_replay("by_instance", [main_balances])

@@ -51,6 +51,9 @@ class Registry:
         among the live projections (``conn``)."""
         if isinstance(ref, Projector):
             check_projector(ref)
+            if type(ref) not in {type(p) for p in self._registered.values()}:
+                # A registered class is recorded for its live projection by this same path.
+                check_loadable(ref)
             with self._lock:
                 # Later runs in this process (dual write, rollback) use this very instance.
                 return self._by_path.setdefault(ref.import_path(), ref)
@@ -77,6 +80,46 @@ class Registry:
                 projector = load_projector(path)
                 self._by_path[path] = projector
             return projector
+
+
+def check_loadable(projector: Projector) -> Projector:
+    """Refuse a projector that another process could not load again by its import path.
+
+    zdr records the import path of the class writing each copy; the live runner,
+    the pipeline's workers and the command line load it from there. A class
+    defined in ``__main__`` or inside a function, or a path that leads to another
+    class, would fail there (or write with the wrong code).
+    """
+    cls = type(projector)
+    path = cls.import_path()
+    fix = (
+        "define the class at the top level of a module that the live runner and the "
+        "pipeline's workers can import (e.g. myapp/projectors.py), and pass it from there "
+        "or by its import path 'package.module:Class'"
+    )
+    if cls.__module__ == "__main__":
+        raise ConfigurationError(
+            f"projector {path} is defined in __main__: another process (the live runner, a "
+            f"pipeline worker) could not load it by that path; {fix}"
+        )
+    if "<locals>" in cls.__qualname__:
+        raise ConfigurationError(
+            f"projector {path} is defined inside a function: another process could not "
+            f"load it by that path; {fix}"
+        )
+    try:
+        loaded = load_projector(path)
+    except Exception as exc:  # an import runs arbitrary code: anything may come out
+        raise ConfigurationError(
+            f"projector {path} cannot be loaded by its import path, so another process "
+            f"could not load it either ({exc}); {fix}"
+        ) from exc
+    if type(loaded) is not cls:
+        raise ConfigurationError(
+            f"import path {path} leads to another class than the projector given, so "
+            f"another process would load that one instead; {fix}"
+        )
+    return projector
 
 
 def register_live(conn: sa.Connection, projector: Projector) -> None:

@@ -15,6 +15,14 @@ Where the invariants of DESIGN.md are kept in this module:
   write on only adds the replay to the runner's targets; whatever happened
   between the last replay batch and the switch is after the replay's
   checkpoint, so the runner applies it.
+* **Live never waits** (``LiveRunner``): a dual-writing replay's writes run in a
+  savepoint under a short lock timeout, after the live copies'. A replay that
+  meets a lock or another transient error stays behind (its checkpoint did not
+  move) and catches up from its own checkpoint on a later batch; one whose
+  projector raises or cannot be loaded leaves dual write (state failed).
+* Each projector gets its own copy of the event payloads when another projector
+  sees the same events after it, so nothing one does to ``event.data`` reaches
+  another.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import ProjectorError, RunnerBusy
+from zdr.errors import ProjectorError, RunnerBusy, is_transient
 from zdr.locks import lock_live_batch
 from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
@@ -39,6 +47,12 @@ from zdr.replay import Progress, Replay, ReplayState
 from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transaction
 
 log = logging.getLogger("zdr")
+
+# Module constants until zdr.settings has fields for them.
+#: How long a dual-writing replay's writes may wait for a lock inside a live batch.
+DUAL_WRITE_LOCK_TIMEOUT_MS = 100
+#: How long a replay that stayed behind is left out of live batches before it is tried again.
+DUAL_WRITE_RETRY_S = 1.0
 
 
 @dataclass
@@ -65,12 +79,20 @@ def replay_target(registry: Registry, replay: Replay, *, where: str | None = Non
     )
 
 
-def apply_batch(conn: sa.Connection, target: Target, events: Sequence[RecordedEvent]) -> None:
+def apply_batch(
+    conn: sa.Connection,
+    target: Target,
+    events: Sequence[RecordedEvent],
+    *,
+    shared: bool = False,
+) -> None:
     """Claim the checkpoint, then write; both commit or roll back with the caller.
 
     The caller's transaction must be open. Raises RunnerBusy if the checkpoint is
     no longer where ``target.cursor`` says (another runner moved it), and
-    ProjectorError if a projector raises.
+    ProjectorError if a projector raises. ``shared``: other projectors see these
+    same event objects after this target's, so every projector here gets its own
+    copy of the payloads (otherwise only those followed by another one here).
     """
     last = events[-1].cursor
     if not records.claim_checkpoint(
@@ -80,9 +102,11 @@ def apply_batch(conn: sa.Connection, target: Target, events: Sequence[RecordedEv
             f"the checkpoint of {target.where} moved under this runner: another runner "
             "wrote to it; nothing was applied"
         )
+    final = len(target.projectors) - 1
     with targets.writing_to(conn, target.schema_map):
-        for projector in target.projectors:
-            apply_events(projector, events, conn, where=target.where)
+        for i, projector in enumerate(target.projectors):
+            own_copy = shared or i < final
+            apply_events(projector, events, conn, where=target.where, own_copy=own_copy)
 
 
 class BatchRun:
@@ -209,6 +233,8 @@ class LiveRunner:
     def __init__(self, reader: EventReader, registry: Registry) -> None:
         self.reader = reader
         self.registry = registry
+        #: Replays that stayed behind: key -> monotonic time of their next try.
+        self._resting: dict[str, float] = {}
 
     def until_idle(self, conn: sa.Connection, batch_size: int, max_batches: int | None) -> int:
         """Apply batches until nothing is left (or ``max_batches``); return the count."""
@@ -257,36 +283,104 @@ class LiveRunner:
         return total
 
     def batch(self, conn: sa.Connection, batch_size: int) -> int:
-        """One batch to every target, from each target's own checkpoint; return its size."""
+        """One batch to every target, from each target's own checkpoint; return its size.
+
+        The live copies are written first; then each dual-writing replay in a
+        savepoint of its own (see ``_dual_write``). A replay that stayed behind is
+        left out for ``DUAL_WRITE_RETRY_S``, so that live reads from its own
+        checkpoint meanwhile.
+        """
         with conn.begin():
             # Held for this batch only; a swap waits for it and we wait for a swap.
             lock_live_batch(conn)
-            live_targets = self.targets(conn)
+            now = time.monotonic()
+            live_targets = [
+                t
+                for t in self.targets(conn)
+                if t.replay_key is None or self._resting.get(t.replay_key, 0.0) <= now
+            ]
             if not live_targets:
                 return 0
             events = self.reader.read(conn, min(t.cursor for t in live_targets), batch_size)
             if not events:
                 return 0
             cursors = [e.cursor for e in events]
-            for target in live_targets:
-                todo = events[bisect.bisect_right(cursors, target.cursor) :]
-                if not todo:
-                    continue
+            todo = [
+                (target, events[bisect.bisect_right(cursors, target.cursor) :])
+                for target in live_targets
+            ]
+            todo = [(target, mine) for target, mine in todo if mine]
+            own_setting: str | None = None
+            for i, (target, mine) in enumerate(todo):
+                # The last projector to see these events may have the originals.
+                shared = i < len(todo) - 1
                 if target.replay_key is None:
-                    apply_batch(conn, target, todo)
+                    apply_batch(conn, target, mine, shared=shared)
                     continue
-                # A broken new projector must not stop the live read model: its
-                # replay leaves dual write (state failed) and live goes on.
-                try:
-                    with conn.begin_nested():
-                        apply_batch(conn, target, todo)
-                except ProjectorError as exc:
-                    log.error("replay %r left dual write: %s", target.replay_key, exc)
-                    records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
+                if own_setting is None:
+                    own_setting = str(
+                        conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
+                    )
+                self._dual_write(conn, target, mine, shared=shared, own_setting=own_setting)
             return len(events)
 
+    def _dual_write(
+        self,
+        conn: sa.Connection,
+        target: Target,
+        events: Sequence[RecordedEvent],
+        *,
+        shared: bool,
+        own_setting: str,
+    ) -> None:
+        """Apply to a dual-writing replay without ever making the live batch wait on it.
+
+        Its writes run in a savepoint under a short ``lock_timeout``. A lock
+        timeout or another transient error rolls the savepoint back: the replay
+        stays behind (its checkpoint did not move) and catches up from its own
+        checkpoint on a later batch. A projector's own error takes it out of dual
+        write (state failed), and live goes on.
+        """
+        key = target.replay_key
+        assert key is not None
+        try:
+            with conn.begin_nested():
+                conn.exec_driver_sql(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (f"{DUAL_WRITE_LOCK_TIMEOUT_MS}ms",),
+                )
+                apply_batch(conn, target, events, shared=shared)
+                # SET LOCAL in a savepoint outlives its RELEASE (only ROLLBACK TO undoes
+                # it): the rest of the live batch gets its own setting back.
+                conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (own_setting,))
+        except Exception as exc:
+            if isinstance(exc, ProjectorError) and not is_transient(exc):
+                # A broken new projector must not stop the live read model.
+                log.error("replay %r left dual write: %s", key, exc)
+                records.set_state(conn, key, ReplayState.FAILED, error=str(exc))
+                self._resting.pop(key, None)
+                return
+            if not is_transient(exc) or conn.invalidated or not conn.in_transaction():
+                raise  # a lost connection fails the whole live batch, as anywhere else
+            if key not in self._resting:
+                log.warning(
+                    "replay %r stays behind in dual write (its copy is locked or the database "
+                    "is busy: %s); it catches up from its own checkpoint, next try in %.1f s",
+                    key,
+                    _one_line(exc),
+                    DUAL_WRITE_RETRY_S,
+                )
+            self._resting[key] = time.monotonic() + DUAL_WRITE_RETRY_S
+            return
+        if self._resting.pop(key, None) is not None:
+            log.info("replay %r writes again in dual write", key)
+
     def targets(self, conn: sa.Connection) -> list[Target]:
-        """Every live copy, then every dual-writing replay, each at its own checkpoint."""
+        """Every live copy, then every dual-writing replay, each at its own checkpoint.
+
+        A dual-writing replay whose projector cannot be loaded in this process
+        leaves dual write (state failed, the error names the path); live goes on.
+        """
         found = [
             Target(
                 checkpoint=live_checkpoint(name),
@@ -299,5 +393,37 @@ class LiveRunner:
         ]
         for key in records.replay_keys(conn, ReplayState.DUAL_WRITING):
             replay = records.load_replay(conn, key, runs=False)
+            unloadable = _unloadable(self.registry, replay)
+            if unloadable is not None:
+                log.error("replay %r left dual write: %s", key, unloadable)
+                records.set_state(conn, key, ReplayState.FAILED, error=unloadable)
+                self._resting.pop(key, None)
+                continue
             found.append(replay_target(self.registry, replay))
         return found
+
+
+def _unloadable(registry: Registry, replay: Replay) -> str | None:
+    """Why one of the replay's projector classes cannot be loaded here (None: all can)."""
+    for name, path in sorted(replay.projectors.items()):
+        try:
+            registry.for_path(path)
+        except Exception as exc:  # an import runs arbitrary code: anything may come out
+            return (
+                f"projector {path} (projection {name!r}) of replay {replay.key!r} cannot be "
+                f"loaded by the live runner: {_one_line(exc)}. Make it importable in the live "
+                f"runner's process, then `zdr replay {replay.key}` and `zdr enable-dual-write "
+                f"{replay.key}`; a class defined in __main__ never is: remove the replay and "
+                "create it again from a module"
+            )
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    cause = exc
+    while isinstance(cause, ProjectorError | sa.exc.DBAPIError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, sa.exc.DBAPIError) and cause.orig is not None:
+        cause = cause.orig
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"
