@@ -80,17 +80,22 @@ def test_a_slow_replay_does_not_hold_the_live_runner_back(manager, engine, monke
 def test_a_projector_cannot_append_events_from_a_replay_transaction(manager, engine):
     """The horizon passes replay transactions only because they append no events."""
 
-    class Appending(BalancesV2):
-        def handle_batch(self, events, conn):
-            manager.store.append("sneaky", [{"type": "Ok", "data": {}}], conn=conn)
-
     seed(manager.store, 50)
-    manager.create_replay("sneaky", [Appending()])
+    manager.create_replay("sneaky", [AppendingBalances()])
     with pytest.raises(zdr.ProjectorError, match="cannot be appended from a replay's transaction"):
         manager.start_replay("sneaky")
     with engine.connect() as conn:
         sneaked = conn.exec_driver_sql("SELECT count(*) FROM zdr.events WHERE stream_id = 'sneaky'")
         assert sneaked.scalar_one() == 0
+
+
+class AppendingBalances(BalancesV2):
+    """A projector that (wrongly) appends an event with plain SQL while it projects."""
+
+    def handle_batch(self, events, conn):
+        conn.exec_driver_sql(
+            "INSERT INTO zdr.events (stream_id, type, data) VALUES ('sneaky', 'Ok', '{}')"
+        )
 
 
 def _opened(account: str) -> dict:
