@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 import zdr
 from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
-from zdr.examples.bank.projectors import BalancesV2
+from zdr.examples.bank.projectors import BalancesV2, History
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -123,3 +123,12 @@ def wait_until_gone(data_dir: Path, seconds: float = 10) -> list[psutil.Process]
     while (left := postgres_on(data_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+class SlowHistory(History):
+    """History that takes 0.1 ms per event: a read model whose build from the start of a
+    long log takes seconds."""
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        super().handle_batch(events, conn)
+        time.sleep(len(events) * 0.0001)

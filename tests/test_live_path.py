@@ -8,8 +8,17 @@ import time
 import pytest
 
 import zdr
-from tests.support import SlowBalancesV2, assert_balances_match_fold, balances, seed, wait_for
-from zdr.examples.bank.projectors import LIVE, BalancesV2
+from tests.support import (
+    SlowBalancesV2,
+    SlowHistory,
+    assert_balances_match_fold,
+    assert_history_exactly_once,
+    balances,
+    seed,
+    wait_for,
+)
+from zdr.examples.bank.domain import BankSimulator
+from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2
 
 
 def _timed(work) -> tuple[threading.Thread, dict[str, float]]:
@@ -120,3 +129,32 @@ def _terminate_other_sessions(admin) -> None:
            WHERE datname = current_database() AND pid <> pg_backend_pid()"""
     )
     admin.commit()
+
+
+def test_a_new_read_model_builds_without_holding_live_back(engine):
+    """A read model registered on a long log catches up in slices between live batches."""
+    manager = zdr.ReplayManager(engine, projectors=[Balances()])
+    manager.setup()
+    manager.store.import_events(BankSimulator(accounts=500, seed=5).stream(40_000))
+    manager.project_live()
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    live.start()
+    try:
+        zdr.ReplayManager(engine, projectors=[SlowHistory()]).setup()  # builds from 0: 4 s
+        latencies = []
+        for i in range(5):
+            manager.store.append(f"acc-new-{i}", [_opened(f"acc-new-{i}")])
+            appended = time.monotonic()
+            wait_for(lambda i=i: f"acc-new-{i}" in balances(engine), timeout=60, interval=0.01)
+            latencies.append(time.monotonic() - appended)
+        wait_for(
+            lambda: manager.checkpoints()["live:history"] == manager.checkpoints()["live:balances"],
+            timeout=120,
+        )
+    finally:
+        stop.set()
+        live.join(60)
+    assert max(latencies) < 1.0, f"append to live took {max(latencies):.2f}s during a build"
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)

@@ -27,7 +27,6 @@ Where the invariants of DESIGN.md are kept in this module:
 
 from __future__ import annotations
 
-import bisect
 import logging
 import threading
 import time
@@ -53,6 +52,11 @@ log = logging.getLogger("zdr")
 DUAL_WRITE_LOCK_TIMEOUT_MS = 100
 #: How long a replay that stayed behind is left out of live batches before it is tried again.
 DUAL_WRITE_RETRY_S = 1.0
+#: Events one target that is behind the others (a new read model building from the
+#: start of the log, a replay back from a pause) applies per live batch: its catch-up
+#: rides along in bounded slices instead of making every live batch read from its
+#: checkpoint.
+CATCH_UP_SLICE = 2_000
 
 
 @dataclass
@@ -235,6 +239,7 @@ class LiveRunner:
         self.registry = registry
         #: Replays that stayed behind: key -> monotonic time of their next try.
         self._resting: dict[str, float] = {}
+        self._turn = 0  # which target that is behind gets the next catch-up slice
 
     def until_idle(self, conn: sa.Connection, batch_size: int, max_batches: int | None) -> int:
         """Apply batches until nothing is left (or ``max_batches``); return the count."""
@@ -283,12 +288,16 @@ class LiveRunner:
         return total
 
     def batch(self, conn: sa.Connection, batch_size: int) -> int:
-        """One batch to every target, from each target's own checkpoint; return its size.
+        """One batch to the targets at the front, and one slice to a target behind them;
+        return the number of events applied to the front plus the slice.
 
-        The live copies are written first; then each dual-writing replay in a
-        savepoint of its own (see ``_dual_write``). A replay that stayed behind is
-        left out for ``DUAL_WRITE_RETRY_S``, so that live reads from its own
-        checkpoint meanwhile.
+        Each target goes from its own checkpoint. The targets at the front (in steady
+        state: all of them) share one read of up to ``batch_size`` events; a target
+        behind them (a new read model, a replay back from a pause) catches up in
+        slices of ``CATCH_UP_SLICE``, one target per batch in turn, so it never
+        makes the front wait for its whole history. The live copies are written
+        first; each dual-writing replay in a savepoint of its own (``_dual_write``).
+        A replay that stayed behind is left out for ``DUAL_WRITE_RETRY_S``.
         """
         with conn.begin():
             # Held for this batch only; a swap waits for it and we wait for a swap.
@@ -301,28 +310,49 @@ class LiveRunner:
             ]
             if not live_targets:
                 return 0
-            events = self.reader.read(conn, min(t.cursor for t in live_targets), batch_size)
-            if not events:
-                return 0
-            cursors = [e.cursor for e in events]
-            todo = [
-                (target, events[bisect.bisect_right(cursors, target.cursor) :])
-                for target in live_targets
-            ]
-            todo = [(target, mine) for target, mine in todo if mine]
+            front = max(t.cursor for t in live_targets)
+            leaders = [t for t in live_targets if t.cursor == front]
+            behind = [t for t in live_targets if t.cursor < front]
+            events = self.reader.read(conn, front, batch_size)
             own_setting: str | None = None
-            for i, (target, mine) in enumerate(todo):
+            for i, target in enumerate(leaders):
+                if not events:
+                    break
                 # The last projector to see these events may have the originals.
-                shared = i < len(todo) - 1
-                if target.replay_key is None:
-                    apply_batch(conn, target, mine, shared=shared)
-                    continue
-                if own_setting is None:
-                    own_setting = str(
-                        conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
-                    )
-                self._dual_write(conn, target, mine, shared=shared, own_setting=own_setting)
-            return len(events)
+                own_setting = self._apply_to(
+                    conn, target, events, shared=i < len(leaders) - 1, own_setting=own_setting
+                )
+            applied = len(events)
+            if behind:
+                self._turn = (self._turn + 1) % len(behind)
+                target = sorted(behind, key=lambda t: t.checkpoint)[self._turn]
+                reached = events[-1].cursor if events else front
+                slice_ = self.reader.read(conn, target.cursor, CATCH_UP_SLICE, until=reached)
+                if slice_:
+                    self._apply_to(conn, target, slice_, shared=False, own_setting=own_setting)
+                    applied += len(slice_)
+            return applied
+
+    def _apply_to(
+        self,
+        conn: sa.Connection,
+        target: Target,
+        events: Sequence[RecordedEvent],
+        *,
+        shared: bool,
+        own_setting: str | None,
+    ) -> str | None:
+        """Apply to one target: a live copy directly, a replay through ``_dual_write``.
+        Returns the live batch's own lock_timeout (read once, for the replays)."""
+        if target.replay_key is None:
+            apply_batch(conn, target, events, shared=shared)
+            return own_setting
+        if own_setting is None:
+            own_setting = str(
+                conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
+            )
+        self._dual_write(conn, target, events, shared=shared, own_setting=own_setting)
+        return own_setting
 
     def _dual_write(
         self,
