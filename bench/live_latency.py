@@ -27,26 +27,14 @@ import threading
 import time
 from pathlib import Path
 
-import sqlalchemy as sa
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zdr  # noqa: E402
-from zdr.config import embedded_url, to_sqlalchemy_url  # noqa: E402
+from bench.replay_bench import fresh_database  # noqa: E402
 from zdr.examples.bank.domain import BankSimulator  # noqa: E402
 from zdr.examples.bank.projectors import Balances, BalancesV2, History  # noqa: E402
 
 PROBE_EVERY_S = 0.05
-
-
-def fresh_database(url: str | None) -> str:
-    if url:
-        return to_sqlalchemy_url(url)
-    server = sa.create_engine(embedded_url(), isolation_level="AUTOCOMMIT")
-    with server.connect() as conn:
-        conn.exec_driver_sql('DROP DATABASE IF EXISTS "zdr_live_bench" WITH (FORCE)')
-        conn.exec_driver_sql('CREATE DATABASE "zdr_live_bench"')
-    return server.url.set(database="zdr_live_bench").render_as_string(hide_password=False)
 
 
 class Probe:
@@ -103,7 +91,7 @@ def main() -> None:
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
-    url = fresh_database(args.database_url)
+    url = fresh_database(args.database_url, "zdr_live_bench")
     manager = zdr.ReplayManager(url, projectors=[Balances()])
     manager.setup()
     for replay in manager.list_replays():  # left by an interrupted run

@@ -39,14 +39,15 @@ BASELINE_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS bench_naive.balances (
     events integer NOT NULL DEFAULT 0, closed boolean NOT NULL DEFAULT false)"""
 
 
-def fresh_database(url: str | None) -> str:
+def fresh_database(url: str | None, name: str = "zdr_bench") -> str:
+    """The URL given, else a database ``name`` made afresh in the embedded PostgreSQL."""
     if url:
         return to_sqlalchemy_url(url)
     server = sa.create_engine(embedded_url(), isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
-        conn.exec_driver_sql('DROP DATABASE IF EXISTS "zdr_bench" WITH (FORCE)')
-        conn.exec_driver_sql('CREATE DATABASE "zdr_bench"')
-    return server.url.set(database="zdr_bench").render_as_string(hide_password=False)
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    return server.url.set(database=name).render_as_string(hide_password=False)
 
 
 def naive_replay(url: str, store: zdr.EventStore, sample: int) -> float:

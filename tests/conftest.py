@@ -90,3 +90,25 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture()
+def cli(database_url, manager, capsys, monkeypatch):
+    """Run `zdr ARGS...` in process on the test database; return (exit code, stdout, stderr)."""
+    from zdr.cli.main import main
+
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.delenv("ZDR_HORIZON_WARNING_S", raising=False)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

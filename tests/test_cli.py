@@ -19,25 +19,6 @@ LIVE = ",".join(
 )
 
 
-@pytest.fixture()
-def cli(database_url, manager, capsys, monkeypatch):
-    """Run `zdr ARGS...` in process; return (exit code, stdout, stderr)."""
-    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    monkeypatch.setenv("COLUMNS", "200")
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 def _catalog(engine):
     with engine.connect() as conn:
         return (

@@ -19,7 +19,6 @@ import sqlalchemy as sa
 
 import zdr
 from tests.support import seed, wait_for
-from zdr.cli.main import main
 
 APP = "zdr-test-blocker"
 BALANCES = "zdr.examples.bank.projectors:Balances"
@@ -65,25 +64,6 @@ def write_transaction(url: str, application: str = APP) -> Iterator[tuple[sa.Con
                     conn.rollback()
     finally:
         engine.dispose()
-
-
-@pytest.fixture()
-def cli(database_url, manager, capsys, monkeypatch):
-    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    monkeypatch.setenv("COLUMNS", "300")
-    monkeypatch.delenv("ZDR_HORIZON_WARNING_S", raising=False)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
 
 
 def _quiet(manager: zdr.ReplayManager) -> None:
