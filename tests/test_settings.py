@@ -10,7 +10,7 @@ import pytest
 
 import zdr
 from tests.support import seed
-from zdr.examples.bank.projectors import BalancesV2
+from zdr.examples.bank.projectors import Balances, BalancesV2, History
 from zdr.locks import holding_live_batch_lock
 
 
@@ -28,6 +28,9 @@ from zdr.locks import holding_live_batch_lock
         ({"lock_timeout_s": 5e6}, "at most 86400"),
         ({"sample_interval_s": math.nan}, "sample_interval_s must be a number of seconds"),
         ({"events_per_task": 0}, "events_per_task must be a whole number of at least 1"),
+        ({"catch_up_slice": 0}, "catch_up_slice must be a whole number of at least 1"),
+        ({"dual_write_lock_timeout_s": 0}, "dual_write_lock_timeout_s must be a number of seconds"),
+        ({"dual_write_retry_s": -1}, "dual_write_retry_s must be a number of seconds 0 or more"),
         ({"bogus": 1}, "unknown settings: bogus"),
     ],
 )
@@ -68,6 +71,21 @@ def test_changing_a_managers_lock_timeout_reaches_promotion(manager, engine):
         manager.promote("v2")
     with pytest.raises(zdr.ConfigurationError, match="swap_attempts"):
         manager.swap_attempts = 0
+
+
+def test_changing_a_managers_catch_up_slice_reaches_the_live_runner(engine):
+    """A read model that is behind catches up by ``catch_up_slice`` events per live batch."""
+    first = zdr.ReplayManager(engine, projectors=[Balances()])
+    first.setup()
+    seed(first.store, 1_000)
+    first.project_live()
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), History()])
+    manager.setup()
+    manager.settings = manager.settings.replace(catch_up_slice=150)
+    manager.project_live(max_batches=2)
+    checkpoints = manager.checkpoints()
+    assert checkpoints["live:history"].position == 300
+    assert checkpoints["live:balances"].position == 1_000
 
 
 def test_a_bad_batch_size_for_one_call_is_refused_before_anything_changes(manager, engine):

@@ -123,7 +123,7 @@ class ReplayManager:
         self.store = EventStore(self.engine)
         self.reader: EventReader = reader or self.store
         self.registry = Registry(projectors)
-        self._live = LiveRunner(self.reader, self.registry)
+        self._live = LiveRunner(self.reader, self.registry, settings)
         self._promotion = Promotion(self.engine, self.reader, self.registry, settings)
         self.settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -139,6 +139,7 @@ class ReplayManager:
             raise ConfigurationError(f"settings must be a zdr.Settings, got {settings!r}")
         self._settings = settings
         self._promotion.settings = settings
+        self._live.settings = settings
 
     @property
     def batch_size(self) -> int:

@@ -31,7 +31,7 @@ from zdr.locks import lock_live_batch
 from zdr.registry import Registry
 from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
 from zdr.runner import BatchRun, apply_batch, replay_target
-from zdr.settings import Settings
+from zdr.settings import Settings, lock_timeout_setting
 from zdr.store import Cursor, EventReader
 
 log = logging.getLogger("zdr")
@@ -163,13 +163,13 @@ class Promotion:
         """
         lock_timeout_s = self.settings.lock_timeout_s
         attempts = self.settings.swap_attempts
-        timeout_ms = max(int(lock_timeout_s * 1000), 1)
+        timeout = lock_timeout_setting(lock_timeout_s)
         last: Exception | None = None
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
             try:
                 with conn.begin():
-                    conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{timeout_ms}ms'")
+                    conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (timeout,))
                     if live_batch:
                         lock_live_batch(conn)
                     locked = time.perf_counter()

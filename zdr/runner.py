@@ -43,20 +43,10 @@ from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
 from zdr.registry import Registry
 from zdr.replay import Progress, Replay, ReplayState
+from zdr.settings import DEFAULTS, Settings, lock_timeout_setting
 from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transaction
 
 log = logging.getLogger("zdr")
-
-# Module constants until zdr.settings has fields for them.
-#: How long a dual-writing replay's writes may wait for a lock inside a live batch.
-DUAL_WRITE_LOCK_TIMEOUT_MS = 100
-#: How long a replay that stayed behind is left out of live batches before it is tried again.
-DUAL_WRITE_RETRY_S = 1.0
-#: Events one target that is behind the others (a new read model building from the
-#: start of the log, a replay back from a pause) applies per live batch: its catch-up
-#: rides along in bounded slices instead of making every live batch read from its
-#: checkpoint.
-CATCH_UP_SLICE = 2_000
 
 
 @dataclass
@@ -234,9 +224,13 @@ class LiveRunner:
     The caller holds the live runner lock (one live runner per database).
     """
 
-    def __init__(self, reader: EventReader, registry: Registry) -> None:
+    def __init__(
+        self, reader: EventReader, registry: Registry, settings: Settings = DEFAULTS
+    ) -> None:
         self.reader = reader
         self.registry = registry
+        #: dual_write_lock_timeout_s, dual_write_retry_s and catch_up_slice are read here.
+        self.settings = settings
         #: Replays that stayed behind: key -> monotonic time of their next try.
         self._resting: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
@@ -294,10 +288,10 @@ class LiveRunner:
         Each target goes from its own checkpoint. The targets at the front (in steady
         state: all of them) share one read of up to ``batch_size`` events; a target
         behind them (a new read model, a replay back from a pause) catches up in
-        slices of ``CATCH_UP_SLICE``, one target per batch in turn, so it never
-        makes the front wait for its whole history. The live copies are written
+        slices of ``settings.catch_up_slice``, one target per batch in turn, so it
+        never makes the front wait for its whole history. The live copies are written
         first; each dual-writing replay in a savepoint of its own (``_dual_write``).
-        A replay that stayed behind is left out for ``DUAL_WRITE_RETRY_S``.
+        A replay that stayed behind is left out for ``settings.dual_write_retry_s``.
         """
         with conn.begin():
             # Held for this batch only; a swap waits for it and we wait for a swap.
@@ -327,7 +321,9 @@ class LiveRunner:
                 self._turn = (self._turn + 1) % len(behind)
                 target = sorted(behind, key=lambda t: t.checkpoint)[self._turn]
                 reached = events[-1].cursor if events else front
-                slice_ = self.reader.read(conn, target.cursor, CATCH_UP_SLICE, until=reached)
+                slice_ = self.reader.read(
+                    conn, target.cursor, self.settings.catch_up_slice, until=reached
+                )
                 if slice_:
                     self._apply_to(conn, target, slice_, shared=False, own_setting=own_setting)
                     applied += len(slice_)
@@ -377,7 +373,7 @@ class LiveRunner:
             with conn.begin_nested():
                 conn.exec_driver_sql(
                     "SELECT set_config('lock_timeout', %s, true)",
-                    (f"{DUAL_WRITE_LOCK_TIMEOUT_MS}ms",),
+                    (lock_timeout_setting(self.settings.dual_write_lock_timeout_s),),
                 )
                 apply_batch(conn, target, events, shared=shared)
                 # SET LOCAL in a savepoint outlives its RELEASE (only ROLLBACK TO undoes
@@ -398,9 +394,9 @@ class LiveRunner:
                     "is busy: %s); it catches up from its own checkpoint, next try in %.1f s",
                     key,
                     _one_line(exc),
-                    DUAL_WRITE_RETRY_S,
+                    self.settings.dual_write_retry_s,
                 )
-            self._resting[key] = time.monotonic() + DUAL_WRITE_RETRY_S
+            self._resting[key] = time.monotonic() + self.settings.dual_write_retry_s
             return
         if self._resting.pop(key, None) is not None:
             log.info("replay %r writes again in dual write", key)

@@ -44,9 +44,24 @@ class Settings:
     #: When an open transaction has held the safe horizon this long, ``zdr status`` warns
     #: and the live runner logs a warning naming it (events wait behind it meanwhile).
     horizon_warning_s: float = 30.0
+    #: How long a dual-writing replay's writes may wait for a lock inside a live batch;
+    #: past it the replay stays behind and the live batch goes on without it.
+    dual_write_lock_timeout_s: float = 0.1
+    #: How long a replay that stayed behind in dual write is left out before it is tried again.
+    dual_write_retry_s: float = 1.0
+    #: Events one target that is behind the others (a new read model building from the
+    #: start of the log, a replay back from a pause) applies per live batch, so that its
+    #: catch-up never makes the live batch read from its checkpoint.
+    catch_up_slice: int = 2_000
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "swap_attempts", "events_per_task", "catch_up_rounds"):
+        for name in (
+            "batch_size",
+            "swap_attempts",
+            "events_per_task",
+            "catch_up_rounds",
+            "catch_up_slice",
+        ):
             _whole(self, name, minimum=1)
         _whole(self, "approval_timeout_s", minimum=1)
         _whole(self, "lag_threshold", minimum=0)
@@ -54,6 +69,8 @@ class Settings:
         _seconds(self, "sample_interval_s")
         _seconds(self, "promotion_wait_s")
         _seconds(self, "horizon_warning_s")
+        _seconds(self, "dual_write_lock_timeout_s", above_zero=True, maximum=MAX_LOCK_TIMEOUT_S)
+        _seconds(self, "dual_write_retry_s")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (validated like the original)."""
@@ -94,6 +111,12 @@ def _seconds(
             f"{name} must be a number of seconds {wanted}{limit}, got {value!r}"
         )
     object.__setattr__(settings, name, number)
+
+
+def lock_timeout_setting(seconds: float) -> str:
+    """PostgreSQL's ``lock_timeout`` for a number of seconds (whole milliseconds, at least 1:
+    0 would mean "wait forever")."""
+    return f"{max(int(seconds * 1000), 1)}ms"
 
 
 DEFAULTS = Settings()
