@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.markup import escape
 
 import zdr
@@ -92,6 +93,18 @@ def with_horizon_warning(manager: zdr.ReplayManager, seconds: float | None) -> N
     """Apply ``--horizon-warning`` (validated like the setting: bad input exits 2)."""
     if seconds is not None:
         manager.settings = manager.settings.replace(horizon_warning_s=seconds)
+
+
+def log_to_stderr() -> None:
+    """zdr's own log lines (INFO and up) on stderr, for the long-running commands
+    (with --debug the root logger shows them already, and more)."""
+    if state["debug"]:
+        return
+    logger = logging.getLogger("zdr")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=err, show_path=False, markup=False))
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
 
 
 def paths(projectors: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ from zdr.cli.app import (
     Yes,
     app,
     err,
+    log_to_stderr,
     manager_for,
     paths,
     with_horizon_warning,
@@ -133,6 +134,14 @@ def live(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULTS.batch_size,
     horizon_warning: HorizonWarning = None,
+    take_over: Annotated[
+        bool,
+        typer.Option(
+            "--take-over",
+            help="If a live runner is running, wait for it to end and take over "
+            "(for a rolling restart) instead of exiting.",
+        ),
+    ] = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
@@ -141,6 +150,7 @@ def live(
     waited behind it longer than --horizon-warning seconds."""
     manager = manager_for(database_url, projectors)
     with_horizon_warning(manager, horizon_warning)
+    log_to_stderr()
     manager.setup()
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -153,7 +163,11 @@ def live(
 
     err.print("live runner started (Ctrl-C stops after the batch in flight)")
     total = manager.follow(
-        stop=stop, max_seconds=max_seconds, batch_size=batch_size, on_batch=on_batch
+        stop=stop,
+        max_seconds=max_seconds,
+        batch_size=batch_size,
+        on_batch=on_batch,
+        take_over=take_over,
     )
     err.print(f"live runner stopped: {total:,} events applied")
 

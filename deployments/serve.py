@@ -9,8 +9,11 @@ Deployments (name "<flow>/<deployment>"):
 
 * ``zero-downtime-replay/zero-downtime-replay``: the pipeline; no schedule,
   started from the UI with its parameters (key, projectors, ...).
-* ``live-projection/live-projection``: the live runner, every minute for 55 s,
-  so it keeps tailing the log; at most one run at a time.
+* ``live-projection/live-projection``: the live runner, started every minute and
+  running 90 s: each run waits for the one before it to end and takes over
+  within 50 ms, so the live read models never stand still between runs, and no
+  run is cancelled. A run whose process dies lets go of the lock with its
+  database session: the next run takes over at once.
 * ``replay-status/replay-status``, ``promote-replay/...``, ``rollback-replay/...``,
   ``remove-replay/...``: the operator's single steps, no schedule.
 
@@ -24,11 +27,12 @@ import argparse
 import os
 
 from prefect import serve
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 
 from zdr.examples.bank.projectors import LIVE
 from zdr.flows.operations import (
+    LIVE_RUN_INTERVAL_S,
+    LIVE_RUN_SECONDS,
     live_projection,
     promote_replay,
     remove_replay,
@@ -46,8 +50,20 @@ def live_projectors() -> list[str]:
     return paths or [cls.import_path() for cls in LIVE]
 
 
-def deployments(*, paused: bool = False) -> list[RunnerDeployment]:
-    """Every deployment, with its schedule (``paused`` turns the schedules off)."""
+def deployments(
+    *,
+    paused: bool = False,
+    live_interval_s: float = LIVE_RUN_INTERVAL_S,
+    live_run_s: float = LIVE_RUN_SECONDS,
+) -> list[RunnerDeployment]:
+    """Every deployment, with its schedule (``paused`` turns the schedules off).
+
+    The live runner's runs overlap on purpose (``live_run_s`` over ``live_interval_s``)
+    and take over from each other; a Prefect concurrency limit would cancel the
+    waiting run instead, and a worker that died would keep its slot for minutes.
+    """
+    if not live_interval_s < live_run_s < 2 * live_interval_s:
+        raise ValueError("a live run must last longer than the interval and under twice it")
     return [
         zero_downtime_replay.to_deployment(
             name="zero-downtime-replay",
@@ -56,12 +72,13 @@ def deployments(*, paused: bool = False) -> list[RunnerDeployment]:
         ),
         live_projection.to_deployment(
             name="live-projection",
-            interval=60,
+            interval=live_interval_s,
             paused=paused,
-            parameters={"projectors": live_projectors(), "max_seconds": 55.0},
-            concurrency_limit=ConcurrencyLimitConfig(
-                limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
-            ),
+            parameters={
+                "projectors": live_projectors(),
+                "max_seconds": live_run_s,
+                "take_over": True,
+            },
             tags=["zdr"],
         ),
         replay_status.to_deployment(name="replay-status", tags=["zdr"]),
@@ -76,8 +93,27 @@ def main() -> None:
         prog="python -m zdr.deployments.serve", description="Serve the zdr flows as deployments."
     )
     parser.add_argument("--paused", action="store_true", help="serve without running schedules")
+    parser.add_argument(
+        "--live-interval",
+        type=float,
+        default=LIVE_RUN_INTERVAL_S,
+        help="seconds between live-projection runs (default %(default)s)",
+    )
+    parser.add_argument(
+        "--live-run",
+        type=float,
+        default=LIVE_RUN_SECONDS,
+        help="seconds each live-projection run lasts from its scheduled start, more than "
+        "the interval and under twice it (default %(default)s)",
+    )
     args = parser.parse_args()
-    serve(*deployments(paused=args.paused))
+    try:
+        served = deployments(
+            paused=args.paused, live_interval_s=args.live_interval, live_run_s=args.live_run
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    serve(*served)
 
 
 if __name__ == "__main__":

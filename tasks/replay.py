@@ -133,16 +133,22 @@ def remove(database_url: str, replay_key: str) -> zdr.Replay:
 
 @task(name="project-live", **RETRIES)
 def project_live(
-    database_url: str, projectors: list[str], *, max_seconds: float, batch_size: int
+    database_url: str,
+    projectors: list[str],
+    *,
+    max_seconds: float,
+    batch_size: int,
+    take_over: bool = False,
 ) -> int:
-    """Apply new events to the live read models and dual-writing replays for a while."""
+    """Apply new events to the live read models and dual-writing replays for a while
+    (``take_over``: wait for a running live runner to end, then continue from it)."""
     manager = zdr.ReplayManager(
         manager_for(database_url).engine,
         projectors=[load_projector(path) for path in projectors],
         batch_size=batch_size,
     )
     manager.setup()
-    return manager.follow(max_seconds=max_seconds)
+    return manager.follow(max_seconds=max_seconds, take_over=take_over)
 
 
 @task(name="replay-status", **RETRIES)

@@ -11,14 +11,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,47 +46,6 @@ summary = zero_downtime_replay(
 )
 print(json.dumps(summary.model_dump()))
 """
-
-
-@pytest.fixture(scope="module")
-def prefect_server() -> Iterator[str]:
-    """A real Prefect server (API and UI) on a free port, with a home of its own."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    home = tempfile.mkdtemp(prefix="zdr-test-prefect-server-")
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": home,
-        "PREFECT_API_URL": api,
-        "PREFECT_UI_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: _healthy(api) or server.poll() is not None, timeout=120, interval=0.5)
-        assert server.poll() is None, "prefect server start exited"
-        yield api
-    finally:
-        server.terminate()
-        server.wait(30)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_approving_in_the_prefect_ui_promotes_the_replay(
@@ -206,11 +162,3 @@ def _chromium():
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='zdr-chromium-')}")
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False

@@ -10,6 +10,7 @@ import pytest
 import zdr
 from tests.support import balances, seed, wait_for
 from zdr.cli.main import main
+from zdr.locks import live_runner
 
 V1 = "zdr.examples.bank.projectors:Balances"
 V2 = "zdr.examples.bank.projectors:BalancesV2"
@@ -26,6 +27,19 @@ def _catalog(engine):
             conn.exec_driver_sql("SELECT name, position FROM zdr.checkpoints ORDER BY 1").all(),
             sorted(conn.exec_driver_sql("SELECT nspname FROM pg_namespace").scalars()),
         )
+
+
+def test_a_second_live_runner_names_the_first_or_waits_to_take_over(cli, engine):
+    with engine.connect() as holder, live_runner(holder):
+        pid = holder.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        holder.commit()
+        code, _, err = cli("live", "-p", LIVE, "--max-seconds", "5")
+        assert code == 1 and "already running on this database" in err
+        assert f"held by pid {pid}" in err
+        code, _, err = cli("live", "-p", LIVE, "--max-seconds", "0.5", "--take-over")
+        assert code == 1 and "waiting for it to end, then taking over" in err
+    code, _, err = cli("live", "-p", LIVE, "--max-seconds", "0.5", "--take-over")
+    assert code == 0 and "live runner stopped" in err
 
 
 def test_the_whole_life_cycle_from_the_command_line(cli, manager, engine):

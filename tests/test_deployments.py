@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-from tests.support import seed, wait_for
+from tests.support import balances, seed, wait_for
 from zdr.deployments.serve import deployments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +41,10 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
     assert not served[PIPELINE].schedules, "the pipeline is started by a person"
     [schedule] = served[LIVE].schedules
     assert schedule.schedule.interval == dt.timedelta(seconds=60)
-    assert served[LIVE].parameters["max_seconds"] < 60
-    assert served[LIVE].concurrency_limit == 1
+    # Runs overlap and take over from each other; a concurrency limit would cancel them.
+    assert 60 < served[LIVE].parameters["max_seconds"] < 120
+    assert served[LIVE].parameters["take_over"] is True
+    assert served[LIVE].concurrency_limit is None
     for deployment in served.values():
         flow = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
         # What a person fills in the UI's run form, plus the deployment's defaults.
@@ -62,6 +65,8 @@ def test_prefect_yaml_deployments_load_and_their_parameters_validate():
         assert deployment["work_pool"]["name"] == "zdr"
     live = next(d for d in spec["deployments"] if d["name"] == "live-projection")
     assert live["schedules"] == [{"interval": 60}]
+    assert 60 < live["parameters"]["max_seconds"] < 120 and live["parameters"]["take_over"]
+    assert "concurrency_limit" not in live
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -97,6 +102,85 @@ def test_a_served_deployment_runs_through_run_deployment(manager, engine, databa
     with engine.connect() as conn:
         applied = conn.exec_driver_sql("SELECT sum(events) FROM bank_balances.balances").scalar()
     assert applied == 300
+
+
+def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
+    prefect_server, manager, engine, database_url
+):
+    """Served as deployed (runs every 4 s, each lasting 6 s, scaled down from 60 and 90):
+    runs hand over to each other, so an append is in the live read model within a
+    second at any time, and every run that ended, ended Completed."""
+    seed(manager.store, 300)
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_server,
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "ZDR_DATABASE_URL": database_url,
+        "PYTHONPATH": str(ROOT),
+    }
+    served = subprocess.Popen(
+        [sys.executable, "-m", "zdr.deployments.serve", "--live-interval", "4", "--live-run", "6"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    latencies = []
+    try:
+        wait_for(lambda: _applied(engine) >= 300 or served.poll() is not None, timeout=120)
+        assert served.poll() is None, served.stderr.read().decode()[-2000:]
+        watched_from = dt.datetime.now(dt.UTC)
+        ends = time.monotonic() + 24  # four runs' worth of handovers
+        i = 0
+        while time.monotonic() < ends:
+            account = f"acc-scheduled-{i}"
+            manager.store.append(account, [_opened(account)])
+            appended = time.monotonic()
+            wait_for(lambda a=account: a in balances(engine), timeout=60, interval=0.01)
+            latencies.append(time.monotonic() - appended)
+            i += 1
+        runs = _live_runs(prefect_server)
+    finally:
+        served.terminate()
+        served.wait(60)
+    assert max(latencies) < 1.0, f"the live read model stood still for {max(latencies):.1f}s"
+    ended = [r for r in runs if r.state.is_final()]
+    assert all(r.state.is_completed() for r in ended), [
+        (r.name, r.state.name, r.state.message) for r in ended if not r.state.is_completed()
+    ]
+    handed_over = [r for r in ended if r.end_time and r.end_time > watched_from]
+    assert len(handed_over) >= 3, [(r.name, r.state.name, r.end_time) for r in runs]
+    # zdr's own log lines reach the run's logs in the UI: here the take-over.
+    logs = _log_lines(prefect_server, [r.id for r in handed_over])
+    assert any("took over after waiting" in line for line in logs), logs[-20:]
+
+
+def _applied(engine) -> int:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            "SELECT coalesce(sum(events), 0) FROM bank_balances.balances"
+        ).scalar_one()
+
+
+def _opened(account: str) -> dict:
+    return {"type": "AccountOpened", "data": {"account_id": account, "owner": "scheduled"}}
+
+
+def _live_runs(api: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["live-projection"]))
+        )
+
+
+def _log_lines(api: str, run_ids: list) -> list[str]:
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)))
+    return [log.message for log in logs]
 
 
 def _deployment_exists(name: str) -> bool:

@@ -19,6 +19,8 @@ from tests.support import (
 )
 from zdr.examples.bank.domain import BankSimulator
 from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2
+from zdr.locks import ZDR_LOCK_SPACE, live_runner
+from zdr.names import LIVE_RUNNER_LOCK
 
 
 def _timed(work) -> tuple[threading.Thread, dict[str, float]]:
@@ -158,3 +160,87 @@ def test_a_new_read_model_builds_without_holding_live_back(engine):
     assert max(latencies) < 1.0, f"append to live took {max(latencies):.2f}s during a build"
     assert_balances_match_fold(engine, manager.store)
     assert_history_exactly_once(engine, manager.store)
+
+
+def _append_and_time(manager, engine, account: str) -> float:
+    """Seconds from an append's commit to its row in the live balances."""
+    manager.store.append(account, [_opened(account)])
+    appended = time.monotonic()
+    wait_for(lambda: account in balances(engine), timeout=30, interval=0.01)
+    return time.monotonic() - appended
+
+
+def test_a_live_runner_that_takes_over_goes_on_from_the_one_before_with_no_gap(manager, engine):
+    """How the scheduled live runs hand over: the next waits, then continues at once."""
+    seed(manager.store, 200)
+    manager.project_live()
+    second = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE])
+    first = threading.Thread(
+        target=manager.follow, kwargs={"max_seconds": 1.5, "poll_interval": 0.02}
+    )
+    first.start()
+    wait_for(lambda: _live_runner_pid(engine) is not None, timeout=10, interval=0.02)
+    with pytest.raises(zdr.RunnerBusy, match=r"already running .*; held by pid \d+"):
+        second.project_live()  # without take_over: at once, naming the holder
+    took_over: dict[str, int] = {}
+    taker = threading.Thread(
+        target=lambda: took_over.update(
+            applied=second.follow(take_over=True, max_seconds=6.0, poll_interval=0.02)
+        )
+    )
+    taker.start()
+    latencies = []
+    ends = time.monotonic() + 4.0  # the first ends after 1.5 s, the second goes on
+    i = 0
+    while time.monotonic() < ends:
+        latencies.append(_append_and_time(manager, engine, f"acc-handover-{i}"))
+        i += 1
+    first.join(10)
+    taker.join(10)
+    assert max(latencies) < 1.0, f"an append waited {max(latencies):.2f}s across the handover"
+    assert took_over["applied"] > 0, "the second runner never took over"
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)
+
+
+def test_a_live_runner_whose_session_dies_is_taken_over_at_once(manager, engine):
+    """A killed process lets go of the lock with its session: the waiting runner goes on."""
+    seed(manager.store, 100)
+    manager.project_live()
+    stop = threading.Event()
+    with engine.connect() as holder, live_runner(holder):
+        taker = threading.Thread(
+            target=manager.follow,
+            kwargs={"take_over": True, "stop": stop, "poll_interval": 0.02},
+        )
+        taker.start()
+        manager.store.append("acc-stuck", [_opened("acc-stuck")])
+        time.sleep(0.5)
+        assert "acc-stuck" not in balances(engine), "two live runners ran at once"
+        with engine.connect() as admin:
+            admin.exec_driver_sql("SELECT pg_terminate_backend(%s)", (_live_runner_pid(engine),))
+            admin.commit()
+        try:
+            wait_for(lambda: "acc-stuck" in balances(engine), timeout=1.0, interval=0.01)
+        finally:
+            stop.set()
+            taker.join(10)
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_a_runner_that_cannot_take_over_in_its_time_ends_naming_the_holder(manager, engine):
+    with engine.connect() as holder, live_runner(holder):
+        started = time.monotonic()
+        with pytest.raises(zdr.RunnerBusy, match=r"held by pid \d+"):
+            manager.follow(take_over=True, max_seconds=0.5)
+        assert 0.5 <= time.monotonic() - started < 3.0
+
+
+def _live_runner_pid(engine) -> int | None:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND classid::bigint = %s AND objsubid = 2
+               AND objid::bigint = (hashtext(%s)::bigint & 4294967295)""",
+            (ZDR_LOCK_SPACE, LIVE_RUNNER_LOCK),
+        ).scalar()

@@ -4,8 +4,10 @@ Two kinds are used, both keyed in zdr's own lock space (first key 0x7a6472, "zdr
 
 * a *runner* lock, session level, taken with ``pg_try_advisory_lock`` for the
   whole time one process runs a replay or the live projection. A second runner
-  fails at once with RunnerBusy instead of queueing. PostgreSQL frees it when the
-  session ends, so a killed process never leaves a replay locked.
+  fails at once with RunnerBusy instead of queueing, unless it asked to wait and
+  take over (the scheduled live runner does: each run waits for the one before to
+  end). PostgreSQL frees it when the session ends, so a killed process never
+  leaves a replay locked.
 * the *live batch* lock, transaction level, taken by every live batch and by the
   transactions that swap, remove or switch on dual write, so those never
   interleave with a batch. It is held for one batch (milliseconds), and the
@@ -17,26 +19,73 @@ The lock names are spelled in ``zdr.names``.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from zdr.errors import LockLost, RunnerBusy
 from zdr.names import LIVE_BATCH_LOCK, LIVE_RUNNER_LOCK, SETUP_LOCK, pipeline_lock, replay_lock
 
+log = logging.getLogger("zdr")
+
 ZDR_LOCK_SPACE = 0x7A6472
+#: How often a runner that waits to take over asks for the lock again.
+TAKE_OVER_POLL_S = 0.05
+
+#: The advisory lock ``pg_advisory_lock(ZDR_LOCK_SPACE, hashtext(name))`` as pg_locks shows it.
+_HELD = """locktype = 'advisory' AND granted AND classid::bigint = %s AND objsubid = 2
+           AND objid::bigint = (hashtext(%s)::bigint & 4294967295)"""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """How a runner waits for a lock another runner holds: until the monotonic time
+    ``until`` (``math.inf``: no end) or until ``stop`` is set."""
+
+    until: float
+    stop: threading.Event | None = None
+
+    def over(self) -> bool:
+        return time.monotonic() >= self.until or (self.stop is not None and self.stop.is_set())
+
+    def pause(self) -> None:
+        pause = max(0.0, min(TAKE_OVER_POLL_S, self.until - time.monotonic()))
+        if self.stop is not None:
+            self.stop.wait(pause)
+        else:
+            time.sleep(pause)
 
 
 @contextmanager
-def runner_lock(conn: sa.Connection, name: str, *, busy_message: str) -> Iterator[None]:
-    """Hold the session-level lock ``name`` on ``conn`` or raise RunnerBusy at once."""
-    got = conn.exec_driver_sql(
-        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
-    ).scalar_one()
-    conn.commit()
-    if not got:
-        raise RunnerBusy(busy_message)
+def runner_lock(
+    conn: sa.Connection, name: str, *, busy_message: str, wait: Wait | None = None
+) -> Iterator[None]:
+    """Hold the session-level lock ``name`` on ``conn``, or raise RunnerBusy.
+
+    Without ``wait`` RunnerBusy comes at once. With it, the lock is asked for again
+    every ``TAKE_OVER_POLL_S`` until it is free, so the runner takes over within
+    that of the holder's end; between tries the session holds no transaction and
+    no snapshot (a blocking ``pg_advisory_lock`` would hold one the whole wait).
+    The message names the holder's pid and application.
+    """
+    started = time.monotonic()
+    waited = False
+    while not _try_lock(conn, name):
+        if wait is None or wait.over():
+            raise RunnerBusy(f"{busy_message}{_holder(conn, name)}")
+        if not waited:
+            log.info(
+                "%s%s: waiting for it to end, then taking over", busy_message, _holder(conn, name)
+            )
+            waited = True
+        wait.pause()
+    if waited:
+        log.info("took over after waiting %.1f s", time.monotonic() - started)
     try:
         yield
     finally:
@@ -52,13 +101,37 @@ def runner_lock(conn: sa.Connection, name: str, *, busy_message: str) -> Iterato
                 conn.commit()
 
 
-def live_runner(conn: sa.Connection) -> AbstractContextManager[None]:
-    """The one live runner of a database."""
+def _try_lock(conn: sa.Connection, name: str) -> bool:
+    got = conn.exec_driver_sql(
+        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
+    ).scalar_one()
+    conn.commit()
+    return bool(got)
+
+
+def _holder(conn: sa.Connection, name: str) -> str:
+    """``": held by pid N (application A)"`` for a busy message, or "" if it was let go."""
+    row = conn.exec_driver_sql(
+        f"""SELECT l.pid, a.application_name FROM pg_locks l
+            LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE {_HELD} LIMIT 1""",
+        (ZDR_LOCK_SPACE, name),
+    ).first()
+    conn.commit()
+    if row is None:
+        return ""
+    application = f", application {row.application_name!r}" if row.application_name else ""
+    return f"; held by pid {row.pid}{application}"
+
+
+def live_runner(conn: sa.Connection, wait: Wait | None = None) -> AbstractContextManager[None]:
+    """The one live runner of a database (``wait``: take over when the running one ends)."""
     return runner_lock(
         conn,
         LIVE_RUNNER_LOCK,
         busy_message="another live runner is already running on this database "
         "(only one may apply events to the live read models)",
+        wait=wait,
     )
 
 
@@ -95,10 +168,8 @@ class PipelineLock:
         name = pipeline_lock(self.key)
         try:
             held = self.conn.exec_driver_sql(
-                """SELECT EXISTS (SELECT 1 FROM pg_locks
-                   WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                     AND classid::bigint = %s AND objsubid = 2
-                     AND objid::bigint = (hashtext(%s)::bigint & 4294967295))""",
+                f"""SELECT EXISTS (SELECT 1 FROM pg_locks
+                    WHERE pid = pg_backend_pid() AND {_HELD})""",
                 (ZDR_LOCK_SPACE, name),
             ).scalar_one()
             self.conn.commit()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,7 +42,14 @@ from zdr import catalog, records, reports, targets
 from zdr.config import make_engine
 from zdr.errors import ConfigurationError, DuplicateReplay, NotSetUp, ReplayLagging, ReplayNotFound
 from zdr.horizon import Horizon, inspect_horizon
-from zdr.locks import PipelineLock, live_runner, lock_setup, pipeline_runner, replay_runner
+from zdr.locks import (
+    PipelineLock,
+    Wait,
+    live_runner,
+    lock_setup,
+    pipeline_runner,
+    replay_runner,
+)
 from zdr.names import replay_checkpoint, side_schema, validate_key
 from zdr.projector import Projector
 from zdr.promotion import Promotion
@@ -215,10 +223,21 @@ class ReplayManager:
         max_seconds: float | None = None,
         batch_size: int | None = None,
         on_batch: Callable[[int], None] | None = None,
+        take_over: bool = False,
     ) -> int:
-        """Keep tailing the log until ``stop`` is set or ``max_seconds`` pass; return the count."""
-        deadline = None if max_seconds is None else time.monotonic() + max_seconds
-        with self.engine.connect() as conn, live_runner(conn):
+        """Keep tailing the log until ``stop`` is set or ``max_seconds`` pass; return the count.
+
+        With ``take_over``, a live runner that is running already is waited for
+        (within ``max_seconds``) and taken over within 50 ms of its end, instead of
+        raising RunnerBusy at once: runs that overlap hand over with no gap. The
+        scheduled live-projection flow works this way.
+        """
+        started = time.monotonic()
+        deadline = None if max_seconds is None else started + max_seconds
+        wait = None
+        if take_over:
+            wait = Wait(until=math.inf if deadline is None else deadline, stop=stop)
+        with self.engine.connect() as conn, live_runner(conn, wait):
             return self._live.follow(
                 conn,
                 stop=stop or threading.Event(),
