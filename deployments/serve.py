@@ -10,10 +10,12 @@ Deployments (name "<flow>/<deployment>"):
 * ``zero-downtime-replay/zero-downtime-replay``: the pipeline; no schedule,
   started from the UI with its parameters (key, projectors, ...).
 * ``live-projection/live-projection``: the live runner, started every minute and
-  running 90 s: each run waits for the one before it to end and takes over
-  within 50 ms, so the live read models never stand still between runs, and no
-  run is cancelled. A run whose process dies lets go of the lock with its
-  database session: the next run takes over at once.
+  running 90 s from its scheduled start: each run waits for the one before it to
+  end and takes over within 50 ms, and a run goes on past its time until the
+  next one waits, so the live read models never stand still between runs, and
+  no run is cancelled. A run whose process dies lets go of the lock with its
+  database session: the next run takes over at once. ``--live-interval`` and
+  ``--live-run`` change the two numbers.
 * ``replay-status/replay-status``, ``promote-replay/...``, ``rollback-replay/...``,
   ``remove-replay/...``: the operator's single steps, no schedule.
 

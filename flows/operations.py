@@ -32,28 +32,35 @@ def live_projection(
 ) -> dict[str, Any]:
     """Apply new events to the live read models (and dual-writing replays) for a while.
 
-    A scheduled run ends ``max_seconds`` after its *scheduled* start, however early
-    or late its process started; a run started by hand lasts ``max_seconds``.
-    Deployed every minute with ``max_seconds`` 90, runs overlap: each waits for
+    Deployed every minute with ``max_seconds`` 90, the runs overlap: each waits for
     the one before it to end and takes over within 50 ms (``take_over``), so the
     live read models never stand still between runs and no run is cancelled. A
-    run that could not take over in its time, or that started after its time was
-    over, ends having done nothing.
+    scheduled run's time is counted from its *scheduled* start, however early or
+    late its process started, and it goes on past its time until the next run waits
+    to take over (for at most ``max_seconds`` more): a late worker leaves no gap.
+    A run started by hand lasts ``max_seconds``. A run that could not take over in
+    its time ends having done nothing.
     """
     logger = get_run_logger()
     url = resolve_url(database_url)
-    remaining = max_seconds - _late_by()
-    if remaining <= 0:
+    window = _window(max_seconds)
+    if window is None:
         message = (
-            f"started {max_seconds - remaining:.0f} s after its scheduled time, when its "
-            f"{max_seconds:g} s were over: a later run is the live runner now"
+            f"started more than {2 * max_seconds:g} s after its scheduled time: "
+            "a later run is the live runner now"
         )
         logger.info("nothing to do: %s", message)
         return {"applied": 0, "skipped": message}
+    remaining, overtime = window
     try:
         with zdr_logs_in_run():
             applied = steps.project_live(
-                url, projectors, max_seconds=remaining, batch_size=batch_size, take_over=take_over
+                url,
+                projectors,
+                max_seconds=remaining,
+                batch_size=batch_size,
+                take_over=take_over,
+                overtime_s=overtime,
             )
     except zdr.RunnerBusy as exc:
         logger.info("nothing to do: %s", exc)
@@ -62,13 +69,18 @@ def live_projection(
     return {"applied": applied, "skipped": None}
 
 
-def _late_by() -> float:
-    """Seconds since a scheduled run's scheduled start (negative if it started early);
-    0 for a run started by hand."""
+def _window(max_seconds: float) -> tuple[float, float] | None:
+    """(seconds left of this run's time, overtime allowed after it), or None when even
+    the overtime is over. A scheduled run counts from its scheduled start and may go
+    on up to ``max_seconds`` more; a run started by hand has ``max_seconds`` and no
+    overtime."""
     context = FlowRunContext.get()
     if context is None or not context.flow_run.auto_scheduled:
-        return 0.0
-    return (dt.datetime.now(dt.UTC) - context.flow_run.expected_start_time).total_seconds()
+        return max_seconds, 0.0
+    late = (dt.datetime.now(dt.UTC) - context.flow_run.expected_start_time).total_seconds()
+    if late >= 2 * max_seconds:
+        return None
+    return max(max_seconds - late, 0.0), min(max_seconds, 2 * max_seconds - late)
 
 
 @flow(name="promote-replay")

@@ -139,16 +139,17 @@ def project_live(
     max_seconds: float,
     batch_size: int,
     take_over: bool = False,
+    overtime_s: float = 0.0,
 ) -> int:
     """Apply new events to the live read models and dual-writing replays for a while
-    (``take_over``: wait for a running live runner to end, then continue from it)."""
+    (``take_over``, ``overtime_s``: see ``ReplayManager.follow``)."""
     manager = zdr.ReplayManager(
         manager_for(database_url).engine,
         projectors=[load_projector(path) for path in projectors],
         batch_size=batch_size,
     )
     manager.setup()
-    return manager.follow(max_seconds=max_seconds, take_over=take_over)
+    return manager.follow(max_seconds=max_seconds, take_over=take_over, overtime_s=overtime_s)
 
 
 @task(name="replay-status", **RETRIES)

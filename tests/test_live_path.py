@@ -244,3 +244,34 @@ def _live_runner_pid(engine) -> int | None:
                AND objid::bigint = (hashtext(%s)::bigint & 4294967295)""",
             (ZDR_LOCK_SPACE, LIVE_RUNNER_LOCK),
         ).scalar()
+
+
+def test_a_runner_past_its_time_goes_on_until_the_next_one_waits(manager, engine):
+    """A late next run leaves no gap: the one running hands over only once it waits."""
+    seed(manager.store, 100)
+    manager.project_live()
+    first_ended: dict[str, float] = {}
+
+    def first() -> None:
+        manager.follow(take_over=True, max_seconds=0.3, overtime_s=30, poll_interval=0.02)
+        first_ended["at"] = time.monotonic()
+
+    running = threading.Thread(target=first)
+    running.start()
+    time.sleep(1.5)  # well past its 0.3 s, and no one waits yet
+    assert running.is_alive(), "the runner stopped with no one to take over"
+    assert _append_and_time(manager, engine, "acc-overtime") < 1.0
+    second = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE])
+    asked = time.monotonic()
+    taker = threading.Thread(
+        target=second.follow, kwargs={"take_over": True, "max_seconds": 3, "poll_interval": 0.02}
+    )
+    taker.start()
+    running.join(10)
+    assert first_ended["at"] - asked < 1.0, "the runner did not hand over to the waiting one"
+    assert _append_and_time(manager, engine, "acc-after-handover") < 1.0
+    taker.join(10)
+    with pytest.raises(zdr.ConfigurationError, match="overtime_s must be a number of seconds"):
+        manager.follow(take_over=True, max_seconds=1, overtime_s=-1)
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)

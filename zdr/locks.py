@@ -25,11 +25,19 @@ import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
 from zdr.errors import LockLost, RunnerBusy
-from zdr.names import LIVE_BATCH_LOCK, LIVE_RUNNER_LOCK, SETUP_LOCK, pipeline_lock, replay_lock
+from zdr.names import (
+    LIVE_BATCH_LOCK,
+    LIVE_RUNNER_LOCK,
+    SETUP_LOCK,
+    pipeline_lock,
+    replay_lock,
+    waiting_for,
+)
 
 log = logging.getLogger("zdr")
 
@@ -74,17 +82,26 @@ def runner_lock(
     The message names the holder's pid and application.
     """
     started = time.monotonic()
-    waited = False
-    while not _try_lock(conn, name):
-        if wait is None or wait.over():
-            raise RunnerBusy(f"{busy_message}{_holder(conn, name)}")
-        if not waited:
-            log.info(
-                "%s%s: waiting for it to end, then taking over", busy_message, _holder(conn, name)
-            )
-            waited = True
-        wait.pause()
-    if waited:
+    waiting = False
+    try:
+        while not _try_lock(conn, name):
+            if wait is None or wait.over():
+                raise RunnerBusy(f"{busy_message}{_holder(conn, name)}")
+            if not waiting:
+                # Seen by the holder (``others_waiting``): it may hand over now.
+                _advisory(conn, "pg_advisory_lock_shared", waiting_for(name))
+                waiting = True
+                log.info(
+                    "%s%s: waiting for it to end, then taking over",
+                    busy_message,
+                    _holder(conn, name),
+                )
+            wait.pause()
+    finally:
+        if waiting:
+            with contextlib.suppress(sa.exc.DBAPIError):
+                _advisory(conn, "pg_advisory_unlock_shared", waiting_for(name))
+    if waiting:
         log.info("took over after waiting %.1f s", time.monotonic() - started)
     try:
         yield
@@ -95,18 +112,31 @@ def runner_lock(
             if conn.in_transaction():
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
-                conn.exec_driver_sql(
-                    "SELECT pg_advisory_unlock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
-                )
-                conn.commit()
+                _advisory(conn, "pg_advisory_unlock", name)
 
 
 def _try_lock(conn: sa.Connection, name: str) -> bool:
-    got = conn.exec_driver_sql(
-        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
+    return bool(_advisory(conn, "pg_try_advisory_lock", name))
+
+
+def _advisory(conn: sa.Connection, function: str, name: str) -> Any:
+    """``SELECT function(zdr's lock space, hashtext(name))``, committed at once: a session
+    that waits or holds a runner lock keeps no transaction open."""
+    value = conn.exec_driver_sql(
+        f"SELECT {function}(%s, hashtext(%s))", (ZDR_LOCK_SPACE, name)
     ).scalar_one()
     conn.commit()
-    return bool(got)
+    return value
+
+
+def others_waiting(conn: sa.Connection, name: str) -> bool:
+    """Whether another runner waits to take over the runner lock ``name``."""
+    waiting = conn.exec_driver_sql(
+        f"SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid <> pg_backend_pid() AND {_HELD})",
+        (ZDR_LOCK_SPACE, waiting_for(name)),
+    ).scalar_one()
+    conn.commit()
+    return bool(waiting)
 
 
 def _holder(conn: sa.Connection, name: str) -> str:
@@ -122,6 +152,11 @@ def _holder(conn: sa.Connection, name: str) -> str:
         return ""
     application = f", application {row.application_name!r}" if row.application_name else ""
     return f"; held by pid {row.pid}{application}"
+
+
+def live_runner_wanted(conn: sa.Connection) -> bool:
+    """Whether another live runner waits to take over from this one."""
+    return others_waiting(conn, LIVE_RUNNER_LOCK)
 
 
 def live_runner(conn: sa.Connection, wait: Wait | None = None) -> AbstractContextManager[None]:
@@ -202,17 +237,11 @@ def holding_live_batch_lock(conn: sa.Connection) -> Iterator[None]:
     For tests and drills: it stands for a live batch that takes as long as the
     block, so promotion, removal and the live runner wait for it.
     """
-    conn.exec_driver_sql(
-        "SELECT pg_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, LIVE_BATCH_LOCK)
-    )
-    conn.commit()
+    _advisory(conn, "pg_advisory_lock", LIVE_BATCH_LOCK)
     try:
         yield
     finally:
-        conn.exec_driver_sql(
-            "SELECT pg_advisory_unlock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, LIVE_BATCH_LOCK)
-        )
-        conn.commit()
+        _advisory(conn, "pg_advisory_unlock", LIVE_BATCH_LOCK)
 
 
 def _xact_lock(conn: sa.Connection, name: str) -> None:

@@ -64,7 +64,7 @@ from zdr.replay import (
     require_state,
 )
 from zdr.runner import BatchRun, LiveRunner, replay_target
-from zdr.settings import DEFAULTS, Settings
+from zdr.settings import DEFAULTS, Settings, seconds
 from zdr.store import Cursor, EventReader, EventStore
 from zdr.verify import VerificationReport, verify
 
@@ -224,19 +224,27 @@ class ReplayManager:
         batch_size: int | None = None,
         on_batch: Callable[[int], None] | None = None,
         take_over: bool = False,
+        overtime_s: float = 0.0,
     ) -> int:
         """Keep tailing the log until ``stop`` is set or ``max_seconds`` pass; return the count.
 
-        With ``take_over``, a live runner that is running already is waited for
-        (within ``max_seconds``) and taken over within 50 ms of its end, instead of
-        raising RunnerBusy at once: runs that overlap hand over with no gap. The
+        With ``take_over``, a live runner that is running already is waited for and
+        taken over within 50 ms of its end, instead of raising RunnerBusy at once;
+        and with ``overtime_s`` too, this runner goes on past ``max_seconds`` until
+        another one waits to take over from it (at most ``overtime_s`` longer). Runs
+        that overlap thus hand over with no gap even when the next one is late: the
         scheduled live-projection flow works this way.
         """
+        overtime_s = seconds("overtime_s", overtime_s)
+        if max_seconds is not None:
+            max_seconds = seconds("max_seconds", max_seconds)
         started = time.monotonic()
         deadline = None if max_seconds is None else started + max_seconds
-        wait = None
+        wait = hand_over_by = None
         if take_over:
-            wait = Wait(until=math.inf if deadline is None else deadline, stop=stop)
+            last = math.inf if deadline is None else deadline + overtime_s
+            wait = Wait(until=last, stop=stop)
+            hand_over_by = last if overtime_s and deadline is not None else None
         with self.engine.connect() as conn, live_runner(conn, wait):
             return self._live.follow(
                 conn,
@@ -245,6 +253,7 @@ class ReplayManager:
                 deadline=deadline,
                 batch_size=self._batch_size(batch_size),
                 on_batch=on_batch,
+                hand_over_by=hand_over_by,
                 horizon_warning_s=self.settings.horizon_warning_s,
             )
 

@@ -88,6 +88,12 @@ LIVE_BATCH_LOCK = "live-batch"
 SETUP_LOCK = "setup"
 
 
+def waiting_for(lock: str) -> str:
+    """The lock, held shared, of the runners that wait to take ``lock`` over: the holder
+    sees them in pg_locks and can hand over (the scheduled live runs do)."""
+    return f"{lock}/waiting"
+
+
 def replay_lock(key: str) -> str:
     """The session lock one run of a replay holds (one runner per replay)."""
     return f"replay:{key}"

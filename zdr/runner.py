@@ -38,7 +38,7 @@ import sqlalchemy as sa
 
 from zdr import records, targets
 from zdr.errors import ProjectorError, RunnerBusy, is_transient
-from zdr.locks import lock_live_batch
+from zdr.locks import live_runner_wanted, lock_live_batch
 from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
 from zdr.registry import Registry
@@ -256,8 +256,13 @@ class LiveRunner:
         batch_size: int,
         on_batch: Callable[[int], None] | None = None,
         horizon_warning_s: float | None = None,
+        hand_over_by: float | None = None,
     ) -> int:
         """Keep applying until ``stop`` is set or the monotonic ``deadline`` passes.
+
+        With ``hand_over_by`` (a later monotonic time): past the deadline, go on until
+        another live runner waits to take over, or that time passes, so the live read
+        models do not stand still while the next runner is late.
 
         With ``horizon_warning_s``: when nothing could be applied for longer than
         that while events wait above the safe horizon, log a warning naming the
@@ -267,7 +272,24 @@ class LiveRunner:
 
         watch = None if horizon_warning_s is None else HorizonWatch(self.reader, horizon_warning_s)
         total = 0
-        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+        overtime = False
+
+        def done() -> bool:
+            nonlocal overtime
+            now = time.monotonic()
+            if stop.is_set() or deadline is None or now < deadline:
+                return stop.is_set()
+            if hand_over_by is None or now >= hand_over_by:
+                return True
+            if live_runner_wanted(conn):
+                log.info("handing over to the live runner that waits to take over")
+                return True
+            if not overtime:
+                overtime = True
+                log.info("no live runner waits to take over yet: going on until one does")
+            return False
+
+        while not done():
             applied = self.until_idle(conn, batch_size, 1)
             total += applied
             if on_batch is not None and applied:

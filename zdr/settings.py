@@ -93,8 +93,13 @@ def _whole(settings: Settings, name: str, *, minimum: int) -> None:
 def _seconds(
     settings: Settings, name: str, *, above_zero: bool = False, maximum: float = math.inf
 ) -> None:
-    """A finite number of seconds, 0 or more (or more than 0); stored as a float."""
-    value = getattr(settings, name)
+    value = seconds(name, getattr(settings, name), above_zero=above_zero, maximum=maximum)
+    object.__setattr__(settings, name, value)
+
+
+def seconds(name: str, value: Any, *, above_zero: bool = False, maximum: float = math.inf) -> float:
+    """``value`` as a finite float of seconds, 0 or more (or more than 0), else
+    ConfigurationError naming ``name``; for a call's own arguments as for a setting."""
     wanted = "more than 0" if above_zero else "0 or more"
     number = None
     if not isinstance(value, bool) and isinstance(value, numbers.Real | decimal.Decimal):
@@ -105,12 +110,12 @@ def _seconds(
         and (number > 0 if above_zero else number >= 0)
         and number <= maximum
     )
-    if not ok:
+    if not ok or number is None:
         limit = f" and at most {maximum:g}" if math.isfinite(maximum) else ""
         raise ConfigurationError(
             f"{name} must be a number of seconds {wanted}{limit}, got {value!r}"
         )
-    object.__setattr__(settings, name, number)
+    return number
 
 
 def lock_timeout_setting(seconds: float) -> str:
