@@ -56,6 +56,41 @@ def test_setup_with_nothing_to_create_never_makes_appends_wait(manager, engine):
     assert append_took.get("s", 99) < 1.0, "an append waited behind setup"
 
 
+def test_setup_that_must_add_a_trigger_never_makes_appends_wait(manager, engine):
+    """The first set-up after an upgrade adds a trigger to the live event table while
+    the application has a transaction open that appended: appends go on meanwhile."""
+    with engine.begin() as conn:  # the event table as an older version left it
+        conn.exec_driver_sql("DROP TRIGGER refuse_runner_appends ON zdr.events")
+    upgraded = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], lock_timeout=0.1)
+    upgraded.swap_attempts = 20
+    with engine.connect() as app:
+        app.begin()
+        manager.store.append("app", [{"type": "Ok", "data": {}}], conn=app)  # left open
+        setup, setup_took = _timed(upgraded.setup)
+        time.sleep(0.3)  # set-up is waiting for its lock now
+        append_took = []
+        for i in range(5):
+            _, took = _timed(
+                lambda i=i: manager.store.append(f"b{i}", [{"type": "Ok", "data": {}}])
+            )
+            _.join(5)
+            append_took.append(took.get("s", 99))
+        assert setup.is_alive(), (
+            "set-up should still be trying while the application's lock is held"
+        )
+        app.commit()
+    setup.join(30)
+    assert max(append_took) < 0.5, f"an append waited {max(append_took):.2f}s behind set-up"
+    assert "s" in setup_took, "set-up did not finish once the application committed"
+    with engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'refuse_runner_appends'"
+            ).scalar_one()
+            == 1
+        )
+
+
 def test_a_slow_replay_does_not_hold_the_live_runner_back(manager, engine, monkeypatch):
     """Each replay batch holds a transaction id for seconds; live latency stays far below."""
     seed(manager.store, 600)

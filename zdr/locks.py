@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg.errors
 import sqlalchemy as sa
 
-from zdr.errors import LockLost, RunnerBusy
+from zdr.errors import LockLost, LockTimeout, RunnerBusy
 from zdr.names import (
     LIVE_BATCH_LOCK,
     LIVE_RUNNER_LOCK,
@@ -38,6 +40,7 @@ from zdr.names import (
     replay_lock,
     waiting_for,
 )
+from zdr.settings import lock_timeout_setting
 
 log = logging.getLogger("zdr")
 
@@ -218,6 +221,45 @@ class PipelineLock:
                 f"the pipeline run of replay {self.key!r} no longer holds its lock; it "
                 "stops here, before changing anything more: run it again"
             )
+
+
+T = TypeVar("T")
+
+
+def under_short_lock_timeout(
+    conn: sa.Connection,
+    body: Callable[[sa.Connection], T],
+    *,
+    lock_timeout_s: float,
+    attempts: int,
+    what: str,
+) -> tuple[T, int]:
+    """Run ``body`` in one transaction under ``lock_timeout_s``, retried with backoff;
+    return its value and the attempt that committed.
+
+    For statements whose locks conflict with the application's (a swap, DDL on the
+    event table): waiting for a lock queues everyone who comes after, so a short
+    wait, rolled back and tried again later, is what keeps their wait short. After
+    ``attempts`` LockTimeout names ``what``; nothing was changed.
+    """
+    timeout = lock_timeout_setting(lock_timeout_s)
+    last: Exception | None = None
+    for attempt in range(1, attempts + 1):
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (timeout,))
+                return body(conn), attempt
+        except sa.exc.OperationalError as exc:
+            if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                raise
+            last = exc
+            pause = min(0.05 * 2**attempt, 2.0) * random.uniform(0.5, 1.0)
+            log.info("%s: locks busy (attempt %d), retrying in %.2fs", what, attempt, pause)
+            time.sleep(pause)
+    raise LockTimeout(
+        f"could not {what}: the locks were busy for {attempts} attempts of "
+        f"{lock_timeout_s}s each; nothing was changed"
+    ) from last
 
 
 def lock_setup(conn: sa.Connection) -> None:

@@ -49,6 +49,7 @@ from zdr.locks import (
     lock_setup,
     pipeline_runner,
     replay_runner,
+    under_short_lock_timeout,
 )
 from zdr.names import replay_checkpoint, side_schema, validate_key
 from zdr.projector import Projector
@@ -195,13 +196,28 @@ class ReplayManager:
 
         Idempotent. A projection that is already live keeps the projector version
         recorded for it; a different registered version is only used by replays.
+        Raises LockTimeout if what it must create stayed locked for ``swap_attempts``
+        tries of ``lock_timeout_s`` (nothing is created then).
         """
-        with self.engine.begin() as conn:
+
+        def create(conn: sa.Connection) -> None:
             lock_setup(conn)
             self.store.create(conn)
             catalog.create(conn)
             for projector in self.registry.registered:
                 register_live(conn, projector)
+
+        # What is missing is created under the short lock timeout of a swap: DDL on a
+        # live event table (a trigger or index added by an upgrade) that waited for an
+        # open application transaction would make every append after it wait too.
+        with self.engine.connect() as conn:
+            under_short_lock_timeout(
+                conn,
+                create,
+                lock_timeout_s=self.settings.lock_timeout_s,
+                attempts=self.settings.swap_attempts,
+                what="set up zdr",
+            )
 
     # -- the live side ---------------------------------------------------------
 

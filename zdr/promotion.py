@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import psycopg.errors
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import InvalidState, LockTimeout, ReplayLagging
-from zdr.locks import lock_live_batch
+from zdr.errors import InvalidState, ReplayLagging
+from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.registry import Registry
 from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
 from zdr.runner import BatchRun, apply_batch, replay_target
-from zdr.settings import Settings, lock_timeout_setting
+from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
 
 log = logging.getLogger("zdr")
@@ -161,44 +159,36 @@ class Promotion:
         (milliseconds) and keeps the next one out until commit. Readers of the read
         models take no lock that conflicts with it.
         """
-        lock_timeout_s = self.settings.lock_timeout_s
-        attempts = self.settings.swap_attempts
-        timeout = lock_timeout_setting(lock_timeout_s)
-        last: Exception | None = None
-        for attempt in range(1, attempts + 1):
+        started = time.perf_counter()
+        locked = started
+
+        def swap(conn: sa.Connection) -> Replay:
+            nonlocal started, locked
             started = time.perf_counter()
-            try:
-                with conn.begin():
-                    conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (timeout,))
-                    if live_batch:
-                        lock_live_batch(conn)
-                    locked = time.perf_counter()
-                    replay = body(conn)
-                return Swapped(
-                    value=replay,
-                    report=SwapReport(
-                        key=key,
-                        state=replay.state,
-                        position=replay.position,
-                        lock_wait_ms=(locked - started) * 1000,
-                        duration_ms=(time.perf_counter() - started) * 1000,
-                        attempts=attempt,
-                        schemas=replay.schemas,
-                    ),
-                )
-            except sa.exc.OperationalError as exc:
-                if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
-                    raise
-                last = exc
-                pause = min(0.05 * 2**attempt, 2.0) * random.uniform(0.5, 1.0)
-                log.info(
-                    "%s %r: locks busy (attempt %d), retrying in %.2fs", what, key, attempt, pause
-                )
-                time.sleep(pause)
-        raise LockTimeout(
-            f"could not {what} replay {key!r}: the locks were busy for {attempts} "
-            f"attempts of {lock_timeout_s}s each; nothing was changed"
-        ) from last
+            if live_batch:
+                lock_live_batch(conn)
+            locked = time.perf_counter()
+            return body(conn)
+
+        replay, attempt = under_short_lock_timeout(
+            conn,
+            swap,
+            lock_timeout_s=self.settings.lock_timeout_s,
+            attempts=self.settings.swap_attempts,
+            what=f"{what} replay {key!r}",
+        )
+        return Swapped(
+            value=replay,
+            report=SwapReport(
+                key=key,
+                state=replay.state,
+                position=replay.position,
+                lock_wait_ms=(locked - started) * 1000,
+                duration_ms=(time.perf_counter() - started) * 1000,
+                attempts=attempt,
+                schemas=replay.schemas,
+            ),
+        )
 
     def require_at_live_position(self, conn: sa.Connection, replay: Replay) -> None:
         """Refuse (ReplayLagging) unless the replay is exactly where every live copy is."""
