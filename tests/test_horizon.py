@@ -107,6 +107,18 @@ def test_nothing_open_means_no_holder(manager, other_database):
     assert not found.held_longer_than(0)
 
 
+def test_a_replay_transaction_with_the_newest_id_is_not_named_as_the_holder(manager, engine):
+    """The horizon passes zdr's runner transactions, so they never hold it."""
+    _quiet(manager)
+    with engine.connect() as runner:
+        runner.begin()
+        zdr.store.mark_runner_transaction(runner)
+        runner.exec_driver_sql("SELECT pg_current_xact_id()")  # the newest id, still open
+        found = manager.horizon()
+        runner.rollback()
+    assert found.holder is None, found.describe()
+
+
 def test_zdr_horizon_prints_the_holder(cli, manager, other_database):
     name, url = other_database
     _quiet(manager)

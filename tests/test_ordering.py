@@ -174,3 +174,24 @@ def test_a_replay_transaction_in_progress_never_lets_the_horizon_pass_an_appende
     assert early > late
     assert_balances_match_fold(engine, manager.store)
     assert_history_exactly_once(engine, manager.store)
+
+
+def test_an_appender_that_takes_the_runners_name_after_appending_still_holds_the_horizon(
+    manager, engine
+):
+    """The name alone proves nothing: an append holds its lock on the event table to the
+    end of its transaction, and such a session is never passed, whatever its name."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with engine.connect() as app:
+        app_tx = app.begin()
+        manager.store.append("acc-late", [_opened("acc-late")], conn=app)
+        app.exec_driver_sql(f"SET LOCAL application_name = '{zdr.store.RUNNER_APPLICATION_NAME}'")
+        manager.store.append("acc-early", [_opened("acc-early")])
+        manager.project_live()
+        assert "acc-early" not in balances(engine), "read past an open appender"
+        app_tx.commit()
+    manager.project_live()
+    assert {"acc-late", "acc-early"} <= set(balances(engine))
+    assert_balances_match_fold(engine, manager.store)
+    assert_history_exactly_once(engine, manager.store)

@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from zdr import records
-from zdr.store import EventReader
+from zdr.store import RUNNER_XIDS, EventReader
 
 log = logging.getLogger("zdr")
 
@@ -46,6 +46,7 @@ _HOLDERS = """
            a.query, NULL::text, a.xact_start
     FROM pg_stat_activity a
     WHERE a.pid <> pg_backend_pid() AND a.backend_xid::text::bigint = %(xid)s
+      AND a.backend_xid::text::bigint NOT IN ({runners})
   UNION ALL
     SELECT 'prepared transaction', NULL::int, p.database::text, p.owner::text, NULL::text,
            'prepared', extract(epoch FROM clock_timestamp() - p.prepared)::float8,
@@ -59,7 +60,7 @@ _HOLDERS = """
     FROM pg_replication_slots s
     WHERE s.xmin::text::bigint = %(xid)s OR s.catalog_xmin::text::bigint = %(xid)s
   ORDER BY 10 NULLS LAST
-"""
+""".replace("{runners}", RUNNER_XIDS)
 
 
 @dataclass(frozen=True)

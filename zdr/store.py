@@ -100,13 +100,24 @@ RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
 # replay batch (seconds) from holding the live runner back for as long. Whatever is
 # not sure (a session's row not visible, a runner that moved on) counts as in
 # progress: the horizon can only come out lower, never past an appending transaction.
+#
+# A session's name is only half the proof: one could append first (the trigger lets it)
+# and take the runner's name after. An append holds RowExclusiveLock on the event table
+# until its transaction ends, so a session holding any lock stronger than a reader's on
+# it is never left out, whatever it calls itself.
+RUNNER_XIDS = f"""
+    SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
+    WHERE a.backend_xid IS NOT NULL AND a.application_name = '{RUNNER_APPLICATION_NAME}'
+      AND NOT EXISTS (
+          SELECT 1 FROM pg_locks l
+          WHERE l.pid = a.pid AND l.locktype = 'relation'
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND l.relation = to_regclass('zdr.events')
+            AND l.mode NOT IN ('AccessShareLock', 'RowShareLock'))"""
 _HORIZON = f"""(
     SELECT COALESCE(
         (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
-         WHERE (x::text::bigint & 4294967295) NOT IN (
-             SELECT backend_xid::text::bigint FROM pg_stat_activity
-             WHERE backend_xid IS NOT NULL
-               AND application_name = '{RUNNER_APPLICATION_NAME}')),
+         WHERE (x::text::bigint & 4294967295) NOT IN ({RUNNER_XIDS})),
         pg_snapshot_xmax(s.snap)::text::bigint)
     FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
 
