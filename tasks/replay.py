@@ -131,7 +131,9 @@ def remove(database_url: str, replay_key: str) -> zdr.Replay:
     return manager_for(database_url).remove_replay(replay_key)
 
 
-@task(name="project-live", **RETRIES)
+# No retries: a retry would start its time again and run past the run's end; the next
+# scheduled run takes over instead.
+@task(name="project-live", cache_policy=NO_CACHE)
 def project_live(
     database_url: str,
     projectors: list[str],

@@ -138,7 +138,7 @@ def test_the_short_lock_timeout_ends_with_the_replay_s_savepoint(manager, engine
             conn.exec_driver_sql("SET LOCAL lock_timeout = '7s'")
             [target] = [t for t in runner.targets(conn) if t.replay_key == "short"]
             events = manager.store.read(conn, target.cursor, 100)
-            runner._dual_write(conn, target, events, shared=False, own_setting="7s")
+            runner._side_write(conn, target, events, shared=False, own_setting="7s")
             assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "7s"
         dba.rollback()
     assert Watching.seen == ["100ms"]

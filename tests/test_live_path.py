@@ -18,7 +18,7 @@ from tests.support import (
     wait_for,
 )
 from zdr.examples.bank.domain import BankSimulator
-from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2
+from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2, History
 from zdr.locks import ZDR_LOCK_SPACE, live_runner
 from zdr.names import LIVE_RUNNER_LOCK
 
@@ -310,3 +310,116 @@ def test_a_runner_past_its_time_goes_on_until_the_next_one_waits(manager, engine
         manager.follow(take_over=True, max_seconds=1, overtime_s=-1)
     assert_balances_match_fold(engine, manager.store)
     assert_history_exactly_once(engine, manager.store)
+
+
+class PerEventHistory(History):
+    """A read model that costs 1 ms per event (say, a call per event to another system)."""
+
+    def handle_batch(self, events, conn):
+        super().handle_batch(events, conn)
+        time.sleep(len(events) * 0.001)
+
+
+def _latencies(manager, engine, n: int) -> list[float]:
+    return [_append_and_time(manager, engine, f"acc-probe-{time.monotonic_ns()}") for _ in range(n)]
+
+
+def test_a_slow_new_read_model_costs_live_at_most_its_budget_per_batch(engine):
+    """1 ms per event: a 2,000-event slice would hold each live batch up 2 s."""
+    manager = zdr.ReplayManager(engine, projectors=[Balances()])
+    manager.setup()
+    manager.store.import_events(BankSimulator(accounts=500, seed=5).stream(20_000))
+    manager.project_live()
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    live.start()
+    try:
+        zdr.ReplayManager(engine, projectors=[PerEventHistory()]).setup()
+        time.sleep(0.5)
+        during = _latencies(manager, engine, 5)
+        building = manager.checkpoints()["live:history"].position
+    finally:
+        stop.set()
+        live.join(60)
+    assert building > 0, "the new read model did not build meanwhile"
+    assert max(during) < 1.0, f"an append waited {max(during):.2f}s while a slow read model built"
+
+
+def test_a_slow_dual_writing_replay_costs_live_at_most_its_budget_per_batch(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("slow", [BalancesV2(), PerEventHistory()])
+    manager.start_replay("slow")
+    manager.enable_dual_write("slow")
+    manager.store.import_events(BankSimulator(accounts=50, seed=9, prefix="bulk").stream(5_000))
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    live.start()
+    try:
+        wait_for(lambda: manager.live_lag()["balances"] == 0, timeout=60)
+        assert manager.get_replay_lag("slow") > 1_000, "the replay should still be behind"
+        during = _latencies(manager, engine, 5)
+        wait_for(lambda: manager.get_replay_lag("slow") == 0, timeout=120, interval=0.2)
+    finally:
+        stop.set()
+        live.join(60)
+    assert max(during) < 1.0, f"an append waited {max(during):.2f}s behind a slow replay"
+    assert_history_exactly_once(engine, manager.store, "zdr_slow_2")
+    assert_balances_match_fold(engine, manager.store, "zdr_slow_1")
+
+
+class BrokenHistory(History):
+    """A new read model whose projector raises on one old event."""
+
+    def handle_batch(self, events, conn):
+        if any(e.position == 150 for e in events):
+            raise RuntimeError("cannot project event 150")
+        super().handle_batch(events, conn)
+
+
+def test_a_broken_new_read_model_stays_behind_and_the_others_go_on(engine, caplog):
+    manager = zdr.ReplayManager(engine, projectors=[Balances()])
+    manager.setup()
+    seed(manager.store, 300)
+    manager.project_live()
+    both = zdr.ReplayManager(engine, projectors=[Balances(), BrokenHistory()])
+    both.setup()
+    with caplog.at_level("ERROR", logger="zdr"):
+        both.project_live()
+        manager.store.append("acc-after-broken", [_opened("acc-after-broken")])
+        assert both.project_live() == 1  # balances go on
+    assert both.checkpoints()["live:history"].position < 150
+    assert "acc-after-broken" in balances(engine)
+    assert "cannot project event 150" in caplog.text and "stays behind" in caplog.text
+
+
+def test_a_live_read_model_this_runner_cannot_load_stands_still_and_the_others_go_on(
+    engine, caplog
+):
+    """Another process registered a read model whose module this live runner lacks."""
+    manager = zdr.ReplayManager(engine, projectors=[Balances()])
+    manager.setup()
+    seed(manager.store, 100)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO zdr.projections (name, projector, schemas) "
+            "VALUES ('ghost', 'nowhere.models:Ghost', '{ghost}')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO zdr.checkpoints (name, txid, position) VALUES ('live:ghost', 0, 0)"
+        )
+    with caplog.at_level("ERROR", logger="zdr"):
+        assert manager.project_live() == 100
+    assert "live projection 'ghost' stands still" in caplog.text
+    assert "nowhere.models:Ghost" in caplog.text
+
+
+def test_a_runner_stopped_while_it_waits_to_take_over_ends_quietly(manager, engine):
+    stop = threading.Event()
+    with engine.connect() as holder, live_runner(holder):
+        threading.Timer(0.3, stop.set).start()
+        assert manager.follow(take_over=True, stop=stop) == 0
+    with pytest.raises(zdr.ConfigurationError, match="poll_interval"):
+        manager.follow(max_seconds=1, poll_interval=0)
+    with pytest.raises(zdr.ConfigurationError, match="max_seconds"):
+        manager.follow(max_seconds=float("nan"))

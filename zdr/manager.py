@@ -25,6 +25,7 @@ clear errors                           ``zdr.errors``; translated here
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import math
@@ -40,7 +41,14 @@ import sqlalchemy as sa
 
 from zdr import catalog, records, reports, targets
 from zdr.config import make_engine
-from zdr.errors import ConfigurationError, DuplicateReplay, NotSetUp, ReplayLagging, ReplayNotFound
+from zdr.errors import (
+    ConfigurationError,
+    DuplicateReplay,
+    NotSetUp,
+    ReplayLagging,
+    ReplayNotFound,
+    RunnerBusy,
+)
 from zdr.horizon import Horizon, inspect_horizon
 from zdr.locks import (
     PipelineLock,
@@ -261,7 +269,14 @@ class ReplayManager:
             last = math.inf if deadline is None else deadline + overtime_s
             wait = Wait(until=last, stop=stop)
             hand_over_by = last if overtime_s and deadline is not None else None
-        with self.engine.connect() as conn, live_runner(conn, wait):
+        poll_interval = seconds("poll_interval", poll_interval, above_zero=True)
+        with self.engine.connect() as conn, contextlib.ExitStack() as held:
+            try:
+                held.enter_context(live_runner(conn, wait))
+            except RunnerBusy:
+                if stop is not None and stop.is_set():
+                    return 0  # asked to stop while it waited to take over
+                raise
             return self._live.follow(
                 conn,
                 stop=stop or threading.Event(),

@@ -48,6 +48,10 @@ from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transactio
 
 log = logging.getLogger("zdr")
 
+#: Events in the first slice of a target whose speed is not measured yet (then sized
+#: from ``Settings.slice_budget_s``).
+FIRST_SLICE = 100
+
 
 @dataclass
 class Target:
@@ -232,17 +236,22 @@ class LiveRunner:
         #: dual_write_lock_timeout_s, dual_write_retry_s and catch_up_slice are read here.
         self.settings = settings
         #: Replays that stayed behind: key -> monotonic time of their next try.
+        #: Targets left out for now, by checkpoint name: monotonic time of their next try.
         self._resting: dict[str, float] = {}
+        #: Measured seconds per event of the targets that get slices, by checkpoint name.
+        self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
+        self._unloadable: set[str] = set()  # live projectors said to be unloadable
 
     def until_idle(self, conn: sa.Connection, batch_size: int, max_batches: int | None) -> int:
-        """Apply batches until nothing is left (or ``max_batches``); return the count."""
+        """Apply batches until nothing is left for any target (or ``max_batches``); return
+        the number of events the live copies got."""
         total = batches = 0
         while max_batches is None or batches < max_batches:
-            applied = self.batch(conn, batch_size)
-            if not applied:
+            live, work = self.batch(conn, batch_size)
+            if not work:
                 break
-            total += applied
+            total += live
             batches += 1
         return total
 
@@ -290,7 +299,7 @@ class LiveRunner:
             return False
 
         while not done():
-            applied = self.until_idle(conn, batch_size, 1)
+            applied, work = self.batch(conn, batch_size)
             total += applied
             if on_batch is not None and applied:
                 on_batch(applied)
@@ -299,59 +308,79 @@ class LiveRunner:
                     watch.progressed()
                 else:
                     watch.idle(conn)
-            if not applied:
+            if not work:
                 stop.wait(poll_interval_s)
         return total
 
-    def batch(self, conn: sa.Connection, batch_size: int) -> int:
-        """One batch to the targets at the front, and one slice to a target behind them;
-        return the number of events applied to the front plus the slice.
+    def batch(self, conn: sa.Connection, batch_size: int) -> tuple[int, int]:
+        """One batch to the live copies at the front, a share of it to each dual-writing
+        replay there, and one slice to a target behind them; return (events the live
+        copies at the front got, events applied to any target): the first is how far
+        the live read models moved, the second says whether there is more to do.
 
-        Each target goes from its own checkpoint. The targets at the front (in steady
-        state: all of them) share one read of up to ``batch_size`` events; a target
-        behind them (a new read model, a replay back from a pause) catches up in
-        slices of ``settings.catch_up_slice``, one target per batch in turn, so it
-        never makes the front wait for its whole history. The live copies are written
-        first; each dual-writing replay in a savepoint of its own (``_dual_write``).
-        A replay that stayed behind is left out for ``settings.dual_write_retry_s``.
+        Each target goes from its own checkpoint. The live copies at the front (in
+        steady state: all of them) share one read of up to ``batch_size`` events and
+        are written first, whole. Every other target gets only what it can apply in
+        about ``settings.slice_budget_s``, sized from its measured speed (and at most
+        ``settings.catch_up_slice`` for one behind): a dual-writing replay takes a
+        first part of the batch (the rest waits for it as a slice), a target behind
+        the front (a new read model, a replay back from a pause) catches up by slices,
+        one such target per batch in turn. So a slow projector costs the live read
+        models at most its budget per batch, never its whole history. Those targets
+        write in savepoints of their own (``_side_write``); one that stays behind is
+        left out for ``settings.dual_write_retry_s``. A replay ahead of the live copies
+        waits for them.
         """
         with conn.begin():
             # Held for this batch only; a swap waits for it and we wait for a swap.
             lock_live_batch(conn)
             now = time.monotonic()
-            live_targets = [
-                t
-                for t in self.targets(conn)
-                if t.replay_key is None or self._resting.get(t.replay_key, 0.0) <= now
-            ]
-            if not live_targets:
-                return 0
-            front = max(t.cursor for t in live_targets)
-            leaders = [t for t in live_targets if t.cursor == front]
-            behind = [t for t in live_targets if t.cursor < front]
+            found = [t for t in self.targets(conn) if self._resting.get(t.checkpoint, 0.0) <= now]
+            if not found:
+                return 0, 0
+            live = [t for t in found if t.replay_key is None]
+            front = max(t.cursor for t in live or found)
+            leaders = [t for t in found if t.cursor == front]
+            behind = [t for t in found if t.cursor < front]
             events = self.reader.read(conn, front, batch_size)
+            live_applied = work = 0
             own_setting: str | None = None
-            for i, target in enumerate(leaders):
-                if not events:
-                    break
-                # The last projector to see these events may have the originals.
-                own_setting = self._apply_to(
-                    conn, target, events, shared=i < len(leaders) - 1, own_setting=own_setting
-                )
-            applied = len(events)
+            if events:
+                # Live copies first; the last projector to see the events may have the originals.
+                leaders.sort(key=lambda t: t.replay_key is not None)
+                for i, target in enumerate(leaders):
+                    shared = i < len(leaders) - 1
+                    if target.replay_key is None:
+                        apply_batch(conn, target, events, shared=shared)
+                        live_applied = work = len(events)
+                    else:
+                        share = events[: self._slice(target, len(events))]
+                        done, own_setting = self._side_write(
+                            conn, target, share, shared=shared, own_setting=own_setting
+                        )
+                        work = max(work, done)
             if behind:
                 self._turn = (self._turn + 1) % len(behind)
                 target = sorted(behind, key=lambda t: t.checkpoint)[self._turn]
                 reached = events[-1].cursor if events else front
-                slice_ = self.reader.read(
-                    conn, target.cursor, self.settings.catch_up_slice, until=reached
-                )
+                size = self._slice(target, self.settings.catch_up_slice)
+                slice_ = self.reader.read(conn, target.cursor, size, until=reached)
                 if slice_:
-                    self._apply_to(conn, target, slice_, shared=False, own_setting=own_setting)
-                    applied += len(slice_)
-            return applied
+                    done, _ = self._side_write(
+                        conn, target, slice_, shared=False, own_setting=own_setting
+                    )
+                    work += done
+            return live_applied, work
 
-    def _apply_to(
+    def _slice(self, target: Target, most: int) -> int:
+        """How many events ``target`` can apply in about ``settings.slice_budget_s``: from
+        its measured seconds per event (``FIRST_SLICE`` while there is no measure yet)."""
+        cost = self._cost.get(target.checkpoint)
+        if cost is None:
+            return max(1, min(most, FIRST_SLICE))
+        return max(1, min(most, int(self.settings.slice_budget_s / max(cost, 1e-7))))
+
+    def _side_write(
         self,
         conn: sa.Connection,
         target: Target,
@@ -359,38 +388,24 @@ class LiveRunner:
         *,
         shared: bool,
         own_setting: str | None,
-    ) -> str | None:
-        """Apply to one target: a live copy directly, a replay through ``_dual_write``.
-        Returns the live batch's own lock_timeout (read once, for the replays)."""
-        if target.replay_key is None:
-            apply_batch(conn, target, events, shared=shared)
-            return own_setting
+    ) -> tuple[int, str]:
+        """Apply to a target other than a live copy at the front, without ever making
+        the live batch wait on it or fail for it; return (events applied, the live
+        batch's own lock_timeout, read once).
+
+        Its writes run in a savepoint under a short ``lock_timeout``. A lock timeout
+        or another transient error rolls the savepoint back: the target stays behind
+        (its checkpoint did not move) and catches up from its own checkpoint on a
+        later batch. A projector's own error takes a replay out of dual write (state
+        failed) and leaves a live read model that is catching up behind, tried again
+        after ``settings.failed_retry_s``; the other read models go on.
+        """
         if own_setting is None:
             own_setting = str(
                 conn.exec_driver_sql("SELECT current_setting('lock_timeout')").scalar_one()
             )
-        self._dual_write(conn, target, events, shared=shared, own_setting=own_setting)
-        return own_setting
-
-    def _dual_write(
-        self,
-        conn: sa.Connection,
-        target: Target,
-        events: Sequence[RecordedEvent],
-        *,
-        shared: bool,
-        own_setting: str,
-    ) -> None:
-        """Apply to a dual-writing replay without ever making the live batch wait on it.
-
-        Its writes run in a savepoint under a short ``lock_timeout``. A lock
-        timeout or another transient error rolls the savepoint back: the replay
-        stays behind (its checkpoint did not move) and catches up from its own
-        checkpoint on a later batch. A projector's own error takes it out of dual
-        write (state failed), and live goes on.
-        """
-        key = target.replay_key
-        assert key is not None
+        name = target.checkpoint
+        started = time.perf_counter()
         try:
             with conn.begin_nested():
                 conn.exec_driver_sql(
@@ -403,49 +418,83 @@ class LiveRunner:
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (own_setting,))
         except Exception as exc:
             if isinstance(exc, ProjectorError) and not is_transient(exc):
-                # A broken new projector must not stop the live read model.
-                log.error("replay %r left dual write: %s", key, exc)
-                records.set_state(conn, key, ReplayState.FAILED, error=str(exc))
-                self._resting.pop(key, None)
-                return
+                self._broken(conn, target, exc)
+                return 0, own_setting
             if not is_transient(exc) or conn.invalidated or not conn.in_transaction():
                 raise  # a lost connection fails the whole live batch, as anywhere else
-            if key not in self._resting:
+            if name not in self._resting:
                 log.warning(
-                    "replay %r stays behind in dual write (its copy is locked or the database "
-                    "is busy: %s); it catches up from its own checkpoint, next try in %.1f s",
-                    key,
+                    "%s stays behind (its copy is locked or the database is busy: %s); it "
+                    "catches up from its own checkpoint, next try in %.1f s",
+                    target.where,
                     _one_line(exc),
                     self.settings.dual_write_retry_s,
                 )
-            self._resting[key] = time.monotonic() + self.settings.dual_write_retry_s
+            self._resting[name] = time.monotonic() + self.settings.dual_write_retry_s
+            return 0, own_setting
+        took = (time.perf_counter() - started) / len(events)
+        old = self._cost.get(name)
+        self._cost[name] = took if old is None else (old + took) / 2
+        if self._resting.pop(name, None) is not None:
+            log.info("%s is written again", target.where)
+        return len(events), own_setting
+
+    def _broken(self, conn: sa.Connection, target: Target, exc: ProjectorError) -> None:
+        """A projector error in a target other than a live copy at the front."""
+        if target.replay_key is not None:
+            log.error("replay %r left dual write: %s", target.replay_key, exc)
+            records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
+            self._resting.pop(target.checkpoint, None)
             return
-        if self._resting.pop(key, None) is not None:
-            log.info("replay %r writes again in dual write", key)
+        log.error(
+            "%s stays behind: %s; the other read models go on, and it is tried again in "
+            "%.0f s (fix the projector and restart the live runner)",
+            target.where,
+            exc,
+            self.settings.failed_retry_s,
+        )
+        self._resting[target.checkpoint] = time.monotonic() + self.settings.failed_retry_s
 
     def targets(self, conn: sa.Connection) -> list[Target]:
         """Every live copy, then every dual-writing replay, each at its own checkpoint.
 
-        A dual-writing replay whose projector cannot be loaded in this process
-        leaves dual write (state failed, the error names the path); live goes on.
+        A live projection whose projector cannot be loaded in this process (another
+        process registered it) is left out, with one error in the log; a dual-writing
+        replay whose projector cannot be loaded leaves dual write (state failed, the
+        error names the path). Either way the other read models go on.
         """
-        found = [
-            Target(
-                checkpoint=live_checkpoint(name),
-                projectors=[self.registry.for_path(path)],
-                schema_map=None,
-                where=f"live projection {name!r}",
-                cursor=cursor,
+        found = []
+        for name, path, cursor in records.live_targets(conn):
+            try:
+                projector = self.registry.for_path(path)
+            except Exception as exc:  # an import runs arbitrary code: anything may come out
+                if path not in self._unloadable:
+                    self._unloadable.add(path)
+                    log.error(
+                        "live projection %r stands still: its projector %s cannot be loaded "
+                        "by this live runner (%s); the other read models go on. Give the "
+                        "live runner that projector (zdr live -p ...) or make it importable",
+                        name,
+                        path,
+                        _one_line(exc),
+                    )
+                continue
+            found.append(
+                Target(
+                    checkpoint=live_checkpoint(name),
+                    projectors=[projector],
+                    schema_map=None,
+                    where=f"live projection {name!r}",
+                    cursor=cursor,
+                )
             )
-            for name, path, cursor in records.live_targets(conn)
-        ]
         for key in records.replay_keys(conn, ReplayState.DUAL_WRITING):
             replay = records.load_replay(conn, key, runs=False)
             unloadable = _unloadable(self.registry, replay)
             if unloadable is not None:
                 log.error("replay %r left dual write: %s", key, unloadable)
                 records.set_state(conn, key, ReplayState.FAILED, error=unloadable)
-                self._resting.pop(key, None)
+                self._resting.pop(replay_checkpoint(key), None)
                 continue
             found.append(replay_target(self.registry, replay))
         return found

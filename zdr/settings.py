@@ -53,6 +53,14 @@ class Settings:
     #: start of the log, a replay back from a pause) applies per live batch, so that its
     #: catch-up never makes the live batch read from its checkpoint.
     catch_up_slice: int = 2_000
+    #: About how long one live batch may spend on each target that is not a live copy at
+    #: the front (a dual-writing replay, a read model catching up): its share is sized
+    #: from its measured speed, so a slow projector never holds the live read models up
+    #: for longer than this per batch.
+    slice_budget_s: float = 0.1
+    #: How long a read model that is catching up and whose projector raised is left out
+    #: before it is tried again (the others go on meanwhile).
+    failed_retry_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -71,6 +79,8 @@ class Settings:
         _seconds(self, "horizon_warning_s")
         _seconds(self, "dual_write_lock_timeout_s", above_zero=True, maximum=MAX_LOCK_TIMEOUT_S)
         _seconds(self, "dual_write_retry_s")
+        _seconds(self, "slice_budget_s", above_zero=True)
+        _seconds(self, "failed_retry_s")
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some values changed (validated like the original)."""
