@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 import zdr
 from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
-from zdr.examples.bank.projectors import BalancesV2, History
+from zdr.examples.bank.projectors import Balances, BalancesV2, History
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -132,3 +132,23 @@ class SlowHistory(History):
     def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
         super().handle_batch(events, conn)
         time.sleep(len(events) * 0.0001)
+
+
+#: A table the next version of balances adds beside its own.
+ledger = sa.Table(
+    "ledger",
+    sa.MetaData(schema="bank_balances"),
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("account_id", sa.Text, nullable=False),
+)
+
+
+class BalancesWithLedger(Balances):
+    """Balances, plus a table of its own (a version that adds a table)."""
+
+    tables = [*Balances.tables, ledger]
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        super().handle_batch(events, conn)
+        rows = [{"position": e.position, "account_id": e.data["account_id"]} for e in events]
+        conn.execute(ledger.insert(), rows)

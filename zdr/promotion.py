@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from zdr import records, targets
+from zdr import carryover, records, targets
 from zdr.errors import InvalidState, ReplayLagging
 from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.registry import Registry
@@ -33,6 +33,9 @@ from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
 
 log = logging.getLogger("zdr")
+
+#: The run recorded for each kind of swap (its name in messages -> its run kind).
+RUN_KINDS = {"promotion": "promote", "rollback": "rollback"}
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,29 @@ class Promotion:
     def promote(self, conn: sa.Connection, key: str) -> SwapReport:
         """Make the replay's copy live, atomically; keep the previous copy for rollback."""
 
+        with conn.begin():
+            replay = records.load_replay(conn, key, runs=False)
+            require_state(replay, PROMOTABLE, "promote")
+        base = self.prepare(conn, replay)
+
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
             require_state(replay, PROMOTABLE, "promote")
             self.require_at_live_position(conn, replay)
-            return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promote")
+            return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promotion", base)
 
         return self.with_swap_lock(conn, key, "promote", body).report
+
+    def prepare(self, conn: sa.Connection, replay: Replay) -> dict[str, carryover.Inventory]:
+        """Before a swap, outside its lock: measure what zdr creates for the live
+        projectors (the baseline), and build on the replay's copy the indexes a DBA
+        added to the live tables (concurrently: dual write goes on)."""
+        with conn.begin():
+            paths = records.live_projector_paths(conn, list(replay.projectors))
+        base = carryover.baseline(conn, [self.registry.for_path(p) for p in paths.values()])
+        for built in carryover.build_indexes(self.engine, replay.schemas, base):
+            log.info("replay %r: built index %s, as the live copy has it", replay.key, built)
+        return base
 
     def rollback(self, conn: sa.Connection, key: str, *, batch_size: int) -> SwapReport:
         """Make the previous live copy live again, brought up to date with its own projector.
@@ -79,6 +98,7 @@ class Promotion:
             require_state(replay, {ReplayState.LIVE}, "rollback")
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
+        base = self.prepare(conn, replay)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
         BatchRun(
             self.engine,
@@ -104,7 +124,9 @@ class Promotion:
                 target.cursor = events[-1].cursor
             current = records.load_replay(conn, key, runs=False)
             self.require_at_live_position(conn, current)
-            return self._swap(conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback")
+            return self._swap(
+                conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback", base
+            )
 
         return self.with_swap_lock(conn, key, "roll back", body).report
 
@@ -128,11 +150,19 @@ class Promotion:
         return dataclasses.replace(before.value, state=ReplayState.REMOVED)
 
     def _swap(
-        self, conn: sa.Connection, replay: Replay, state: ReplayState, stamp: str, kind: str
+        self,
+        conn: sa.Connection,
+        replay: Replay,
+        state: ReplayState,
+        stamp: str,
+        kind: str,
+        base: dict[str, carryover.Inventory],
     ) -> Replay:
-        """Exchange live and side copies (data and projector versions) of every schema."""
-        targets.preflight(conn, replay.schemas)
-        targets.copy_grants(conn, replay.schemas)
+        """Exchange live and side copies (data and projector versions) of every schema,
+        the side copy given first what the live copy has beyond zdr's own objects
+        (``zdr.carryover``; DependentObjects, nothing changed, for what cannot be)."""
+        carryover.refusals(conn, replay.schemas, base, kind)
+        carryover.carry(conn, replay.schemas, kind)
         targets.swap(conn, replay.schemas)
         swapped = {
             name: records.set_live_projector(conn, name, side_path)
@@ -140,7 +170,7 @@ class Promotion:
         }
         records.set_replay_projectors(conn, replay.key, swapped)
         records.set_state(conn, replay.key, state, stamp=stamp)
-        run_id = records.start_run(conn, replay.key, kind, replay.position)
+        run_id = records.start_run(conn, replay.key, RUN_KINDS[kind], replay.position)
         records.finish_run(conn, run_id, "succeeded", to_position=replay.position)
         return records.load_replay(conn, replay.key)
 

@@ -9,10 +9,9 @@ readers never queue behind it (measured: ~1 ms worst reader stall, against
 that resolve ``live_schema.table`` by name see the old copy before the commit
 and the new one after; prepared plans are invalidated by the rename.
 
-What a schema swap does not carry over is checked before it runs
-(``preflight``): objects outside the two schemas that point at their tables by
-OID (views, foreign keys) would silently keep reading the old copy, and objects
-inside the live schema that the replay does not have would vanish from view.
+What a schema swap does not carry over by itself (grants, owners, policies,
+indexes a DBA added, objects pointing at the tables by OID) is handled in
+``zdr.carryover``.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ def swap(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
 def drop(conn: sa.Connection, schemas: Sequence[str]) -> None:
     """Drop side schemas and their tables; refuse (RESTRICT) if anything else depends on them."""
     existing = [s for s in schemas if _schema_exists(conn, s)]
-    outside = _outside_dependents(conn, existing)
+    outside = outside_dependents(conn, existing)
     if outside:
         raise DependentObjects(
             "cannot remove: objects outside zdr depend on its tables: " + "; ".join(outside)
@@ -119,54 +118,6 @@ def drop(conn: sa.Connection, schemas: Sequence[str]) -> None:
                 + ", ".join(sorted(leftovers))
             )
         _run(conn, sql.SQL("DROP SCHEMA {} RESTRICT").format(sql.Identifier(schema)))
-
-
-def preflight(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
-    """Refuse a swap that would leave a dependent object on the wrong copy or hide one."""
-    problems = _outside_dependents(conn, [*schema_map.keys(), *schema_map.values()])
-    for live, side in schema_map.items():
-        missing = _relations_in(conn, live) - _relations_in(conn, side)
-        problems += [
-            f"{live}.{name} exists in the live schema but not in the new copy, so the swap "
-            "would hide it from readers"
-            for name in sorted(missing)
-        ]
-    if problems:
-        raise DependentObjects("promotion refused: " + "; ".join(problems))
-
-
-def copy_grants(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
-    """Give the side copy the privileges the live copy has, so readers keep their access."""
-    raw = conn.connection.driver_connection
-    for live, side in schema_map.items():
-        grants = conn.exec_driver_sql(
-            """
-            SELECT NULL::text AS rel, a.privilege_type,
-                   (SELECT rolname FROM pg_roles WHERE oid = a.grantee)
-            FROM pg_namespace n, aclexplode(n.nspacl) a
-            WHERE n.nspname = %(live)s AND a.grantee <> 0 AND a.grantee <> n.nspowner
-            UNION ALL
-            SELECT c.relname, a.privilege_type, (SELECT rolname FROM pg_roles WHERE oid = a.grantee)
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
-                 aclexplode(c.relacl) a
-            WHERE n.nspname = %(live)s AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
-              AND a.grantee <> 0 AND a.grantee <> c.relowner
-              AND EXISTS (SELECT 1 FROM pg_class s JOIN pg_namespace sn ON sn.oid = s.relnamespace
-                          WHERE sn.nspname = %(side)s AND s.relname = c.relname)
-            """,
-            {"live": live, "side": side},
-        ).all()
-        for rel, privilege, grantee in grants:
-            role = sql.Identifier(grantee)
-            if rel is None:
-                statement = sql.SQL("GRANT {} ON SCHEMA {} TO {}").format(
-                    sql.SQL(privilege), sql.Identifier(side), role
-                )
-            else:
-                statement = sql.SQL("GRANT {} ON {} TO {}").format(
-                    sql.SQL(privilege), sql.Identifier(side, rel), role
-                )
-            conn.exec_driver_sql(statement.as_string(raw))
 
 
 def _schema_exists(conn: sa.Connection, schema: str) -> bool:
@@ -201,7 +152,7 @@ def _relations_in(conn: sa.Connection, schema: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def _outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]:
+def outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]:
     """Views and foreign keys outside ``schemas`` that refer to relations inside them."""
     if not schemas:
         return []

@@ -1,0 +1,169 @@
+"""Promotion keeps what the live copy had beyond zdr's tables, or refuses, naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+import zdr
+from tests.support import BalancesWithLedger, seed
+from zdr.examples.bank.projectors import BalancesV2
+
+DBA_SETUP = [
+    "CREATE ROLE zdr_test_owner",
+    "CREATE ROLE zdr_test_reader",
+    "CREATE ROLE zdr_test_restricted",
+    "CREATE ROLE zdr_test_writer",
+    "ALTER SCHEMA bank_balances OWNER TO zdr_test_owner",
+    "ALTER TABLE bank_balances.balances OWNER TO zdr_test_owner",
+    "GRANT USAGE ON SCHEMA bank_balances TO PUBLIC",
+    "GRANT SELECT ON bank_balances.balances TO PUBLIC",
+    "GRANT UPDATE (owner) ON bank_balances.balances TO zdr_test_writer",
+    "ALTER TABLE bank_balances.balances ENABLE ROW LEVEL SECURITY",
+    "CREATE POLICY everything ON bank_balances.balances FOR SELECT TO zdr_test_reader USING (true)",
+    """CREATE POLICY not_secret ON bank_balances.balances FOR SELECT TO zdr_test_restricted
+       USING (account_id < 'acc-000020')""",
+    "CREATE INDEX balances_by_owner ON bank_balances.balances (owner)",
+    "ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES TO zdr_test_reader",
+    "COMMENT ON TABLE bank_balances.balances IS 'balances per account (DBA note)'",
+    "ALTER TABLE bank_balances.balances SET (fillfactor = 80)",
+]
+
+
+def _dual_writing(manager, key="v2"):
+    seed(manager.store, 1_000)
+    manager.project_live()
+    manager.create_replay(key, [BalancesV2()])
+    manager.start_replay(key)
+    manager.enable_dual_write(key)
+
+
+def _as(engine, role: str, query: str):
+    with engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql(f"SET LOCAL ROLE {role}")
+        return conn.exec_driver_sql(query).scalar()
+
+
+def _facts(engine) -> dict:
+    """What readers and the DBA see of bank_balances.balances."""
+    count = "SELECT count(*) FROM bank_balances.balances"
+    with engine.connect() as conn:
+        catalog = conn.exec_driver_sql(
+            """SELECT n.nspowner::regrole::text, c.relowner::regrole::text, c.relrowsecurity,
+                      has_column_privilege('zdr_test_writer', c.oid, 'owner', 'UPDATE'),
+                      has_column_privilege('zdr_test_writer', c.oid, 'balance', 'UPDATE'),
+                      (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid),
+                      to_regclass('bank_balances.balances_by_owner') IS NOT NULL,
+                      obj_description(c.oid, 'pg_class'), c.reloptions,
+                      (SELECT count(*) FROM pg_default_acl WHERE defaclnamespace = n.oid)
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = 'bank_balances' AND c.relname = 'balances'"""
+        ).one()
+    return {
+        "catalog": tuple(catalog),
+        "reader": _as(engine, "zdr_test_reader", count),
+        "restricted": _as(engine, "zdr_test_restricted", count),
+        "public": _as(engine, "zdr_test_writer", count),  # PUBLIC's SELECT, no policy: 0 rows
+    }
+
+
+def test_promotion_carries_owners_grants_policies_indexes_and_notes(manager, engine):
+    _dual_writing(manager)
+    with engine.begin() as conn:
+        for statement in DBA_SETUP:
+            conn.exec_driver_sql(statement)
+    manager.project_live()
+    before = _facts(engine)
+    assert 0 < before["restricted"] < before["reader"]  # the policy hides some rows
+
+    manager.promote("v2")
+
+    assert _facts(engine) == before
+    with engine.connect() as conn:  # and the rows are the new version's
+        assert "deposits" in list(
+            conn.exec_driver_sql("SELECT * FROM bank_balances.balances").keys()
+        )
+
+    manager.rollback("v2")  # and back: the previous copy had all of it all along
+    assert _facts(engine) == before
+
+
+def test_a_dba_index_is_built_on_the_new_copy_before_the_swap(manager, engine):
+    _dual_writing(manager)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX balances_by_owner ON bank_balances.balances (owner)")
+    manager.promote("v2")
+    with engine.connect() as conn:
+        definition = conn.exec_driver_sql(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'balances_by_owner'"
+            " AND schemaname = 'bank_balances'"
+        ).scalar_one()
+    assert definition.endswith("USING btree (owner)")
+
+
+REFUSED = {
+    "trigger": (
+        """CREATE FUNCTION public.zdr_test_audit() RETURNS trigger LANGUAGE plpgsql
+           AS $$ BEGIN RETURN NEW; END $$;
+           CREATE TRIGGER audit AFTER INSERT ON bank_balances.balances
+           FOR EACH ROW EXECUTE FUNCTION public.zdr_test_audit()""",
+        "trigger bank_balances.balances.audit was not created by zdr",
+    ),
+    "function": (
+        "CREATE FUNCTION bank_balances.rich() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "function bank_balances.rich() was not created by zdr",
+    ),
+    "type": (
+        "CREATE TYPE bank_balances.tier AS ENUM ('gold', 'silver')",
+        "type bank_balances.tier was not created by zdr",
+    ),
+    "publication": (
+        "CREATE PUBLICATION zdr_test_pub FOR TABLE bank_balances.balances",
+        "publication zdr_test_pub publishes bank_balances.balances by OID",
+    ),
+    "view": (
+        "CREATE VIEW bank_balances.rich AS SELECT * FROM bank_balances.balances",
+        "relation bank_balances.rich was not created by zdr",
+    ),
+    "column": (
+        "ALTER TABLE bank_balances.balances ADD COLUMN note text",
+        "column bank_balances.balances.note was not created by zdr",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_promotion_refuses_what_it_cannot_carry_naming_it_and_changes_nothing(
+    manager, engine, kind
+):
+    _dual_writing(manager)
+    statement, message = REFUSED[kind]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+    try:
+        with pytest.raises(zdr.DependentObjects, match="promotion refused") as refused:
+            manager.promote("v2")
+        assert message in str(refused.value)
+        assert manager.get_replay("v2").state is zdr.ReplayState.DUAL_WRITING
+        with engine.connect() as conn:
+            assert "deposits" not in list(
+                conn.exec_driver_sql("SELECT * FROM bank_balances.balances LIMIT 0").keys()
+            )
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP PUBLICATION IF EXISTS zdr_test_pub")
+            conn.exec_driver_sql("DROP FUNCTION IF EXISTS public.zdr_test_audit() CASCADE")
+
+
+def test_a_version_that_adds_a_table_is_promoted_and_rolled_back(manager, engine):
+    """Tables the projector itself adds or drops are its change, not something dropped."""
+    seed(manager.store, 500)
+    manager.project_live()
+    manager.create_replay("ledger", [BalancesWithLedger()])
+    manager.start_replay("ledger")
+    manager.enable_dual_write("ledger")
+    manager.promote("ledger")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regclass('bank_balances.ledger')").scalar()
+    manager.rollback("ledger")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regclass('bank_balances.ledger')").scalar() is None
