@@ -107,7 +107,8 @@ def test_a_served_deployment_runs_through_run_deployment(manager, engine, databa
 def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
     prefect_server, manager, engine, database_url
 ):
-    """Served as deployed (runs every 5 s, each lasting 9 s, scaled down from 60 and 90):
+    """Served as deployed (runs every 8 s, each lasting 15 s, scaled down from 60 and 90;
+    a run's process can start 15 s late on a busy machine, as the overtime allows):
     runs hand over to each other, so an append is in the live read model within a
     second at any time, and every run that ended, ended Completed."""
     seed(manager.store, 300)
@@ -119,7 +120,7 @@ def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
         "PYTHONPATH": str(ROOT),
     }
     served = subprocess.Popen(
-        [sys.executable, "-m", "zdr.deployments.serve", "--live-interval", "5", "--live-run", "9"],
+        [sys.executable, "-m", "zdr.deployments.serve", "--live-interval", "8", "--live-run", "15"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -130,7 +131,7 @@ def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
         wait_for(lambda: _applied(engine) >= 300 or served.poll() is not None, timeout=120)
         assert served.poll() is None, served.stderr.read().decode()[-2000:]
         watched_from = dt.datetime.now(dt.UTC)
-        ends = time.monotonic() + 25  # five runs' worth of handovers
+        ends = time.monotonic() + 32  # four runs' worth of handovers
         i = 0
         while time.monotonic() < ends:
             account = f"acc-scheduled-{i}"
