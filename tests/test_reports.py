@@ -4,6 +4,7 @@ the approver's report. Pure functions: no database, no Prefect."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -214,6 +215,40 @@ def test_verification_text_names_each_differing_row_and_what_differs():
     assert reports.verification_cells(report) == [
         ["bank_balances.balances", "1,000", "999", "2", "balance"]
     ]
+
+
+def test_verification_cells_count_the_differing_rows_after_the_columns():
+    table = TableReport(
+        table="bank_balances.balances",
+        live_rows=1_000,
+        replay_rows=1_000,
+        compared_columns=["account_id", "balance"],
+        differing_columns=[],
+        only_live_columns=[],
+        only_replay_columns=[],
+        primary_key=["account_id"],
+        missing_rows=1,
+        extra_rows=1,
+    )
+    report = VerificationReport(
+        key="check",
+        state="dual_writing",
+        same_version=True,
+        live_position=500,
+        replay_position=500,
+        tables=[table, replace(table, differing_columns=["balance"], changed_rows=1_200)],
+        differences=[],
+        truncated=False,
+        snapshot_seconds=2.54,
+    )
+    assert not table.equal, "a row moved to another key is a difference, counts alike"
+    assert [cells[-1] for cells in reports.verification_cells(report)] == [
+        "rows: 1 missing, 1 extra",
+        "balance; rows: 1,200 changed, 1 missing, 1 extra",
+    ]
+    assert "in one snapshot open 2.5 s" in reports.verification_markdown(report)
+    [row, _] = reports.row_counts(report.to_dict()["tables"])
+    assert row["differing_rows"] == 2 and row["equal"] is False
 
 
 def test_verification_markdown_says_equal_or_lists_the_rows_and_when_not_level():

@@ -108,3 +108,274 @@ def test_a_replay_that_is_not_level_with_live_says_so(manager):
 def test_verifying_an_unknown_replay_names_it(manager):
     with pytest.raises(zdr.ReplayNotFound, match="'nope'"):
         manager.verify("nope")
+
+
+# -- rows are compared bound to their keys, never as column sums ------------------------
+
+
+def _two_accounts(engine, schema="zdr_same_1"):
+    """Two accounts whose balances and event counts differ, in key order."""
+    with engine.connect() as conn:
+        return conn.exec_driver_sql(
+            f"""SELECT a.account_id, b.account_id FROM "{schema}".balances a
+                JOIN "{schema}".balances b ON b.account_id > a.account_id
+                 AND b.balance <> a.balance AND b.events <> a.events
+                 AND b.balance <> a.events AND b.events <> a.balance
+                ORDER BY a.account_id, b.account_id LIMIT 1"""
+        ).one()
+
+
+def _changed(report):
+    return {d.key["account_id"]: d for d in report.differences if d.kind == "changed"}
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 50_000])
+def test_values_swapped_between_two_rows_are_found_and_both_keys_named(
+    same_version, engine, chunk_rows
+):
+    first, second = _two_accounts(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """UPDATE zdr_same_1.balances t SET balance = o.balance FROM zdr_same_1.balances o
+               WHERE (t.account_id, o.account_id) IN ((%s, %s), (%s, %s))""",
+            (first, second, second, first),
+        )
+    report = same_version.verify("same", chunk_rows=chunk_rows)
+
+    assert not report.equal
+    changed = _changed(report)
+    assert set(changed) == {first, second} and len(report.differences) == 2
+    assert changed[first].columns == changed[second].columns == ["balance"]
+    assert changed[first].replay["balance"] == changed[second].live["balance"]
+    [balances] = [t for t in report.tables if t.table == "bank_balances.balances"]
+    assert balances.live_rows == balances.replay_rows
+    assert balances.differing_columns == ["balance"] and balances.changed_rows == 2
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 50_000])
+def test_compensating_errors_one_row_plus_one_another_minus_one_are_found(
+    same_version, engine, chunk_rows
+):
+    """Two rows far apart (in other chunks when chunks are small) hold balances 100 and
+    101; the replay has 101 and 100: +1 on one, -1 on the other. The table's total is
+    the same, and so is every column's set of values, only on other rows."""
+    with engine.connect() as conn:
+        keys = (
+            conn.exec_driver_sql("SELECT account_id FROM zdr_same_1.balances ORDER BY account_id")
+            .scalars()
+            .all()
+        )
+    up, down = keys[3], keys[-3]
+    with engine.begin() as conn:
+        for schema in ("bank_balances", "zdr_same_1"):
+            for account, balance in ((up, 100), (down, 101)):
+                conn.exec_driver_sql(
+                    f'UPDATE "{schema}".balances SET balance = %s WHERE account_id = %s',
+                    (balance, account),
+                )
+        conn.exec_driver_sql(
+            "UPDATE zdr_same_1.balances SET balance = balance + 1 WHERE account_id = %s", (up,)
+        )
+        conn.exec_driver_sql(
+            "UPDATE zdr_same_1.balances SET balance = balance - 1 WHERE account_id = %s", (down,)
+        )
+    report = same_version.verify("same", chunk_rows=chunk_rows)
+
+    assert not report.equal
+    changed = _changed(report)
+    assert set(changed) == {up, down}
+    assert (changed[up].live, changed[up].replay) == ({"balance": 100}, {"balance": 101})
+    assert (changed[down].live, changed[down].replay) == ({"balance": 101}, {"balance": 100})
+
+
+def test_a_value_moved_to_another_column_of_its_row_is_found_even_when_column_sums_hide_it(
+    same_version, engine
+):
+    """On one row balance and events trade places; a second row trades them back the
+    other way, so each column still holds the same values, only on other rows."""
+    first, second = _two_accounts(engine)
+    with engine.begin() as conn:
+        for schema in ("bank_balances", "zdr_same_1"):  # mirror images, live and replay
+            conn.exec_driver_sql(
+                f"""UPDATE "{schema}".balances SET balance = 1000, events = 7
+                    WHERE account_id = %s""",
+                (first,),
+            )
+            conn.exec_driver_sql(
+                f"""UPDATE "{schema}".balances SET balance = 7, events = 1000
+                    WHERE account_id = %s""",
+                (second,),
+            )
+        conn.exec_driver_sql(
+            """UPDATE zdr_same_1.balances SET balance = events, events = balance
+               WHERE account_id = %s""",
+            (first,),
+        )
+    moved_only_on_one_row = same_version.verify("same", chunk_rows=7)
+    assert set(_changed(moved_only_on_one_row)) == {first}
+    assert _changed(moved_only_on_one_row)[first].columns == ["balance", "events"]
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """UPDATE zdr_same_1.balances SET balance = events, events = balance
+               WHERE account_id = %s""",
+            (second,),
+        )
+    report = same_version.verify("same", chunk_rows=7)
+
+    assert not report.equal
+    changed = _changed(report)
+    assert set(changed) == {first, second}
+    assert changed[first].live == {"balance": 1000, "events": 7}
+    assert changed[first].replay == {"balance": 7, "events": 1000}
+
+
+SCALES = """CREATE TABLE {schema}.scales (
+    id integer PRIMARY KEY, amount {numeric}, note text, ratio double precision, day date)"""
+
+
+def _scales(engine, live_rows, replay_rows, *, numeric="numeric"):
+    """A table of the same shape in the live schema and the replay's, with these rows."""
+    with engine.begin() as conn:
+        for schema, kind, rows in (
+            ("bank_balances", "numeric", live_rows),
+            ("zdr_same_1", numeric, replay_rows),
+        ):
+            conn.exec_driver_sql(SCALES.format(schema=schema, numeric=kind))
+            for row in rows:
+                conn.exec_driver_sql(
+                    f"INSERT INTO {schema}.scales VALUES (%s, %s, %s, %s, %s)", row
+                )
+
+
+def test_equal_tables_with_nulls_and_numerics_of_another_scale_are_equal(same_version, engine):
+    """1.0 and 1.00 are one value (numerics compare without their scale), as are -0.0 and
+    0.0; NULL equals NULL. The replay's column is numeric(12, 4), live's plain numeric."""
+    live = [
+        (1, "1.0", None, -0.0, None),
+        (2, None, "", 0.5, "2026-01-02"),
+        (3, "2.50", "x", None, None),
+    ]
+    replay = [
+        (1, "1.00", None, 0.0, None),
+        (2, None, "", 0.5, "2026-01-02"),
+        (3, "2.5", "x", None, None),
+    ]
+    _scales(engine, live, replay, numeric="numeric(12, 4)")
+    report = same_version.verify("same", chunk_rows=2)
+
+    assert report.equal, report.differences
+    [scales] = [t for t in report.tables if t.table == "bank_balances.scales"]
+    assert scales.live_rows == scales.replay_rows == 3 and scales.primary_key == ["id"]
+
+    with engine.begin() as conn:  # but NULL is not the empty string, nor 1.0 one point one
+        conn.exec_driver_sql("UPDATE zdr_same_1.scales SET note = '' WHERE id = 1")
+        conn.exec_driver_sql("UPDATE zdr_same_1.scales SET amount = 2.51 WHERE id = 3")
+    report = same_version.verify("same", chunk_rows=2)
+    changed = {d.key["id"]: d for d in report.differences}
+    assert set(changed) == {1, 3}
+    assert changed[1].columns == ["note"] and changed[1].live == {"note": None}
+    assert changed[1].replay == {"note": ""}
+    assert changed[3].columns == ["amount"]
+
+
+def test_one_difference_in_the_middle_of_many_chunks_is_found(same_version, engine):
+    """120 accounts in chunks of 7: two rows of the ninth chunk trade balances."""
+    with engine.connect() as conn:
+        keys = (
+            conn.exec_driver_sql("SELECT account_id FROM zdr_same_1.balances ORDER BY account_id")
+            .scalars()
+            .all()
+        )
+    middle = keys[len(keys) // 2 - 3 : len(keys) // 2 + 3]
+    assert len(keys) // 7 > 10
+    with engine.connect() as conn:
+        first, second = conn.exec_driver_sql(
+            """SELECT a.account_id, b.account_id FROM zdr_same_1.balances a
+               JOIN zdr_same_1.balances b ON b.account_id > a.account_id
+                AND b.balance <> a.balance
+               WHERE a.account_id = ANY(%s) AND b.account_id = ANY(%s) LIMIT 1""",
+            (middle, middle),
+        ).one()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """UPDATE zdr_same_1.balances t SET balance = o.balance FROM zdr_same_1.balances o
+               WHERE (t.account_id, o.account_id) IN ((%s, %s), (%s, %s))""",
+            (first, second, second, first),
+        )
+    report = same_version.verify("same", chunk_rows=7)
+
+    assert not report.equal
+    assert set(_changed(report)) == {first, second}
+    assert len(report.differences) == 2
+
+
+def test_a_table_without_a_primary_key_is_compared_as_a_multiset_of_rows(same_version, engine):
+    """No key names the rows, so they are counted, not listed; swapped values are still
+    different rows."""
+    with engine.begin() as conn:
+        for schema in ("bank_balances", "zdr_same_1"):
+            conn.exec_driver_sql(f"CREATE TABLE {schema}.notes (account_id text, note text)")
+        conn.exec_driver_sql(
+            "INSERT INTO bank_balances.notes VALUES ('a', 'x'), ('b', 'y'), ('b', 'y'), (NULL, '')"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO zdr_same_1.notes VALUES ('b', 'y'), (NULL, ''), ('b', 'y'), ('a', 'x')"
+        )
+    report = same_version.verify("same")
+    [notes] = [t for t in report.tables if t.table == "bank_balances.notes"]
+    assert report.equal and notes.equal and notes.primary_key == []
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr_same_1.notes SET note = 'y' WHERE account_id = 'a'")
+        conn.exec_driver_sql(
+            "UPDATE zdr_same_1.notes SET note = 'x' WHERE ctid = "
+            "(SELECT ctid FROM zdr_same_1.notes WHERE account_id = 'b' LIMIT 1)"
+        )
+    report = same_version.verify("same")
+    [notes] = [t for t in report.tables if t.table == "bank_balances.notes"]
+    assert not report.equal and not notes.equal
+    assert (notes.missing_rows, notes.extra_rows, notes.changed_rows) == (2, 2, 0)
+    assert notes.live_rows == notes.replay_rows == 4
+    assert not report.differences, "rows without a key are counted, not listed"
+
+
+def test_verification_takes_no_transaction_id_and_makes_no_live_write_wait(
+    same_version, engine, monkeypatch
+):
+    """While verify's snapshot is open, a live write with a 200 ms lock_timeout goes
+    through, and verify's own session holds only ACCESS SHARE locks and no xid."""
+    from zdr import verify as verification
+
+    seen: dict[str, object] = {}
+    original = verification._table_names
+
+    def table_names_and_a_live_write(conn, *schemas):
+        names = original(conn, *schemas)
+        if not seen:
+            pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+            conn.exec_driver_sql("SELECT count(*) FROM bank_balances.balances").one()
+            with engine.connect() as other:
+                other.exec_driver_sql("SET lock_timeout = '200ms'")
+                other.exec_driver_sql(
+                    "UPDATE bank_balances.balances SET balance = balance WHERE account_id = %s",
+                    ("acc-000001",),
+                )
+                other.commit()
+                seen["modes"] = set(
+                    other.exec_driver_sql(
+                        "SELECT mode FROM pg_locks WHERE pid = %s AND locktype = 'relation'",
+                        (pid,),
+                    ).scalars()
+                )
+                seen["xid"] = other.exec_driver_sql(
+                    "SELECT backend_xid FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).scalar_one()
+        return names
+
+    monkeypatch.setattr(verification, "_table_names", table_names_and_a_live_write)
+    report = same_version.verify("same")
+
+    assert report.equal
+    assert seen["modes"] == {"AccessShareLock"} and seen["xid"] is None
+    assert report.snapshot_seconds is not None and report.snapshot_seconds > 0

@@ -24,7 +24,7 @@ from zdr.verify import NOT_LEVEL
 if TYPE_CHECKING:
     from zdr.horizon import Horizon
     from zdr.replay import Replay
-    from zdr.verify import Difference, VerificationReport
+    from zdr.verify import Difference, TableReport, VerificationReport
 
 #: How many recent samples the status's events/s averages over.
 RATE_SAMPLES = 10
@@ -166,17 +166,33 @@ def verification_headline(report: VerificationReport, *, verdict: str | None = N
 
 
 def verification_cells(report: VerificationReport) -> list[list[str]]:
-    """One row per table: live rows, replay rows, columns compared, columns differing."""
+    """One row per table: live rows, replay rows, columns compared, what differs (the
+    columns, then how many rows: ``balance; rows: 2 changed, 1 missing``)."""
     return [
         [
             t.table,
             _n(t.live_rows),
             _n(t.replay_rows),
             str(len(t.compared_columns)),
-            ", ".join(t.differing_columns) or "-",
+            differing(t),
         ]
         for t in report.tables
     ]
+
+
+def differing(table: TableReport) -> str:
+    """The columns that differ and the count of rows that do; ``-`` when nothing does."""
+    rows = ", ".join(
+        f"{n:,} {what}"
+        for n, what in (
+            (table.changed_rows, "changed"),
+            (table.missing_rows, "missing"),
+            (table.extra_rows, "extra"),
+        )
+        if n
+    )
+    parts = [", ".join(table.differing_columns), f"rows: {rows}" if rows else ""]
+    return "; ".join(p for p in parts if p) or "-"
 
 
 def difference_line(d: Difference) -> str:
@@ -206,9 +222,10 @@ def verification_markdown(report: VerificationReport) -> str:
         f"{'the same as live' if report.same_version else 'new (a new shape or a fix)'}",
         f"* compared at live position {report.live_position}, replay position "
         f"{report.replay_position}"
-        + ("" if report.level else f" ({NOT_LEVEL}; rows were not compared)"),
+        + ("" if report.level else f" ({NOT_LEVEL}; no rows are listed)"),
+        *_compared_how(report),
         "",
-        "| table | live rows | replay rows | columns compared | columns differing |",
+        "| table | live rows | replay rows | columns compared | differing |",
         "|---|---:|---:|---:|---|",
         *("| " + " | ".join(cells) + " |" for cells in verification_cells(report)),
     ]
@@ -226,6 +243,18 @@ def verification_markdown(report: VerificationReport) -> str:
     return "\n".join(lines)
 
 
+def _compared_how(report: VerificationReport) -> list[str]:
+    """How rows were compared, and how long the snapshot was open, when known."""
+    how = "* rows compared by primary key, every column bound to its row's key"
+    if report.snapshot_seconds is not None:
+        how += f", in one snapshot open {report.snapshot_seconds:.1f} s"
+    unkeyed = [t.table for t in report.tables if t.compared_columns and not t.primary_key]
+    if unkeyed:
+        how += "; without a primary key, as multisets of rows (counted, not listed): "
+        how += ", ".join(unkeyed)
+    return [how]
+
+
 def row_counts(tables: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Rows per table, live and replay, as records for a table artifact (``tables`` as in
     ``VerificationReport.to_dict()["tables"]``)."""
@@ -236,6 +265,9 @@ def row_counts(tables: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "replay_rows": t["replay_rows"],
             "equal": t["equal"],
             "differing_columns": ", ".join(t["differing_columns"]),
+            "differing_rows": sum(
+                t.get(k, 0) for k in ("changed_rows", "missing_rows", "extra_rows")
+            ),
         }
         for t in tables
     ]
