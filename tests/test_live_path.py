@@ -423,3 +423,31 @@ def test_a_runner_stopped_while_it_waits_to_take_over_ends_quietly(manager, engi
         manager.follow(max_seconds=1, poll_interval=0)
     with pytest.raises(zdr.ConfigurationError, match="max_seconds"):
         manager.follow(max_seconds=float("nan"))
+
+
+def test_starting_a_replay_on_a_long_log_does_not_hold_live_back(manager, engine, monkeypatch):
+    """start_replay counts the log in a transaction that holds a row lock (an id): 0.5 s
+    at 6M events. Its first transaction is made to take 2 s here."""
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("long", [BalancesV2()])
+    started = zdr.records.start_run
+
+    def slow_start_run(conn, *args, **kwargs):
+        time.sleep(2.0)  # as long as counting a long log
+        return started(conn, *args, **kwargs)
+
+    stop = threading.Event()
+    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
+    live.start()
+    try:
+        monkeypatch.setattr(zdr.records, "start_run", slow_start_run)
+        starting, _ = _timed(lambda: manager.start_replay("long"))
+        time.sleep(0.5)  # in its first transaction now
+        took = _append_and_time(manager, engine, "acc-while-counting")
+        starting.join(30)
+    finally:
+        stop.set()
+        live.join(30)
+    assert took < 1.0, f"an append waited {took:.2f}s while start_replay counted"
+    assert manager.get_replay("long").state is zdr.ReplayState.CAUGHT_UP

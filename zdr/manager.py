@@ -74,7 +74,7 @@ from zdr.replay import (
 )
 from zdr.runner import BatchRun, LiveRunner, replay_target
 from zdr.settings import DEFAULTS, Settings, seconds
-from zdr.store import Cursor, EventReader, EventStore
+from zdr.store import Cursor, EventReader, EventStore, mark_runner_transaction
 from zdr.verify import VerificationReport, verify
 
 T = TypeVar("T")
@@ -387,6 +387,8 @@ class ReplayManager:
             raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
         with self.engine.connect() as conn, replay_runner(conn, key):
             with conn.begin():
+                # Its row lock takes a transaction id, held while it counts the log.
+                mark_runner_transaction(conn)
                 replay = records.load_replay(conn, key, lock=True)
                 require_state(replay, REPLAYABLE, "start_replay")
                 if restart:
@@ -433,6 +435,7 @@ class ReplayManager:
             else self.settings.replace(lag_threshold=lag_threshold).lag_threshold
         )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
+            mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
             require_state(replay, DUAL_WRITABLE, "enable_dual_write")
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
