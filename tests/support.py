@@ -132,3 +132,33 @@ class SlowHistory(History):
     def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
         super().handle_batch(events, conn)
         time.sleep(len(events) * 0.0001)
+
+
+def zdr_state(engine: sa.Engine) -> dict[str, Any]:
+    """Everything an operation could change: zdr's records (replays, runs, samples,
+    checkpoints, live projections), the schemas and their tables. Equal before and after
+    an operation means it changed nothing."""
+    queries = {
+        "replays": "SELECT * FROM zdr.replays ORDER BY key",
+        "runs": "SELECT * FROM zdr.runs ORDER BY id",
+        "samples": "SELECT * FROM zdr.samples ORDER BY replay_key, at",
+        "checkpoints": "SELECT * FROM zdr.checkpoints ORDER BY name",
+        "projections": "SELECT * FROM zdr.projections ORDER BY name",
+        "tables": """SELECT n.nspname, c.relname FROM pg_class c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind IN ('r', 'v') AND (n.nspname LIKE 'zdr%%'
+                        OR n.nspname LIKE 'bank\\_%%' OR n.nspname = 'public')
+                     ORDER BY 1, 2""",
+    }
+    with engine.connect() as conn:
+        state = {
+            name: [tuple(row) for row in conn.exec_driver_sql(query)]
+            for name, query in queries.items()
+        }
+        state["rows"] = [
+            conn.exec_driver_sql(
+                f'SELECT md5(string_agg(t::text, \',\' ORDER BY t::text)) FROM "{s}"."{t}" t'
+            ).scalar()
+            for s, t in state["tables"]
+        ]
+    return state

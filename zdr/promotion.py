@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import InvalidState, ReplayLagging
+from zdr.errors import DependentObjects, InvalidState, ReplayLagging
 from zdr.locks import lock_live_batch, under_short_lock_timeout
+from zdr.names import swap_schema
 from zdr.registry import Registry
 from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
 from zdr.runner import BatchRun, apply_batch, replay_target
@@ -64,6 +65,7 @@ class Promotion:
             replay = records.load_replay(conn, key, lock=True, runs=False)
             require_state(replay, PROMOTABLE, "promote")
             self.require_at_live_position(conn, replay)
+            self.require_swap_names_free(conn, replay)
             return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promote")
 
         return self.with_swap_lock(conn, key, "promote", body).report
@@ -77,6 +79,7 @@ class Promotion:
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
             require_state(replay, {ReplayState.LIVE}, "rollback")
+            self.require_swap_names_free(conn, replay)
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
@@ -94,6 +97,7 @@ class Promotion:
         def body(conn: sa.Connection) -> Replay:
             current = records.load_replay(conn, key, lock=True, runs=False)
             require_state(current, {ReplayState.LIVE}, "rollback")
+            self.require_swap_names_free(conn, current)
             live_now = self.common_live_position(conn, current)
             target.cursor = Cursor(current.txid, current.position)
             while target.cursor < live_now:
@@ -218,3 +222,21 @@ class Promotion:
                 "run the live runner until they agree"
             )
         return positions.pop()
+
+    def require_swap_names_free(self, conn: sa.Connection, replay: Replay) -> None:
+        """Refuse (DependentObjects) a swap whose temporary schema names are taken.
+
+        No replay key can produce them (``zdr.names.swap_schema``), so only a schema
+        made by hand can be in the way.
+        """
+        taken = conn.exec_driver_sql(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s) ORDER BY 1",
+            ([swap_schema(side) for side in replay.schemas.values()],),
+        ).scalars()
+        names = ", ".join(repr(name) for name in taken)
+        if names:
+            raise DependentObjects(
+                f"cannot swap replay {replay.key!r}: schema {names} exists, and zdr names a "
+                "live schema so for an instant while it swaps; zdr did not create it. "
+                "Drop or rename it. Nothing was changed"
+            )
