@@ -281,3 +281,55 @@ def test_a_swap_whose_temporary_name_is_taken_is_refused_and_changes_nothing(man
     with pytest.raises(zdr.DependentObjects, match="'zdr-swap-x_1' exists"):
         manager.promote("x")
     assert zdr_state(engine) == before
+
+
+def test_a_refused_remove_leaves_the_replay_dual_writing(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("kept", [BalancesV2()])
+    manager.start_replay("kept")
+    manager.enable_dual_write("kept")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW public.peek AS SELECT * FROM zdr_kept_1.balances")
+    before = zdr_state(engine)
+
+    with pytest.raises(zdr.DependentObjects, match="public.peek"):
+        manager.remove_replay("kept")
+
+    assert zdr_state(engine) == before
+    seed(manager.store, 20, seed=1, prefix="new")
+    manager.project_live()
+    assert manager.get_replay_lag("kept") == 0, "the live runner still writes its copy"
+
+
+def test_a_dual_writing_replay_is_removed_while_the_live_runner_runs(manager, engine):
+    sim = seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("going", [BalancesV2()])
+    manager.start_replay("going")
+    manager.enable_dual_write("going")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            manager.follow(stop=stop, poll_interval=0.01)
+        except BaseException as exc:
+            failures.append(exc)
+
+    runner = threading.Thread(target=follow)
+    runner.start()
+    try:
+        for _ in range(5):
+            append(manager.store, sim.events(20))
+            time.sleep(0.02)
+        assert manager.remove_replay("going").state is zdr.ReplayState.REMOVED
+        append(manager.store, sim.events(20))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not failures, failures
+    assert manager.get_replay("going") is None
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store)

@@ -113,23 +113,25 @@ class Promotion:
         return self.with_swap_lock(conn, key, "roll back", body).report
 
     def remove(self, conn: sa.Connection, key: str) -> Replay:
-        """Drop the replay's copy (after promotion: the previous live copy) and its records."""
+        """Drop the replay's copy (after promotion: the previous live copy) and its records.
 
-        def stop_dual_write(conn: sa.Connection) -> Replay:
-            replay = records.load_replay(conn, key, lock=True)
-            if replay.state is ReplayState.DUAL_WRITING:
-                records.set_state(conn, key, ReplayState.CAUGHT_UP)
-            return replay
+        One transaction: a refusal (objects outside zdr depend on the copy, the locks
+        stay busy) leaves everything as it was, dual write included.
+        """
 
         def drop(conn: sa.Connection) -> Replay:
-            replay = records.load_replay(conn, key, lock=True, runs=False)
+            if records.load_replay(conn, key, runs=False).state is ReplayState.DUAL_WRITING:
+                # Taken before the replay's row: the live runner takes it before the row
+                # too (to mark a replay failed). Held to the commit, so no live batch
+                # writes into the copy while it goes, and the next one no longer sees it.
+                lock_live_batch(conn)
+            replay = records.load_replay(conn, key, lock=True)
             targets.drop(conn, list(replay.schemas.values()))
             records.delete_replay(conn, key)
             return replay
 
-        before = self.with_swap_lock(conn, key, "remove", stop_dual_write)
-        self.with_swap_lock(conn, key, "remove", drop, live_batch=False)
-        return dataclasses.replace(before.value, state=ReplayState.REMOVED)
+        removed = self.with_swap_lock(conn, key, "remove", drop, live_batch=False).value
+        return dataclasses.replace(removed, state=ReplayState.REMOVED)
 
     def _swap(
         self, conn: sa.Connection, replay: Replay, state: ReplayState, stamp: str, kind: str
