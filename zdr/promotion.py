@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import DependentObjects, InvalidState, ReplayLagging
+from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging
 from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.names import swap_schema
 from zdr.registry import Registry
 from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
-from zdr.runner import BatchRun, apply_batch, replay_target
+from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
 from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
 
@@ -74,7 +74,9 @@ class Promotion:
         """Make the previous live copy live again, brought up to date with its own projector.
 
         Most of the catching up happens outside the swap lock, in batches; the
-        last events inside it, so the copies are level at the swap.
+        last events inside it, so the copies are level at the swap. A projector that
+        raises while catching up leaves the replay live, with the error in its run and
+        its ``error``: roll back again once it is fixed.
         """
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
@@ -90,6 +92,7 @@ class Promotion:
             run_id=run_id,
             batch_size=batch_size,
             sample_interval_s=self.settings.sample_interval_s,
+            failed_state=None,  # still live: the swap has not happened
         ).run(conn, until=live_at)
         with conn.begin():
             records.finish_run(conn, run_id, "succeeded")
@@ -110,7 +113,17 @@ class Promotion:
             self.require_at_live_position(conn, current)
             return self._swap(conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback")
 
-        return self.with_swap_lock(conn, key, "roll back", body).report
+        try:
+            return self.with_swap_lock(conn, key, "roll back", body).report
+        except ProjectorError as exc:
+            # The swap's transaction was rolled back: the replay is still live.
+            with conn.begin():
+                message = failure_message(exc)
+                at = records.replay_cursor(conn, key).position
+                failed = records.start_run(conn, key, "rollback", at)
+                records.finish_run(conn, failed, "failed", error=message)
+                records.set_error(conn, key, message)
+            raise
 
     def remove(self, conn: sa.Connection, key: str) -> Replay:
         """Drop the replay's copy (after promotion: the previous live copy) and its records.
