@@ -1,15 +1,34 @@
-"""A rollback that fails leaves the replay live, to be tried again."""
+"""A rollback that would break something is refused before it changes anything; one that
+fails leaves the replay live, to be tried again."""
 
 from __future__ import annotations
 
 import pytest
 
 import zdr
-from tests.support import append, assert_balances_match_fold, balances, seed
+from tests.support import append, assert_balances_match_fold, balances, seed, zdr_state
 from zdr.examples.bank.projectors import Balances, BalancesV2
 from zdr.runner import BatchRun
 
 S = zdr.ReplayState
+
+
+def test_a_rollback_that_would_break_a_view_is_refused_before_it_catches_up(manager, engine):
+    sim = seed(manager.store, 1_000)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.promote("v2")
+    append(manager.store, sim.events(300))  # the previous copy would have these to catch up
+    manager.project_live()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW public.rich AS SELECT * FROM bank_balances.balances")
+    before = zdr_state(engine)
+
+    with pytest.raises(zdr.DependentObjects, match="view public.rich uses bank_balances"):
+        manager.rollback("v2")
+
+    assert zdr_state(engine) == before, "no catch-up run, no events applied"
 
 
 def _broken(self, events, conn):

@@ -64,8 +64,6 @@ from zdr.projector import Projector
 from zdr.promotion import Promotion
 from zdr.registry import ProjectorRef, Registry, check_coverage, describe_paths, register_live
 from zdr.replay import (
-    DUAL_WRITABLE,
-    REPLAYABLE,
     Progress,
     Replay,
     ReplayState,
@@ -388,7 +386,7 @@ class ReplayManager:
         with self.engine.connect() as conn, replay_runner(conn, key):
             with conn.begin():
                 replay = records.load_replay(conn, key, lock=True)
-                require_state(replay, REPLAYABLE, "start_replay")
+                transition = require_state(replay, "start_replay")
                 if restart:
                     targets.truncate(conn, replay.schemas)
                     records.reset_checkpoint(conn, replay_checkpoint(key))
@@ -413,7 +411,7 @@ class ReplayManager:
             )
             with conn.begin():
                 if finished:
-                    records.set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
+                    records.set_state(conn, key, transition.to, stamp="caught_up_at")
                 records.finish_run(conn, run_id, "succeeded")
                 return records.load_replay(conn, key)
 
@@ -434,7 +432,7 @@ class ReplayManager:
         )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
             replay = records.load_replay(conn, key, lock=True)
-            require_state(replay, DUAL_WRITABLE, "enable_dual_write")
+            transition = require_state(replay, "enable_dual_write")
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:
                 raise ReplayLagging(
@@ -442,7 +440,7 @@ class ReplayManager:
                     "start_replay again to catch up before switching dual write on",
                     lag=lag,
                 )
-            records.set_state(conn, key, ReplayState.DUAL_WRITING, stamp="dual_write_at")
+            records.set_state(conn, key, transition.to, stamp="dual_write_at")
             return records.load_replay(conn, key)
 
     @_translate_errors

@@ -28,7 +28,7 @@ from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLag
 from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.names import swap_schema
 from zdr.registry import Registry
-from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
+from zdr.replay import Replay, ReplayState, SwapReport, require_state
 from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
 from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
@@ -63,10 +63,10 @@ class Promotion:
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
-            require_state(replay, PROMOTABLE, "promote")
+            transition = require_state(replay, "promote")
             self.require_at_live_position(conn, replay)
             self.require_swap_names_free(conn, replay)
-            return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promote")
+            return self._swap(conn, replay, transition.to, "promoted_at", "promote")
 
         return self.with_swap_lock(conn, key, "promote", body).report
 
@@ -74,14 +74,16 @@ class Promotion:
         """Make the previous live copy live again, brought up to date with its own projector.
 
         Most of the catching up happens outside the swap lock, in batches; the
-        last events inside it, so the copies are level at the swap. A projector that
-        raises while catching up leaves the replay live, with the error in its run and
-        its ``error``: roll back again once it is fixed.
+        last events inside it, so the copies are level at the swap. Everything that
+        could refuse is checked before anything runs. A projector that raises while
+        catching up leaves the replay live, with the error in its run and its
+        ``error``: roll back again once it is fixed.
         """
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
-            require_state(replay, {ReplayState.LIVE}, "rollback")
+            require_state(replay, "rollback")
             self.require_swap_names_free(conn, replay)
+            targets.preflight(conn, replay.schemas)  # only looks: the swap checks again
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
@@ -99,7 +101,7 @@ class Promotion:
 
         def body(conn: sa.Connection) -> Replay:
             current = records.load_replay(conn, key, lock=True, runs=False)
-            require_state(current, {ReplayState.LIVE}, "rollback")
+            transition = require_state(current, "rollback")
             self.require_swap_names_free(conn, current)
             live_now = self.common_live_position(conn, current)
             target.cursor = Cursor(current.txid, current.position)
@@ -111,7 +113,7 @@ class Promotion:
                 target.cursor = events[-1].cursor
             current = records.load_replay(conn, key, runs=False)
             self.require_at_live_position(conn, current)
-            return self._swap(conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback")
+            return self._swap(conn, current, transition.to, "rolled_back_at", "rollback")
 
         try:
             return self.with_swap_lock(conn, key, "roll back", body).report
@@ -139,6 +141,7 @@ class Promotion:
                 # writes into the copy while it goes, and the next one no longer sees it.
                 lock_live_batch(conn)
             replay = records.load_replay(conn, key, lock=True)
+            require_state(replay, "remove_replay")
             targets.drop(conn, list(replay.schemas.values()))
             records.delete_replay(conn, key)
             return replay
