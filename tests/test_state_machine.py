@@ -5,13 +5,14 @@ nothing."""
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 import zdr
 from tests.support import ExplodingBalancesV2, seed, zdr_state
-from zdr.examples.bank.projectors import BalancesV2
+from zdr.examples.bank.projectors import Balances, BalancesV2
 from zdr.replay import TRANSITIONS, ReplayState
 
 S = ReplayState
@@ -44,10 +45,14 @@ def _replay_in(manager, state: ReplayState, monkeypatch, key: str = "r") -> None
         manager.start_replay(key)
     if state is S.DUAL_WRITING:
         manager.enable_dual_write(key)
-    if state in (S.LIVE, S.ROLLED_BACK):
+    if state in (S.LIVE, S.SUPERSEDED, S.ROLLED_BACK):
         manager.promote(key)
     if state is S.ROLLED_BACK:
         manager.rollback(key)
+    if state is S.SUPERSEDED:
+        manager.create_replay("newer", [Balances()])
+        manager.start_replay("newer")
+        manager.promote("newer")
     assert manager.get_replay(key).state is state
 
 
@@ -116,3 +121,36 @@ def test_the_readme_states_table_is_the_code_s_table():
 
 
 # -- swap names never collide with side schemas ------------------------------------------
+
+
+# -- the column behind `superseded` --------------------------------------------------------
+
+
+def test_setup_adds_the_superseded_by_column_to_an_install_from_before(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.promote("v2")
+    with engine.begin() as conn:  # zdr.replays as an older version made it
+        conn.exec_driver_sql("ALTER TABLE zdr.replays DROP COLUMN superseded_by")
+
+    manager.setup()
+
+    assert manager.get_replay("v2").state is S.LIVE
+    manager.create_replay("v3", [Balances()])
+    manager.start_replay("v3")
+    manager.promote("v3")
+    assert manager.get_replay("v2").superseded_by == "v3"
+
+
+def test_setup_with_the_column_there_takes_no_lock_on_the_replays_table(manager, engine):
+    patient = zdr.ReplayManager(engine, projectors=[Balances()], lock_timeout=3, swap_attempts=1)
+    with engine.connect() as reader:
+        reader.begin()
+        reader.exec_driver_sql("SELECT count(*) FROM zdr.replays")  # held to the end
+        started = time.monotonic()
+        patient.setup()
+        took = time.monotonic() - started
+        reader.rollback()
+    assert took < 1.0, f"setup waited {took:.1f}s for a reader of zdr.replays"

@@ -44,6 +44,7 @@ from zdr.config import make_engine
 from zdr.errors import (
     ConfigurationError,
     DuplicateReplay,
+    InvalidState,
     NotSetUp,
     ReplayLagging,
     ReplayNotFound,
@@ -336,6 +337,13 @@ class ReplayManager:
             except DuplicateReplay:  # created by a concurrent caller just now
                 existing = self.get_replay(key)
                 assert existing is not None
+        if existing.state is ReplayState.SUPERSEDED:
+            by = existing.superseded_by
+            again = f" (rolling {by!r} back makes it live again)" if by else ""
+            raise InvalidState(
+                f"replay {key!r} was superseded by {f'replay {by!r}' if by else 'a replay'}"
+                f"{again}: choose another key, or remove it"
+            )
         building = existing.projectors
         if existing.state is ReplayState.LIVE:
             with self.engine.connect() as conn:

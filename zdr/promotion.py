@@ -16,9 +16,10 @@ Where the invariants of DESIGN.md are kept in this module:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -28,7 +29,7 @@ from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLag
 from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.names import swap_schema
 from zdr.registry import Registry
-from zdr.replay import Replay, ReplayState, SwapReport, require_state
+from zdr.replay import Replay, ReplayState, SwapReport, Transition, require_state
 from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
 from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
@@ -59,13 +60,19 @@ class Promotion:
         self.settings = settings
 
     def promote(self, conn: sa.Connection, key: str) -> SwapReport:
-        """Make the replay's copy live, atomically; keep the previous copy for rollback."""
+        """Make the replay's copy live, atomically; keep the previous copy for rollback.
+
+        A live replay of the same projections is superseded in the same transaction
+        (rolling this one back makes it live again).
+        """
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
             transition = require_state(replay, "promote")
+            superseded = self.superseded_by_promotion(conn, replay)
             self.require_at_live_position(conn, replay)
             self.require_swap_names_free(conn, replay)
+            records.supersede(conn, [r.key for r in superseded], by=key)
             return self._swap(conn, replay, transition.to, "promoted_at", "promote")
 
         return self.with_swap_lock(conn, key, "promote", body).report
@@ -77,12 +84,12 @@ class Promotion:
         last events inside it, so the copies are level at the swap. Everything that
         could refuse is checked before anything runs. A projector that raises while
         catching up leaves the replay live, with the error in its run and its
-        ``error``: roll back again once it is fixed.
+        ``error``: roll back again once it is fixed. The replays this one superseded
+        are live again after it.
         """
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
-            require_state(replay, "rollback")
-            self.require_swap_names_free(conn, replay)
+            self.require_rollback(conn, replay)
             targets.preflight(conn, replay.schemas)  # only looks: the swap checks again
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
@@ -101,8 +108,7 @@ class Promotion:
 
         def body(conn: sa.Connection) -> Replay:
             current = records.load_replay(conn, key, lock=True, runs=False)
-            transition = require_state(current, "rollback")
-            self.require_swap_names_free(conn, current)
+            transition = self.require_rollback(conn, current)
             live_now = self.common_live_position(conn, current)
             target.cursor = Cursor(current.txid, current.position)
             while target.cursor < live_now:
@@ -113,6 +119,7 @@ class Promotion:
                 target.cursor = events[-1].cursor
             current = records.load_replay(conn, key, runs=False)
             self.require_at_live_position(conn, current)
+            records.reinstate(conn, superseded_by=key)
             return self._swap(conn, current, transition.to, "rolled_back_at", "rollback")
 
         try:
@@ -241,6 +248,48 @@ class Promotion:
             )
         return positions.pop()
 
+    def superseded_by_promotion(self, conn: sa.Connection, replay: Replay) -> list[Replay]:
+        """The live replays whose projections this promotion takes over (their rows held).
+
+        Refused (InvalidState) when one of them rebuilt a projection this replay does
+        not: it would be half superseded, and rolling either back would swap a copy
+        the other one holds. zdr does not guess which copy belongs where.
+        """
+        others = records.live_replays(conn, replay.projections, lock=True)
+        for other in others:
+            left = sorted(set(other.projections) - set(replay.projections))
+            if left:
+                raise InvalidState(
+                    f"promote is refused for replay {replay.key!r}: live replay "
+                    f"{other.key!r} also rebuilt {_projections(left)}, which {replay.key!r} "
+                    f"does not, so it would be live for part of its projections only. Roll "
+                    f"back {other.key!r} first, remove it (which gives up its rollback), or "
+                    f"promote a replay that rebuilds {_projections(other.projections)}. "
+                    "Nothing was changed"
+                )
+        return [other for other in others if other.key != replay.key]
+
+    def require_rollback(self, conn: sa.Connection, replay: Replay) -> Transition:
+        """Refuse a rollback unless the replay's copy is the one live now."""
+        transition = require_state(replay, "rollback")
+        later = [
+            other
+            for other in records.live_replays(conn, replay.projections, lock=False)
+            if other.key != replay.key
+            and (other.promoted_at or _EPOCH) > (replay.promoted_at or _EPOCH)
+        ]
+        if later:
+            # Never so since superseding was recorded; an install from before may hold it.
+            other = later[0]
+            raise InvalidState(
+                f"rollback is refused for replay {replay.key!r}: replay {other.key!r}, "
+                f"promoted after it, is live for {_projections(other.projections)}, so the "
+                f"live copy is {other.key!r}'s: roll back {other.key!r} first. "
+                "Nothing was changed"
+            )
+        self.require_swap_names_free(conn, replay)
+        return transition
+
     def require_swap_names_free(self, conn: sa.Connection, replay: Replay) -> None:
         """Refuse (DependentObjects) a swap whose temporary schema names are taken.
 
@@ -258,3 +307,12 @@ class Promotion:
                 "live schema so for an instant while it swaps; zdr did not create it. "
                 "Drop or rename it. Nothing was changed"
             )
+
+
+_EPOCH = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _projections(names: Iterable[str]) -> str:
+    """``projection 'a'`` or ``projections 'a', 'b'``."""
+    listed = sorted(names)
+    return ("projection " if len(listed) == 1 else "projections ") + ", ".join(map(repr, listed))
