@@ -65,6 +65,8 @@ from zdr.projector import Projector
 from zdr.promotion import Promotion
 from zdr.registry import ProjectorRef, Registry, check_coverage, describe_paths, register_live
 from zdr.replay import (
+    FOLLOWING,
+    MOVING,
     Progress,
     Replay,
     ReplayState,
@@ -515,14 +517,18 @@ class ReplayManager:
 
     def status(self, key: str | None = None) -> list[dict[str, Any]]:
         """Where every replay (or the one ``key``) stands: state, position, lag, recent
-        rate, ETA, last run, age (rows of ``zdr.reports.status_row``)."""
+        rate, ETA, last run, age (rows of ``zdr.reports.status_row``). Lag, rate and ETA
+        only where the state gives them a meaning: a live, superseded or rolled-back
+        replay's copy follows nothing, so it has none."""
         replays = self.list_replays() if key is None else [self.require_replay(key)]
         since = dt.datetime.now(dt.UTC) - reports.RATE_WINDOW
         return [
             reports.status_row(
                 replay,
-                lag=self.get_replay_lag(replay.key),
-                history=self.lag_history(replay.key, since=since),
+                lag=self.get_replay_lag(replay.key) if replay.state in FOLLOWING else None,
+                history=(
+                    self.lag_history(replay.key, since=since) if replay.state in MOVING else None
+                ),
             )
             for replay in replays
         ]

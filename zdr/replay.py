@@ -67,6 +67,12 @@ REPLAYABLE = TRANSITIONS["start_replay"].allowed
 DUAL_WRITABLE = TRANSITIONS["enable_dual_write"].allowed
 PROMOTABLE = TRANSITIONS["promote"].allowed
 
+#: States whose copy is not live and still has the log to follow: its lag means something.
+FOLLOWING = frozenset({_S.CREATED, _S.REPLAYING, _S.CAUGHT_UP, _S.DUAL_WRITING, _S.FAILED})
+#: States in which the copy moves (or is about to) towards the head: a rate and an ETA
+#: mean something. A failed replay stands still until its projector is fixed.
+MOVING = FOLLOWING - {_S.FAILED}
+
 
 def require_state(replay: Replay, operation: str) -> Transition:
     """Refuse (InvalidState) an operation the replay's state does not allow; return its
