@@ -152,3 +152,33 @@ class BalancesWithLedger(Balances):
         super().handle_batch(events, conn)
         rows = [{"position": e.position, "account_id": e.data["account_id"]} for e in events]
         conn.execute(ledger.insert(), rows)
+
+
+def zdr_state(engine: sa.Engine) -> dict[str, Any]:
+    """Everything an operation could change: zdr's records (replays, runs, samples,
+    checkpoints, live projections), the schemas and their tables. Equal before and after
+    an operation means it changed nothing."""
+    queries = {
+        "replays": "SELECT * FROM zdr.replays ORDER BY key",
+        "runs": "SELECT * FROM zdr.runs ORDER BY id",
+        "samples": "SELECT * FROM zdr.samples ORDER BY replay_key, at",
+        "checkpoints": "SELECT * FROM zdr.checkpoints ORDER BY name",
+        "projections": "SELECT * FROM zdr.projections ORDER BY name",
+        "tables": """SELECT n.nspname, c.relname FROM pg_class c
+                     JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.relkind IN ('r', 'v') AND (n.nspname LIKE 'zdr%%'
+                        OR n.nspname LIKE 'bank\\_%%' OR n.nspname = 'public')
+                     ORDER BY 1, 2""",
+    }
+    with engine.connect() as conn:
+        state = {
+            name: [tuple(row) for row in conn.exec_driver_sql(query)]
+            for name, query in queries.items()
+        }
+        state["rows"] = [
+            conn.exec_driver_sql(
+                f'SELECT md5(string_agg(t::text, \',\' ORDER BY t::text)) FROM "{s}"."{t}" t'
+            ).scalar()
+            for s, t in state["tables"]
+        ]
+    return state

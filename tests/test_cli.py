@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 import zdr
 from tests.support import balances, seed, wait_for
 from zdr.cli.main import main
+from zdr.examples.bank.projectors import Balances, BalancesV2
 from zdr.locks import live_runner
 
 V1 = "zdr.examples.bank.projectors:Balances"
@@ -200,3 +202,57 @@ def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
 def test_approve_without_a_paused_run_says_so(cli):
     code, _, err = cli("approve", "idle")
     assert code == 1 and "no pipeline run for replay 'idle' is waiting" in err
+
+
+def test_status_gives_a_promoted_replay_no_lag_or_eta(cli, manager):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2")
+    manager.promote("v2")
+    seed(manager.store, 100, seed=1, prefix="new")
+    manager.project_live()  # live moves on; the promoted replay's side copy stays put
+
+    [row] = manager.status()
+
+    assert (row["state"], row["lag"], row["rate"], row["eta_seconds"]) == ("live", None, None, None)
+    code, out, _ = cli("status")
+    assert code == 0
+    assert _cells(out, "v2")[1:6] == ["live", "300", "-", "-", "-"]
+
+
+def test_status_gives_lag_rate_and_eta_only_where_the_state_means_them(cli, manager):
+    seed(manager.store, 300)
+    manager.project_live()
+    for key, projector in [("v2", BalancesV2()), ("v3", Balances()), ("back", BalancesV2())]:
+        manager.create_replay(key, [projector])
+        manager.start_replay(key)
+        manager.promote(key)
+    manager.rollback("back")  # v3 live again, v2 superseded by it
+    manager.create_replay("next", [BalancesV2()])
+    manager.create_replay("broken", [BalancesV2()])
+    with manager.engine.begin() as conn:  # as a projector error leaves it
+        conn.exec_driver_sql("UPDATE zdr.replays SET state = 'failed' WHERE key = 'broken'")
+    seed(manager.store, 100, seed=1, prefix="new")
+    manager.project_live()
+
+    rows = {row["key"]: row for row in manager.status()}
+
+    for key, state in [("v2", "superseded"), ("v3", "live"), ("back", "rolled_back")]:
+        row = rows[key]
+        assert row["state"] == state
+        assert (row["lag"], row["rate"], row["eta_seconds"]) == (None, None, None), key
+    assert rows["next"]["lag"] == 400, "a replay still to run has its lag"
+    assert rows["next"]["eta_seconds"] is None, "and no ETA before it ran"
+    assert (rows["broken"]["lag"], rows["broken"]["eta_seconds"]) == (400, None)
+    code, out, _ = cli("status", "--json")
+    assert code == 0
+    assert {row["key"]: row["lag"] for row in json.loads(out)}["v3"] is None
+    code, out, _ = cli("status")
+    assert _cells(out, "v2")[1:4] == ["superseded by v3", "300", "-"]
+
+
+def _cells(table: str, key: str) -> list[str]:
+    """The cells of ``key``'s row in a `zdr status` table."""
+    line = next(line for line in table.splitlines() if f" {key} " in line)
+    return [cell.strip() for cell in re.split(r"[│┃]", line) if cell.strip()]

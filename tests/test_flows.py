@@ -390,6 +390,10 @@ def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, da
     assert (row["key"], row["state"], row["lag"]) == ("steps", "caught_up", 0)
     assert promote_replay("steps", database_url=database_url).state is zdr.ReplayState.LIVE
     assert "deposits" in next(iter(balances(engine).values()))
+    seed(manager.store, 50, seed=1, prefix="new")
+    manager.project_live()
+    [row] = replay_status(database_url=database_url)
+    assert (row["state"], row["lag"], row["eta_seconds"]) == ("live", None, None)
     rolled_back = rollback_replay("steps", database_url=database_url)
     assert rolled_back.state is zdr.ReplayState.ROLLED_BACK
     assert remove_replay("steps", database_url=database_url).state is zdr.ReplayState.REMOVED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -16,11 +17,13 @@ from tests.support import (
     balances,
     seed,
     wait_for,
+    zdr_state,
 )
 from zdr.config import to_libpq_url
 from zdr.examples.bank.domain import BankSimulator
 from zdr.examples.bank.projectors import LIVE, BalancesV2
 from zdr.locks import holding_live_batch_lock
+from zdr.names import SCHEMA_PATTERN, side_schema, swap_schema
 
 
 def _dual_writing_replay(manager, key="v2"):
@@ -237,3 +240,96 @@ def test_remove_refuses_to_drop_a_copy_that_other_objects_depend_on(manager, eng
     with pytest.raises(zdr.DependentObjects, match="public.peek"):
         manager.remove_replay("kept")
     assert manager.get_replay("kept") is not None
+
+
+SIDE_SCHEMA = re.compile(r"^zdr_[a-z][a-z0-9_]{0,39}_[1-9][0-9]*$")
+
+
+@pytest.mark.parametrize("key", ["x", "swap", "swap_x", "zdr_swap_x", "a" * 40])
+def test_no_key_makes_a_side_schema_with_a_swap_schema_s_name(key):
+    side = side_schema(key, 1)
+    tmp = swap_schema(side)
+    assert SIDE_SCHEMA.fullmatch(side) and not SIDE_SCHEMA.fullmatch(tmp)
+    assert not SCHEMA_PATTERN.fullmatch(tmp), "nor could a live schema have it"
+    assert len(tmp.encode()) <= 63
+
+
+def test_a_replay_is_promoted_and_rolled_back_while_a_replay_keyed_swap_x_exists(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("swap_x", [BalancesV2()])  # its side schema: zdr_swap_x_1
+    manager.create_replay("x", [BalancesV2()])
+    manager.start_replay("x")
+
+    assert manager.promote("x").state is zdr.ReplayState.LIVE
+    assert "deposits" in next(iter(balances(engine).values()))
+    assert manager.rollback("x").state is zdr.ReplayState.ROLLED_BACK
+
+    assert manager.get_replay("swap_x").state is zdr.ReplayState.CREATED
+    assert balances(engine, "zdr_swap_x_1") == {}, "replay swap_x's copy is untouched"
+
+
+def test_a_swap_whose_temporary_name_is_taken_is_refused_and_changes_nothing(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("x", [BalancesV2()])
+    manager.start_replay("x")
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'CREATE SCHEMA "{swap_schema("zdr_x_1")}"')
+    before = zdr_state(engine)
+
+    with pytest.raises(zdr.DependentObjects, match="'zdr-swap-x_1' exists"):
+        manager.promote("x")
+    assert zdr_state(engine) == before
+
+
+def test_a_refused_remove_leaves_the_replay_dual_writing(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("kept", [BalancesV2()])
+    manager.start_replay("kept")
+    manager.enable_dual_write("kept")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW public.peek AS SELECT * FROM zdr_kept_1.balances")
+    before = zdr_state(engine)
+
+    with pytest.raises(zdr.DependentObjects, match="public.peek"):
+        manager.remove_replay("kept")
+
+    assert zdr_state(engine) == before
+    seed(manager.store, 20, seed=1, prefix="new")
+    manager.project_live()
+    assert manager.get_replay_lag("kept") == 0, "the live runner still writes its copy"
+
+
+def test_a_dual_writing_replay_is_removed_while_the_live_runner_runs(manager, engine):
+    sim = seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("going", [BalancesV2()])
+    manager.start_replay("going")
+    manager.enable_dual_write("going")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            manager.follow(stop=stop, poll_interval=0.01)
+        except BaseException as exc:
+            failures.append(exc)
+
+    runner = threading.Thread(target=follow)
+    runner.start()
+    try:
+        for _ in range(5):
+            append(manager.store, sim.events(20))
+            time.sleep(0.02)
+        assert manager.remove_replay("going").state is zdr.ReplayState.REMOVED
+        append(manager.store, sim.events(20))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not failures, failures
+    assert manager.get_replay("going") is None
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store)

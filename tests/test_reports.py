@@ -16,10 +16,16 @@ from zdr.verify import NOT_LEVEL, Difference, TableReport, VerificationReport
 T0 = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 
-def _replay(*, runs: list[Run] | None = None) -> Replay:
+def _replay(
+    *,
+    runs: list[Run] | None = None,
+    state: ReplayState = ReplayState.REPLAYING,
+    superseded_by: str | None = None,
+) -> Replay:
     return Replay(
         key="balances_v2",
-        state=ReplayState.REPLAYING,
+        state=state,
+        superseded_by=superseded_by,
         projectors={"balances": "zdr.examples.bank.projectors:BalancesV2"},
         schemas={"bank_balances": "zdr_balances_v2_1"},
         position=50_000,
@@ -119,6 +125,30 @@ def test_an_unknown_eta_reads_as_a_dash():
     row = reports.status_row(_replay(), lag=10, history=_history([]), now=T0)
     assert row["rate"] is None and row["eta_seconds"] is None
     assert reports.status_cells(row)[4:6] == ["-", "-"]
+
+
+@pytest.mark.parametrize("state", [ReplayState.LIVE, ReplayState.ROLLED_BACK, ReplayState.REMOVED])
+def test_a_replay_whose_copy_follows_nothing_has_no_lag_rate_or_eta(state):
+    run = Run(1, "replay", "succeeded", T0, T0 + dt.timedelta(seconds=10), 0, 50_000, 50_000, None)
+    history = _history([0, 1_000, 2_000, 3_000])
+    row = reports.status_row(_replay(runs=[run], state=state), lag=9_000, history=history, now=T0)
+    assert (row["lag"], row["rate"], row["eta_seconds"]) == (None, None, None)
+    assert reports.status_cells(row)[1:6] == [state.value, "50,000", "-", "-", "-"]
+
+
+def test_a_superseded_replay_says_by_which_and_has_no_lag():
+    row = reports.status_row(
+        _replay(state=ReplayState.SUPERSEDED, superseded_by="v3"), lag=9_000, history=None, now=T0
+    )
+    assert row["superseded_by"] == "v3" and row["lag"] is None
+    assert reports.status_cells(row)[1:4] == ["superseded by v3", "50,000", "-"]
+
+
+def test_a_failed_replay_has_its_lag_but_no_rate_or_eta():
+    row = reports.status_row(
+        _replay(state=ReplayState.FAILED), lag=9_000, history=_history([0, 1_000]), now=T0
+    )
+    assert (row["lag"], row["rate"], row["eta_seconds"]) == (9_000, None, None)
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,8 @@ CREATE_STATEMENTS = [
     ),
     # A replay owns one side schema per live schema it rebuilds: before promotion
     # the side holds the new copy, after it the previous live copy (for rollback).
-    # ``projectors`` are the classes that write the side copy.
+    # ``projectors`` are the classes that write the side copy. ``superseded_by``: the
+    # replay whose promotion took over a live replay's projections (state superseded).
     (
         "zdr.replays",
         """CREATE TABLE IF NOT EXISTS zdr.replays (
@@ -53,8 +54,14 @@ CREATE_STATEMENTS = [
         caught_up_at timestamptz,
         dual_write_at timestamptz,
         promoted_at timestamptz,
-        rolled_back_at timestamptz
+        rolled_back_at timestamptz,
+        superseded_by text
     )""",
+    ),
+    # Added after the first release: an install made before gets the column here.
+    (
+        "zdr.replays(superseded_by)",
+        "ALTER TABLE zdr.replays ADD COLUMN IF NOT EXISTS superseded_by text",
     ),
     (
         "zdr.runs",
@@ -98,7 +105,8 @@ def create(conn: sa.Connection) -> None:
 
 def create_missing(conn: sa.Connection, objects: Sequence[tuple[str, str]]) -> None:
     """Run the statements whose object is missing: a schema (``zdr``), a relation
-    (``zdr.events``), a function (``zdr.f()``) or a trigger (``zdr.events/name``).
+    (``zdr.events``), a function (``zdr.f()``), a trigger (``zdr.events/name``) or a
+    column (``zdr.replays(superseded_by)``).
 
     Why look first: ``CREATE INDEX IF NOT EXISTS`` takes its lock on the table
     before it finds the index there, so on a live event table it would wait for
@@ -118,6 +126,11 @@ def create_missing(conn: sa.Connection, objects: Sequence[tuple[str, str]]) -> N
                                          AND tgname = split_part(name, '/', 2))
                           WHEN name LIKE '%%()'
                           THEN to_regprocedure(name) IS NOT NULL
+                          WHEN name LIKE '%%(%%)'
+                          THEN EXISTS (SELECT 1 FROM pg_attribute
+                                       WHERE attrelid = to_regclass(split_part(name, '(', 1))
+                                         AND attname = rtrim(split_part(name, '(', 2), ')')
+                                         AND NOT attisdropped)
                           ELSE to_regclass(name) IS NOT NULL END""",
             ([name for name, _ in objects],),
         ).scalars()

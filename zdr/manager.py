@@ -44,6 +44,7 @@ from zdr.config import make_engine
 from zdr.errors import (
     ConfigurationError,
     DuplicateReplay,
+    InvalidState,
     NotSetUp,
     ReplayLagging,
     ReplayNotFound,
@@ -64,8 +65,8 @@ from zdr.projector import Projector
 from zdr.promotion import Promotion
 from zdr.registry import ProjectorRef, Registry, check_coverage, describe_paths, register_live
 from zdr.replay import (
-    DUAL_WRITABLE,
-    REPLAYABLE,
+    FOLLOWING,
+    MOVING,
     Progress,
     Replay,
     ReplayState,
@@ -338,6 +339,13 @@ class ReplayManager:
             except DuplicateReplay:  # created by a concurrent caller just now
                 existing = self.get_replay(key)
                 assert existing is not None
+        if existing.state is ReplayState.SUPERSEDED:
+            by = existing.superseded_by
+            again = f" (rolling {by!r} back makes it live again)" if by else ""
+            raise InvalidState(
+                f"replay {key!r} was superseded by {f'replay {by!r}' if by else 'a replay'}"
+                f"{again}: choose another key, or remove it"
+            )
         building = existing.projectors
         if existing.state is ReplayState.LIVE:
             with self.engine.connect() as conn:
@@ -390,7 +398,7 @@ class ReplayManager:
                 # Its row lock takes a transaction id, held while it counts the log.
                 mark_runner_transaction(conn)
                 replay = records.load_replay(conn, key, lock=True)
-                require_state(replay, REPLAYABLE, "start_replay")
+                transition = require_state(replay, "start_replay")
                 if restart:
                     targets.truncate(conn, replay.schemas)
                     records.reset_checkpoint(conn, replay_checkpoint(key))
@@ -415,7 +423,7 @@ class ReplayManager:
             )
             with conn.begin():
                 if finished:
-                    records.set_state(conn, key, ReplayState.CAUGHT_UP, stamp="caught_up_at")
+                    records.set_state(conn, key, transition.to, stamp="caught_up_at")
                 records.finish_run(conn, run_id, "succeeded")
                 return records.load_replay(conn, key)
 
@@ -437,7 +445,7 @@ class ReplayManager:
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
             mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
-            require_state(replay, DUAL_WRITABLE, "enable_dual_write")
+            transition = require_state(replay, "enable_dual_write")
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:
                 raise ReplayLagging(
@@ -445,7 +453,7 @@ class ReplayManager:
                     "start_replay again to catch up before switching dual write on",
                     lag=lag,
                 )
-            records.set_state(conn, key, ReplayState.DUAL_WRITING, stamp="dual_write_at")
+            records.set_state(conn, key, transition.to, stamp="dual_write_at")
             return records.load_replay(conn, key)
 
     @_translate_errors
@@ -512,14 +520,18 @@ class ReplayManager:
 
     def status(self, key: str | None = None) -> list[dict[str, Any]]:
         """Where every replay (or the one ``key``) stands: state, position, lag, recent
-        rate, ETA, last run, age (rows of ``zdr.reports.status_row``)."""
+        rate, ETA, last run, age (rows of ``zdr.reports.status_row``). Lag, rate and ETA
+        only where the state gives them a meaning: a live, superseded or rolled-back
+        replay's copy follows nothing, so it has none."""
         replays = self.list_replays() if key is None else [self.require_replay(key)]
         since = dt.datetime.now(dt.UTC) - reports.RATE_WINDOW
         return [
             reports.status_row(
                 replay,
-                lag=self.get_replay_lag(replay.key),
-                history=self.lag_history(replay.key, since=since),
+                lag=self.get_replay_lag(replay.key) if replay.state in FOLLOWING else None,
+                history=(
+                    self.lag_history(replay.key, since=since) if replay.state in MOVING else None
+                ),
             )
             for replay in replays
         ]

@@ -78,8 +78,12 @@ def side_schema(key: str, index: int) -> str:
 
 
 def swap_schema(side: str) -> str:
-    """The name a live schema passes through while it trades names with ``side``."""
-    return "zdr_swap_" + side.removeprefix("zdr_")
+    """The name a live schema passes through while it trades names with ``side``.
+
+    It holds a ``-``, which neither a replay key (so no side schema ``zdr_<key>_<n>``)
+    nor a live schema may contain: ``zdr_swap_x_1`` was replay ``swap_x``'s side schema.
+    """
+    return "zdr-swap-" + side.removeprefix("zdr_")
 
 
 #: Advisory lock names (hashed into zdr's lock space, see zdr.locks).

@@ -16,19 +16,21 @@ Where the invariants of DESIGN.md are kept in this module:
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import sqlalchemy as sa
 
 from zdr import carryover, records, targets
-from zdr.errors import InvalidState, ReplayLagging
+from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging
 from zdr.locks import lock_live_batch, under_short_lock_timeout
+from zdr.names import swap_schema
 from zdr.registry import Registry
-from zdr.replay import PROMOTABLE, Replay, ReplayState, SwapReport, require_state
-from zdr.runner import BatchRun, apply_batch, replay_target
+from zdr.replay import Replay, ReplayState, SwapReport, Transition, require_state
+from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
 from zdr.settings import Settings
 from zdr.store import Cursor, EventReader
 
@@ -61,18 +63,25 @@ class Promotion:
         self.settings = settings
 
     def promote(self, conn: sa.Connection, key: str) -> SwapReport:
-        """Make the replay's copy live, atomically; keep the previous copy for rollback."""
+        """Make the replay's copy live, atomically; keep the previous copy for rollback.
+
+        A live replay of the same projections is superseded in the same transaction
+        (rolling this one back makes it live again).
+        """
 
         with conn.begin():
             replay = records.load_replay(conn, key, runs=False)
-            require_state(replay, PROMOTABLE, "promote")
+            require_state(replay, "promote")
         base = self.prepare(conn, replay)
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
-            require_state(replay, PROMOTABLE, "promote")
+            transition = require_state(replay, "promote")
+            superseded = self.superseded_by_promotion(conn, replay)
             self.require_at_live_position(conn, replay)
-            return self._swap(conn, replay, ReplayState.LIVE, "promoted_at", "promotion", base)
+            self.require_swap_names_free(conn, replay)
+            records.supersede(conn, [r.key for r in superseded], by=key)
+            return self._swap(conn, replay, transition.to, "promoted_at", "promotion", base)
 
         return self.with_swap_lock(conn, key, "promote", body).report
 
@@ -91,14 +100,22 @@ class Promotion:
         """Make the previous live copy live again, brought up to date with its own projector.
 
         Most of the catching up happens outside the swap lock, in batches; the
-        last events inside it, so the copies are level at the swap.
+        last events inside it, so the copies are level at the swap. Everything that
+        could refuse is checked before anything runs. A projector that raises while
+        catching up leaves the replay live, with the error in its run and its
+        ``error``: roll back again once it is fixed. The replays this one superseded
+        are live again after it.
         """
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
-            require_state(replay, {ReplayState.LIVE}, "rollback")
+            self.require_rollback(conn, replay)
+        base = self.prepare(conn, replay)
+        with conn.begin():
+            replay = records.load_replay(conn, key, lock=True)
+            self.require_rollback(conn, replay)
+            carryover.refusals(conn, replay.schemas, base, "rollback")  # the swap checks again
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
-        base = self.prepare(conn, replay)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
         BatchRun(
             self.engine,
@@ -107,13 +124,14 @@ class Promotion:
             run_id=run_id,
             batch_size=batch_size,
             sample_interval_s=self.settings.sample_interval_s,
+            failed_state=None,  # still live: the swap has not happened
         ).run(conn, until=live_at)
         with conn.begin():
             records.finish_run(conn, run_id, "succeeded")
 
         def body(conn: sa.Connection) -> Replay:
             current = records.load_replay(conn, key, lock=True, runs=False)
-            require_state(current, {ReplayState.LIVE}, "rollback")
+            transition = self.require_rollback(conn, current)
             live_now = self.common_live_position(conn, current)
             target.cursor = Cursor(current.txid, current.position)
             while target.cursor < live_now:
@@ -124,30 +142,42 @@ class Promotion:
                 target.cursor = events[-1].cursor
             current = records.load_replay(conn, key, runs=False)
             self.require_at_live_position(conn, current)
-            return self._swap(
-                conn, current, ReplayState.ROLLED_BACK, "rolled_back_at", "rollback", base
-            )
+            records.reinstate(conn, superseded_by=key)
+            return self._swap(conn, current, transition.to, "rolled_back_at", "rollback", base)
 
-        return self.with_swap_lock(conn, key, "roll back", body).report
+        try:
+            return self.with_swap_lock(conn, key, "roll back", body).report
+        except ProjectorError as exc:
+            # The swap's transaction was rolled back: the replay is still live.
+            with conn.begin():
+                message = failure_message(exc)
+                at = records.replay_cursor(conn, key).position
+                failed = records.start_run(conn, key, "rollback", at)
+                records.finish_run(conn, failed, "failed", error=message)
+                records.set_error(conn, key, message)
+            raise
 
     def remove(self, conn: sa.Connection, key: str) -> Replay:
-        """Drop the replay's copy (after promotion: the previous live copy) and its records."""
+        """Drop the replay's copy (after promotion: the previous live copy) and its records.
 
-        def stop_dual_write(conn: sa.Connection) -> Replay:
-            replay = records.load_replay(conn, key, lock=True)
-            if replay.state is ReplayState.DUAL_WRITING:
-                records.set_state(conn, key, ReplayState.CAUGHT_UP)
-            return replay
+        One transaction: a refusal (objects outside zdr depend on the copy, the locks
+        stay busy) leaves everything as it was, dual write included.
+        """
 
         def drop(conn: sa.Connection) -> Replay:
-            replay = records.load_replay(conn, key, lock=True, runs=False)
+            if records.load_replay(conn, key, runs=False).state is ReplayState.DUAL_WRITING:
+                # Taken before the replay's row: the live runner takes it before the row
+                # too (to mark a replay failed). Held to the commit, so no live batch
+                # writes into the copy while it goes, and the next one no longer sees it.
+                lock_live_batch(conn)
+            replay = records.load_replay(conn, key, lock=True)
+            require_state(replay, "remove_replay")
             targets.drop(conn, list(replay.schemas.values()))
             records.delete_replay(conn, key)
             return replay
 
-        before = self.with_swap_lock(conn, key, "remove", stop_dual_write)
-        self.with_swap_lock(conn, key, "remove", drop, live_batch=False)
-        return dataclasses.replace(before.value, state=ReplayState.REMOVED)
+        removed = self.with_swap_lock(conn, key, "remove", drop, live_batch=False).value
+        return dataclasses.replace(removed, state=ReplayState.REMOVED)
 
     def _swap(
         self,
@@ -248,3 +278,72 @@ class Promotion:
                 "run the live runner until they agree"
             )
         return positions.pop()
+
+    def superseded_by_promotion(self, conn: sa.Connection, replay: Replay) -> list[Replay]:
+        """The live replays whose projections this promotion takes over (their rows held).
+
+        Refused (InvalidState) when one of them rebuilt a projection this replay does
+        not: it would be half superseded, and rolling either back would swap a copy
+        the other one holds. zdr does not guess which copy belongs where.
+        """
+        others = records.live_replays(conn, replay.projections, lock=True)
+        for other in others:
+            left = sorted(set(other.projections) - set(replay.projections))
+            if left:
+                raise InvalidState(
+                    f"promote is refused for replay {replay.key!r}: live replay "
+                    f"{other.key!r} also rebuilt {_projections(left)}, which {replay.key!r} "
+                    f"does not, so it would be live for part of its projections only. Roll "
+                    f"back {other.key!r} first, remove it (which gives up its rollback), or "
+                    f"promote a replay that rebuilds {_projections(other.projections)}. "
+                    "Nothing was changed"
+                )
+        return [other for other in others if other.key != replay.key]
+
+    def require_rollback(self, conn: sa.Connection, replay: Replay) -> Transition:
+        """Refuse a rollback unless the replay's copy is the one live now."""
+        transition = require_state(replay, "rollback")
+        later = [
+            other
+            for other in records.live_replays(conn, replay.projections, lock=False)
+            if other.key != replay.key
+            and (other.promoted_at or _EPOCH) > (replay.promoted_at or _EPOCH)
+        ]
+        if later:
+            # Never so since superseding was recorded; an install from before may hold it.
+            other = later[0]
+            raise InvalidState(
+                f"rollback is refused for replay {replay.key!r}: replay {other.key!r}, "
+                f"promoted after it, is live for {_projections(other.projections)}, so the "
+                f"live copy is {other.key!r}'s: roll back {other.key!r} first. "
+                "Nothing was changed"
+            )
+        self.require_swap_names_free(conn, replay)
+        return transition
+
+    def require_swap_names_free(self, conn: sa.Connection, replay: Replay) -> None:
+        """Refuse (DependentObjects) a swap whose temporary schema names are taken.
+
+        No replay key can produce them (``zdr.names.swap_schema``), so only a schema
+        made by hand can be in the way.
+        """
+        taken = conn.exec_driver_sql(
+            "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s) ORDER BY 1",
+            ([swap_schema(side) for side in replay.schemas.values()],),
+        ).scalars()
+        names = ", ".join(repr(name) for name in taken)
+        if names:
+            raise DependentObjects(
+                f"cannot swap replay {replay.key!r}: schema {names} exists, and zdr names a "
+                "live schema so for an instant while it swaps; zdr did not create it. "
+                "Drop or rename it. Nothing was changed"
+            )
+
+
+_EPOCH = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def _projections(names: Iterable[str]) -> str:
+    """``projection 'a'`` or ``projections 'a', 'b'``."""
+    listed = sorted(names)
+    return ("projection " if len(listed) == 1 else "projections ") + ", ".join(map(repr, listed))

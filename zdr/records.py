@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from zdr.errors import ReplayNotFound
 from zdr.names import live_checkpoint, projection_of, replay_checkpoint
-from zdr.replay import Replay, ReplayState, Run
+from zdr.replay import TRANSITIONS, Replay, ReplayState, Run
 from zdr.store import Cursor
 
 #: Columns stamped when a replay reaches a state; our own names, never user input.
@@ -188,7 +188,14 @@ def add_replay(
 
 
 def delete_replay(conn: sa.Connection, key: str) -> None:
-    """Forget a replay: its record, runs, samples and checkpoint."""
+    """Forget a replay: its record, runs, samples and checkpoint.
+
+    The replays it superseded stay superseded, by nobody now: their copies can never
+    be live again (a later replay with the same key must not bring them back).
+    """
+    conn.exec_driver_sql(
+        "UPDATE zdr.replays SET superseded_by = NULL WHERE superseded_by = %s", (key,)
+    )
     conn.exec_driver_sql("DELETE FROM zdr.replays WHERE key = %s", (key,))
     conn.exec_driver_sql("DELETE FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),))
 
@@ -217,7 +224,7 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
     row = conn.exec_driver_sql(
         f"""SELECT r.key, r.state, r.projectors, r.schemas, c.position, c.txid,
                    c.events_applied, r.error, r.created_at, r.updated_at, r.caught_up_at,
-                   r.dual_write_at, r.promoted_at, r.rolled_back_at
+                   r.dual_write_at, r.promoted_at, r.rolled_back_at, r.superseded_by
             FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = %s || r.key
             WHERE r.key = %s {"FOR UPDATE OF r" if lock else ""}""",
         (replay_checkpoint(""), key),
@@ -255,6 +262,49 @@ def set_state(
         f"UPDATE zdr.replays SET state = %s, error = %s, updated_at = now(){extra} WHERE key = %s",
         (state.value, error, key),
     )
+
+
+def set_error(conn: sa.Connection, key: str, error: str) -> None:
+    """Record why an operation on the replay failed, leaving its state as it is."""
+    conn.exec_driver_sql(
+        "UPDATE zdr.replays SET error = %s, updated_at = now() WHERE key = %s", (error, key)
+    )
+
+
+def live_replays(conn: sa.Connection, projections: Sequence[str], *, lock: bool) -> list[Replay]:
+    """The replays in state live that rebuilt any of these projections (``lock``: their
+    rows held to the end of the transaction), by key."""
+    keys = conn.exec_driver_sql(
+        f"""SELECT key FROM zdr.replays WHERE state = %s AND projectors ?| %s::text[]
+            ORDER BY key {"FOR UPDATE" if lock else ""}""",
+        (ReplayState.LIVE.value, list(projections)),
+    ).scalars()
+    return [load_replay(conn, key, runs=False) for key in keys.all()]
+
+
+def supersede(conn: sa.Connection, keys: Sequence[str], *, by: str) -> None:
+    """Record that the promotion of replay ``by`` took over these live replays' projections
+    (``TRANSITIONS["supersede"]``)."""
+    move = TRANSITIONS["supersede"]
+    conn.exec_driver_sql(
+        """UPDATE zdr.replays SET state = %s, superseded_by = %s, updated_at = now()
+           WHERE key = ANY(%s) AND state = ANY(%s)""",
+        (move.to.value, by, list(keys), [s.value for s in move.allowed]),
+    )
+
+
+def reinstate(conn: sa.Connection, *, superseded_by: str) -> list[str]:
+    """Make the replays that ``superseded_by`` superseded live again, as it was rolled back
+    (``TRANSITIONS["reinstate"]``); return their keys."""
+    move = TRANSITIONS["reinstate"]
+    return [
+        str(key)
+        for key in conn.exec_driver_sql(
+            """UPDATE zdr.replays SET state = %s, superseded_by = NULL, updated_at = now()
+               WHERE superseded_by = %s AND state = ANY(%s) RETURNING key""",
+            (move.to.value, superseded_by, [s.value for s in move.allowed]),
+        ).scalars()
+    ]
 
 
 # -- runs and samples ----------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -11,10 +10,12 @@ from zdr.errors import InvalidState
 
 
 class ReplayState(StrEnum):
-    """The life cycle of a replay.
+    """The life cycle of a replay (``TRANSITIONS`` says which operation leads where).
 
     created -> replaying -> caught_up -> dual_writing -> live -> rolled_back;
-    failed when a projector raised (resumable); removed once dropped.
+    live -> superseded when a later replay of its projections is promoted, and
+    back to live when that one is rolled back; failed when a projector raised
+    (resumable); removed once dropped.
     """
 
     CREATED = "created"
@@ -22,37 +23,76 @@ class ReplayState(StrEnum):
     CAUGHT_UP = "caught_up"
     DUAL_WRITING = "dual_writing"
     LIVE = "live"
+    SUPERSEDED = "superseded"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
     REMOVED = "removed"
 
 
-#: States from which ``start_replay`` may run (resume, catch up, or restart).
-REPLAYABLE = frozenset(
-    {
-        ReplayState.CREATED,
-        ReplayState.REPLAYING,
-        ReplayState.CAUGHT_UP,
-        ReplayState.FAILED,
-        ReplayState.ROLLED_BACK,
-    }
-)
-#: States from which dual write may be switched on.
-DUAL_WRITABLE = frozenset(
-    {ReplayState.CREATED, ReplayState.REPLAYING, ReplayState.CAUGHT_UP, ReplayState.ROLLED_BACK}
-)
-#: States from which the replay may be put live.
-PROMOTABLE = frozenset({ReplayState.CAUGHT_UP, ReplayState.DUAL_WRITING})
+@dataclass(frozen=True)
+class Transition:
+    """Which states an operation may start from and the state it leaves the replay in."""
+
+    allowed: frozenset[ReplayState]
+    to: ReplayState
+    #: False for the transitions zdr makes by itself, never asked for by an operator.
+    operator: bool = True
 
 
-def require_state(replay: Replay, allowed: Iterable[ReplayState], operation: str) -> None:
-    """Refuse (InvalidState) an operation the replay's state does not allow."""
-    allowed = set(allowed)
-    if replay.state not in allowed:
+_S = ReplayState
+
+#: The one table of the life cycle: operation -> allowed from-states -> to-state.
+#: ``start_replay`` passes through ``replaying`` (and stays there when cut short by
+#: ``max_events`` or a crash). The last three rows are zdr's own doing: a projector
+#: that raises in a replay run or in dual write, and a promotion or rollback of
+#: *another* replay of the same projections. The README's "States" table is this one.
+TRANSITIONS: dict[str, Transition] = {
+    "start_replay": Transition(
+        frozenset({_S.CREATED, _S.REPLAYING, _S.CAUGHT_UP, _S.FAILED, _S.ROLLED_BACK}),
+        _S.CAUGHT_UP,
+    ),
+    "enable_dual_write": Transition(
+        frozenset({_S.CREATED, _S.REPLAYING, _S.CAUGHT_UP, _S.ROLLED_BACK}), _S.DUAL_WRITING
+    ),
+    "promote": Transition(frozenset({_S.CAUGHT_UP, _S.DUAL_WRITING}), _S.LIVE),
+    "rollback": Transition(frozenset({_S.LIVE}), _S.ROLLED_BACK),
+    "remove_replay": Transition(frozenset(_S) - {_S.REMOVED}, _S.REMOVED),
+    "fail": Transition(frozenset({_S.REPLAYING, _S.DUAL_WRITING}), _S.FAILED, operator=False),
+    "supersede": Transition(frozenset({_S.LIVE}), _S.SUPERSEDED, operator=False),
+    "reinstate": Transition(frozenset({_S.SUPERSEDED}), _S.LIVE, operator=False),
+}
+
+#: Aliases kept for callers of the earlier names.
+REPLAYABLE = TRANSITIONS["start_replay"].allowed
+DUAL_WRITABLE = TRANSITIONS["enable_dual_write"].allowed
+PROMOTABLE = TRANSITIONS["promote"].allowed
+
+#: States whose copy is not live and still has the log to follow: its lag means something.
+FOLLOWING = frozenset({_S.CREATED, _S.REPLAYING, _S.CAUGHT_UP, _S.DUAL_WRITING, _S.FAILED})
+#: States in which the copy moves (or is about to) towards the head: a rate and an ETA
+#: mean something. A failed replay stands still until its projector is fixed.
+MOVING = FOLLOWING - {_S.FAILED}
+
+
+def require_state(replay: Replay, operation: str) -> Transition:
+    """Refuse (InvalidState) an operation the replay's state does not allow; return its
+    transition. The message names the state, the states that allow it and, for a
+    superseded replay, what to do instead."""
+    transition = TRANSITIONS[operation]
+    if replay.state not in transition.allowed:
+        allowed = ", ".join(s.value for s in ReplayState if s in transition.allowed)
+        hint = ""
+        if replay.state is _S.SUPERSEDED and replay.superseded_by is None:
+            hint = "; the replay that superseded it was removed, so only remove_replay is left"
+        elif replay.state is _S.SUPERSEDED:
+            by = replay.superseded_by
+            hint = f"; replay {by!r} superseded it"
+            hint += f": roll back {by!r} first" if operation == "rollback" else ""
         raise InvalidState(
             f"{operation} is not allowed for replay {replay.key!r} in state "
-            f"{replay.state.value!r} (allowed: {', '.join(sorted(s.value for s in allowed))})"
+            f"{replay.state.value!r} (allowed in: {allowed}){hint}"
         )
+    return transition
 
 
 @dataclass(frozen=True)
@@ -99,6 +139,8 @@ class Replay:
     dual_write_at: dt.datetime | None = None
     promoted_at: dt.datetime | None = None
     rolled_back_at: dt.datetime | None = None
+    #: The replay whose promotion took over this one's projections (state superseded).
+    superseded_by: str | None = None
     runs: list[Run] = field(default_factory=list)
 
     @property

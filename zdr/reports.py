@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from zdr.horizon import age
-from zdr.replay import eta_seconds
+from zdr.replay import FOLLOWING, MOVING, eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
@@ -70,24 +70,37 @@ def recent_rate(history: pd.DataFrame, fallback: float | None = None) -> float |
 
 
 def status_row(
-    replay: Replay, *, lag: int, history: pd.DataFrame, now: dt.datetime | None = None
+    replay: Replay,
+    *,
+    lag: int | None,
+    history: pd.DataFrame | None,
+    now: dt.datetime | None = None,
 ) -> dict[str, Any]:
     """Where a replay stands, as plain data (``zdr status --json`` prints these).
 
-    ``history`` is its recent lag history; the rate is the mean over its latest
-    samples, else the rate of the replay's last run.
+    Only the figures that mean something in the replay's state are given, the others
+    are None: a lag only while its copy still follows the log (``FOLLOWING``: not once
+    it is live, superseded, rolled back or removed), a rate and an ETA only while it
+    moves (``MOVING``: not failed either). ``history`` is its recent lag history; the
+    rate is the mean over its latest samples, else the rate of the replay's last run.
     """
-    rate = recent_rate(history, replay.rate)
+    moving = replay.state in MOVING and lag is not None
+    if replay.state not in FOLLOWING:
+        lag = None
+    rate = None
+    if moving:
+        rate = recent_rate(history, replay.rate) if history is not None else replay.rate
     last = replay.runs[-1] if replay.runs else None
     now = now or dt.datetime.now(dt.UTC)
     return {
         "key": replay.key,
         "state": replay.state.value,
+        "superseded_by": replay.superseded_by,
         "position": replay.position,
         "events_applied": replay.events_applied,
         "lag": lag,
         "rate": rate or None,
-        "eta_seconds": eta_seconds(lag, rate),
+        "eta_seconds": eta_seconds(lag, rate) if moving and lag is not None else None,
         "last_run": f"{last.kind} {last.status}" if last else None,
         "age_seconds": (now - replay.created_at).total_seconds(),
         "error": replay.error,
@@ -95,12 +108,16 @@ def status_row(
 
 
 def status_cells(row: Mapping[str, Any]) -> list[str]:
-    """A ``status_row`` as the cells of ``STATUS_COLUMNS``."""
+    """A ``status_row`` as the cells of ``STATUS_COLUMNS`` ("-" where a figure means nothing
+    in the replay's state, or is not known yet)."""
+    state = row["state"]
+    if row.get("superseded_by"):
+        state += f" by {row['superseded_by']}"
     return [
         row["key"],
-        row["state"],
+        state,
         f"{row['position']:,}",
-        f"{row['lag']:,}",
+        "-" if row["lag"] is None else f"{row['lag']:,}",
         f"{row['rate']:,.0f}" if row["rate"] else "-",
         duration(row["eta_seconds"]),
         row["last_run"] or "-",

@@ -120,6 +120,7 @@ class BatchRun:
         run_id: int,
         batch_size: int,
         sample_interval_s: float,
+        failed_state: ReplayState | None = ReplayState.FAILED,
     ) -> None:
         self.engine = engine
         self.reader = reader
@@ -127,6 +128,9 @@ class BatchRun:
         self.run_id = run_id
         self.batch_size = batch_size
         self.sample_interval_s = sample_interval_s
+        #: The replay's state after a projector raised (None: its state stays, the error
+        #: is recorded on it: a rollback's catch-up leaves the replay live).
+        self.failed_state = failed_state
 
     def run(
         self,
@@ -188,10 +192,10 @@ class BatchRun:
                         )
                     )
         except ProjectorError as exc:
-            self.record_failure(conn, exc, ReplayState.FAILED)
+            self.record_failure(conn, exc, on_replay=True)
             raise
         except BaseException as exc:
-            self.record_failure(conn, exc, None)
+            self.record_failure(conn, exc, on_replay=False)
             raise
         finally:
             read_ahead.shutdown(wait=True, cancel_futures=True)
@@ -206,20 +210,28 @@ class BatchRun:
             lag = self.reader.count_after(conn, records.replay_cursor(conn, key))
         records.add_sample(conn, key, lag)
 
-    def record_failure(
-        self, conn: sa.Connection, exc: BaseException, state: ReplayState | None
-    ) -> None:
-        """Write down why a run stopped, if the database still answers."""
+    def record_failure(self, conn: sa.Connection, exc: BaseException, *, on_replay: bool) -> None:
+        """Write down why a run stopped, if the database still answers; ``on_replay``: on
+        the replay too (``failed_state``, or only its error when that is None)."""
         try:
             if conn.in_transaction():
                 conn.rollback()
             with conn.begin():
-                message = f"{type(exc).__name__}: {exc}"
-                if state is not None and self.target.replay_key is not None:
-                    records.set_state(conn, self.target.replay_key, state, error=message)
+                message = failure_message(exc)
+                key = self.target.replay_key
+                if on_replay and key is not None:
+                    if self.failed_state is None:
+                        records.set_error(conn, key, message)
+                    else:
+                        records.set_state(conn, key, self.failed_state, error=message)
                 records.finish_run(conn, self.run_id, "failed", error=message)
         except Exception:  # the original error matters more than the bookkeeping
             log.warning("could not record the failure of run %s", self.run_id, exc_info=True)
+
+
+def failure_message(exc: BaseException) -> str:
+    """How a failure is written into a run's and a replay's ``error``."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 class LiveRunner:
