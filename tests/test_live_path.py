@@ -60,7 +60,7 @@ def test_setup_that_must_add_a_trigger_never_makes_appends_wait(manager, engine)
     """The first set-up after an upgrade adds a trigger to the live event table while
     the application has a transaction open that appended: appends go on meanwhile."""
     with engine.begin() as conn:  # the event table as an older version left it
-        conn.exec_driver_sql("DROP TRIGGER refuse_runner_appends ON zdr.events")
+        conn.exec_driver_sql("DROP TRIGGER refuse_runner_appends_2 ON zdr.events")
     upgraded = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], lock_timeout=0.1)
     upgraded.swap_attempts = 20
     with engine.connect() as app:
@@ -85,7 +85,7 @@ def test_setup_that_must_add_a_trigger_never_makes_appends_wait(manager, engine)
     with engine.connect() as conn:
         assert (
             conn.exec_driver_sql(
-                "SELECT count(*) FROM pg_trigger WHERE tgname = 'refuse_runner_appends'"
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'refuse_runner_appends_2'"
             ).scalar_one()
             == 1
         )

@@ -6,6 +6,8 @@ import random
 import threading
 import time
 
+import psycopg
+import pytest
 import sqlalchemy as sa
 
 import zdr
@@ -195,3 +197,33 @@ def test_an_appender_that_takes_the_runners_name_after_appending_still_holds_the
     assert {"acc-late", "acc-early"} <= set(balances(engine))
     assert_balances_match_fold(engine, manager.store)
     assert_history_exactly_once(engine, manager.store)
+
+
+def test_a_session_that_takes_the_runners_name_and_drops_it_to_append_still_holds_the_horizon(
+    manager, engine
+):
+    """The name can be changed back within a transaction; the runner's mark is a
+    transaction-level lock, which cannot: without it, no session is passed."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with engine.connect() as app:
+        app_tx = app.begin()
+        name = zdr.store.RUNNER_APPLICATION_NAME
+        app.exec_driver_sql(f"SET LOCAL application_name = '{name}'")
+        app.exec_driver_sql("SELECT pg_current_xact_id()")  # an id, early
+        manager.store.append("acc-early", [_opened("acc-early")])
+        manager.project_live()
+        app.exec_driver_sql("SET LOCAL application_name = 'app'")
+        manager.store.append("acc-late", [_opened("acc-late")], conn=app)
+        app_tx.commit()
+    manager.project_live()
+    assert {"acc-late", "acc-early"} <= set(balances(engine))
+    assert_history_exactly_once(engine, manager.store)
+
+
+def test_a_runner_transaction_cannot_append_even_after_changing_its_name(manager, engine):
+    with engine.connect() as runner, runner.begin():
+        zdr.store.mark_runner_transaction(runner)
+        runner.exec_driver_sql("SET LOCAL application_name = 'app'")
+        with pytest.raises(psycopg.Error, match="cannot be appended from a replay"):
+            manager.store.append("acc-x", [_opened("acc-x")], conn=runner)

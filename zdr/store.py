@@ -27,7 +27,8 @@ from psycopg.types.json import Jsonb
 from zdr.catalog import create_missing
 from zdr.config import make_engine
 from zdr.errors import InvalidEvent
-from zdr.locks import lock_setup
+from zdr.locks import ZDR_LOCK_SPACE, lock_setup
+from zdr.names import RUNNER_TRANSACTION_LOCK
 
 
 class Cursor(NamedTuple):
@@ -89,9 +90,16 @@ class EventReader(Protocol):
 # jsonb loader, and empty metadata is not decoded at all.
 _COLUMNS = "position, txid, stream_id, type, data::text, metadata::text, recorded_at"
 #: What zdr's replay transactions call themselves while they hold a transaction id
-#: (``SET LOCAL application_name``, see ``mark_runner_transaction``). They append no
-#: events (a trigger on the event table refuses it), so the horizon may pass them.
+#: (``SET LOCAL application_name``, see ``mark_runner_transaction``), for people reading
+#: pg_stat_activity. The mark that counts is a transaction-level advisory lock: a name can
+#: be changed back within the transaction, the lock cannot be let go before its end.
 RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
+#: "This backend holds the runner-transaction lock" (pid and lock key spelled out).
+_HOLDS_RUNNER_MARK = f"""EXISTS (
+    SELECT 1 FROM pg_locks m
+    WHERE m.pid = {{pid}} AND m.locktype = 'advisory' AND m.granted
+      AND m.classid::bigint = {ZDR_LOCK_SPACE} AND m.objsubid = 2
+      AND m.objid::bigint = (hashtext('{RUNNER_TRANSACTION_LOCK}')::bigint & 4294967295))"""
 # The safe horizon: the oldest transaction still in progress that may append events,
 # else the snapshot's xmax. Transactions in progress are the snapshot's xip list;
 # zdr's own runner transactions are left out (their top-level xid is backend_xid in
@@ -101,13 +109,14 @@ RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
 # not sure (a session's row not visible, a runner that moved on) counts as in
 # progress: the horizon can only come out lower, never past an appending transaction.
 #
-# A session's name is only half the proof: one could append first (the trigger lets it)
-# and take the runner's name after. An append holds RowExclusiveLock on the event table
-# until its transaction ends, so a session holding any lock stronger than a reader's on
-# it is never left out, whatever it calls itself.
+# A runner transaction is one that holds the runner mark (a trigger refuses its appends
+# for as long as it does, that is to its end), bears the runner's name, and holds no
+# lock stronger than a reader's on the event table (an append holds RowExclusiveLock to
+# the end of its transaction: one that appended before it took the mark is not passed).
 RUNNER_XIDS = f"""
     SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
     WHERE a.backend_xid IS NOT NULL AND a.application_name = '{RUNNER_APPLICATION_NAME}'
+      AND {_HOLDS_RUNNER_MARK.replace("{pid}", "a.pid")}
       AND NOT EXISTS (
           SELECT 1 FROM pg_locks l
           WHERE l.pid = a.pid AND l.locktype = 'relation'
@@ -150,12 +159,15 @@ class EventStore:
                 "zdr.events_stream",
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
             ),
+            # Version 2 (an install made before it keeps version 1 beside it): the mark
+            # is the lock, which cannot be dropped before the transaction ends.
             (
-                "zdr.refuse_runner_appends()",
-                f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends() RETURNS trigger
+                "zdr.refuse_runner_appends_2()",
+                f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends_2() RETURNS trigger
                     LANGUAGE plpgsql AS $$
                     BEGIN
                         IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
+                           OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
                         THEN RAISE EXCEPTION USING
                             ERRCODE = 'ZR001',
                             MESSAGE = 'events cannot be appended from a replay''s '
@@ -165,9 +177,9 @@ class EventStore:
                     END $$""",
             ),
             (
-                "zdr.events/refuse_runner_appends",
-                """CREATE TRIGGER refuse_runner_appends BEFORE INSERT ON zdr.events
-                   FOR EACH STATEMENT EXECUTE FUNCTION zdr.refuse_runner_appends()""",
+                "zdr.events/refuse_runner_appends_2",
+                """CREATE TRIGGER refuse_runner_appends_2 BEFORE INSERT ON zdr.events
+                   FOR EACH STATEMENT EXECUTE FUNCTION zdr.refuse_runner_appends_2()""",
             ),
         ]
         # ORDER BY ord makes the identity default run in the caller's order, so
@@ -293,6 +305,10 @@ def mark_runner_transaction(conn: sa.Connection) -> None:
     horizon then passes it (it appends no events), so a slow batch does not hold back
     the live runner. Call it first thing in the transaction, before any write."""
     conn.exec_driver_sql(f"SET LOCAL application_name = '{RUNNER_APPLICATION_NAME}'")
+    conn.exec_driver_sql(
+        "SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s))",
+        (ZDR_LOCK_SPACE, RUNNER_TRANSACTION_LOCK),
+    )
 
 
 def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Jsonb], list[Jsonb]]:
