@@ -167,3 +167,33 @@ def test_a_version_that_adds_a_table_is_promoted_and_rolled_back(manager, engine
     manager.rollback("ledger")
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT to_regclass('bank_balances.ledger')").scalar() is None
+
+
+def test_a_dba_unique_index_the_new_rows_violate_refuses_promotion_and_leaves_nothing(
+    manager, engine
+):
+    _dual_writing(manager)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE UNIQUE INDEX one_per_owner ON bank_balances.balances (lower(account_id))"
+        )
+        conn.exec_driver_sql(  # the new version makes a second row for an account
+            """INSERT INTO zdr_v2_1.balances
+               SELECT upper(account_id), owner, balance, events, closed, deposits, last_position
+               FROM zdr_v2_1.balances ORDER BY account_id LIMIT 1"""
+        )
+    for _ in range(2):  # and again: no half-built index lets the second try through
+        with pytest.raises(zdr.DependentObjects, match="one_per_owner.*cannot be built"):
+            manager.promote("v2")
+    assert manager.get_replay("v2").state is zdr.ReplayState.DUAL_WRITING
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regclass('zdr_v2_1.one_per_owner')").scalar() is None
+
+
+def test_an_index_whose_name_the_new_version_took_refuses_with_what_to_do(manager, engine):
+    _dual_writing(manager)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE INDEX clash ON bank_balances.balances (owner)")
+        conn.exec_driver_sql("CREATE INDEX clash ON zdr_v2_1.balances (balance)")
+    with pytest.raises(zdr.DependentObjects, match="has an index of that name already"):
+        manager.promote("v2")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -229,3 +230,28 @@ def test_zdr_live_takes_the_warning_threshold(cli, manager, other_database, capl
     assert len(warnings) == 1 and f"pid {pid}" in warnings[0] and name in warnings[0]
     code, _, err = cli("live", "-p", BALANCES, "--horizon-warning", "-1")
     assert code == 2 and err.startswith("error: horizon_warning_s must be")
+
+
+def test_a_runner_waiting_in_another_database_does_not_end_this_ones_overtime(
+    manager, other_database
+):
+    """Advisory locks are per database: a waiter there is not a successor here."""
+    from zdr.examples.bank.projectors import LIVE
+    from zdr.locks import live_runner
+
+    there = zdr.ReplayManager(other_database[1], projectors=[cls() for cls in LIVE])
+    there.setup()
+    stop = threading.Event()
+    with there.engine.connect() as holder, live_runner(holder):
+        waiter = threading.Thread(
+            target=there.follow, kwargs={"take_over": True, "stop": stop, "poll_interval": 0.02}
+        )
+        waiter.start()
+        time.sleep(0.3)  # waiting to take over, over there
+        started = time.monotonic()
+        manager.follow(take_over=True, max_seconds=0.2, overtime_s=2.0, poll_interval=0.02)
+        took = time.monotonic() - started
+        stop.set()
+        waiter.join(10)
+    there.engine.dispose()
+    assert took > 1.8, f"ended after {took:.2f}s: it handed over to a runner of another database"

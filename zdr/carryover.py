@@ -61,7 +61,8 @@ _INVENTORY = {
         WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p') AND a.attnum > 0
           AND NOT a.attisdropped""",
     "index": """
-        SELECT c.relname || '.' || i.relname, pg_get_indexdef(x.indexrelid)
+        SELECT c.relname || '.' || i.relname,
+               pg_get_indexdef(x.indexrelid) || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
         JOIN pg_class c ON c.oid = x.indrelid
         WHERE c.relnamespace = %(nsp)s
@@ -159,7 +160,7 @@ def baseline(conn: sa.Connection, projectors: Iterable[Projector]) -> dict[str, 
 
 
 def build_indexes(
-    engine: sa.Engine, schema_map: Mapping[str, str], base: Mapping[str, Inventory]
+    engine: sa.Engine, schema_map: Mapping[str, str], base: Mapping[str, Inventory], what: str
 ) -> list[str]:
     """Build on the new copy each index the live tables have beyond zdr's own, with
     ``CREATE INDEX CONCURRENTLY`` (the copy's writes go on); return the ones built.
@@ -173,13 +174,31 @@ def build_indexes(
         for live, side in schema_map.items():
             wanted = _indexes_to_build(conn, live, side, base.get(live, Inventory()))
             for table, index, definition in wanted:
-                if _invalid_index(conn, side, index):
-                    conn.exec_driver_sql(
-                        sql.SQL("DROP INDEX CONCURRENTLY {}")
-                        .format(sql.Identifier(side, index))
-                        .as_string(conn.connection.driver_connection)
+                drop = (
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}")
+                    .format(sql.Identifier(side, index))
+                    .as_string(conn.connection.driver_connection)
+                )
+                taken = _relation_kind(conn, side, index)
+                if taken is not None and not _invalid_index(conn, side, index):
+                    raise DependentObjects(
+                        f"{what} refused: index {live}.{index} cannot be built on the new copy: "
+                        f"{side} has {taken} of that name already (the new projector version "
+                        f"made it): rename the index on {live}, then {what} again"
                     )
-                conn.exec_driver_sql(definition)
+                conn.exec_driver_sql(drop)  # what an earlier try left half-built
+                try:
+                    conn.exec_driver_sql(definition)
+                except sa.exc.DBAPIError as exc:
+                    conn.exec_driver_sql(drop)
+                    reason = getattr(exc.orig, "diag", None)
+                    detail = reason.message_primary if reason is not None else str(exc.orig)
+                    raise DependentObjects(
+                        f"{what} refused: index {live}.{index} (which the live copy has and zdr "
+                        f"did not create) cannot be built on the new copy {side}: {detail}. "
+                        "Fix the new projector version, or drop the index, then "
+                        f"{what} again"
+                    ) from exc
                 built.append(f"{side}.{index} on {table}")
     return built
 
@@ -256,6 +275,18 @@ def _indexes_to_build(
         ).scalar_one()
         wanted.append((table, index, statement))
     return wanted
+
+
+def _relation_kind(conn: sa.Connection, schema: str, name: str) -> str | None:
+    """What ``schema.name`` is, in words, or None if there is no such relation."""
+    kind = conn.exec_driver_sql(
+        """SELECT CASE c.relkind WHEN 'i' THEN 'an index' WHEN 'I' THEN 'an index'
+                  WHEN 'S' THEN 'a sequence' WHEN 'v' THEN 'a view' ELSE 'a table' END
+           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = %s AND c.relname = %s""",
+        (schema, name),
+    ).scalar()
+    return None if kind is None else str(kind)
 
 
 def _invalid_index(conn: sa.Connection, schema: str, index: str) -> bool:

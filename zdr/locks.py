@@ -49,8 +49,10 @@ ZDR_LOCK_SPACE = 0x7A6472
 TAKE_OVER_POLL_S = 0.05
 
 #: The advisory lock ``pg_advisory_lock(ZDR_LOCK_SPACE, hashtext(name))`` as pg_locks shows it.
+#: Advisory locks are per database: the same name in another database is another lock.
 _HELD = """locktype = 'advisory' AND granted AND classid::bigint = %s AND objsubid = 2
-           AND objid::bigint = (hashtext(%s)::bigint & 4294967295)"""
+           AND objid::bigint = (hashtext(%s)::bigint & 4294967295)
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"""
 
 
 @dataclass(frozen=True)

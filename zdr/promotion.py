@@ -72,7 +72,7 @@ class Promotion:
         with conn.begin():
             replay = records.load_replay(conn, key, runs=False)
             require_state(replay, "promote")
-        base = self.prepare(conn, replay)
+        base = self.prepare(conn, replay, "promotion")
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
@@ -85,14 +85,16 @@ class Promotion:
 
         return self.with_swap_lock(conn, key, "promote", body).report
 
-    def prepare(self, conn: sa.Connection, replay: Replay) -> dict[str, carryover.Inventory]:
+    def prepare(
+        self, conn: sa.Connection, replay: Replay, what: str
+    ) -> dict[str, carryover.Inventory]:
         """Before a swap, outside its lock: measure what zdr creates for the live
         projectors (the baseline), and build on the replay's copy the indexes a DBA
         added to the live tables (concurrently: dual write goes on)."""
         with conn.begin():
             paths = records.live_projector_paths(conn, list(replay.projectors))
         base = carryover.baseline(conn, [self.registry.for_path(p) for p in paths.values()])
-        for built in carryover.build_indexes(self.engine, replay.schemas, base):
+        for built in carryover.build_indexes(self.engine, replay.schemas, base, what):
             log.info("replay %r: built index %s, as the live copy has it", replay.key, built)
         return base
 
@@ -109,7 +111,7 @@ class Promotion:
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
             self.require_rollback(conn, replay)
-        base = self.prepare(conn, replay)
+        base = self.prepare(conn, replay, "rollback")
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
             self.require_rollback(conn, replay)

@@ -49,8 +49,8 @@ from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transactio
 log = logging.getLogger("zdr")
 
 #: Events in the first slice of a target whose speed is not measured yet (then sized
-#: from ``Settings.slice_budget_s``).
-FIRST_SLICE = 100
+#: from ``Settings.slice_budget_s``): small, because a projector may cost 20 ms an event.
+FIRST_SLICE = 10
 
 
 @dataclass
