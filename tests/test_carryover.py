@@ -197,3 +197,36 @@ def test_an_index_whose_name_the_new_version_took_refuses_with_what_to_do(manage
         conn.exec_driver_sql("CREATE INDEX clash ON zdr_v2_1.balances (balance)")
     with pytest.raises(zdr.DependentObjects, match="has an index of that name already"):
         manager.promote("v2")
+
+
+def test_policies_that_read_the_live_tables_by_oid_refuse_promotion(manager, engine):
+    """A policy elsewhere that reads a live table, and a live table's policy that reads
+    another live table, would keep reading the old copy after the swap."""
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("ledger", [BalancesWithLedger()])
+    manager.start_replay("ledger")
+    manager.enable_dual_write("ledger")
+    manager.promote("ledger")  # bank_balances now has balances and ledger
+    manager.create_replay("back", [BalancesWithLedger()])
+    manager.start_replay("back")
+    manager.enable_dual_write("back")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE public.zdr_test_notes (account_id text)")
+        conn.exec_driver_sql(
+            """CREATE POLICY known ON public.zdr_test_notes USING (account_id IN
+               (SELECT account_id FROM bank_balances.balances))"""
+        )
+        conn.exec_driver_sql(
+            """CREATE POLICY in_ledger ON bank_balances.balances USING (account_id IN
+               (SELECT account_id FROM bank_balances.ledger))"""
+        )
+    try:
+        with pytest.raises(zdr.DependentObjects) as refused:
+            manager.promote("back")
+        message = str(refused.value)
+        assert "policy known on public.zdr_test_notes reads bank_balances.balances" in message
+        assert "policy in_ledger on bank_balances.balances reads bank_balances.ledger" in message
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP TABLE public.zdr_test_notes")

@@ -228,6 +228,7 @@ def refusals(
                 advice = _ADVICE.get(kind, _ADVICE_DEFAULT)
                 problems.append(f"{kind} {live}.{name} was not created by zdr: {advice}")
         problems += _publications(conn, live)
+        problems += _policies_reading_other_tables(conn, live)
     if problems:
         raise DependentObjects(f"{what} refused: " + "; ".join(problems))
 
@@ -298,6 +299,28 @@ def _invalid_index(conn: sa.Connection, schema: str, index: str) -> bool:
             (schema, index),
         ).scalar_one()
     )
+
+
+def _policies_reading_other_tables(conn: sa.Connection, live: str) -> list[str]:
+    """Policies on the live tables whose expression reads another relation of the live
+    schema: carried, they would name it by OID and read the old copy after the swap."""
+    rows = conn.exec_driver_sql(
+        """SELECT DISTINCT format('policy %%I on %%I.%%I reads %%I.%%I', p.polname, n.nspname,
+                                  pt.relname, n.nspname, t.relname)
+           FROM pg_depend d
+           JOIN pg_policy p ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+           JOIN pg_class pt ON pt.oid = p.polrelid
+           JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND t.oid = d.refobjid
+           JOIN pg_namespace n ON n.oid = pt.relnamespace
+           WHERE n.nspname = %s AND t.relnamespace = n.oid AND t.oid <> pt.oid
+           ORDER BY 1""",
+        (live,),
+    ).scalars()
+    return [
+        f"{row}: carried to the new copy it would still read the old one; drop it, promote, "
+        "and create it again"
+        for row in rows
+    ]
 
 
 def _publications(conn: sa.Connection, live: str) -> list[str]:

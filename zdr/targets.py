@@ -153,7 +153,8 @@ def _relations_in(conn: sa.Connection, schema: str) -> set[str]:
 
 
 def outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]:
-    """Views and foreign keys outside ``schemas`` that refer to relations inside them."""
+    """Views, foreign keys and row-level security policies outside ``schemas`` that refer
+    to relations inside them (they follow the table, not its name)."""
     if not schemas:
         return []
     rows = conn.exec_driver_sql(
@@ -175,6 +176,15 @@ def outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]
         JOIN pg_class t ON t.oid = con.confrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
         WHERE con.contype = 'f' AND tn.nspname = ANY(%(schemas)s)
           AND NOT fn.nspname = ANY(%(schemas)s)
+        UNION
+        SELECT format('policy %%I on %%I.%%I reads %%I.%%I', p.polname, pn.nspname,
+                      pt.relname, tn.nspname, t.relname)
+        FROM pg_depend d
+        JOIN pg_policy p ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+        JOIN pg_class pt ON pt.oid = p.polrelid JOIN pg_namespace pn ON pn.oid = pt.relnamespace
+        JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND t.oid = d.refobjid
+        JOIN pg_namespace tn ON tn.oid = t.relnamespace
+        WHERE tn.nspname = ANY(%(schemas)s) AND NOT pn.nspname = ANY(%(schemas)s)
         ORDER BY 1
         """,
         {"schemas": list(schemas)},
