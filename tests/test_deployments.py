@@ -104,6 +104,7 @@ def test_a_served_deployment_runs_through_run_deployment(manager, engine, databa
     assert applied == 300
 
 
+@pytest.mark.real_server
 def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
     prefect_server, manager, engine, database_url
 ):
