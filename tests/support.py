@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +73,21 @@ def assert_history_exactly_once(
     duplicated = [p for p, n in Counter(got).items() if n > 1]
     assert not duplicated, f"applied twice: {duplicated[:10]}"
     assert sorted(got) == sorted(want), f"missing: {sorted(set(want) - set(got))[:10]}"
+
+
+@contextmanager
+def following(manager: zdr.ReplayManager, poll_interval: float = 0.02) -> Iterator[None]:
+    """A live runner tailing the log in a thread for the block (stopped and joined after)."""
+    stop = threading.Event()
+    live = threading.Thread(
+        target=manager.follow, kwargs={"stop": stop, "poll_interval": poll_interval}
+    )
+    live.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        live.join(60)
 
 
 def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:

@@ -14,6 +14,7 @@ from tests.support import (
     assert_balances_match_fold,
     assert_history_exactly_once,
     balances,
+    following,
     seed,
     wait_for,
 )
@@ -174,10 +175,7 @@ def test_a_new_read_model_builds_without_holding_live_back(engine):
     manager.setup()
     manager.store.import_events(BankSimulator(accounts=500, seed=5).stream(40_000))
     manager.project_live()
-    stop = threading.Event()
-    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
-    live.start()
-    try:
+    with following(manager):
         zdr.ReplayManager(engine, projectors=[SlowHistory()]).setup()  # builds from 0: 4 s
         latencies = []
         for i in range(5):
@@ -189,9 +187,6 @@ def test_a_new_read_model_builds_without_holding_live_back(engine):
             lambda: manager.checkpoints()["live:history"] == manager.checkpoints()["live:balances"],
             timeout=120,
         )
-    finally:
-        stop.set()
-        live.join(60)
     assert max(latencies) < 1.0, f"append to live took {max(latencies):.2f}s during a build"
     assert_balances_match_fold(engine, manager.store)
     assert_history_exactly_once(engine, manager.store)
@@ -330,17 +325,11 @@ def test_a_slow_new_read_model_costs_live_at_most_its_budget_per_batch(engine):
     manager.setup()
     manager.store.import_events(BankSimulator(accounts=500, seed=5).stream(20_000))
     manager.project_live()
-    stop = threading.Event()
-    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
-    live.start()
-    try:
+    with following(manager):
         zdr.ReplayManager(engine, projectors=[PerEventHistory()]).setup()
         time.sleep(0.5)
         during = _latencies(manager, engine, 5)
         building = manager.checkpoints()["live:history"].position
-    finally:
-        stop.set()
-        live.join(60)
     assert building > 0, "the new read model did not build meanwhile"
     assert max(during) < 1.0, f"an append waited {max(during):.2f}s while a slow read model built"
 
@@ -352,17 +341,11 @@ def test_a_slow_dual_writing_replay_costs_live_at_most_its_budget_per_batch(mana
     manager.start_replay("slow")
     manager.enable_dual_write("slow")
     manager.store.import_events(BankSimulator(accounts=50, seed=9, prefix="bulk").stream(5_000))
-    stop = threading.Event()
-    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
-    live.start()
-    try:
+    with following(manager):
         wait_for(lambda: manager.live_lag()["balances"] == 0, timeout=60)
         assert manager.get_replay_lag("slow") > 1_000, "the replay should still be behind"
         during = _latencies(manager, engine, 5)
         wait_for(lambda: manager.get_replay_lag("slow") == 0, timeout=120, interval=0.2)
-    finally:
-        stop.set()
-        live.join(60)
     assert max(during) < 1.0, f"an append waited {max(during):.2f}s behind a slow replay"
     assert_history_exactly_once(engine, manager.store, "zdr_slow_2")
     assert_balances_match_fold(engine, manager.store, "zdr_slow_1")
@@ -437,17 +420,11 @@ def test_starting_a_replay_on_a_long_log_does_not_hold_live_back(manager, engine
         time.sleep(2.0)  # as long as counting a long log
         return started(conn, *args, **kwargs)
 
-    stop = threading.Event()
-    live = threading.Thread(target=manager.follow, kwargs={"stop": stop, "poll_interval": 0.02})
-    live.start()
-    try:
+    with following(manager):
         monkeypatch.setattr(zdr.records, "start_run", slow_start_run)
         starting, _ = _timed(lambda: manager.start_replay("long"))
         time.sleep(0.5)  # in its first transaction now
         took = _append_and_time(manager, engine, "acc-while-counting")
         starting.join(30)
-    finally:
-        stop.set()
-        live.join(30)
     assert took < 1.0, f"an append waited {took:.2f}s while start_replay counted"
     assert manager.get_replay("long").state is zdr.ReplayState.CAUGHT_UP
