@@ -85,17 +85,31 @@ class Promotion:
 
         return self.with_swap_lock(conn, key, "promote", body).report
 
-    def prepare(
-        self, conn: sa.Connection, replay: Replay, what: str
-    ) -> dict[str, carryover.Inventory]:
+    def prepare(self, conn: sa.Connection, replay: Replay, what: str) -> carryover.Baselines:
         """Before a swap, outside its lock: measure what zdr creates for the live
-        projectors (the baseline), and build on the replay's copy the indexes a DBA
-        added to the live tables (concurrently: dual write goes on)."""
+        projectors and for the replay's (the baselines), build on the replay's copy
+        the indexes a DBA added to the live tables (concurrently: dual write goes on),
+        and give the copy what the live copy has, so the swap's own pass has little
+        left to do (whatever changes in between, it does)."""
         with conn.begin():
             paths = records.live_projector_paths(conn, list(replay.projectors))
-        base = carryover.baseline(conn, [self.registry.for_path(p) for p in paths.values()])
-        for built in carryover.build_indexes(self.engine, replay.schemas, base, what):
+        base = carryover.Baselines(
+            live=carryover.baseline(conn, [self.registry.for_path(p) for p in paths.values()]),
+            side=carryover.baseline(
+                conn, [self.registry.for_path(p) for p in replay.projectors.values()]
+            ),
+        )
+        for built in carryover.build_indexes(self.engine, replay.schemas, base.live, what):
             log.info("replay %r: built index %s, as the live copy has it", replay.key, built)
+        with conn.begin():
+            carryover.refusals(conn, replay.schemas, base.live, what)
+        under_short_lock_timeout(
+            conn,
+            lambda conn: carryover.carry(conn, replay.schemas, base, what),
+            lock_timeout_s=self.settings.lock_timeout_s,
+            attempts=self.settings.swap_attempts,
+            what=f"{what} of replay {replay.key!r}: giving its copy the live copy's grants",
+        )
         return base
 
     def rollback(self, conn: sa.Connection, key: str, *, batch_size: int) -> SwapReport:
@@ -115,7 +129,6 @@ class Promotion:
         with conn.begin():
             replay = records.load_replay(conn, key, lock=True)
             self.require_rollback(conn, replay)
-            carryover.refusals(conn, replay.schemas, base, "rollback")  # the swap checks again
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
@@ -188,13 +201,13 @@ class Promotion:
         state: ReplayState,
         stamp: str,
         kind: str,
-        base: dict[str, carryover.Inventory],
+        base: carryover.Baselines,
     ) -> Replay:
         """Exchange live and side copies (data and projector versions) of every schema,
         the side copy given first what the live copy has beyond zdr's own objects
         (``zdr.carryover``; DependentObjects, nothing changed, for what cannot be)."""
-        carryover.refusals(conn, replay.schemas, base, kind)
-        carryover.carry(conn, replay.schemas, kind)
+        carryover.refusals(conn, replay.schemas, base.live, kind)
+        carryover.carry(conn, replay.schemas, base, kind)
         targets.swap(conn, replay.schemas)
         swapped = {
             name: records.set_live_projector(conn, name, side_path)
