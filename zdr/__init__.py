@@ -19,8 +19,10 @@ from zdr.errors import (
     ReplayLagging,
     ReplayNotFound,
     RunnerBusy,
+    TransientError,
     UnknownProjector,
     ZdrError,
+    is_transient,
 )
 from zdr.horizon import Horizon, HorizonHolder
 from zdr.manager import ReplayManager
@@ -62,7 +64,9 @@ __all__ = [
     "RunnerBusy",
     "Settings",
     "SwapReport",
+    "TransientError",
     "UnknownProjector",
     "ZdrError",
     "handles",
+    "is_transient",
 ]

@@ -113,6 +113,53 @@ class NoPausedRun(ZdrError, LookupError):
     """Raised when no pipeline run for a replay key waits for approval."""
 
 
+class TransientError(ZdrError):
+    """Raised when the database failed in a way that passes: the connection was lost (a
+    server restart, ``pg_terminate_backend``, the network), a deadlock or serialization
+    failure, a lock or statement timeout. Not a projector's bug: nothing of the
+    transaction in flight was committed, the replay stays resumable (never ``failed``),
+    and running the same call again goes on from the last checkpoint."""
+
+
+#: SQLSTATE -> what happened, for the transient failures that are not a lost connection.
+_TRANSIENT_REASONS = {
+    "40P01": "a deadlock",
+    "40001": "a serialization failure",
+    "55P03": "a lock wait timed out (lock_timeout)",
+    "57014": "a statement was cancelled or timed out (statement_timeout)",
+}
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The database's own error under zdr's and SQLAlchemy's wrappers (or ``exc``)."""
+    import sqlalchemy.exc
+
+    cause = exc
+    while isinstance(cause, ProjectorError | TransientError) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, sqlalchemy.exc.DBAPIError) and cause.orig is not None:
+        cause = cause.orig
+    return cause
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line`` of the root cause: the database's message, not a statement dump."""
+    cause = root_cause(exc)
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
+
+
+def interrupted(what: str, exc: BaseException) -> TransientError:
+    """The TransientError saying that ``what`` was interrupted by ``exc``, and what to do."""
+    reason = _TRANSIENT_REASONS.get(getattr(root_cause(exc), "sqlstate", None) or "")
+    if reason is None:
+        reason = "the database connection was lost"
+    return TransientError(
+        f"{what} was interrupted: {reason} ({one_line(exc)}); nothing of "
+        "the transaction in flight was committed: run it again, it goes on from the last "
+        "checkpoint"
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that trying again may not meet: a lost connection, a
     serialization failure or deadlock, a lock timeout, a database starting up.
@@ -124,7 +171,7 @@ def is_transient(exc: BaseException) -> bool:
     import psycopg
     import sqlalchemy.exc
 
-    if isinstance(exc, LockTimeout | DatabaseUnavailable):
+    if isinstance(exc, LockTimeout | DatabaseUnavailable | TransientError):
         return True
     if isinstance(exc, ProjectorError):
         return exc.__cause__ is not None and is_transient(exc.__cause__)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import logging
 import math
 import threading
 import time
@@ -49,6 +50,9 @@ from zdr.errors import (
     ReplayLagging,
     ReplayNotFound,
     RunnerBusy,
+    interrupted,
+    is_transient,
+    one_line,
 )
 from zdr.horizon import Horizon, inspect_horizon
 from zdr.locks import (
@@ -79,6 +83,14 @@ from zdr.store import Cursor, EventReader, EventStore, mark_runner_transaction
 from zdr.verify import VerificationReport, verify
 
 T = TypeVar("T")
+log = logging.getLogger("zdr")
+
+#: A live runner that lost its connection tries again after this long, doubling up to
+#: RECONNECT_MAX_S, and waits up to RECONNECT_TAKE_OVER_S for the server to let go of
+#: the lock its lost session held.
+RECONNECT_FIRST_S = 0.1
+RECONNECT_MAX_S = 5.0
+RECONNECT_TAKE_OVER_S = 10.0
 
 __all__ = ["ProjectorRef", "ReplayManager"]
 
@@ -103,6 +115,11 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
                     "(or run `zdr setup`) first"
                 ) from exc
             raise
+        except (sa.exc.DBAPIError, psycopg.Error) as exc:
+            if not is_transient(exc):
+                raise
+            subject = f" {args[0]!r}" if args and isinstance(args[0], str) else ""
+            raise interrupted(f"{method.__name__}{subject}", exc) from exc
 
     return wrapper
 
@@ -271,23 +288,60 @@ class ReplayManager:
             wait = Wait(until=last, stop=stop)
             hand_over_by = last if overtime_s and deadline is not None else None
         poll_interval = seconds("poll_interval", poll_interval, above_zero=True)
-        with self.engine.connect() as conn, contextlib.ExitStack() as held:
+        stop = stop or threading.Event()
+        applied = 0
+
+        def count(n: int) -> None:
+            nonlocal applied
+            applied += n
+            if on_batch is not None:
+                on_batch(n)
+
+        pause = RECONNECT_FIRST_S
+        running = False
+        while True:
             try:
-                held.enter_context(live_runner(conn, wait))
-            except RunnerBusy:
-                if stop is not None and stop.is_set():
-                    return 0  # asked to stop while it waited to take over
-                raise
-            return self._live.follow(
-                conn,
-                stop=stop or threading.Event(),
-                poll_interval_s=poll_interval,
-                deadline=deadline,
-                batch_size=self._batch_size(batch_size),
-                on_batch=on_batch,
-                hand_over_by=hand_over_by,
-                horizon_warning_s=self.settings.horizon_warning_s,
-            )
+                with self.engine.connect() as conn, contextlib.ExitStack() as held:
+                    try:
+                        # Back after a lost connection: the lock died with it, unless
+                        # the server has not noticed yet; wait that long for it.
+                        again = Wait(until=time.monotonic() + RECONNECT_TAKE_OVER_S, stop=stop)
+                        held.enter_context(live_runner(conn, again if running else wait))
+                    except RunnerBusy:
+                        if stop.is_set() or running:
+                            if running:
+                                log.warning(
+                                    "another live runner took over while this one "
+                                    "reconnected: this one ends"
+                                )
+                            return applied
+                        raise
+                    if running:
+                        log.warning("the live runner is connected again and goes on")
+                    running = True
+                    pause = RECONNECT_FIRST_S
+                    self._live.follow(
+                        conn,
+                        stop=stop,
+                        poll_interval_s=poll_interval,
+                        deadline=deadline,
+                        batch_size=self._batch_size(batch_size),
+                        on_batch=count,
+                        hand_over_by=hand_over_by,
+                        horizon_warning_s=self.settings.horizon_warning_s,
+                    )
+                    return applied
+            except Exception as exc:
+                if not running or not is_transient(exc):
+                    raise
+                log.warning(
+                    "the live runner lost its database (%s): connecting again in %.1f s",
+                    one_line(exc),
+                    pause,
+                )
+            if stop.wait(pause) or (deadline is not None and time.monotonic() >= deadline):
+                return applied
+            pause = min(pause * 2, RECONNECT_MAX_S)
 
     # -- the replay life cycle -------------------------------------------------
 

@@ -17,7 +17,14 @@ from typing import Any, ClassVar, TypeVar
 import sqlalchemy as sa
 from psycopg import sql
 
-from zdr.errors import ConfigurationError, ProjectorError, UnknownProjector
+from zdr.errors import (
+    ConfigurationError,
+    ProjectorError,
+    UnknownProjector,
+    interrupted,
+    is_transient,
+    one_line,
+)
 from zdr.names import validate_key, validate_live_schema
 from zdr.store import RecordedEvent
 
@@ -155,6 +162,9 @@ def apply_events(
     except ProjectorError:
         raise
     except Exception as exc:
+        if is_transient(exc):  # the database's failure, not the projector's
+            span = f"events {relevant[0].position}..{relevant[-1].position}"
+            raise interrupted(f"projecting {span} to {where}", exc) from exc
         culprit = _failing_event(exc)
         if culprit is not None:
             at = f"event {culprit.position} ({culprit.type}, stream {culprit.stream_id!r})"
@@ -164,7 +174,7 @@ def apply_events(
             position, event_type = relevant[0].position, None
         raise ProjectorError(
             f"projector {projector.name!r} failed on {at} while projecting to {where}: "
-            f"{_describe(exc)}",
+            f"{one_line(exc)}",
             projector=projector.name,
             position=position,
             event_type=event_type,
@@ -201,13 +211,6 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, _IMMUTABLE):
         return value
     return copy.deepcopy(value)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line about the failure: the database's own message, not SQLAlchemy's statement dump."""
-    cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    first_line = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first_line}"
 
 
 def _failing_event(exc: BaseException) -> RecordedEvent | None:

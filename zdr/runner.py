@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import ProjectorError, RunnerBusy, is_transient
+from zdr.errors import ProjectorError, RunnerBusy, is_transient, one_line
 from zdr.locks import live_runner_wanted, lock_live_batch
 from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
@@ -439,7 +439,7 @@ class LiveRunner:
                     "%s stays behind (its copy is locked or the database is busy: %s); it "
                     "catches up from its own checkpoint, next try in %.1f s",
                     target.where,
-                    _one_line(exc),
+                    one_line(exc),
                     self.settings.dual_write_retry_s,
                 )
             self._resting[name] = time.monotonic() + self.settings.dual_write_retry_s
@@ -488,7 +488,7 @@ class LiveRunner:
                         "live runner that projector (zdr live -p ...) or make it importable",
                         name,
                         path,
-                        _one_line(exc),
+                        one_line(exc),
                     )
                 continue
             found.append(
@@ -520,19 +520,9 @@ def _unloadable(registry: Registry, replay: Replay) -> str | None:
         except Exception as exc:  # an import runs arbitrary code: anything may come out
             return (
                 f"projector {path} (projection {name!r}) of replay {replay.key!r} cannot be "
-                f"loaded by the live runner: {_one_line(exc)}. Make it importable in the live "
+                f"loaded by the live runner: {one_line(exc)}. Make it importable in the live "
                 f"runner's process, then `zdr replay {replay.key}` and `zdr enable-dual-write "
                 f"{replay.key}`; a class defined in __main__ never is: remove the replay and "
                 "create it again from a module"
             )
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    cause = exc
-    while isinstance(cause, ProjectorError | sa.exc.DBAPIError) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, sa.exc.DBAPIError) and cause.orig is not None:
-        cause = cause.orig
-    first = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first}"
