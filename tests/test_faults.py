@@ -112,3 +112,56 @@ def test_a_timeout_in_dual_write_keeps_the_replay_dual_writing(engine, caplog):
     assert "stays behind" in caplog.text
     assert manager.get_replay("v2").state is zdr.ReplayState.DUAL_WRITING
     assert manager.get_replay_lag("v2") == 0
+
+
+def _move_to_another_cluster(engine) -> None:
+    """What a dump and restore into a younger cluster leaves: the log and checkpoints
+    stamped with transaction ids this cluster has not reached, another cluster's name."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr.events SET txid = txid + 1000000000")
+        conn.exec_driver_sql(
+            "UPDATE zdr.checkpoints SET txid = txid + 1000000000 WHERE (txid, position) > (0, 0)"
+        )
+        conn.exec_driver_sql("UPDATE zdr.cluster SET system_identifier = '42'")
+
+
+def test_after_a_move_to_another_cluster_runners_refuse_and_rebase_loses_nothing(manager, engine):
+    seed(manager.store, 1_000)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2", max_events=400)  # part way
+    seed(manager.store, 300, seed=8, prefix="more")  # not yet applied anywhere
+    _move_to_another_cluster(engine)
+    manager.store.append("acc-moved", [_opened("acc-moved")])  # this cluster's ids: lower
+
+    for run in (manager.project_live, lambda: manager.start_replay("v2")):
+        with pytest.raises(zdr.ClusterChanged, match="cluster 42.*zdr rebase"):
+            run()
+    rebased = manager.rebase()
+    assert rebased.recorded == "42" and rebased.events == 1_300
+
+    manager.project_live()
+    manager.start_replay("v2")
+    manager.store.append("acc-after", [_opened("acc-after")])
+    manager.enable_dual_write("v2")
+    manager.project_live()
+    assert {"acc-moved", "acc-after"} <= set(balances(engine))
+    assert_balances_match_fold(engine, manager.store)
+    assert_balances_match_fold(engine, manager.store, schema="zdr_v2_1")
+    assert manager.rebase().events == 0  # nothing left to do
+
+
+def test_a_rebase_keeps_each_checkpoint_exact_across_out_of_order_commits(manager, engine):
+    """A checkpoint whose applied events are not a prefix by position (a transaction
+    that took its id early and appended late) applies exactly the same after rebase."""
+    seed(manager.store, 200)
+    with engine.begin() as early:
+        early.exec_driver_sql("SELECT pg_current_xact_id()")  # its id: lower
+        manager.store.append("acc-late", [_opened("acc-late")])  # a higher position first
+        early_events = manager.store.append("acc-early", [_opened("acc-early")], conn=early)
+    manager.project_live()
+    assert early_events
+    _move_to_another_cluster(engine)
+    manager.rebase()
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store)

@@ -2,6 +2,7 @@
 
 from zdr.errors import (
     ApprovalTimedOut,
+    ClusterChanged,
     ConfigurationError,
     DatabaseUnavailable,
     DependentObjects,
@@ -33,6 +34,7 @@ from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
 
 __all__ = [
     "ApprovalTimedOut",
+    "ClusterChanged",
     "ConfigurationError",
     "Cursor",
     "DatabaseUnavailable",

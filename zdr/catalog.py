@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from zdr import cluster
+
 #: (object, statement): each statement runs only when its object is missing.
 CREATE_STATEMENTS = [
     ("zdr", "CREATE SCHEMA IF NOT EXISTS zdr"),
@@ -99,8 +101,10 @@ CREATE_STATEMENTS = [
 
 
 def create(conn: sa.Connection) -> None:
-    """Create the metadata tables if missing; the caller holds the setup lock."""
-    create_missing(conn, CREATE_STATEMENTS)
+    """Create the metadata tables if missing, and remember the cluster they are in
+    (``zdr.cluster``); the caller holds the setup lock."""
+    create_missing(conn, [*CREATE_STATEMENTS, cluster.CREATE_STATEMENT])
+    cluster.record(conn)
 
 
 def create_missing(conn: sa.Connection, objects: Sequence[tuple[str, str]]) -> None:

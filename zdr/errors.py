@@ -113,6 +113,12 @@ class NoPausedRun(ZdrError, LookupError):
     """Raised when no pipeline run for a replay key waits for approval."""
 
 
+class ClusterChanged(ZdrError):
+    """Raised when a runner would start in another PostgreSQL cluster than the one the
+    event log's transaction ids come from (after a dump and restore, say): events
+    appended now would be skipped. ``ReplayManager.rebase`` (``zdr rebase``) fixes it."""
+
+
 class TransientError(ZdrError):
     """Raised when the database failed in a way that passes: the connection was lost (a
     server restart, ``pg_terminate_backend``, the network), a deadlock or serialization

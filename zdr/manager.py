@@ -40,7 +40,7 @@ import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
-from zdr import catalog, records, reports, targets
+from zdr import catalog, cluster, records, reports, targets
 from zdr.config import make_engine
 from zdr.errors import (
     ConfigurationError,
@@ -93,6 +93,11 @@ RECONNECT_MAX_S = 5.0
 RECONNECT_TAKE_OVER_S = 10.0
 
 __all__ = ["ProjectorRef", "ReplayManager"]
+
+
+def _require_same_cluster(conn: sa.Connection) -> None:
+    with conn.begin():
+        cluster.require_same(conn)
 
 
 def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -254,6 +259,7 @@ class ReplayManager:
         Raises RunnerBusy at once if another live runner is running.
         """
         with self.engine.connect() as conn, live_runner(conn):
+            _require_same_cluster(conn)
             return self._live.until_idle(conn, self._batch_size(batch_size), max_batches)
 
     @_translate_errors
@@ -316,6 +322,7 @@ class ReplayManager:
                                 )
                             return applied
                         raise
+                    _require_same_cluster(conn)
                     if running:
                         log.warning("the live runner is connected again and goes on")
                     running = True
@@ -449,6 +456,7 @@ class ReplayManager:
             raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
         with self.engine.connect() as conn, replay_runner(conn, key):
             with conn.begin():
+                cluster.require_same(conn)
                 # Its row lock takes a transaction id, held while it counts the log.
                 mark_runner_transaction(conn)
                 replay = records.load_replay(conn, key, lock=True)
@@ -497,6 +505,7 @@ class ReplayManager:
             else self.settings.replace(lag_threshold=lag_threshold).lag_threshold
         )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
+            cluster.require_same(conn)
             mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
             transition = require_state(replay, "enable_dual_write")
@@ -521,6 +530,7 @@ class ReplayManager:
         """
         validate_key(key)
         with self.engine.connect() as conn, replay_runner(conn, key):
+            _require_same_cluster(conn)
             return self._promotion.promote(conn, key)
 
     # The PHP original's names for these two steps, kept as aliases. They call the
@@ -540,7 +550,30 @@ class ReplayManager:
         """Make the previous live copy live again, brought up to date with its own projector."""
         validate_key(key)
         with self.engine.connect() as conn, replay_runner(conn, key):
+            _require_same_cluster(conn)
             return self._promotion.rollback(conn, key, batch_size=self._batch_size(batch_size))
+
+    @_translate_errors
+    def rebase(self) -> cluster.Rebased:
+        """After the database moved to another PostgreSQL cluster (a dump and restore):
+        give the event log and the checkpoints transaction ids of this cluster, so the
+        runners run again and no event appended from now on is skipped.
+
+        Holds the application's appends off while it runs (readers go on), so stop
+        the application first; with the live runner and every replay run stopped too
+        (it takes their locks, and RunnerBusy says which one runs). A no-op where the
+        log belongs to this cluster.
+        """
+        with self.engine.connect() as conn, contextlib.ExitStack() as held:
+            held.enter_context(live_runner(conn))
+            with conn.begin():
+                keys = list(
+                    conn.exec_driver_sql("SELECT key FROM zdr.replays ORDER BY key").scalars()
+                )
+            for key in keys:
+                held.enter_context(replay_runner(conn, key))
+            with conn.begin():
+                return cluster.rebase(conn)
 
     @_translate_errors
     def remove_replay(self, key: str) -> Replay:
