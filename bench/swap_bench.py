@@ -4,7 +4,7 @@ one column and a row-level security policy of its own.
 
 Prints one JSON line (numbers only, no pass/fail):
 
-    python bench/swap_bench.py [--roles 300] [--events 5000] [--database-url URL]
+    python bench/swap_bench.py [--roles 300] [--events 5000] [--clutter 0] [--database-url URL]
 
 ``*_swap_ms`` is the swap's transaction (what readers and the live runner can wait
 for), ``*_lock_wait_ms`` the part of it spent waiting for the live batch lock,
@@ -36,6 +36,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--roles", type=int, default=300)
     parser.add_argument("--events", type=int, default=5_000)
+    parser.add_argument(
+        "--clutter", type=int, default=0, help="tables of another schema (a big catalog)"
+    )
     parser.add_argument("--database-url")
     args = parser.parse_args()
     engine = sa.create_engine(fresh_database(args.database_url, "zdr_swap_bench"))
@@ -59,8 +62,13 @@ def main() -> None:
                 f"CREATE POLICY p{n} ON bank_balances.balances FOR SELECT TO {role}"
                 f" USING (account_id > 'acc-{n:06d}')"
             )
-    result: dict[str, float | int] = {"roles": args.roles, "events": args.events}
+    result: dict[str, float | int] = {
+        "roles": args.roles,
+        "events": args.events,
+        "clutter_tables": args.clutter,
+    }
     try:
+        _clutter(engine, args.clutter)
         for name, call in [
             ("promote", lambda: manager.promote("swap_bench")),
             ("rollback", lambda: manager.rollback("swap_bench")),
@@ -77,6 +85,39 @@ def main() -> None:
             conn.exec_driver_sql("DROP SCHEMA bank_balances, zdr CASCADE")
             for role in roles:
                 conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        _clutter(engine, 0)
+
+
+def _clutter(engine: sa.Engine, tables: int) -> None:
+    """Make ``tables`` tables in schema zdr_bench_clutter (0: drop them), 1,000 a
+    transaction (one transaction's locks would not hold them all)."""
+    for start in range(0, max(tables, 1), 1_000):
+        with engine.begin() as conn:
+            if tables:
+                conn.exec_driver_sql("CREATE SCHEMA IF NOT EXISTS zdr_bench_clutter")
+                conn.exec_driver_sql(
+                    f"""DO $$ BEGIN FOR i IN {start}..{min(start + 999, tables - 1)} LOOP
+                        EXECUTE 'CREATE TABLE zdr_bench_clutter.t' || i || ' (a int PRIMARY KEY)';
+                        END LOOP; END $$"""
+                )
+    if not tables:
+        while True:
+            with engine.begin() as conn:
+                names = (
+                    conn.exec_driver_sql(
+                        """SELECT c.relname FROM pg_class c JOIN pg_namespace n
+                       ON n.oid = c.relnamespace WHERE n.nspname = 'zdr_bench_clutter'
+                       AND c.relkind = 'r' LIMIT 1000"""
+                    )
+                    .scalars()
+                    .all()
+                )
+                for name in names:
+                    conn.exec_driver_sql(f'DROP TABLE zdr_bench_clutter."{name}"')
+            if not names:
+                break
+        with engine.begin() as conn:
+            conn.exec_driver_sql("DROP SCHEMA IF EXISTS zdr_bench_clutter")
 
 
 if __name__ == "__main__":

@@ -231,7 +231,9 @@ def test_policies_that_read_the_live_tables_by_oid_refuse_promotion(manager, eng
             manager.promote("back")
         message = str(refused.value)
         assert "policy known on public.zdr_test_notes reads bank_balances.balances" in message
-        assert "policy in_ledger on bank_balances.balances reads bank_balances.ledger" in message
+        assert (
+            "policy in_ledger on bank_balances.balances uses table bank_balances.ledger" in message
+        )
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql("DROP TABLE public.zdr_test_notes")

@@ -36,7 +36,7 @@ table, is a change of the projector's, not something dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import psycopg.errors
@@ -44,7 +44,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from zdr import privileges, targets
-from zdr.errors import DependentObjects
+from zdr.errors import DependentObjects, is_transient
 from zdr.projector import Projector
 
 #: The scratch schema of ``baseline``: a name no replay or projection can have.
@@ -55,10 +55,10 @@ BASELINE_SCHEMA = "zdr$baseline"
 _INVENTORY = {
     "relation": """
         SELECT c.relname, c.relkind::text FROM pg_class c
-        WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
+        WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'c')
         UNION ALL
         SELECT c.relname, 'S' FROM pg_class c
-        WHERE c.relnamespace = %(nsp)s AND c.relkind = 'S' AND NOT EXISTS (
+        WHERE c.oid = ANY(%(rels)s) AND c.relkind = 'S' AND NOT EXISTS (
             SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
             AND d.objid = c.oid AND d.deptype IN ('a', 'i'))""",
     "column": """
@@ -74,33 +74,36 @@ _INVENTORY = {
         FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_type t ON t.oid = a.atttypid
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p') AND a.attnum > 0
+        WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p') AND a.attnum > 0
           AND NOT a.attisdropped""",
     "tablespace": """
         SELECT c.relname, t.spcname::text FROM pg_class c
         JOIN pg_tablespace t ON t.oid = c.reltablespace
-        WHERE c.relnamespace = %(nsp)s AND c.reltablespace <> 0""",
+        WHERE c.oid = ANY(%(rels)s) AND c.reltablespace <> 0""",
+    "persistence": """
+        SELECT c.relname, 'UNLOGGED' FROM pg_class c
+        WHERE c.oid = ANY(%(rels)s) AND c.relpersistence = 'u'""",
     "index": """
         SELECT c.relname || '.' || i.relname,
                regexp_replace(pg_get_indexdef(x.indexrelid), ' WITH \([^)]*\)', '')
                || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
         JOIN pg_class c ON c.oid = x.indrelid
-        WHERE c.relnamespace = %(nsp)s
+        WHERE c.oid = ANY(%(rels)s)
           AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid
                           AND k.conrelid = x.indrelid)""",
     "constraint": """
         SELECT c.relname || '.' || k.conname, pg_get_constraintdef(k.oid)
         FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
-        WHERE c.relnamespace = %(nsp)s AND k.contype <> 'n'""",
+        WHERE c.oid = ANY(%(rels)s) AND k.contype <> 'n'""",
     "trigger": """
         SELECT c.relname || '.' || t.tgname, pg_get_triggerdef(t.oid)
         FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
-        WHERE c.relnamespace = %(nsp)s AND NOT t.tgisinternal""",
+        WHERE c.oid = ANY(%(rels)s) AND NOT t.tgisinternal""",
     "rule": """
         SELECT c.relname || '.' || r.rulename, pg_get_ruledef(r.oid)
         FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
-        WHERE c.relnamespace = %(nsp)s AND r.rulename <> '_RETURN'""",
+        WHERE c.oid = ANY(%(rels)s) AND r.rulename <> '_RETURN'""",
     "function": """
         SELECT p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')',
                p.prokind::text
@@ -130,35 +133,35 @@ _INVENTORY = {
 #: listed for every object (so a reset knows the value to go back to), comments and
 #: storage options only where set. "relkind" rows say which relations exist.
 _SETTINGS = """
-SELECT 'relkind', c.relname, '', c.relkind::text FROM pg_class c WHERE c.relnamespace = %(nsp)s
+SELECT 'relkind', c.relname, '', c.relkind::text FROM pg_class c WHERE c.oid = ANY(%(rels)s)
 UNION ALL
 SELECT 'statistics', c.relname, a.attname, coalesce(a.attstattarget, -1)::text
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p', 'm') AND a.attnum > 0
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'm') AND a.attnum > 0
   AND NOT a.attisdropped
 UNION ALL
 SELECT 'storage', c.relname, a.attname, a.attstorage::text
 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p', 'm') AND a.attnum > 0
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'm') AND a.attnum > 0
   AND NOT a.attisdropped
 UNION ALL
 SELECT 'replica identity', c.relname, '', c.relreplident::text || coalesce(' ' || (
            SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
            WHERE x.indrelid = c.oid AND x.indisreplident), '')
-FROM pg_class c WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p')
+FROM pg_class c WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p')
 UNION ALL
 SELECT 'cluster', c.relname, '', coalesce((
            SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
            WHERE x.indrelid = c.oid AND x.indisclustered), '')
-FROM pg_class c WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'm')
+FROM pg_class c WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'm')
 UNION ALL
 SELECT 'option', c.relname, split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)
 FROM pg_class c, unnest(c.reloptions) o
-WHERE c.relnamespace = %(nsp)s AND c.relkind IN ('r', 'p', 'm', 'i')
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'm', 'i')
 UNION ALL
 SELECT 'option', c.relname, 'toast.' || split_part(o, '=', 1), substr(o, strpos(o, '=') + 1)
 FROM pg_class c JOIN pg_class t ON t.oid = c.reltoastrelid, unnest(t.reloptions) o
-WHERE c.relnamespace = %(nsp)s
+WHERE c.oid = ANY(%(rels)s)
 UNION ALL
 SELECT 'comment', '', '', d.description FROM pg_description d
 WHERE d.classoid = 'pg_namespace'::regclass AND d.objoid = %(nsp)s
@@ -166,14 +169,38 @@ UNION ALL
 SELECT 'comment', c.relname, coalesce(a.attname, ''), d.description
 FROM pg_description d JOIN pg_class c ON d.classoid = 'pg_class'::regclass AND c.oid = d.objoid
 LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.objsubid AND d.objsubid > 0
-WHERE c.relnamespace = %(nsp)s AND (d.objsubid = 0 OR NOT a.attisdropped)
+WHERE c.oid = ANY(%(rels)s) AND (d.objsubid = 0 OR NOT a.attisdropped)
+UNION ALL
+SELECT 'index statistics', i.relname, a.attnum::text, a.attstattarget::text
+FROM pg_attribute a JOIN pg_class i ON i.oid = a.attrelid
+WHERE i.oid = ANY(%(rels)s) AND i.relkind IN ('i', 'I') AND a.attstattarget >= 0
+UNION ALL
+SELECT split_part(o, '=', 1), c.relname, a.attname, substr(o, strpos(o, '=') + 1)
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid, unnest(a.attoptions) o
+WHERE c.oid = ANY(%(rels)s) AND a.attnum > 0 AND NOT a.attisdropped
+  AND split_part(o, '=', 1) IN ('n_distinct', 'n_distinct_inherited')
+UNION ALL
+SELECT 'policy comment', c.relname, p.polname, d.description
+FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+LEFT JOIN pg_description d ON d.classoid = 'pg_policy'::regclass AND d.objoid = p.oid
+WHERE c.oid = ANY(%(rels)s)
 UNION ALL
 SELECT 'constraint comment', c.relname, k.conname, d.description
 FROM pg_description d JOIN pg_constraint k ON d.classoid = 'pg_constraint'::regclass
      AND k.oid = d.objoid
 JOIN pg_class c ON c.oid = k.conrelid
-WHERE c.relnamespace = %(nsp)s
+WHERE c.oid = ANY(%(rels)s)
 """
+
+#: Column compression (PostgreSQL 14 and later): '' is the server's default.
+_COMPRESSION = """
+UNION ALL
+SELECT 'compression', c.relname, a.attname, a.attcompression::text
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'm') AND a.attnum > 0
+  AND NOT a.attisdropped
+"""
+_COMPRESSIONS = {"": "DEFAULT", "p": "pglz", "l": "lz4"}
 
 #: The words ALTER and COMMENT use for each kind of relation.
 _RELATION_WORDS = {
@@ -211,7 +238,7 @@ class Inventory:
     """What one schema holds, by kind: identity -> definition."""
 
     objects: dict[str, dict[str, str]] = field(default_factory=dict)
-    settings: dict[Setting, str] = field(default_factory=dict)
+    settings: dict[Setting, str | None] = field(default_factory=dict)
     relkinds: dict[str, str] = field(default_factory=dict)
 
     def beyond(self, other: Inventory) -> dict[str, dict[str, str]]:
@@ -225,22 +252,62 @@ class Inventory:
         return found
 
 
-def inventory(conn: sa.Connection, schema: str) -> Inventory:
-    """Every object in ``schema`` that this module knows of (see ``_INVENTORY``)."""
-    nsp = conn.exec_driver_sql(
-        "SELECT oid FROM pg_namespace WHERE nspname = %s", (schema,)
-    ).scalar_one()
-    qualifier = conn.exec_driver_sql("SELECT quote_ident(%s) || '.'", (schema,)).scalar_one()
+def inventory(
+    conn: sa.Connection, schema: str, renames: Mapping[str, str] | None = None
+) -> Inventory:
+    """Every object in ``schema`` that this module knows of (see ``_INVENTORY``).
+
+    Definitions name other schemas by their live names (``renames``: the copy's or the
+    scratch schemas' -> live), and ``schema``'s own objects unqualified, so a copy's
+    definitions compare equal to the live ones."""
+    nsp, rels = conn.exec_driver_sql(
+        """SELECT n.oid, array(SELECT c.oid FROM pg_class c WHERE c.relnamespace = n.oid)
+           FROM pg_namespace n WHERE n.nspname = %s""",
+        (schema,),
+    ).one()
+    canonical = _canonical_names(conn, schema, renames or {})
     found = Inventory()
+    params = {"nsp": nsp, "rels": rels}
     for kind, query in _INVENTORY.items():
-        rows = conn.exec_driver_sql(query, {"nsp": nsp}).all()
-        found.objects[kind] = {name: (d or "").replace(qualifier, "") for name, d in rows}
-    for kind, relation, part, value in conn.exec_driver_sql(_SETTINGS, {"nsp": nsp}).all():
+        rows = conn.exec_driver_sql(query, params).all()
+        found.objects[kind] = {name: canonical(d or "") for name, d in rows}
+    settings = _SETTINGS
+    if (conn.dialect.server_version_info or (0,)) >= (14,):
+        settings += _COMPRESSION
+    for kind, relation, part, value in conn.exec_driver_sql(settings, params).all():
         if kind == "relkind":
             found.relkinds[relation] = value
         else:
             found.settings[(kind, relation, part)] = value
     return found
+
+
+def _canonical_names(
+    conn: sa.Connection, schema: str, renames: Mapping[str, str]
+) -> Callable[[str], str]:
+    """A function that rewrites schema qualifiers in a definition: ``schema``'s removed,
+    each of ``renames`` to its live name."""
+    return requalify(conn, {**{k: v for k, v in renames.items() if k != schema}, schema: ""})
+
+
+def requalify(conn: sa.Connection, mapping: Mapping[str, str]) -> Callable[[str], str]:
+    """A function that rewrites the schema qualifiers of ``mapping`` in SQL text (to the
+    schema it names, or to none for ""): whole qualifiers only (``app_x.t`` is not
+    ``x.t``), in string literals too (``nextval('x.t_id_seq'::regclass)``)."""
+    quoted: dict[str, str] = dict(
+        conn.exec_driver_sql(
+            "SELECT name, quote_ident(name) FROM unnest(%s::text[]) AS name",
+            (sorted({*mapping, *mapping.values()} - {""}),),
+        ).all()
+    )
+    replacement = {quoted[k] + ".": (quoted[v] + "." if v else "") for k, v in mapping.items()}
+    qualifiers = "|".join(re.escape(q) for q in sorted(replacement, key=len, reverse=True))
+    pattern = re.compile(r"(?<![\w$\"])(" + qualifiers + ")")
+
+    def rewrite(match: re.Match[str]) -> str:
+        return replacement[match.group(1)]
+
+    return lambda text: pattern.sub(rewrite, text)
 
 
 def baseline(conn: sa.Connection, projectors: Iterable[Projector]) -> dict[str, Inventory]:
@@ -251,7 +318,8 @@ def baseline(conn: sa.Connection, projectors: Iterable[Projector]) -> dict[str, 
     scratch = {live: f"{BASELINE_SCHEMA}{i}" for i, live in enumerate(schemas, 1)}
     with conn.begin() as transaction:
         targets.clone(conn, projectors, scratch)
-        result = {live: inventory(conn, name) for live, name in scratch.items()}
+        renames = {name: live for live, name in scratch.items()}
+        result = {live: inventory(conn, name, renames) for live, name in scratch.items()}
         transaction.rollback()
     return result
 
@@ -300,18 +368,56 @@ def build_indexes(
     return built
 
 
+#: Per live schema: its inventory and its new copy's (in live names), measured once a swap.
+Measured = dict[str, tuple[Inventory, Inventory]]
+
+
+def measure(conn: sa.Connection, schema_map: Mapping[str, str]) -> Measured:
+    """The inventories of each live schema and of its new copy."""
+    renames = {side: live for live, side in schema_map.items()}
+    return {
+        live: (inventory(conn, live), inventory(conn, side, renames))
+        for live, side in schema_map.items()
+    }
+
+
+def drop_indexes_gone_from_live(
+    engine: sa.Engine, schema_map: Mapping[str, str], base: Mapping[str, Inventory]
+) -> list[str]:
+    """Before a rollback: drop from the previous copy the indexes beyond its projectors'
+    own (``base``) that the live copy no longer has (a DBA dropped them after they were
+    carried over), ``DROP INDEX CONCURRENTLY``; return the ones dropped."""
+    dropped = []
+    with engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        for live, side in schema_map.items():
+            extra = inventory(conn, side, {side: live}).beyond(base.get(live, Inventory()))
+            on_live = inventory(conn, live).objects["index"]
+            for name in sorted(extra.get("index", {})):
+                if name not in on_live:
+                    index = name.split(".", 1)[1]
+                    statement = sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                        sql.Identifier(side, index)
+                    )
+                    conn.exec_driver_sql(statement.as_string(conn.connection.driver_connection))
+                    dropped.append(f"{side}.{index}")
+    return dropped
+
+
 def refusals(
     conn: sa.Connection, schema_map: Mapping[str, str], base: Mapping[str, Inventory], what: str
-) -> None:
-    """Raise DependentObjects naming everything the swap cannot carry (nothing changed)."""
+) -> Measured:
+    """Raise DependentObjects naming everything the swap cannot carry (nothing changed);
+    else return what was measured (``carry`` needs it too)."""
     problems = [
         f"{d}: a schema swap would leave it on the old copy"
         for d in targets.outside_dependents(conn, [*schema_map, *schema_map.values()])
     ]
     empty = Inventory()
+    measured = measure(conn, schema_map)
     for live, side in schema_map.items():
-        added = inventory(conn, live).beyond(base.get(live, empty))
-        side_inventory = inventory(conn, side)
+        live_inventory, side_inventory = measured[live]
+        added = live_inventory.beyond(base.get(live, empty))
         for kind, objects in sorted(added.items()):
             for name in sorted(objects):
                 if kind == "index":
@@ -320,6 +426,13 @@ def refusals(
                     problems.append(
                         f"index {live}.{name.split('.', 1)[1]} is not yet on the new copy "
                         f"({side}): promote again (it is built before the swap)"
+                    )
+                    continue
+                if kind == "persistence":
+                    problems.append(
+                        f"{live}.{name} is UNLOGGED: the new copy is not, and making it so "
+                        "inside the swap would rewrite it under lock; make it LOGGED "
+                        "(ALTER TABLE ... SET LOGGED), promote, then set it UNLOGGED again"
                     )
                     continue
                 if kind == "tablespace":
@@ -342,6 +455,7 @@ def refusals(
         problems += _policies_reading_other_tables(conn, live)
     if problems:
         raise DependentObjects(f"{what} refused: " + "; ".join(problems))
+    return measured
 
 
 @dataclass(frozen=True)
@@ -353,41 +467,76 @@ class Baselines:
     side: dict[str, Inventory]
 
 
-def carry(conn: sa.Connection, schema_map: Mapping[str, str], base: Baselines, what: str) -> None:
+def carry(
+    conn: sa.Connection,
+    schema_map: Mapping[str, str],
+    base: Baselines,
+    what: str,
+    measured: Measured | None = None,
+) -> None:
     """Give each new copy the live copy's owners, grants, default privileges, row-level
     security, policies, and the settings and comments a DBA gave it, in the caller's
-    transaction. Run before the swap too: then the swap's own pass has little left."""
+    transaction. Run before the swap too: then the swap's own pass has little left.
+
+    Whatever the database refuses (a role zdr cannot act as, a definition that does
+    not fit the new copy) refuses the swap, with the database's reason.
+    """
+    measured = measured if measured is not None else measure(conn, schema_map)
     for live, side in schema_map.items():
         try:
-            _carry_schema(conn, live, side, base)
-        except sa.exc.ProgrammingError as exc:
-            if not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+            _carry_schema(conn, live, side, base, measured[live])
+        except sa.exc.DBAPIError as exc:
+            if is_transient(exc):
                 raise
+            reason = getattr(exc.orig, "diag", None)
+            detail = reason.message_primary if reason is not None else str(exc.orig)
+            advice = (
+                "make zdr's role a member of the live schema's and tables' owners (GRANT "
+                "owner TO zdr_role) or run zdr as their owner"
+                if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege)
+                else "change it on the live copy so that it fits the new version, or drop "
+                "it, then promote again"
+            )
             raise DependentObjects(
-                f"{what} refused: zdr's database role cannot give the new copy ({side}) "
-                f"what the live copy ({live}) has: {exc.orig.diag.message_primary}; make "
-                "zdr's role a member of the live schema's and tables' owners (GRANT owner "
-                "TO zdr_role) or run zdr as their owner"
+                f"{what} refused: the new copy ({side}) cannot be given what the live copy "
+                f"({live}) has: {detail} (in: {_statement_of(exc)}); {advice}"
             ) from exc
         except DependentObjects as exc:
             raise DependentObjects(f"{what} refused: {exc}") from exc
 
 
-def _carry_schema(conn: sa.Connection, live: str, side: str, base: Baselines) -> None:
-    statements = conn.exec_driver_sql(_CARRY, {"live": live, "side": side}).all()
-    for owner_first, statement in statements:
-        if owner_first:
-            conn.exec_driver_sql(statement)
-    privileges.carry(conn, live, side)
-    for owner_first, statement in statements:
-        if not owner_first:
-            conn.exec_driver_sql(statement)
+def _statement_of(exc: sa.exc.DBAPIError) -> str:
+    return " ".join(str(exc.statement or "").split())[:200]
+
+
+def _carry_schema(
+    conn: sa.Connection,
+    live: str,
+    side: str,
+    base: Baselines,
+    inventories: tuple[Inventory, Inventory],
+) -> None:
+    rels = {schema: privileges.relations(conn, schema) for schema in (live, side)}
+    statements = conn.exec_driver_sql(
+        _CARRY, {"live": live, "side": side, "live_rels": rels[live], "side_rels": rels[side]}
+    ).all()
+
+    def run(steps: tuple[int, ...]) -> None:
+        for step, statement in statements:
+            if step in steps:
+                conn.exec_driver_sql(statement)
+
+    # The schema's owner and grants before its tables' owners: a table's owner needs
+    # CREATE on the schema. Owners before grants: grants name their owner.
+    run((0,))
+    privileges.carry(conn, live, side, schema=True, rels=rels)
+    run((1,))
+    privileges.carry(conn, live, side, schema=False, rels=rels)
+    run((2, 3, 4, 5))  # default privileges, row-level security, policies
     empty = Inventory()
+    live_now, side_now = inventories
     wanted = _settings_to_carry(
-        inventory(conn, live),
-        base.live.get(live, empty),
-        side_now := inventory(conn, side),
-        base.side.get(live, empty),
+        live_now, base.live.get(live, empty), side_now, base.side.get(live, empty)
     )
     for setting, value in sorted(wanted.items(), key=lambda item: item[0]):
         statement = _setting_statement(side, side_now, setting, value)
@@ -407,11 +556,13 @@ def _settings_to_carry(
     for key, value in live.settings.items():
         if value != live_base.settings.get(key):
             wanted[key] = value
-    return {
-        key: value
-        for key, value in wanted.items()
-        if side.settings.get(key) != value and _exists_in(side, key)
-    }
+
+    def needed(key: Setting, value: str | None) -> bool:
+        if key[0] == "policy comment":  # its policy may just have been made again
+            return key in live.settings
+        return side.settings.get(key) != value and _exists_in(side, key)
+
+    return {key: value for key, value in wanted.items() if needed(key, value)}
 
 
 def _exists_in(inventory: Inventory, setting: Setting) -> bool:
@@ -422,7 +573,7 @@ def _exists_in(inventory: Inventory, setting: Setting) -> bool:
         return False
     if kind == "constraint comment":
         return f"{relation}.{part}" in inventory.objects.get("constraint", {})
-    if part and kind != "option":
+    if part and kind not in ("option", "index statistics"):
         return ("storage", relation, part) in inventory.settings
     return True
 
@@ -446,10 +597,30 @@ def _setting_statement(
         return sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS {}").format(
             sql.Identifier(part), target, text
         )
+    if kind == "policy comment":
+        return sql.SQL("COMMENT ON POLICY {} ON {} IS {}").format(
+            sql.Identifier(part), target, text
+        )
     alter = sql.SQL("ALTER {} {} ").format(word, target)
     if kind == "statistics":
         return alter + sql.SQL("ALTER COLUMN {} SET STATISTICS {}").format(
             sql.Identifier(part), sql.Literal(int(value or -1))
+        )
+    if kind == "index statistics":
+        return alter + sql.SQL("ALTER COLUMN {} SET STATISTICS {}").format(
+            sql.Literal(int(part)), sql.Literal(int(value or -1))
+        )
+    if kind in ("n_distinct", "n_distinct_inherited"):
+        if value is None:
+            return alter + sql.SQL("ALTER COLUMN {} RESET ({})").format(
+                sql.Identifier(part), sql.SQL(kind)
+            )
+        return alter + sql.SQL("ALTER COLUMN {} SET ({} = {})").format(
+            sql.Identifier(part), sql.SQL(kind), sql.Literal(value)
+        )
+    if kind == "compression":
+        return alter + sql.SQL("ALTER COLUMN {} SET COMPRESSION {}").format(
+            sql.Identifier(part), sql.SQL(_COMPRESSIONS[value or ""])
         )
     if kind == "storage":
         return alter + sql.SQL("ALTER COLUMN {} SET STORAGE {}").format(
@@ -478,22 +649,23 @@ def _indexes_to_build(
     conn: sa.Connection, live: str, side: str, base: Inventory
 ) -> list[tuple[str, str, str]]:
     added = inventory(conn, live).beyond(base).get("index", {})
-    present = inventory(conn, side).objects["index"]
+    present = inventory(conn, side, {side: live}).objects["index"]
+    on_side = requalify(conn, {live: side})
     wanted = []
     for name, definition in added.items():
         if present.get(name) == definition:
             continue
         table, index = name.split(".", 1)
         statement = conn.exec_driver_sql(
-            """SELECT regexp_replace(
-                          replace(pg_get_indexdef(i.oid), ' ON ' || quote_ident(%(live)s) || '.',
-                                  ' ON ' || quote_ident(%(side)s) || '.'),
-                          '^CREATE (UNIQUE )?INDEX ', 'CREATE \\1INDEX CONCURRENTLY ')
+            """SELECT regexp_replace(pg_get_indexdef(i.oid), '^CREATE (UNIQUE )?INDEX ',
+                                     'CREATE \\1INDEX CONCURRENTLY ')
                FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace
                WHERE n.nspname = %(live)s AND i.relname = %(index)s""",
-            {"live": live, "side": side, "index": index},
+            {"live": live, "index": index},
         ).scalar_one()
-        wanted.append((table, index, statement))
+        # On the new copy, with what it names of the live schema (the table, a type of
+        # the projector's) named in the new copy's schema.
+        wanted.append((table, index, on_side(statement)))
     return wanted
 
 
@@ -521,22 +693,29 @@ def _invalid_index(conn: sa.Connection, schema: str, index: str) -> bool:
 
 
 def _policies_reading_other_tables(conn: sa.Connection, live: str) -> list[str]:
-    """Policies on the live tables whose expression reads another relation of the live
-    schema: carried, they would name it by OID and read the old copy after the swap."""
+    """Policies on the live tables whose expression uses another relation, a type or a
+    function of the live schema: carried, they would name it by OID and use the old
+    copy's after the swap."""
     rows = conn.exec_driver_sql(
-        """SELECT DISTINCT format('policy %%I on %%I.%%I reads %%I.%%I', p.polname, n.nspname,
-                                  pt.relname, n.nspname, t.relname)
+        """SELECT DISTINCT format('policy %%I on %%I.%%I uses %%s', p.polname, n.nspname,
+                                  pt.relname, pg_describe_object(d.refclassid, d.refobjid, 0))
            FROM pg_depend d
            JOIN pg_policy p ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
            JOIN pg_class pt ON pt.oid = p.polrelid
-           JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND t.oid = d.refobjid
            JOIN pg_namespace n ON n.oid = pt.relnamespace
-           WHERE n.nspname = %s AND t.relnamespace = n.oid AND t.oid <> pt.oid
+           WHERE n.nspname = %s AND d.refobjid <> pt.oid AND CASE d.refclassid
+               WHEN 'pg_class'::regclass THEN (SELECT relnamespace FROM pg_class
+                                               WHERE oid = d.refobjid) = n.oid
+               WHEN 'pg_type'::regclass THEN (SELECT typnamespace FROM pg_type
+                                              WHERE oid = d.refobjid) = n.oid
+               WHEN 'pg_proc'::regclass THEN (SELECT pronamespace FROM pg_proc
+                                              WHERE oid = d.refobjid) = n.oid
+               ELSE false END
            ORDER BY 1""",
         (live,),
     ).scalars()
     return [
-        f"{row}: carried to the new copy it would still read the old one; drop it, promote, "
+        f"{row}: carried to the new copy it would still use the old one's; drop it, promote, "
         "and create it again"
         for row in rows
     ]
@@ -611,8 +790,7 @@ pairs AS (  -- relations present in both schemas, by name
            (SELECT string_agg(polname || ' ' || definition, '; ' ORDER BY polname)
             FROM policy WHERE polrelid = s.oid) AS side_policies
     FROM pg_class l JOIN pg_class s ON s.relname = l.relname
-    WHERE l.relnamespace = (SELECT oid FROM live_nsp)
-      AND s.relnamespace = (SELECT oid FROM side_nsp)
+    WHERE l.oid = ANY(%(live_rels)s) AND s.oid = ANY(%(side_rels)s)
       AND l.relkind IN ('r', 'p', 'v', 'm', 'f', 'S') AND s.relkind = l.relkind
 ),
 object_kind AS (
@@ -670,5 +848,5 @@ statements AS (
     FROM pairs p JOIN object_kind k USING (side_oid) JOIN policy lp ON lp.polrelid = p.live_oid
     WHERE p.policies IS DISTINCT FROM p.side_policies
 )
-SELECT step = 1, sql FROM statements ORDER BY step, n, sql
+SELECT CASE WHEN step = 1 THEN n ELSE step - 2 END, sql FROM statements ORDER BY step, n, sql
 """.replace("{grantee}", "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END")

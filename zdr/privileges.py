@@ -35,13 +35,13 @@ SELECT '', '', 'SCHEMA', nspowner::regrole::text FROM pg_namespace WHERE nspname
 UNION ALL
 SELECT c.relname, '', CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
        c.relowner::regrole::text
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+FROM pg_class c
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
 UNION ALL
 SELECT c.relname, att.attname, 'TABLE', c.relowner::regrole::text
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+FROM pg_class c
 JOIN pg_attribute att ON att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped
-WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
 """
 
 #: Every grant of a schema: (relation, column, grantor, grantee, privilege, grantable).
@@ -53,14 +53,14 @@ UNION ALL
 SELECT c.relname, '', a.grantor::regrole::text, {_GRANTEE}, a.privilege_type, a.is_grantable
 FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault(
          (CASE WHEN c.relkind = 'S' THEN 's' ELSE 'r' END)::"char", c.relowner))) a
-WHERE c.relnamespace = (SELECT oid FROM nsp) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
 UNION ALL
 SELECT c.relname, att.attname, a.grantor::regrole::text, {_GRANTEE}, a.privilege_type,
        a.is_grantable
 FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid
      AND att.attnum > 0 AND NOT att.attisdropped AND att.attacl IS NOT NULL,
      aclexplode(att.attacl) a
-WHERE c.relnamespace = (SELECT oid FROM nsp) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+WHERE c.oid = ANY(%(rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
 """
 
 Object = tuple[str, str]
@@ -83,14 +83,30 @@ class _Statement:
     grantable: bool
 
 
-def carry(conn: sa.Connection, live: str, side: str) -> None:
-    """Make the grants on every object of ``side`` what they are on the object of the
-    same name in ``live`` (owners already carried); DependentObjects if they cannot be."""
-    objects = {on: kind_owner for on, *kind_owner in _objects(conn, side)}
-    live_objects = {on for on, *_ in _objects(conn, live)}
-    wanted, have = _grants(conn, live), _grants(conn, side)
-    changing = sorted(
+def carry(
+    conn: sa.Connection, live: str, side: str, *, schema: bool, rels: dict[str, list[int]]
+) -> None:
+    """Make the grants on the objects of ``side`` what they are on the objects of the same
+    names in ``live`` (their owners carried already); DependentObjects if they cannot be.
+
+    ``schema``: the schema's own grants (first: an owner or a grantor of a table needs
+    them to name it), else its relations' and their columns'. ``rels``: each schema's
+    relations (``relations``), looked up once by the caller.
+    """
+    objects = {
+        on: kind_owner
+        for on, *kind_owner in _objects(conn, side, rels)
+        if (on == ("", "")) == schema
+    }
+    live_objects = {on for on, *_ in _objects(conn, live, rels)}
+    wanted, have = _grants(conn, live, rels), _grants(conn, side, rels)
+    differ = {
         on for on in objects if on in live_objects and wanted.get(on, set()) != have.get(on, set())
+    }
+    # REVOKE on a table takes the same privileges off its columns: they are given again.
+    tables = {relation for relation, column in differ if not column}
+    changing = sorted(
+        on for on in objects if on in live_objects and (on in differ or on[0] in tables)
     )
     if not changing:
         return
@@ -140,7 +156,7 @@ def carry(conn: sa.Connection, live: str, side: str) -> None:
                         _roles([owners[on]]),
                     )
                 )
-    after = _grants(conn, side)
+    after = _grants(conn, side, rels)
     wrong = [on for on in changing if after.get(on, set()) != wanted.get(on, set())]
     if wrong:
         raise DependentObjects(
@@ -151,14 +167,32 @@ def carry(conn: sa.Connection, live: str, side: str) -> None:
         )
 
 
-def _objects(conn: sa.Connection, schema: str) -> list[tuple[Object, str, str]]:
-    rows = conn.exec_driver_sql(_OBJECTS, {"schema": schema}).all()
+def relations(conn: sa.Connection, schema: str) -> list[int]:
+    """The OIDs of every relation of ``schema``: filtering the catalog by them uses its
+    indexes, where filtering pg_class by namespace reads all of it (a big catalog)."""
+    return list(
+        conn.exec_driver_sql(
+            """SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = %s""",
+            (schema,),
+        ).scalars()
+    )
+
+
+def _objects(
+    conn: sa.Connection, schema: str, rels: dict[str, list[int]]
+) -> list[tuple[Object, str, str]]:
+    rows = conn.exec_driver_sql(_OBJECTS, {"schema": schema, "rels": rels[schema]}).all()
     return [((rel, col), kind, owner) for rel, col, kind, owner in rows]
 
 
-def _grants(conn: sa.Connection, schema: str) -> dict[Object, set[Grant]]:
+def _grants(
+    conn: sa.Connection, schema: str, rels: dict[str, list[int]]
+) -> dict[Object, set[Grant]]:
     found: dict[Object, set[Grant]] = defaultdict(set)
-    for rel, col, *grant in conn.exec_driver_sql(_GRANTS, {"schema": schema}).all():
+    for rel, col, *grant in conn.exec_driver_sql(
+        _GRANTS, {"schema": schema, "rels": rels[schema]}
+    ).all():
         found[(rel, col)].add(Grant(*grant))
     return found
 

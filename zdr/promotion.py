@@ -101,6 +101,11 @@ class Promotion:
         )
         for built in carryover.build_indexes(self.engine, replay.schemas, base.live, what):
             log.info("replay %r: built index %s, as the live copy has it", replay.key, built)
+        if what == "rollback":
+            for gone in carryover.drop_indexes_gone_from_live(
+                self.engine, replay.schemas, base.side
+            ):
+                log.info("replay %r: dropped index %s, as the live copy has none", replay.key, gone)
         with conn.begin():
             carryover.refusals(conn, replay.schemas, base.live, what)
         under_short_lock_timeout(
@@ -206,8 +211,8 @@ class Promotion:
         """Exchange live and side copies (data and projector versions) of every schema,
         the side copy given first what the live copy has beyond zdr's own objects
         (``zdr.carryover``; DependentObjects, nothing changed, for what cannot be)."""
-        carryover.refusals(conn, replay.schemas, base.live, kind)
-        carryover.carry(conn, replay.schemas, base, kind)
+        measured = carryover.refusals(conn, replay.schemas, base.live, kind)
+        carryover.carry(conn, replay.schemas, base, kind, measured)
         targets.swap(conn, replay.schemas)
         swapped = {
             name: records.set_live_projector(conn, name, side_path)

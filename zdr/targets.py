@@ -153,8 +153,10 @@ def _relations_in(conn: sa.Connection, schema: str) -> set[str]:
 
 
 def outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]:
-    """Views, foreign keys and row-level security policies outside ``schemas`` that refer
-    to relations inside them (they follow the table, not its name)."""
+    """Objects outside ``schemas`` that refer to relations inside them by OID (they
+    follow the table, not its name): views, foreign keys, row-level security
+    policies, tables inheriting from them, statistics objects on them, and columns,
+    functions and types that use a table's row type."""
     if not schemas:
         return []
     rows = conn.exec_driver_sql(
@@ -185,6 +187,36 @@ def outside_dependents(conn: sa.Connection, schemas: Sequence[str]) -> list[str]
         JOIN pg_class t ON d.refclassid = 'pg_class'::regclass AND t.oid = d.refobjid
         JOIN pg_namespace tn ON tn.oid = t.relnamespace
         WHERE tn.nspname = ANY(%(schemas)s) AND NOT pn.nspname = ANY(%(schemas)s)
+        UNION
+        SELECT format('table %%I.%%I inherits from %%I.%%I', cn.nspname, c.relname,
+                      tn.nspname, t.relname)
+        FROM pg_inherits i
+        JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_namespace cn ON cn.oid = c.relnamespace
+        JOIN pg_class t ON t.oid = i.inhparent JOIN pg_namespace tn ON tn.oid = t.relnamespace
+        WHERE tn.nspname = ANY(%(schemas)s) AND NOT cn.nspname = ANY(%(schemas)s)
+        UNION
+        SELECT format('statistics object %%I.%%I is on %%I.%%I', sn.nspname, s.stxname,
+                      tn.nspname, t.relname)
+        FROM pg_statistic_ext s JOIN pg_namespace sn ON sn.oid = s.stxnamespace
+        JOIN pg_class t ON t.oid = s.stxrelid JOIN pg_namespace tn ON tn.oid = t.relnamespace
+        WHERE tn.nspname = ANY(%(schemas)s) AND NOT sn.nspname = ANY(%(schemas)s)
+        UNION
+        -- the tables' row types, used by columns, functions and types elsewhere
+        SELECT format('%%s uses the row type of %%I.%%I',
+                      pg_describe_object(d.classid, d.objid, d.objsubid), tn.nspname, t.relname)
+        FROM pg_depend d
+        JOIN pg_class t ON d.refclassid = 'pg_type'::regclass AND d.refobjid = t.reltype
+        JOIN pg_namespace tn ON tn.oid = t.relnamespace
+        WHERE tn.nspname = ANY(%(schemas)s) AND d.deptype = 'n'
+          AND NOT coalesce(
+              CASE d.classid
+                  WHEN 'pg_class'::regclass THEN (SELECT relnamespace FROM pg_class
+                                                  WHERE oid = d.objid)
+                  WHEN 'pg_proc'::regclass THEN (SELECT pronamespace FROM pg_proc
+                                                 WHERE oid = d.objid)
+                  WHEN 'pg_type'::regclass THEN (SELECT typnamespace FROM pg_type
+                                                 WHERE oid = d.objid)
+              END, 0) IN (SELECT oid FROM pg_namespace WHERE nspname = ANY(%(schemas)s))
         ORDER BY 1
         """,
         {"schemas": list(schemas)},
