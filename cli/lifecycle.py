@@ -1,5 +1,6 @@
 """The life cycle, one command per step: setup, create, replay, enable-dual-write, promote,
-rollback, remove, and the live runner that keeps live (and dual-writing replays) level."""
+rollback, remove, and the live runner that keeps live (and dual-writing replays) level;
+and rebase, for a database moved to another cluster."""
 
 from __future__ import annotations
 
@@ -124,6 +125,31 @@ def remove(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None
     _confirm(yes, f"Remove replay {key!r} and drop its copy?", manager, key)
     manager.remove_replay(key)
     err.print(f"removed replay [bold]{key}[/bold]")
+
+
+@app.command()
+def rebase(yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+    """After the database moved to another PostgreSQL cluster (a dump and restore):
+    re-stamp the event log for this one. Stop the application's appends first."""
+    manager = manager_for(database_url)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
+        question = (
+            "Re-stamp zdr's event log and checkpoints for this cluster? Appends wait "
+            "until it is done; stop the application first."
+        )
+        if not Confirm.ask(question, console=err, default=False):
+            raise typer.Abort()
+    done = manager.rebase()
+    if not done.events and not done.checkpoints:
+        err.print("nothing to rebase: the event log belongs to this cluster")
+        return
+    err.print(
+        f"rebased: {done.events:,} events and {done.checkpoints} checkpoints re-stamped for "
+        f"cluster {done.current} (they were stamped in {done.recorded or 'an unknown one'}); "
+        "the runners can start again"
+    )
 
 
 @app.command()
