@@ -67,7 +67,14 @@ from zdr.locks import (
 from zdr.names import replay_checkpoint, side_schema, validate_key
 from zdr.projector import Projector
 from zdr.promotion import Promotion
-from zdr.registry import ProjectorRef, Registry, check_coverage, describe_paths, register_live
+from zdr.registry import (
+    ProjectorRef,
+    Registry,
+    check_coverage,
+    describe_paths,
+    register_live,
+    require_own_tables,
+)
 from zdr.replay import (
     FOLLOWING,
     MOVING,
@@ -367,6 +374,7 @@ class ReplayManager:
         names = [p.name for p in resolved]
         if len(set(names)) != len(names):
             raise ConfigurationError(f"a replay rebuilds each projection once, got {names}")
+        require_own_tables(resolved)
         with self.engine.begin() as conn:
             if records.replay_exists(conn, key):
                 raise DuplicateReplay(f"a replay with key {key!r} already exists")

@@ -41,6 +41,7 @@ class Registry:
                 raise ConfigurationError(f"two projectors are named {projector.name!r}")
             self._registered[projector.name] = projector
             self._by_path[projector.import_path()] = projector
+        require_own_tables(self._registered.values())
 
     @property
     def registered(self) -> list[Projector]:
@@ -142,6 +143,20 @@ def register_live(conn: sa.Connection, projector: Projector) -> None:
             live_path,
             path,
         )
+
+
+def require_own_tables(projectors: Iterable[Projector]) -> None:
+    """Refuse (ConfigurationError) two projectors that declare one table: each would
+    overwrite the other's rows, and the second to create it would fail."""
+    owner: dict[str, str] = {}
+    for projector in projectors:
+        for table in projector.tables:
+            first = owner.setdefault(table.fullname, projector.name)
+            if first != projector.name:
+                raise ConfigurationError(
+                    f"projectors {first!r} and {projector.name!r} both declare table "
+                    f"{table.fullname}: a table belongs to one projector"
+                )
 
 
 def check_coverage(conn: sa.Connection, projectors: list[Projector]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,8 +229,7 @@ class EventStore:
         Pass ``conn`` to append inside a transaction of your own (the events
         then commit, or not, with it).
         """
-        if not isinstance(stream_id, str) or not stream_id:
-            raise InvalidEvent(f"stream_id must be a non-empty string, got {stream_id!r}")
+        _check_stream(stream_id)
         types, datas, metas = _columns_of(events)
         if not types:
             return []
@@ -252,6 +252,7 @@ class EventStore:
             cur.copy(self._copy_statement) as copy,
         ):
             for stream_id, event in events:
+                _check_stream(stream_id)
                 types, datas, metas = _columns_of([event])
                 copy.write_row((stream_id, types[0], datas[0], metas[0]))
                 count += 1
@@ -328,10 +329,76 @@ def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Js
             raise InvalidEvent(f"event {i} ({kind}) needs a dict 'data', got {type(data).__name__}")
         if not isinstance(meta, Mapping):
             raise InvalidEvent(f"event {i} ({kind}) has 'metadata' that is not a dict")
+        _check_text(kind, f"event {i}: type")
+        _check_json(data, f"event {i} ({kind}): data")
+        _check_json(meta, f"event {i} ({kind}): metadata")
         types.append(kind)
         datas.append(Jsonb(dict(data)))
         metas.append(Jsonb(dict(meta)))
     return types, datas, metas
+
+
+#: Python reads no integer of more digits from text (``sys.get_int_max_str_digits``):
+#: one in the log would stop every reader. About 4,200 digits.
+_MAX_INT_BITS = 14_000
+
+
+def _check_stream(stream_id: Any) -> None:
+    if not isinstance(stream_id, str) or not stream_id:
+        raise InvalidEvent(f"stream_id must be a non-empty string, got {stream_id!r}")
+    _check_text(stream_id, "stream_id")
+
+
+def _check_text(text: str, where: str) -> None:
+    """Refuse what PostgreSQL cannot store in text or jsonb: NUL, invalid Unicode."""
+    if "\x00" in text:
+        raise InvalidEvent(
+            f"{where} holds a NUL character (\\u0000), which PostgreSQL cannot store"
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidEvent(
+            f"{where} holds a lone surrogate ({text!r}): not valid Unicode"
+        ) from None
+
+
+def _check_json(value: Any, where: str) -> None:
+    """Refuse (InvalidEvent, naming the path) what JSON cannot hold as given, instead of
+    storing something else (a key made a string, NaN, a Decimal made a float)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            _check_text(item, path)
+        elif item is None or isinstance(item, bool):
+            pass
+        elif isinstance(item, int):
+            if item.bit_length() > _MAX_INT_BITS:
+                raise InvalidEvent(
+                    f"{path} is an integer of more than 4,000 digits, which could not be read "
+                    "back: store it as a string"
+                )
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                name = "NaN" if math.isnan(item) else str(item)
+                raise InvalidEvent(f"{path} is {name}, which JSON has no value for")
+        elif isinstance(item, Mapping):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    raise InvalidEvent(
+                        f"{path}: key {key!r} is not a string (JSON keys are; it would come "
+                        f"back as {str(key)!r})"
+                    )
+                _check_text(key, f"{path}: key {key!r}")
+                stack.append((inner, f"{path}.{key}"))
+        elif isinstance(item, list | tuple):
+            stack.extend((inner, f"{path}[{n}]") for n, inner in enumerate(item))
+        else:
+            raise InvalidEvent(
+                f"{path} is a {type(item).__name__}, which JSON has no type for: convert it "
+                "(a Decimal to a string, a datetime to an ISO string)"
+            )
 
 
 _LONG_DIGITS = re.compile(r"\d{19}")
@@ -340,15 +407,16 @@ _LONG_DIGITS = re.compile(r"\d{19}")
 def _event_row(cursor: Any) -> Any:
     def make(values: Sequence[Any]) -> RecordedEvent:
         position, txid, stream_id, kind, data, metadata, recorded_at = values
-        return RecordedEvent(
-            position,
-            txid,
-            stream_id,
-            kind,
-            _loads_json(data),
-            {} if metadata == "{}" else _loads_json(metadata),
-            recorded_at,
-        )
+        try:
+            payload = _loads_json(data)
+            meta = {} if metadata == "{}" else _loads_json(metadata)
+        except ValueError as exc:  # orjson's and json's errors both are
+            raise InvalidEvent(
+                f"event {position} ({kind}, stream {stream_id!r}) in zdr.events cannot be "
+                f"read: {exc}. Every reader stops there: correct its payload (UPDATE zdr.events "
+                f"SET data = ... WHERE position = {position}), then run again"
+            ) from exc
+        return RecordedEvent(position, txid, stream_id, kind, payload, meta, recorded_at)
 
     return make
 

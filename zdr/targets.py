@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import psycopg.errors
 import sqlalchemy as sa
 from psycopg import sql
 
@@ -117,7 +118,18 @@ def drop(conn: sa.Connection, schemas: Sequence[str]) -> None:
                 f"cannot remove schema {schema!r}: it holds objects zdr did not create: "
                 + ", ".join(sorted(leftovers))
             )
-        _run(conn, sql.SQL("DROP SCHEMA {} RESTRICT").format(sql.Identifier(schema)))
+        try:
+            with conn.begin_nested():
+                _run(conn, sql.SQL("DROP SCHEMA {} RESTRICT").format(sql.Identifier(schema)))
+        except sa.exc.InternalError as exc:
+            if not isinstance(exc.orig, psycopg.errors.DependentObjectsStillExist):
+                raise
+            detail = exc.orig.diag.message_detail or exc.orig.diag.message_primary
+            raise DependentObjects(
+                f"cannot remove schema {schema!r}: it holds objects zdr did not create "
+                f"({'; '.join((detail or '').splitlines())}): move them to another schema "
+                "or drop them. Nothing was removed"
+            ) from exc
 
 
 def _schema_exists(conn: sa.Connection, schema: str) -> bool:
