@@ -165,3 +165,39 @@ def test_a_rebase_keeps_each_checkpoint_exact_across_out_of_order_commits(manage
     manager.rebase()
     manager.project_live()
     assert_balances_match_fold(engine, manager.store)
+
+
+counted_metadata = sa.MetaData()
+counted = sa.Table(
+    "opened",
+    counted_metadata,
+    sa.Column("n", sa.BigInteger, sa.Sequence("opened_n", schema="bank_counted"), primary_key=True),
+    sa.Column("account_id", sa.Text, nullable=False),
+    schema="bank_counted",
+)
+
+
+class Counted(zdr.Projector):
+    """Numbers each opened account from a sequence of its own."""
+
+    name = "counted"
+    tables = [counted]
+    event_types = frozenset({"AccountOpened"})
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        conn.execute(counted.insert(), [{"account_id": e.data["account_id"]} for e in events])
+
+
+def test_a_restarted_replay_restarts_the_projectors_own_sequences(engine):
+    manager = zdr.ReplayManager(engine, projectors=[Counted()])
+    manager.setup()
+    seed(manager.store, 500)
+    manager.project_live()
+    manager.create_replay("again", ["counted"])
+    manager.start_replay("again")
+    manager.start_replay("again", restart=True)
+    numbers = "SELECT min(n), max(n), count(*) FROM {}.opened"
+    with engine.connect() as conn:
+        live = conn.exec_driver_sql(numbers.format("bank_counted")).one()
+        again = conn.exec_driver_sql(numbers.format("zdr_again_1")).one()
+    assert again == live  # numbered from 1 again, as the live copy was

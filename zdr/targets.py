@@ -71,7 +71,8 @@ def create_live(conn: sa.Connection, projector: Projector) -> None:
 
 
 def truncate(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
-    """Empty every table of the side schemas (for a replay started again from zero)."""
+    """Empty every table of the side schemas and restart every sequence in them, the
+    projectors' own too (for a replay started again from zero)."""
     names = tables_in(conn, list(schema_map.values()))
     if names:
         _run(
@@ -80,6 +81,13 @@ def truncate(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
                 sql.SQL(", ").join(sql.Identifier(s, t) for s, t in names)
             ),
         )
+    sequences = conn.exec_driver_sql(
+        """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = ANY(%s) AND c.relkind = 'S' ORDER BY 1, 2""",
+        (list(schema_map.values()),),
+    ).all()
+    for schema, name in sequences:
+        _run(conn, sql.SQL("ALTER SEQUENCE {} RESTART").format(sql.Identifier(schema, name)))
 
 
 def swap(conn: sa.Connection, schema_map: Mapping[str, str]) -> None:
