@@ -69,3 +69,25 @@ def test_lag_counts_the_events_after_a_checkpoint(manager):
     assert manager.get_replay_lag("lagging") == 25
     manager.start_replay("lagging")
     assert manager.get_replay_lag("lagging") == 0
+
+
+def test_a_read_is_bounded_by_bytes_as_well_as_by_count(engine):
+    """A history of big events is read a few at a time, not batch_size at a time."""
+    import os
+
+    store = zdr.EventStore(engine)
+    store.setup()
+    big = [("big", {"type": "Blob", "data": {"blob": os.urandom(50_000).hex()}}) for _ in range(60)]
+    store.import_events(big)
+    store.max_batch_bytes = 1_000_000
+    seen, cursor, reads = 0, zdr.store.START, 0
+    with engine.begin() as conn:
+        while events := store.read(conn, cursor, 10_000):
+            stored = sum(len(e.data["blob"]) for e in events)
+            assert stored < 1_000_000 + 200_000, "a read went past its budget by more than one"
+            seen, cursor, reads = seen + len(events), events[-1].cursor, reads + 1
+    assert seen == 60 and reads > 5
+    manager = zdr.ReplayManager(engine, settings=zdr.Settings(batch_max_bytes=1_000))
+    assert manager.store.max_batch_bytes == 1_000
+    with engine.begin() as conn:
+        assert len(manager.store.read(conn, zdr.store.START, 10_000)) == 1  # one at least

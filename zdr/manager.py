@@ -187,6 +187,7 @@ class ReplayManager:
         self._settings = settings
         self._promotion.settings = settings
         self._live.settings = settings
+        self.store.max_batch_bytes = settings.batch_max_bytes
 
     @property
     def batch_size(self) -> int:

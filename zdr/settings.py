@@ -25,6 +25,9 @@ class Settings:
 
     #: Events per transaction (per batch). Larger batches collapse more updates of one row.
     batch_size: int = 10_000
+    #: Bytes of stored payload per batch, beside ``batch_size``: a batch ends at whichever
+    #: comes first (one event at least), so a history of big events does not fill memory.
+    batch_max_bytes: int = 16_000_000
     #: Dual write may be switched on when at most this many events are left to replay.
     lag_threshold: int = 1_000
     #: How long a swap (promote, roll back, remove) waits for a lock before it retries.
@@ -65,6 +68,7 @@ class Settings:
     def __post_init__(self) -> None:
         for name in (
             "batch_size",
+            "batch_max_bytes",
             "swap_attempts",
             "events_per_task",
             "catch_up_rounds",

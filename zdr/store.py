@@ -30,6 +30,7 @@ from zdr.config import make_engine
 from zdr.errors import InvalidEvent
 from zdr.locks import ZDR_LOCK_SPACE, lock_setup
 from zdr.names import RUNNER_TRANSACTION_LOCK
+from zdr.settings import DEFAULTS
 
 
 class Cursor(NamedTuple):
@@ -193,13 +194,23 @@ class EventStore:
             ORDER BY e.ord
             RETURNING position
         """
+        #: Stored payload bytes per read, beside its count (``Settings.batch_max_bytes``).
+        self.max_batch_bytes = DEFAULTS.batch_max_bytes
+        # The first ``limit`` events, cut where their stored size passes the budget
+        # (the event that passes it is the last one; the first always comes).
         self._read_statement = f"""
-            SELECT {_COLUMNS} FROM zdr.events
-            WHERE (txid, position) > (%(txid)s, %(position)s)
-              AND (txid, position) <= (%(until_txid)s, %(until_position)s)
-              AND txid < LEAST({_HORIZON}, %(below_txid)s)
+            SELECT {_COLUMNS} FROM (
+                SELECT *, sum(pg_column_size(data) + pg_column_size(metadata))
+                          OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING) AS upto
+                FROM (SELECT * FROM zdr.events
+                      WHERE (txid, position) > (%(txid)s, %(position)s)
+                        AND (txid, position) <= (%(until_txid)s, %(until_position)s)
+                        AND txid < LEAST({_HORIZON}, %(below_txid)s)
+                      ORDER BY txid, position
+                      LIMIT %(limit)s) AS first
+            ) AS sized
+            WHERE upto - pg_column_size(data) - pg_column_size(metadata) < %(max_bytes)s
             ORDER BY txid, position
-            LIMIT %(limit)s
         """
         self._copy_statement = "COPY zdr.events (stream_id, type, data, metadata) FROM STDIN"
         self._count_statement = "SELECT count(*) FROM zdr.events WHERE (txid, position) > (%s, %s)"
@@ -277,6 +288,7 @@ class EventStore:
             "until_position": until.position,
             "below_txid": below_txid if below_txid is not None else 2**63 - 1,
             "limit": limit,
+            "max_bytes": self.max_batch_bytes,
         }
         with _raw(conn).cursor(row_factory=_event_row) as cur:
             cur.execute(self._read_statement, params)
