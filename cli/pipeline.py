@@ -8,12 +8,23 @@ from __future__ import annotations
 import os
 import sys
 from typing import Annotated
+from uuid import UUID
 
 import typer
 from rich.prompt import Confirm
 from rich.table import Table
 
-from zdr.cli.app import AsJson, DatabaseUrl, Key, Projectors, app, err, paths, print_json
+from zdr.cli.app import (
+    AsJson,
+    DatabaseUrl,
+    Key,
+    Projectors,
+    app,
+    err,
+    manager_for,
+    paths,
+    print_json,
+)
 from zdr.settings import DEFAULTS
 
 Comment = Annotated[str, typer.Option(help="Why.")]
@@ -51,14 +62,22 @@ def run(
         err.print(f"replay [bold]{key}[/bold]: {summary.state}, {verdict}")
 
 
+FlowRunId = Annotated[
+    UUID | None,
+    typer.Option(help="The paused run to answer, if not the newest of this key and database."),
+]
+
+
 @app.command()
 def approve(
     key: Key,
     approver: Annotated[str, typer.Option(help="Who approves.")] = "",
     comment: Comment = "",
+    flow_run_id: FlowRunId = None,
+    database_url: DatabaseUrl = None,
 ) -> None:
-    """Approve the paused pipeline run of a replay: it goes on and promotes."""
-    _answer(key, True, approver, comment)
+    """Approve the paused pipeline run of a replay on this database: it goes on and promotes."""
+    _answer(key, True, approver, comment, flow_run_id, database_url)
 
 
 @app.command()
@@ -66,9 +85,11 @@ def reject(
     key: Key,
     approver: Annotated[str, typer.Option(help="Who rejects.")] = "",
     comment: Comment = "",
+    flow_run_id: FlowRunId = None,
+    database_url: DatabaseUrl = None,
 ) -> None:
-    """Reject the paused pipeline run of a replay: live stays as it is."""
-    _answer(key, False, approver, comment)
+    """Reject the paused pipeline run of a replay on this database: live stays as it is."""
+    _answer(key, False, approver, comment, flow_run_id, database_url)
 
 
 @app.command()
@@ -106,11 +127,27 @@ def demo(
         raise typer.Exit(1)
 
 
-def _answer(key: str, approve_it: bool, approver: str, comment: str) -> None:
+def _answer(
+    key: str,
+    approve_it: bool,
+    approver: str,
+    comment: str,
+    flow_run_id: UUID | None,
+    database_url: str | None,
+) -> None:
+    """Answer only a run of the database named here: two environments may share a
+    Prefect server, and a run of the other one must never be resumed."""
     from zdr.flows.approval import answer
 
     who = approver or os.environ.get("USER") or "zdr-cli"
-    run_id = answer(key, approve=approve_it, approver=who, comment=comment)
+    run_id = answer(
+        key,
+        approve=approve_it,
+        approver=who,
+        comment=comment,
+        database_tag=manager_for(database_url).database_tag(),
+        flow_run_id=flow_run_id,
+    )
     verb = "approved" if approve_it else "rejected"
     err.print(f"{verb} replay [bold]{key}[/bold] (flow run {run_id}) as {who}")
 

@@ -32,8 +32,17 @@ class Approval(RunInput):
     comment: str = Field("", description="Why; kept in the run's logs and result.")
 
 
-def find_paused_run(replay_key: str) -> UUID:
-    """The id of the paused pipeline run for ``replay_key`` (the newest if several)."""
+#: The tag a pipeline run carries for its database (``ReplayManager.database_tag``).
+DATABASE_TAG = "zdr-db-{}"
+
+
+def find_paused_run(
+    replay_key: str, *, database_tag: str | None = None, flow_run_id: UUID | None = None
+) -> UUID:
+    """The id of the paused pipeline run for ``replay_key`` on the database tagged
+    ``database_tag`` (the newest if several), or the paused run ``flow_run_id`` if it is
+    one for that key (and database). Two environments can share a Prefect server: a
+    run of another database is never picked."""
     zdr.names.validate_key(replay_key)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
@@ -42,17 +51,42 @@ def find_paused_run(replay_key: str) -> UUID:
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
             ),
         )
-    waiting = [run for run in runs if run.parameters.get("replay_key") == replay_key]
+    waiting = [
+        run
+        for run in runs
+        if run.parameters.get("replay_key") == replay_key
+        and (database_tag is None or DATABASE_TAG.format(database_tag) in run.tags)
+        and (flow_run_id is None or run.id == flow_run_id)
+    ]
     if not waiting:
-        raise NoPausedRun(f"no pipeline run for replay {replay_key!r} is waiting for approval")
+        where = "" if database_tag is None else f" on this database ({database_tag})"
+        which = "" if flow_run_id is None else f" with id {flow_run_id}"
+        raise NoPausedRun(
+            f"no pipeline run{which} for replay {replay_key!r}{where} is waiting for approval"
+            + (
+                ": name the database the pipeline runs on (--database-url or "
+                "ZDR_DATABASE_URL), or pick the run with --flow-run-id"
+                if database_tag is not None
+                else ""
+            )
+        )
     waiting.sort(key=lambda run: run.created or run.expected_start_time, reverse=True)
     return waiting[0].id
 
 
-def answer(replay_key: str, *, approve: bool, approver: str, comment: str = "") -> UUID:
-    """Resume the paused pipeline run of ``replay_key`` with a decision; return its id."""
+def answer(
+    replay_key: str,
+    *,
+    approve: bool,
+    approver: str,
+    comment: str = "",
+    database_tag: str | None = None,
+    flow_run_id: UUID | None = None,
+) -> UUID:
+    """Resume the paused pipeline run of ``replay_key`` (on the database tagged
+    ``database_tag``, or the run ``flow_run_id``) with a decision; return its id."""
     decision = Approval(approve=approve, approver=approver, comment=comment)
-    run_id = find_paused_run(replay_key)
+    run_id = find_paused_run(replay_key, database_tag=database_tag, flow_run_id=flow_run_id)
     resume_flow_run(
         run_id, run_input=decision.model_dump(include={"approve", "approver", "comment"})
     )

@@ -15,6 +15,7 @@ running for dual write to keep the replay level with live.
 from __future__ import annotations
 
 import time
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
@@ -23,15 +24,17 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
+from prefect.runtime import flow_run as this_run
 from pydantic import BaseModel
 
 import zdr
 from zdr import reports
 from zdr.config import resolve_url
 from zdr.errors import ApprovalTimedOut, NotConverged
-from zdr.flows.approval import Approval
+from zdr.flows.approval import DATABASE_TAG, Approval
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
 from zdr.reports import ApprovalReport
 from zdr.settings import DEFAULTS
@@ -88,13 +91,17 @@ def zero_downtime_replay(
         events_per_task=events_per_task,
     )
     url = resolve_url(database_url)
-    with manager_for(url).pipeline_lock(replay_key) as lock:
+    manager = manager_for(url)
+    tag = manager.database_tag()
+    _tag_this_run(DATABASE_TAG.format(tag))  # `zdr approve` answers this database's runs only
+    artifacts = f"zdr-{tag}-{_dashed(replay_key)}"
+    with manager.pipeline_lock(replay_key) as lock:
         replay = clone_schema(url, replay_key, projectors)
         if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
             return _summary(replay, lag=measure_lag(url, replay_key), promoted=True)
         if replay.state in REPLAYABLE:
-            replay = _replay_history(url, replay, batch_size, events_per_task)
+            replay = _replay_history(url, replay, batch_size, events_per_task, artifacts)
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
                 url, replay_key, batch_size, lag_threshold, max_catch_up_rounds, events_per_task
@@ -103,7 +110,7 @@ def zero_downtime_replay(
             logger.info("dual write is on: the live runner now writes both copies")
 
         report = verify_replay(url, replay_key)
-        _publish_report(report)
+        _publish_report(report, artifacts)
         decision = _approval(report, auto_approve, approval_timeout_s)
         logger.info(
             "%s by %s: %s",
@@ -125,14 +132,16 @@ def zero_downtime_replay(
 
         lock.require()  # never promote without the lock (a lost connection loses it)
         promotion = _promote_when_level(url, replay_key)
-        _publish_promotion(promotion)
+        _publish_promotion(promotion, artifacts)
         final = verify_replay(url, replay_key)
         return _summary(final.replay, lag=final.lag, promoted=True, decision=decision).model_copy(
             update={"lock_wait_ms": promotion.lock_wait_ms, "swap_ms": promotion.duration_ms}
         )
 
 
-def _replay_history(url: str, replay: Replay, batch_size: int, events_per_task: int) -> Replay:
+def _replay_history(
+    url: str, replay: Replay, batch_size: int, events_per_task: int, artifacts: str
+) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs."""
     logger = get_run_logger()
     key = replay.key
@@ -140,7 +149,7 @@ def _replay_history(url: str, replay: Replay, batch_size: int, events_per_task: 
     total = done_before + measure_lag(url, key)
     progress_id = create_progress_artifact(
         progress=_percent(done_before, total),
-        key=_artifact_key(key, "progress"),
+        key=f"{artifacts}-progress",
         description=f"Replay {key!r}: events applied out of the log",
     )
     started = time.monotonic()
@@ -213,21 +222,21 @@ def _promote_when_level(url: str, key: str) -> SwapReport:
             time.sleep(0.2)
 
 
-def _publish_report(report: ApprovalReport) -> None:
+def _publish_report(report: ApprovalReport, artifacts: str) -> None:
     key = report.replay.key
     create_markdown_artifact(
         markdown=report.to_markdown(),
-        key=_artifact_key(key, "report"),
+        key=f"{artifacts}-report",
         description=f"Replay {key!r}: what to look at before approving",
     )
     create_table_artifact(
         table=reports.row_counts(report.verification.to_dict()["tables"]),
-        key=_artifact_key(key, "row-counts"),
+        key=f"{artifacts}-row-counts",
         description=f"Replay {key!r}: rows per table, live and replay",
     )
 
 
-def _publish_promotion(promotion: SwapReport) -> None:
+def _publish_promotion(promotion: SwapReport, artifacts: str) -> None:
     create_markdown_artifact(
         markdown=reports.promotion_markdown(
             promotion.key,
@@ -236,7 +245,7 @@ def _publish_promotion(promotion: SwapReport) -> None:
             duration_ms=promotion.duration_ms,
             attempts=promotion.attempts,
         ),
-        key=_artifact_key(promotion.key, "promotion"),
+        key=f"{artifacts}-promotion",
         description=f"Replay {promotion.key!r}: the promotion",
     )
 
@@ -261,8 +270,14 @@ def _percent(done: int, total: int) -> float:
     return 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
 
 
-def _artifact_key(replay_key: str, what: str) -> str:
-    return f"zdr-{_dashed(replay_key)}-{what}"
+def _tag_this_run(tag: str) -> None:
+    """Add ``tag`` to this flow run's tags."""
+    run_id = this_run.id
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(str(run_id)))
+        client.update_flow_run(run.id, tags=sorted({*run.tags, tag}))
 
 
 def _dashed(replay_key: str) -> str:

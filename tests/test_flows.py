@@ -398,3 +398,43 @@ def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, da
     assert rolled_back.state is zdr.ReplayState.ROLLED_BACK
     assert remove_replay("steps", database_url=database_url).state is zdr.ReplayState.REMOVED
     assert replay_status(database_url=database_url) == []
+
+
+def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, database_url):
+    """Two environments share a Prefect server: a run of the other database's replay of
+    the same key, paused later, is never the one answered, and artifacts are apart."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.states import Paused
+
+    seed(manager.store, 500)
+    manager.project_live()
+    tag = manager.database_tag()
+    with LiveTraffic(manager, write=False):
+        thread, outcome = _run_in_thread(
+            replay_key="twin", projectors=[V2], database_url=database_url
+        )
+        wait_for(lambda: _paused("twin"), timeout=60)
+        mine = find_paused_run("twin", database_tag=tag)
+        with get_client(sync_client=True) as client:
+            other = client.create_flow_run(
+                zero_downtime_replay,
+                parameters={"replay_key": "twin", "projectors": [V2]},
+                tags=["zdr-db-00000000"],
+                state=Paused(),
+            )
+            artifacts = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[f"zdr-{tag}-twin-report"])
+                )
+            )
+        assert artifacts, "the report's artifact key names the database"
+        assert find_paused_run("twin") == other.id  # the newest, of any database
+        assert find_paused_run("twin", database_tag=tag) == mine
+        with pytest.raises(NoPausedRun, match=r"on this database \(ffffffff\)"):
+            find_paused_run("twin", database_tag="ffffffff")
+        with pytest.raises(NoPausedRun, match=f"with id {other.id}"):
+            find_paused_run("twin", database_tag=tag, flow_run_id=other.id)
+        answer("twin", approve=True, approver="ops-dana", database_tag=tag)
+        thread.join(60)
+    assert outcome["result"].promoted and outcome["result"].approver == "ops-dana"

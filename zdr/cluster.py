@@ -21,6 +21,7 @@ they keep their ids, above all the others, as does every event appended later.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -126,6 +127,15 @@ def rebase(conn: sa.Connection) -> Rebased:
     conn.exec_driver_sql("DELETE FROM zdr.cluster")
     record(conn)
     return Rebased(recorded, current, events, checkpoints)
+
+
+def database_tag(conn: sa.Connection) -> str:
+    """Eight hex digits naming this database (its cluster and name) the same from any URL:
+    what tells two environments' pipeline runs and artifacts apart on one Prefect server."""
+    identity = conn.exec_driver_sql(
+        f"SELECT ({_IDENTIFIER}) || '/' || current_database()"
+    ).scalar_one()
+    return hashlib.sha256(identity.encode()).hexdigest()[:8]
 
 
 def _identifiers(conn: sa.Connection) -> tuple[str | None, str]:

@@ -563,6 +563,13 @@ class ReplayManager:
             return self._promotion.rollback(conn, key, batch_size=self._batch_size(batch_size))
 
     @_translate_errors
+    def database_tag(self) -> str:
+        """Eight hex digits naming this database, the same from any URL (its cluster's
+        system identifier and its name): pipeline runs and artifacts carry it."""
+        with self.engine.connect() as conn:
+            return cluster.database_tag(conn)
+
+    @_translate_errors
     def rebase(self) -> cluster.Rebased:
         """After the database moved to another PostgreSQL cluster (a dump and restore):
         give the event log and the checkpoints transaction ids of this cluster, so the

@@ -240,7 +240,7 @@ def run_demo(
         if ask is not None:
             threading.Thread(
                 target=_answer_when_paused,
-                args=(ask, answer, flow_done),
+                args=(ask, answer, flow_done, manager.database_tag()),
                 name="zdr-demo-approver",
                 daemon=True,
             ).start()
@@ -284,19 +284,26 @@ def _answer_when_paused(
     ask: Callable[[str], tuple[bool, str, str]],
     answer: Callable[..., Any],
     flow_done: threading.Event,
+    database_tag: str,
 ) -> None:
     from zdr.flows.approval import NoPausedRun, find_paused_run
 
     while not flow_done.is_set():
         try:
-            find_paused_run(REPLAY_KEY)
+            find_paused_run(REPLAY_KEY, database_tag=database_tag)
             break
         except NoPausedRun:
             flow_done.wait(0.5)
     else:
         return  # the flow ended without asking (it failed, or was auto-approved)
     approve, approver, comment = ask(REPLAY_KEY)
-    answer(REPLAY_KEY, approve=approve, approver=approver, comment=comment)
+    answer(
+        REPLAY_KEY,
+        approve=approve,
+        approver=approver,
+        comment=comment,
+        database_tag=database_tag,
+    )
 
 
 def _promotion_window(replay: zdr.Replay) -> tuple[float, float] | None:
