@@ -128,7 +128,18 @@ def remove(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None
 
 
 @app.command()
-def rebase(yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+def rebase(
+    kept_transaction_ids: Annotated[
+        bool,
+        typer.Option(
+            "--kept-transaction-ids",
+            help="The cluster was upgraded in place (pg_upgrade) or copied physically: "
+            "only record it.",
+        ),
+    ] = False,
+    yes: Yes = False,
+    database_url: DatabaseUrl = None,
+) -> None:
     """After the database moved to another PostgreSQL cluster (a dump and restore):
     re-stamp the event log for this one. Stop the application's appends first."""
     manager = manager_for(database_url)
@@ -141,7 +152,10 @@ def rebase(yes: Yes = False, database_url: DatabaseUrl = None) -> None:
         )
         if not Confirm.ask(question, console=err, default=False):
             raise typer.Abort()
-    done = manager.rebase()
+    done = manager.rebase(kept_transaction_ids=kept_transaction_ids)
+    if kept_transaction_ids and done.recorded != done.current:
+        err.print(f"recorded cluster {done.current}; the runners can start again")
+        return
     if not done.events and not done.checkpoints:
         err.print("nothing to rebase: the event log belongs to this cluster")
         return

@@ -201,3 +201,73 @@ def test_a_restarted_replay_restarts_the_projectors_own_sequences(engine):
         live = conn.exec_driver_sql(numbers.format("bank_counted")).one()
         again = conn.exec_driver_sql(numbers.format("zdr_again_1")).one()
     assert again == live  # numbered from 1 again, as the live copy was
+
+
+class CurrvalBug(BalancesV2):
+    """A projector bug the database reports as an OperationalError (SQLSTATE 55000)."""
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        conn.exec_driver_sql("CREATE TEMPORARY SEQUENCE IF NOT EXISTS never_used")
+        conn.exec_driver_sql("SELECT currval('never_used')")
+
+
+def test_a_projector_bug_of_the_operational_kind_is_no_transient_error(manager, engine):
+    seed(manager.store, 100)
+    manager.project_live()
+    manager.create_replay("bug", [CurrvalBug()])
+    with pytest.raises(zdr.ProjectorError, match="currval") as failed:
+        manager.start_replay("bug")
+    assert not is_transient(failed.value)
+    assert manager.get_replay("bug").state is zdr.ReplayState.FAILED
+
+
+def test_the_live_runner_ends_its_own_old_session_that_still_holds_the_lock(engine):
+    """Cut off by the network, the old session holds the lock until the server notices;
+    the runner that reconnects ends it instead of ending itself."""
+    from zdr.locks import end_session, live_runner
+
+    with engine.connect() as ghost, live_runner(ghost):
+        pid = ghost.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        ghost.commit()
+        with engine.connect() as conn:
+            assert not end_session(conn, pid + 1_000_000)  # not the holder: nothing
+            assert end_session(conn, pid)
+            with live_runner(conn):  # the lock is free again
+                pass
+
+
+def test_an_in_place_upgrade_is_recorded_and_never_applies_anything_twice(manager, engine):
+    """pg_upgrade gives the cluster a new identifier and keeps the transaction ids (and
+    each row's xmin): rebase refuses to re-stamp, --kept-transaction-ids records it."""
+    for n in range(3):  # written by several transactions, as a real log is
+        seed(manager.store, 200, seed=n, prefix=f"up{n}")
+    manager.project_live()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr.cluster SET system_identifier = '42'")
+    with pytest.raises(zdr.ClusterChanged, match="kept-transaction-ids"):
+        manager.project_live()
+    with pytest.raises(zdr.ClusterChanged, match="cannot tell which events the move brought"):
+        manager.rebase()
+    assert manager.rebase(kept_transaction_ids=True).current != "42"
+    manager.store.append("acc-up", [_opened("acc-up")])
+    manager.project_live()
+    assert "acc-up" in balances(engine)
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_events_appended_after_a_move_in_a_savepoint_or_behind_an_open_transaction_are_kept(
+    manager, engine
+):
+    seed(manager.store, 300)
+    manager.project_live()
+    _move_to_another_cluster(engine)
+    with engine.begin() as conn, conn.begin_nested():
+        manager.store.append("acc-savepoint", [_opened("acc-savepoint")], conn=conn)
+    with engine.connect() as older:
+        older.exec_driver_sql("SELECT pg_current_xact_id()")  # holds an older id, open
+        manager.store.append("acc-behind", [_opened("acc-behind")])
+        manager.rebase()
+        older.rollback()
+    manager.project_live()
+    assert {"acc-savepoint", "acc-behind"} <= set(balances(engine))
+    assert_balances_match_fold(engine, manager.store)

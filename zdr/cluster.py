@@ -14,9 +14,12 @@ the application's appends held off meanwhile (an EXCLUSIVE lock on the event
 table: readers go on). The checkpoints are cuts in the log's order; events
 between two cuts get one new id each cut, the cuts become (that id, the
 highest position before it), so every checkpoint has applied exactly the same
-events as before. Events appended in this cluster since the move (their row was
-written by the transaction whose id they carry) were applied by no checkpoint:
-they keep their ids, above all the others, as does every event appended later.
+events as before. The events the move brought are told from those appended in
+this cluster since by how a restore writes them (one transaction, first); those
+appended since were applied by no checkpoint and keep their ids, above all the
+others, as does every event appended later. A cluster upgraded in place
+(``pg_upgrade``) has a new identifier but the same transaction ids:
+``rebase(kept_transaction_ids=True)`` records it and changes nothing else.
 """
 
 from __future__ import annotations
@@ -38,14 +41,6 @@ CREATE_STATEMENT = (
 
 #: The first transaction id given to rebased events: PostgreSQL's first normal one.
 REBASE_FROM = 3
-
-#: An event appended in this cluster: stamped by the transaction that wrote its row
-#: (a restored row was written by the restore's transaction, under its old stamp).
-#: Such events come after every checkpoint, and keep their stamps.
-_STAMPED_HERE = (
-    "txid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-    " AND (txid & 4294967295) = xmin::text::bigint"
-)
 
 _IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
@@ -78,19 +73,37 @@ def require_same(conn: sa.Connection) -> None:
         raise ClusterChanged(
             f"{problem}: the database was moved to another PostgreSQL cluster (a dump and "
             "restore, a logical-replication move), and events appended now would be "
-            "skipped. Stop the application's appends, run `zdr rebase` "
-            "(ReplayManager.rebase()) once, then start the runners again. Nothing was run"
+            "skipped. Stop the application's appends and zdr's runners, run `zdr rebase` "
+            "(ReplayManager.rebase()) once, then start them again; if the cluster was "
+            "upgraded in place (pg_upgrade) or copied physically, `zdr rebase "
+            "--kept-transaction-ids` instead. Nothing was run"
         )
 
 
-def rebase(conn: sa.Connection) -> Rebased:
+def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebased:
     """Re-stamp the log and the checkpoints for this cluster, in the caller's transaction
-    (see the module's docstring); a no-op where the log belongs to this cluster."""
+    (see the module's docstring); a no-op where the log belongs to this cluster.
+
+    ``kept_transaction_ids``: the cluster was upgraded in place (``pg_upgrade``) or
+    copied physically, so the ids go on: only the new cluster is recorded (refused if
+    the log holds ids above this cluster's counter, which contradicts it).
+    """
     recorded, current = _identifiers(conn)
-    if _problem(conn) is None:
+    problem = _problem(conn)
+    if problem is None:
         return Rebased(recorded, current, 0, 0)
-    conn.exec_driver_sql("LOCK TABLE zdr.events IN EXCLUSIVE MODE")
-    conn.exec_driver_sql("LOCK TABLE zdr.checkpoints IN EXCLUSIVE MODE")
+    if kept_transaction_ids:
+        highest = conn.exec_driver_sql(_HIGHEST).scalar()
+        if highest is not None and highest >= conn.exec_driver_sql(_NEXT_XID).scalar_one():
+            raise ClusterChanged(
+                f"{problem}: the transaction ids were not kept (this cluster has not reached "
+                "the log's), so this is no in-place upgrade: run `zdr rebase` without "
+                "--kept-transaction-ids. Nothing was changed"
+            )
+        _record_anew(conn)
+        return Rebased(recorded, current, 0, 0)
+    conn.exec_driver_sql("LOCK TABLE zdr.events, zdr.checkpoints IN EXCLUSIVE MODE")
+    restored_up_to = _restored_up_to(conn)
     conn.exec_driver_sql(
         """CREATE TEMPORARY TABLE zdr_rebase_cuts ON COMMIT DROP AS
            SELECT txid, position, row_number() OVER (ORDER BY txid, position) AS cut
@@ -99,8 +112,9 @@ def rebase(conn: sa.Connection) -> Rebased:
     )
     cuts = conn.exec_driver_sql("SELECT count(*) FROM zdr_rebase_cuts").scalar_one()
     below = conn.exec_driver_sql(
-        f"""SELECT least(pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                         (SELECT min(txid) FROM zdr.events WHERE {_STAMPED_HERE}))"""
+        """SELECT least(pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+                        (SELECT min(txid) FROM zdr.events WHERE position > %s))""",
+        (restored_up_to,),
     ).scalar_one()
     if REBASE_FROM + cuts >= below:
         raise ClusterChanged(
@@ -109,11 +123,11 @@ def rebase(conn: sa.Connection) -> Rebased:
             "was changed"
         )
     events = conn.exec_driver_sql(
-        f"""UPDATE zdr.events e SET txid = %s + (
+        """UPDATE zdr.events e SET txid = %s + (
                SELECT count(*) FROM zdr_rebase_cuts c
                WHERE (c.txid, c.position) < (e.txid, e.position))
-            WHERE NOT ({_STAMPED_HERE})""",
-        (REBASE_FROM,),
+            WHERE position <= %s""",
+        (REBASE_FROM, restored_up_to),
     ).rowcount
     checkpoints = conn.exec_driver_sql(
         """UPDATE zdr.checkpoints k
@@ -124,9 +138,39 @@ def rebase(conn: sa.Connection) -> Rebased:
            FROM zdr_rebase_cuts c WHERE (k.txid, k.position) = (c.txid, c.position)""",
         {"first": REBASE_FROM},
     ).rowcount
+    _record_anew(conn)
+    return Rebased(recorded, current, events, checkpoints)
+
+
+def _restored_up_to(conn: sa.Connection) -> int:
+    """The last position of the events the move brought (0: none).
+
+    A restore writes the whole event table in one transaction (its COPY): those rows
+    share one ``xmin``, the first event's, and their positions come first; events
+    appended since (even in a savepoint, even while an older transaction is open)
+    come after them. Refused (ClusterChanged) where the log is not so: every
+    checkpoint was made before the move, so the restored events must cover them."""
+    row = conn.exec_driver_sql(
+        """WITH first AS (SELECT xmin AS restore FROM zdr.events ORDER BY position LIMIT 1)
+           SELECT (SELECT max(position) FROM zdr.events, first WHERE xmin = restore),
+                  (SELECT min(position) FROM zdr.events, first WHERE xmin <> restore),
+                  (SELECT max(position) FROM zdr.checkpoints)"""
+    ).one()
+    restored, first_other, checkpointed = (value or 0 for value in row)
+    if (first_other and first_other < restored) or checkpointed > restored:
+        raise ClusterChanged(
+            "cannot tell which events the move brought: the event table was not restored "
+            "in one transaction (its rows keep the transactions that wrote them). If the "
+            "cluster was upgraded in place (pg_upgrade) or copied physically, its "
+            "transaction ids went on: run `zdr rebase --kept-transaction-ids`. Nothing was "
+            "changed"
+        )
+    return int(restored)
+
+
+def _record_anew(conn: sa.Connection) -> None:
     conn.exec_driver_sql("DELETE FROM zdr.cluster")
     record(conn)
-    return Rebased(recorded, current, events, checkpoints)
 
 
 def database_tag(conn: sa.Connection) -> str:

@@ -156,9 +156,14 @@ def one_line(exc: BaseException) -> str:
 
 def interrupted(what: str, exc: BaseException) -> TransientError:
     """The TransientError saying that ``what`` was interrupted by ``exc``, and what to do."""
-    reason = _TRANSIENT_REASONS.get(getattr(root_cause(exc), "sqlstate", None) or "")
+    state = getattr(root_cause(exc), "sqlstate", None) or ""
+    reason = _TRANSIENT_REASONS.get(state)
     if reason is None:
-        reason = "the database connection was lost"
+        reason = (
+            "the database was short of a resource"
+            if state.startswith("53")
+            else "the database connection was lost"
+        )
     return TransientError(
         f"{what} was interrupted: {reason} ({one_line(exc)}); nothing of "
         "the transaction in flight was committed: run it again, it goes on from the last "
@@ -187,4 +192,29 @@ def is_transient(exc: BaseException) -> bool:
         if exc.connection_invalidated:
             return True
         return exc.orig is not None and is_transient(exc.orig)
-    return isinstance(exc, psycopg.OperationalError | sqlalchemy.exc.TimeoutError)
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):  # no pooled connection free in time
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:  # libpq's own: no connection, or it broke
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in _TRANSIENT_STATES
+
+
+#: SQLSTATEs that passing time can clear (besides class 08, connection exceptions).
+#: Others of the same Python class are not: "program limit exceeded" (54...),
+#: "object not in prerequisite state" (55000) fail the same way every time.
+_TRANSIENT_STATES = frozenset(
+    {
+        "40001",  # serialization failure
+        "40P01",  # deadlock detected
+        "55P03",  # lock not available (lock_timeout)
+        "57014",  # query canceled (statement_timeout)
+        "57P01",  # admin shutdown (pg_terminate_backend, a server stop)
+        "57P02",  # crash shutdown
+        "57P03",  # cannot connect now (the server is starting)
+        "53300",  # too many connections
+        "53200",  # out of memory
+    }
+)

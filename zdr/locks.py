@@ -159,6 +159,27 @@ def _holder(conn: sa.Connection, name: str) -> str:
     return f"; held by pid {row.pid}{application}"
 
 
+def end_session(conn: sa.Connection, pid: int) -> bool:
+    """End session ``pid`` if it holds the live runner's lock (this runner's own old
+    session, cut off by the network); True if it did."""
+    ended = conn.exec_driver_sql(
+        f"""SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+            WHERE l.pid = %s AND {_HELD}""",
+        (pid, ZDR_LOCK_SPACE, LIVE_RUNNER_LOCK),
+    ).scalar()
+    conn.commit()
+    if ended:
+        for _ in range(100):  # its locks go when it has exited
+            held = conn.exec_driver_sql(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = %s)", (pid,)
+            ).scalar_one()
+            conn.commit()
+            if not held:
+                break
+            time.sleep(0.02)
+    return bool(ended)
+
+
 def live_runner_wanted(conn: sa.Connection) -> bool:
     """Whether another live runner waits to take over from this one."""
     return others_waiting(conn, LIVE_RUNNER_LOCK)

@@ -58,6 +58,7 @@ from zdr.horizon import Horizon, inspect_horizon
 from zdr.locks import (
     PipelineLock,
     Wait,
+    end_session,
     live_runner,
     lock_setup,
     pipeline_runner,
@@ -98,6 +99,9 @@ log = logging.getLogger("zdr")
 RECONNECT_FIRST_S = 0.1
 RECONNECT_MAX_S = 5.0
 RECONNECT_TAKE_OVER_S = 10.0
+#: Connected this long without a failure, a live runner's next reconnect starts from
+#: RECONNECT_FIRST_S again (a failure that comes back at once keeps doubling the pause).
+RECONNECT_HEALTHY_S = 30.0
 
 __all__ = ["ProjectorRef", "ReplayManager"]
 
@@ -313,6 +317,8 @@ class ReplayManager:
 
         pause = RECONNECT_FIRST_S
         running = False
+        session: int | None = None  # this runner's last database session
+        connected = 0.0
         while True:
             try:
                 with self.engine.connect() as conn, contextlib.ExitStack() as held:
@@ -322,6 +328,16 @@ class ReplayManager:
                         again = Wait(until=time.monotonic() + RECONNECT_TAKE_OVER_S, stop=stop)
                         held.enter_context(live_runner(conn, again if running else wait))
                     except RunnerBusy:
+                        if running and session is not None and end_session(conn, session):
+                            # Its own old session, cut off from it (the network): the
+                            # server had not noticed. Ended, the lock is free again.
+                            log.warning(
+                                "the live runner's old session (pid %d) still held its lock: "
+                                "ended it",
+                                session,
+                            )
+                            session = None
+                            continue
                         if stop.is_set() or running:
                             if running:
                                 log.warning(
@@ -331,10 +347,12 @@ class ReplayManager:
                             return applied
                         raise
                     _require_same_cluster(conn)
+                    session = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+                    conn.commit()
                     if running:
                         log.warning("the live runner is connected again and goes on")
                     running = True
-                    pause = RECONNECT_FIRST_S
+                    connected = time.monotonic()
                     self._live.follow(
                         conn,
                         stop=stop,
@@ -349,6 +367,8 @@ class ReplayManager:
             except Exception as exc:
                 if not running or not is_transient(exc):
                     raise
+                if time.monotonic() - connected > RECONNECT_HEALTHY_S:
+                    pause = RECONNECT_FIRST_S  # it ran well for a while: a new failure
                 log.warning(
                     "the live runner lost its database (%s): connecting again in %.1f s",
                     one_line(exc),
@@ -570,7 +590,7 @@ class ReplayManager:
             return cluster.database_tag(conn)
 
     @_translate_errors
-    def rebase(self) -> cluster.Rebased:
+    def rebase(self, *, kept_transaction_ids: bool = False) -> cluster.Rebased:
         """After the database moved to another PostgreSQL cluster (a dump and restore):
         give the event log and the checkpoints transaction ids of this cluster, so the
         runners run again and no event appended from now on is skipped.
@@ -578,7 +598,9 @@ class ReplayManager:
         Holds the application's appends off while it runs (readers go on), so stop
         the application first; with the live runner and every replay run stopped too
         (it takes their locks, and RunnerBusy says which one runs). A no-op where the
-        log belongs to this cluster.
+        log belongs to this cluster. ``kept_transaction_ids``: the cluster was
+        upgraded in place (pg_upgrade) or copied physically; only its new identifier
+        is recorded.
         """
         with self.engine.connect() as conn, contextlib.ExitStack() as held:
             held.enter_context(live_runner(conn))
@@ -588,8 +610,14 @@ class ReplayManager:
                 )
             for key in keys:
                 held.enter_context(replay_runner(conn, key))
-            with conn.begin():
-                return cluster.rebase(conn)
+            rebased, _ = under_short_lock_timeout(
+                conn,
+                lambda conn: cluster.rebase(conn, kept_transaction_ids=kept_transaction_ids),
+                lock_timeout_s=self.settings.lock_timeout_s,
+                attempts=self.settings.swap_attempts,
+                what="rebase the event log (an application transaction keeps it locked)",
+            )
+            return rebased
 
     @_translate_errors
     def remove_replay(self, key: str) -> Replay:
