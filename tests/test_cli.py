@@ -201,7 +201,8 @@ def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
 @pytest.mark.usefixtures("prefect_harness")
 def test_approve_without_a_paused_run_says_so(cli):
     code, _, err = cli("approve", "idle")
-    assert code == 1 and "no pipeline run for replay 'idle' is waiting" in err
+    assert code == 1 and "no pipeline run for replay 'idle' on this database" in err
+    assert "--flow-run-id" in err
 
 
 def test_status_gives_a_promoted_replay_no_lag_or_eta(cli, manager):
