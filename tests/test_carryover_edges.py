@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import seed
+from tests.support import BalancesWithLedger, seed
 from tests.test_carryover import _dual_writing
 from zdr.examples.bank.domain import EVENT_TYPES
 
@@ -280,12 +280,28 @@ class _Quiet(zdr.Projector):
         pass
 
 
+def _notes(metadata: sa.MetaData, *extra: sa.Column) -> list[sa.Table]:
+    return [
+        sa.Table(
+            "notes",
+            metadata,
+            sa.Column("k", sa.Text, primary_key=True),
+            *extra,
+            comment="zdr made",
+            schema="edge_n",
+            postgresql_with={"fillfactor": "70"},
+        )
+    ]
+
+
 class NotesV1(_Quiet):
     name = "notes"
+    tables = _notes(sa.MetaData())
 
 
 class NotesV2(_Quiet):
     name = "notes"
+    tables = _notes(sa.MetaData(), sa.Column("x", sa.Integer))
 
 
 # ---------------------------------------------------------------- false refusals
@@ -606,3 +622,45 @@ def test_a_column_typed_by_a_schema_whose_name_ends_with_the_live_schema(engine)
     manager.start_replay("v2")
     manager.enable_dual_write("v2")
     manager.promote("v2")
+
+
+def test_default_privileges_apply_to_a_table_the_new_version_adds(manager, engine):
+    seed(manager.store, 300)
+    manager.project_live()
+    _run(
+        engine,
+        "CREATE ROLE zdr_test_reader",
+        "GRANT USAGE ON SCHEMA bank_balances TO zdr_test_reader",
+        "GRANT SELECT ON ALL TABLES IN SCHEMA bank_balances TO zdr_test_reader",
+        "ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES"
+        " TO zdr_test_reader",
+    )
+    manager.create_replay("ledger", [BalancesWithLedger()])
+    manager.start_replay("ledger")
+    manager.enable_dual_write("ledger")
+    manager.promote("ledger")
+    # every table in bank_balances is readable by the reader, as the DBA arranged
+    assert _q(
+        engine,
+        "SELECT has_table_privilege('zdr_test_reader', 'bank_balances.ledger', 'SELECT')",
+    )
+
+
+def test_a_dba_removing_what_the_projector_set_is_carried(engine):
+    """The DBA's difference from what zdr made can be a removal too."""
+    manager = zdr.ReplayManager(engine, projectors=[NotesV1()], batch_size=500)
+    manager.setup()
+    manager.project_live()
+    manager.create_replay("v2", [NotesV2()])
+    manager.start_replay("v2")
+    manager.enable_dual_write("v2")
+    _run(
+        engine,
+        "COMMENT ON TABLE edge_n.notes IS NULL",
+        "ALTER TABLE edge_n.notes RESET (fillfactor)",
+    )
+    manager.promote("v2")
+    assert _q(engine, "SELECT obj_description('edge_n.notes'::regclass, 'pg_class')") is None
+    assert (
+        _q(engine, "SELECT reloptions FROM pg_class WHERE oid = 'edge_n.notes'::regclass") is None
+    )

@@ -547,8 +547,9 @@ def _settings_to_carry(
     live: Inventory, live_base: Inventory, side: Inventory, side_base: Inventory
 ) -> dict[Setting, str | None]:
     """The settings the new copy must change: what the DBA set on the live copy (where
-    it differs from what zdr made), and what the copy had from earlier carrying that
-    the live copy no longer has (a rollback's copy was live once). None: unset."""
+    it differs from what zdr made) or removed from it (where the new version makes
+    the same), and what the copy had from earlier carrying that the live copy no
+    longer has (a rollback's copy was live once). None: unset."""
     wanted: dict[Setting, str | None] = {}
     for key, value in side.settings.items():
         if value != side_base.settings.get(key):
@@ -556,6 +557,11 @@ def _settings_to_carry(
     for key, value in live.settings.items():
         if value != live_base.settings.get(key):
             wanted[key] = value
+    for key, value in live_base.settings.items():
+        # what zdr made and the DBA removed from the live copy (a comment, an option),
+        # where the new version makes it the same
+        if key not in live.settings and side_base.settings.get(key) == value:
+            wanted[key] = None
 
     def needed(key: Setting, value: str | None) -> bool:
         if key[0] == "policy comment":  # its policy may just have been made again
@@ -827,6 +833,21 @@ statements AS (
                         d.grantee, CASE WHEN d.grantable THEN ' WITH GRANT OPTION' ELSE '' END)
     FROM live_defaults d
     WHERE EXISTS (SELECT 1 FROM defaults_differ)
+    UNION ALL
+    -- a table the new version adds was made before the live schema's default
+    -- privileges were carried: it gets now what they give a table its owner makes
+    SELECT 4, 2, format('GRANT %%s ON %%s %%I.%%I TO %%s%%s', a.privilege_type,
+                        CASE WHEN c.relkind = 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                        %(side)s, c.relname, {grantee},
+                        CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END)
+    FROM pg_class c
+    JOIN pg_default_acl d ON d.defaclnamespace = (SELECT oid FROM live_nsp)
+         AND d.defaclrole = c.relowner
+         AND d.defaclobjtype = CASE WHEN c.relkind = 'S' THEN 'S' ELSE 'r' END,
+    aclexplode(d.defaclacl) a
+    WHERE c.oid = ANY(%(side_rels)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+      AND NOT EXISTS (SELECT 1 FROM pg_class l WHERE l.oid = ANY(%(live_rels)s)
+                      AND l.relname = c.relname)
     UNION ALL
     -- 3. row-level security, as the live table has it
     SELECT 5, 0, format('ALTER TABLE %%s %%s ROW LEVEL SECURITY', k.target,
