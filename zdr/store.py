@@ -257,16 +257,26 @@ class EventStore:
         ``append`` per stream. Positions follow the order given.
         """
         count = 0
-        with (
-            self.engine.begin() as conn,
-            _raw(conn).cursor() as cur,
-            cur.copy(self._copy_statement) as copy,
-        ):
-            for stream_id, event in events:
-                _check_stream(stream_id)
-                types, datas, metas = _columns_of([event])
-                copy.write_row((stream_id, types[0], datas[0], metas[0]))
-                count += 1
+        refused: InvalidEvent | None = None
+        try:
+            with (
+                self.engine.begin() as conn,
+                _raw(conn).cursor() as cur,
+                cur.copy(self._copy_statement) as copy,
+            ):
+                for stream_id, event in events:
+                    try:
+                        _check_stream(stream_id)
+                        types, datas, metas = _columns_of([event])
+                    except InvalidEvent as exc:
+                        refused = InvalidEvent(f"event {count} of the import: {exc}")
+                        raise refused from None
+                    copy.write_row((stream_id, types[0], datas[0], metas[0]))
+                    count += 1
+        except Exception:
+            if refused is not None:  # older psycopg ends the COPY with QueryCanceled
+                raise refused from None
+            raise
         return count
 
     # -- EventReader ---------------------------------------------------------
