@@ -396,6 +396,13 @@ def main() -> None:
             life_cycles=int((folder / "cycles").read_text()) if (folder / "cycles").exists() else 0,
         )
         soak.engine.dispose()
+        # pg_ctl restart made a postmaster pgserver did not start: stop it by its folder.
+        pgexec(
+            "pg_ctl",
+            ("-D", str(server.pgdata), "-m", "fast", "-w", "stop"),
+            bin_path=server.bin_path,
+            user=server.system_user,
+        )
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(result))
