@@ -278,6 +278,19 @@ def test_rollback_brings_back_an_index_the_dba_dropped_after_promotion(manager, 
     assert _q(engine, "SELECT to_regclass('bank_balances.one_owner')") is None
 
 
+def _dual_writing_versions(
+    engine: sa.Engine, live: zdr.Projector, new: zdr.Projector
+) -> zdr.ReplayManager:
+    """``live`` projected live, and replay "v2" of ``new`` beside it in dual write."""
+    manager = zdr.ReplayManager(engine, projectors=[live], batch_size=500)
+    manager.setup()
+    manager.project_live()
+    manager.create_replay("v2", [new])
+    manager.start_replay("v2")
+    manager.enable_dual_write("v2")
+    return manager
+
+
 class _Quiet(zdr.Projector):
     event_types = frozenset(EVENT_TYPES)
 
@@ -356,24 +369,14 @@ class ExoticV2(_Quiet):
 
 
 def test_exotic_projector_promotes_and_rolls_back(engine):
-    manager = zdr.ReplayManager(engine, projectors=[ExoticV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [ExoticV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, ExoticV1(), ExoticV2())
     manager.promote("v2")
     manager.rollback("v2")
     # remove_replay("v2") refuses: standalone Sequence "Counter Seq" (targets.drop, pre-existing)
 
 
 def test_dba_partial_index_on_a_projector_enum_column(engine):
-    manager = zdr.ReplayManager(engine, projectors=[ExoticV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [ExoticV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, ExoticV1(), ExoticV2())
     _run(
         engine,
         """CREATE INDEX gold_only ON edge_x."Parent Table" ("Id")
@@ -410,12 +413,7 @@ class TwoV2(_Quiet):
 
 
 def test_projector_with_a_cross_schema_foreign_key(engine):
-    manager = zdr.ReplayManager(engine, projectors=[TwoV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [TwoV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, TwoV1(), TwoV2())
     manager.promote("v2")
 
 
@@ -442,12 +440,7 @@ def _exotic_snapshot(engine):
 
 
 def test_exotic_names_carry_grants_and_settings_exactly(engine, odd_roles):
-    manager = zdr.ReplayManager(engine, projectors=[ExoticV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [ExoticV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, ExoticV1(), ExoticV2())
     _run(
         engine,
         f"CREATE ROLE {ODD}",
@@ -510,12 +503,7 @@ def test_rollback_after_dba_changes_owner_identity_and_cluster_post_promotion(ma
 
 
 def test_a_policy_comparing_a_projector_enum_column(engine):
-    manager = zdr.ReplayManager(engine, projectors=[ExoticV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [ExoticV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, ExoticV1(), ExoticV2())
     _run(
         engine,
         "CREATE ROLE zdr_test_reader",
@@ -619,12 +607,7 @@ class SharedV2(_Quiet):
 
 def test_a_column_typed_by_a_schema_whose_name_ends_with_the_live_schema(engine):
     _run(engine, "CREATE SCHEMA app_edge_e", "CREATE TYPE app_edge_e.kind AS ENUM ('a', 'b')")
-    manager = zdr.ReplayManager(engine, projectors=[SharedV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [SharedV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, SharedV1(), SharedV2())
     manager.promote("v2")
 
 
@@ -652,12 +635,7 @@ def test_default_privileges_apply_to_a_table_the_new_version_adds(manager, engin
 
 def test_a_dba_removing_what_the_projector_set_is_carried(engine):
     """The DBA's difference from what zdr made can be a removal too."""
-    manager = zdr.ReplayManager(engine, projectors=[NotesV1()], batch_size=500)
-    manager.setup()
-    manager.project_live()
-    manager.create_replay("v2", [NotesV2()])
-    manager.start_replay("v2")
-    manager.enable_dual_write("v2")
+    manager = _dual_writing_versions(engine, NotesV1(), NotesV2())
     _run(
         engine,
         "COMMENT ON TABLE edge_n.notes IS NULL",
