@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
+from tests.logs import KINDS, Log, make_log
 from tests.support import wait_for
 from zdr.config import to_sqlalchemy_url
 from zdr.examples.bank.projectors import LIVE
@@ -84,6 +85,25 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture()
 def manager(engine: sa.Engine) -> zdr.ReplayManager:
     manager = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], batch_size=500)
+    manager.setup()
+    return manager
+
+
+@pytest.fixture(params=KINDS)
+def log(request: pytest.FixtureRequest, engine: sa.Engine, database_url: str) -> Iterator[Log]:
+    """Each kind of event log in turn (tests.logs): zdr's own, a prepared stored_events
+    table, an eventsourcing application's."""
+    found = make_log(request.param, engine, database_url)
+    yield found
+    found.close()
+
+
+@pytest.fixture()
+def log_manager(engine: sa.Engine, log: Log) -> zdr.ReplayManager:
+    """The bank's live projections over ``log``, read by its reader."""
+    manager = zdr.ReplayManager(
+        engine, projectors=[cls() for cls in LIVE], batch_size=500, reader=log.reader
+    )
     manager.setup()
     return manager
 

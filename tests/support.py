@@ -17,6 +17,7 @@ import sqlalchemy as sa
 import zdr
 from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
 from zdr.examples.bank.projectors import Balances, BalancesV2, History
+from zdr.store import iter_all
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
@@ -49,10 +50,10 @@ def balances(engine: sa.Engine, schema: str = "bank_balances") -> dict[str, dict
 
 
 def assert_balances_match_fold(
-    engine: sa.Engine, store: zdr.EventStore, schema: str = "bank_balances"
+    engine: sa.Engine, reader: zdr.EventReader, schema: str = "bank_balances"
 ) -> None:
     """The balances table equals a from-scratch fold of every event, column for column."""
-    expected = fold_balances(store.iter_all())
+    expected = fold_balances(iter_all(reader, engine))
     actual = balances(engine, schema)
     assert set(actual) == set(expected), "accounts differ"
     for account, want in expected.items():
@@ -64,10 +65,10 @@ def assert_balances_match_fold(
 
 
 def assert_history_exactly_once(
-    engine: sa.Engine, store: zdr.EventStore, schema: str = "bank_history"
+    engine: sa.Engine, reader: zdr.EventReader, schema: str = "bank_history"
 ) -> None:
     """Every deposit and withdrawal is in the history once, and nothing else is."""
-    want = [e.position for e in store.iter_all() if e.type in (DEPOSITED, WITHDRAWN)]
+    want = [e.position for e in iter_all(reader, engine) if e.type in (DEPOSITED, WITHDRAWN)]
     with engine.connect() as conn:
         got = conn.exec_driver_sql(f'SELECT position FROM "{schema}".transactions').scalars().all()
     duplicated = [p for p, n in Counter(got).items() if n > 1]

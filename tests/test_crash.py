@@ -14,7 +14,6 @@ from tests.support import (
     SlowBalancesV2,
     assert_balances_match_fold,
     assert_history_exactly_once,
-    seed,
     wait_for,
 )
 
@@ -24,19 +23,31 @@ REPLAY_SCRIPT = textwrap.dedent(
     """
     import sys
     import zdr
-    manager = zdr.ReplayManager(sys.argv[1])
+    import zdr.readers
+    reader = zdr.readers.load(sys.argv[4]) if len(sys.argv) > 4 else None
+    manager = zdr.ReplayManager(sys.argv[1], reader=reader)
     manager.start_replay(sys.argv[2], batch_size=int(sys.argv[3]))
     """
 )
 
 
-def test_a_replay_killed_mid_batch_resumes_to_the_same_result(manager, engine, database_url):
-    seed(manager.store, 6_000, accounts=300)
+def test_a_replay_killed_mid_batch_resumes_to_the_same_result(
+    log_manager, log, engine, database_url
+):
+    """Against each kind of log (tests.logs): the child reads it by the reader's import path."""
+    manager = log_manager
+    log.seed(6_000, accounts=300)
     manager.project_live()
     manager.create_replay("crash", [SlowBalancesV2(), "history"])
-    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": "0.15", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ZDR_TEST_SLOW_BATCH": "0.15",
+        "PYTHONPATH": str(ROOT),
+        "ZDR_DATABASE_URL": database_url,
+    }
+    reader = [log.reader_path] if log.reader_path else []
     child = subprocess.Popen(
-        [sys.executable, "-c", REPLAY_SCRIPT, database_url, "crash", "400"],
+        [sys.executable, "-c", REPLAY_SCRIPT, database_url, "crash", "400", *reader],
         env=env,
         cwd=ROOT,
         stderr=subprocess.PIPE,
@@ -59,9 +70,9 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(manager, engine, d
 
     assert replay.state is zdr.ReplayState.CAUGHT_UP
     assert replay.events_applied == 6_000, "each event counted once across both runs"
-    assert_balances_match_fold(engine, manager.store, "zdr_crash_1")
+    assert_balances_match_fold(engine, log.reader, "zdr_crash_1")
 
-    assert_history_exactly_once(engine, manager.store, "zdr_crash_2")
+    assert_history_exactly_once(engine, log.reader, "zdr_crash_2")
 
 
 def _checkpoint(engine) -> int:

@@ -14,6 +14,7 @@ import zdr
 from tests.support import assert_balances_match_fold, balances, seed, wait_for
 from tests.test_live_path import _live_runner_pid, _opened
 from zdr.errors import is_transient
+from zdr.examples.bank.domain import BankSimulator
 from zdr.examples.bank.projectors import Balances, BalancesV2
 
 
@@ -114,25 +115,31 @@ def test_a_timeout_in_dual_write_keeps_the_replay_dual_writing(engine, caplog):
     assert manager.get_replay_lag("v2") == 0
 
 
-def _move_to_another_cluster(engine) -> None:
+def _move_to_another_cluster(engine, log_table: str = "zdr.events", txid: str = "txid") -> None:
     """What a dump and restore into a younger cluster leaves: the log and checkpoints
     stamped with transaction ids this cluster has not reached, another cluster's name."""
     with engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE zdr.events SET txid = txid + 1000000000")
+        conn.exec_driver_sql(f"UPDATE {log_table} SET {txid} = {txid} + 1000000000")
         conn.exec_driver_sql(
             "UPDATE zdr.checkpoints SET txid = txid + 1000000000 WHERE (txid, position) > (0, 0)"
         )
         conn.exec_driver_sql("UPDATE zdr.cluster SET system_identifier = '42'")
 
 
-def test_after_a_move_to_another_cluster_runners_refuse_and_rebase_loses_nothing(manager, engine):
-    seed(manager.store, 1_000)
+@pytest.mark.parametrize("log", ["own", "table"], indirect=True)
+def test_after_a_move_to_another_cluster_runners_refuse_and_rebase_loses_nothing(
+    log_manager, log, engine
+):
+    """zdr's own log, and an application's table stamped by a TableReader."""
+    manager = log_manager
+    log.seed(1_000)
     manager.project_live()
     manager.create_replay("v2", [BalancesV2()])
     manager.start_replay("v2", max_events=400)  # part way
-    seed(manager.store, 300, seed=8, prefix="more")  # not yet applied anywhere
-    _move_to_another_cluster(engine)
-    manager.store.append("acc-moved", [_opened("acc-moved")])  # this cluster's ids: lower
+    log.append(BankSimulator(accounts=50, seed=8, prefix="more").events(300))  # not applied
+    stamps = log.reader.stamps
+    _move_to_another_cluster(engine, stamps.table, stamps.txid_column)
+    log.append([("acc-moved", _opened("acc-moved"))])  # this cluster's ids: lower
 
     for run in (manager.project_live, lambda: manager.start_replay("v2")):
         with pytest.raises(zdr.ClusterChanged, match="cluster 42.*zdr rebase"):
@@ -142,13 +149,31 @@ def test_after_a_move_to_another_cluster_runners_refuse_and_rebase_loses_nothing
 
     manager.project_live()
     manager.start_replay("v2")
-    manager.store.append("acc-after", [_opened("acc-after")])
+    log.append([("acc-after", _opened("acc-after"))])
     manager.enable_dual_write("v2")
     manager.project_live()
     assert {"acc-moved", "acc-after"} <= set(balances(engine))
-    assert_balances_match_fold(engine, manager.store)
-    assert_balances_match_fold(engine, manager.store, schema="zdr_v2_1")
+    assert_balances_match_fold(engine, log.reader)
+    assert_balances_match_fold(engine, log.reader, schema="zdr_v2_1")
     assert manager.rebase().events == 0  # nothing left to do
+
+
+@pytest.mark.parametrize("log", ["eventsourcing"], indirect=True)
+def test_a_log_read_by_position_runs_on_after_a_move_to_another_cluster(log_manager, log, engine):
+    """An eventsourcing application's notification ids mean the same in any cluster:
+    nothing refuses, and rebase only records the new cluster."""
+    manager = log_manager
+    log.seed(300)
+    manager.project_live()
+    with engine.begin() as conn:  # a dump and restore elsewhere: another cluster's name
+        conn.exec_driver_sql("UPDATE zdr.cluster SET system_identifier = '42'")
+    log.append([("acc-moved", _opened("acc-moved"))])
+    manager.project_live()
+    assert "acc-moved" in balances(engine)
+    rebased = manager.rebase()
+    assert (rebased.recorded, rebased.events) == ("42", 0)
+    assert manager.rebase().recorded == rebased.current
+    assert_balances_match_fold(engine, log.reader)
 
 
 def test_a_rebase_keeps_each_checkpoint_exact_across_out_of_order_commits(manager, engine):

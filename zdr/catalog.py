@@ -103,7 +103,7 @@ CREATE_STATEMENTS = [
 def create(conn: sa.Connection) -> None:
     """Create the metadata tables if missing, and remember the cluster they are in
     (``zdr.cluster``); the caller holds the setup lock."""
-    create_missing(conn, [*CREATE_STATEMENTS, cluster.CREATE_STATEMENT])
+    create_missing(conn, [*CREATE_STATEMENTS, *cluster.CREATE_STATEMENTS])
     cluster.record(conn)
 
 

@@ -26,26 +26,50 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from zdr.errors import ClusterChanged
+from zdr.errors import ClusterChanged, ConfigurationError
 
-CREATE_STATEMENT = (
-    "zdr.cluster",
-    """CREATE TABLE IF NOT EXISTS zdr.cluster (
-    system_identifier text NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT now()
-)""",
-)
+if TYPE_CHECKING:  # zdr.store imports zdr.catalog, which imports this module
+    from zdr.store import EventReader, StampedLog
+
+CREATE_STATEMENTS = [
+    (
+        "zdr.cluster",
+        """CREATE TABLE IF NOT EXISTS zdr.cluster (
+        system_identifier text NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    )""",
+    ),
+    # Which event log the checkpoints are positions in (``source_of`` a reader).
+    ("zdr.cluster(event_log)", "ALTER TABLE zdr.cluster ADD COLUMN IF NOT EXISTS event_log text"),
+]
 
 #: The first transaction id given to rebased events: PostgreSQL's first normal one.
 REBASE_FROM = 3
 
 _IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-_HIGHEST = """SELECT greatest((SELECT max(txid) FROM zdr.checkpoints),
-                              (SELECT max(txid) FROM zdr.events))"""
+
+
+def _highest(stamps: StampedLog | None) -> str:
+    """The highest transaction id in the checkpoints and the log's stamps."""
+    if stamps is None:
+        return "SELECT max(txid) FROM zdr.checkpoints"
+    return f"""SELECT greatest((SELECT max(txid) FROM zdr.checkpoints),
+                               (SELECT max({stamps.txid_column}) FROM {stamps.table}))"""
+
+
+def source_of(reader: EventReader) -> str:
+    """The name of the log ``reader`` reads, as recorded beside the checkpoints."""
+    source = getattr(reader, "source", None)
+    return (
+        source
+        if isinstance(source, str)
+        else f"{type(reader).__module__}.{type(reader).__qualname__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -66,9 +90,14 @@ def record(conn: sa.Connection) -> None:
     )
 
 
-def require_same(conn: sa.Connection) -> None:
-    """Refuse (ClusterChanged) to run where the log's transaction ids mean nothing."""
-    problem = _problem(conn)
+def require_same(conn: sa.Connection, reader: EventReader) -> None:
+    """Refuse to run where the checkpoints mean nothing: with another event log than
+    theirs (ConfigurationError), or where the log's transaction ids come from another
+    cluster (ClusterChanged). The first runner of a database records its log."""
+    require_same_log(conn, reader)
+    if not getattr(reader, "transaction_ids", True):
+        return  # positions only: they mean the same in any cluster
+    problem = _problem(conn, getattr(reader, "stamps", None))
     if problem is not None:
         raise ClusterChanged(
             f"{problem}: the database was moved to another PostgreSQL cluster (a dump and "
@@ -80,7 +109,27 @@ def require_same(conn: sa.Connection) -> None:
         )
 
 
-def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebased:
+def require_same_log(conn: sa.Connection, reader: EventReader) -> None:
+    """Refuse (ConfigurationError) a reader of another log than the checkpoints'; record
+    the reader's log where none is recorded yet."""
+    source = source_of(reader)
+    recorded = conn.exec_driver_sql(
+        """UPDATE zdr.cluster SET event_log = coalesce(event_log, %s)
+           RETURNING event_log""",
+        (source,),
+    ).scalar()
+    if recorded is not None and recorded != source:
+        raise ConfigurationError(
+            f"zdr's checkpoints in this database are positions in the event log {recorded}, "
+            f"and this reads {source}: run it with the reader they were made with (the "
+            "`reader` option, zdr --reader), or give another log a database of its own. "
+            "Nothing was run"
+        )
+
+
+def rebase(
+    conn: sa.Connection, reader: EventReader, *, kept_transaction_ids: bool = False
+) -> Rebased:
     """Re-stamp the log and the checkpoints for this cluster, in the caller's transaction
     (see the module's docstring); a no-op where the log belongs to this cluster.
 
@@ -88,12 +137,17 @@ def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebase
     copied physically, so the ids go on: only the new cluster is recorded (refused if
     the log holds ids above this cluster's counter, which contradicts it).
     """
+    require_same_log(conn, reader)
     recorded, current = _identifiers(conn)
-    problem = _problem(conn)
+    stamps: StampedLog | None = getattr(reader, "stamps", None)
+    problem = _problem(conn, stamps)
     if problem is None:
         return Rebased(recorded, current, 0, 0)
+    if not getattr(reader, "transaction_ids", True):
+        _record_anew(conn)  # positions only: nothing to re-stamp
+        return Rebased(recorded, current, 0, 0)
     if kept_transaction_ids:
-        highest = conn.exec_driver_sql(_HIGHEST).scalar()
+        highest = conn.exec_driver_sql(_highest(stamps)).scalar()
         if highest is not None and highest >= conn.exec_driver_sql(_NEXT_XID).scalar_one():
             raise ClusterChanged(
                 f"{problem}: the transaction ids were not kept (this cluster has not reached "
@@ -102,8 +156,13 @@ def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebase
             )
         _record_anew(conn)
         return Rebased(recorded, current, 0, 0)
-    conn.exec_driver_sql("LOCK TABLE zdr.events, zdr.checkpoints IN EXCLUSIVE MODE")
-    restored_up_to = _restored_up_to(conn)
+    if stamps is None:
+        raise ClusterChanged(
+            f"{problem}, and zdr cannot re-stamp the log of {source_of(reader)} (a reader "
+            "of its own, without ``stamps``). Nothing was changed"
+        )
+    conn.exec_driver_sql(f"LOCK TABLE {stamps.table}, zdr.checkpoints IN EXCLUSIVE MODE")
+    restored_up_to = _restored_up_to(conn, stamps)
     conn.exec_driver_sql(
         """CREATE TEMPORARY TABLE zdr_rebase_cuts ON COMMIT DROP AS
            SELECT txid, position, row_number() OVER (ORDER BY txid, position) AS cut
@@ -112,8 +171,9 @@ def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebase
     )
     cuts = conn.exec_driver_sql("SELECT count(*) FROM zdr_rebase_cuts").scalar_one()
     below = conn.exec_driver_sql(
-        """SELECT least(pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                        (SELECT min(txid) FROM zdr.events WHERE position > %s))""",
+        f"""SELECT least(pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
+                        (SELECT min({stamps.txid}) FROM {stamps.table}
+                         WHERE {stamps.position} > %s))""",
         (restored_up_to,),
     ).scalar_one()
     if REBASE_FROM + cuts >= below:
@@ -122,18 +182,19 @@ def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebase
             f"{REBASE_FROM + cuts}, and this cluster has only reached {below}. Nothing "
             "was changed"
         )
+    stamp = stamps.txid_of("e")
     events = conn.exec_driver_sql(
-        """UPDATE zdr.events e SET txid = %s + (
+        f"""UPDATE {stamps.table} e SET {stamps.txid_column} = %s + (
                SELECT count(*) FROM zdr_rebase_cuts c
-               WHERE (c.txid, c.position) < (e.txid, e.position))
-            WHERE position <= %s""",
+               WHERE (c.txid, c.position) < ({stamp}, e.{stamps.position}))
+            WHERE e.{stamps.position} <= %s""",
         (REBASE_FROM, restored_up_to),
     ).rowcount
     checkpoints = conn.exec_driver_sql(
-        """UPDATE zdr.checkpoints k
+        f"""UPDATE zdr.checkpoints k
            SET txid = %(first)s + c.cut - 1,
-               position = coalesce((SELECT max(e.position) FROM zdr.events e
-                                    WHERE e.txid = %(first)s + c.cut - 1), 0),
+               position = coalesce((SELECT max(e.{stamps.position}) FROM {stamps.table} e
+                                    WHERE e.{stamps.txid_column} = %(first)s + c.cut - 1), 0),
                updated_at = now()
            FROM zdr_rebase_cuts c WHERE (k.txid, k.position) = (c.txid, c.position)""",
         {"first": REBASE_FROM},
@@ -142,7 +203,7 @@ def rebase(conn: sa.Connection, *, kept_transaction_ids: bool = False) -> Rebase
     return Rebased(recorded, current, events, checkpoints)
 
 
-def _restored_up_to(conn: sa.Connection) -> int:
+def _restored_up_to(conn: sa.Connection, stamps: StampedLog) -> int:
     """The last position of the events the move brought (0: none).
 
     A restore writes the whole event table in one transaction (its COPY): those rows
@@ -150,10 +211,11 @@ def _restored_up_to(conn: sa.Connection) -> int:
     appended since (even in a savepoint, even while an older transaction is open)
     come after them. Refused (ClusterChanged) where the log is not so: every
     checkpoint was made before the move, so the restored events must cover them."""
+    table, position = stamps.table, stamps.position
     row = conn.exec_driver_sql(
-        """WITH first AS (SELECT xmin AS restore FROM zdr.events ORDER BY position LIMIT 1)
-           SELECT (SELECT max(position) FROM zdr.events, first WHERE xmin = restore),
-                  (SELECT min(position) FROM zdr.events, first WHERE xmin <> restore),
+        f"""WITH first AS (SELECT xmin AS restore FROM {table} ORDER BY {position} LIMIT 1)
+           SELECT (SELECT max({position}) FROM {table}, first WHERE xmin = restore),
+                  (SELECT min({position}) FROM {table}, first WHERE xmin <> restore),
                   (SELECT max(position) FROM zdr.checkpoints)"""
     ).one()
     restored, first_other, checkpointed = (value or 0 for value in row)
@@ -169,8 +231,10 @@ def _restored_up_to(conn: sa.Connection) -> int:
 
 
 def _record_anew(conn: sa.Connection) -> None:
-    conn.exec_driver_sql("DELETE FROM zdr.cluster")
-    record(conn)
+    conn.exec_driver_sql(
+        f"UPDATE zdr.cluster SET system_identifier = ({_IDENTIFIER}), recorded_at = now()"
+    )
+    record(conn)  # an install set up before zdr.cluster existed has no row yet
 
 
 def database_tag(conn: sa.Connection) -> str:
@@ -190,7 +254,7 @@ def _identifiers(conn: sa.Connection) -> tuple[str | None, str]:
     return recorded, conn.exec_driver_sql(_IDENTIFIER).scalar_one()
 
 
-def _problem(conn: sa.Connection) -> str | None:
+def _problem(conn: sa.Connection, stamps: StampedLog | None) -> str | None:
     """Why the log's transaction ids do not belong to this cluster, or None."""
     recorded, current = _identifiers(conn)
     if recorded is not None and recorded != current:
@@ -198,7 +262,7 @@ def _problem(conn: sa.Connection) -> str | None:
             f"zdr's event log was stamped in PostgreSQL cluster {recorded}, and this is "
             f"cluster {current}"
         )
-    highest = conn.exec_driver_sql(_HIGHEST).scalar()
+    highest = conn.exec_driver_sql(_highest(stamps)).scalar()
     next_xid = conn.exec_driver_sql(_NEXT_XID).scalar_one()
     if highest is not None and highest >= next_xid:
         return (

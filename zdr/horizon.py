@@ -115,6 +115,9 @@ class Horizon:
     #: Whatever holds the horizon back; None when nothing does (or it ended meanwhile).
     holder: HorizonHolder | None
     checked_at: dt.datetime
+    #: The log commits in position order (an eventsourcing application's table lock):
+    #: no transaction can hold its readers back, and ``txid`` means nothing.
+    by_position: bool = False
 
     @property
     def held(self) -> bool:
@@ -129,6 +132,11 @@ class Horizon:
 
     def describe(self) -> str:
         """One line: the horizon and who holds it."""
+        if self.by_position:
+            return (
+                "this event log commits in position order (its writers lock the table): "
+                "nothing holds the readers back"
+            )
         if self.holder is None:
             return f"safe horizon at transaction {self.txid:,}: nothing holds it back"
         return f"safe horizon held at transaction {self.txid:,} by {self.holder.describe()}"
@@ -139,6 +147,7 @@ class Horizon:
             "held": self.held,
             "holder": None if self.holder is None else asdict(self.holder),
             "checked_at": self.checked_at.isoformat(),
+            "by_position": self.by_position,
         }
 
 
@@ -149,9 +158,13 @@ def inspect_horizon(conn: sa.Connection, reader: EventReader) -> Horizon:
     sessions as they were when the transaction began.
     """
     txid = reader.horizon(conn)
+    if not getattr(reader, "transaction_ids", True):
+        return Horizon(txid, None, dt.datetime.now(dt.UTC), by_position=True)
+    stamps = getattr(reader, "stamps", None)
+    event_table = "zdr.events" if stamps is None else stamps.name
     # No shortcut on pg_snapshot_xmax: it is the last completed id + 1, and a
     # transaction given exactly that id (the newest one, still open) holds the horizon.
-    row = conn.exec_driver_sql(_HOLDERS, {"xid": txid % _XID32}).first()
+    row = conn.exec_driver_sql(_HOLDERS, {"xid": txid % _XID32, "event_table": event_table}).first()
     holder = None
     if row is not None:
         kind, pid, database, user, app, state, age, query, name, _ = row

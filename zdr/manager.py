@@ -106,9 +106,9 @@ RECONNECT_HEALTHY_S = 30.0
 __all__ = ["ProjectorRef", "ReplayManager"]
 
 
-def _require_same_cluster(conn: sa.Connection) -> None:
+def _require_same_cluster(conn: sa.Connection, reader: EventReader) -> None:
     with conn.begin():
-        cluster.require_same(conn)
+        cluster.require_same(conn, reader)
 
 
 def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -192,6 +192,8 @@ class ReplayManager:
         self._promotion.settings = settings
         self._live.settings = settings
         self.store.max_batch_bytes = settings.batch_max_bytes
+        if hasattr(self.reader, "max_batch_bytes"):  # a reader of zdr's (zdr.readers)
+            setattr(self.reader, "max_batch_bytes", settings.batch_max_bytes)  # noqa: B010
 
     @property
     def batch_size(self) -> int:
@@ -247,6 +249,7 @@ class ReplayManager:
             lock_setup(conn)
             self.store.create(conn)
             catalog.create(conn)
+            cluster.require_same_log(conn, self.reader)
             for projector in self.registry.registered:
                 register_live(conn, projector)
 
@@ -271,7 +274,7 @@ class ReplayManager:
         Raises RunnerBusy at once if another live runner is running.
         """
         with self.engine.connect() as conn, live_runner(conn):
-            _require_same_cluster(conn)
+            _require_same_cluster(conn, self.reader)
             return self._live.until_idle(conn, self._batch_size(batch_size), max_batches)
 
     @_translate_errors
@@ -346,7 +349,7 @@ class ReplayManager:
                                 )
                             return applied
                         raise
-                    _require_same_cluster(conn)
+                    _require_same_cluster(conn, self.reader)
                     session = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
                     conn.commit()
                     if running:
@@ -485,7 +488,7 @@ class ReplayManager:
             raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
         with self.engine.connect() as conn, replay_runner(conn, key):
             with conn.begin():
-                cluster.require_same(conn)
+                cluster.require_same(conn, self.reader)
                 # Its row lock takes a transaction id, held while it counts the log.
                 mark_runner_transaction(conn)
                 replay = records.load_replay(conn, key, lock=True)
@@ -534,7 +537,7 @@ class ReplayManager:
             else self.settings.replace(lag_threshold=lag_threshold).lag_threshold
         )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
-            cluster.require_same(conn)
+            cluster.require_same(conn, self.reader)
             mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
             transition = require_state(replay, "enable_dual_write")
@@ -559,7 +562,7 @@ class ReplayManager:
         """
         validate_key(key)
         with self.engine.connect() as conn, replay_runner(conn, key):
-            _require_same_cluster(conn)
+            _require_same_cluster(conn, self.reader)
             return self._promotion.promote(conn, key)
 
     # The PHP original's names for these two steps, kept as aliases. They call the
@@ -579,7 +582,7 @@ class ReplayManager:
         """Make the previous live copy live again, brought up to date with its own projector."""
         validate_key(key)
         with self.engine.connect() as conn, replay_runner(conn, key):
-            _require_same_cluster(conn)
+            _require_same_cluster(conn, self.reader)
             return self._promotion.rollback(conn, key, batch_size=self._batch_size(batch_size))
 
     @_translate_errors
@@ -612,7 +615,9 @@ class ReplayManager:
                 held.enter_context(replay_runner(conn, key))
             rebased, _ = under_short_lock_timeout(
                 conn,
-                lambda conn: cluster.rebase(conn, kept_transaction_ids=kept_transaction_ids),
+                lambda conn: cluster.rebase(
+                    conn, self.reader, kept_transaction_ids=kept_transaction_ids
+                ),
                 lock_timeout_s=self.settings.lock_timeout_s,
                 attempts=self.settings.swap_attempts,
                 what="rebase the event log (an application transaction keeps it locked)",

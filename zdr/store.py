@@ -88,9 +88,6 @@ class EventReader(Protocol):
         ...
 
 
-# Payloads come as text and are decoded by _event_row: cheaper than psycopg's
-# jsonb loader, and empty metadata is not decoded at all.
-_COLUMNS = "position, txid, stream_id, type, data::text, metadata::text, recorded_at"
 #: What zdr's replay transactions call themselves while they hold a transaction id
 #: (``SET LOCAL application_name``, see ``mark_runner_transaction``), for people reading
 #: pg_stat_activity. The mark that counts is a transaction-level advisory lock: a name can
@@ -111,10 +108,11 @@ _HOLDS_RUNNER_MARK = f"""EXISTS (
 # not sure (a session's row not visible, a runner that moved on) counts as in
 # progress: the horizon can only come out lower, never past an appending transaction.
 #
-# A runner transaction is one that holds the runner mark (a trigger refuses its appends
-# for as long as it does, that is to its end), bears the runner's name, and holds no
-# lock stronger than a reader's on the event table (an append holds RowExclusiveLock to
-# the end of its transaction: one that appended before it took the mark is not passed).
+# A runner transaction is one that holds the runner mark (a trigger on the event table
+# refuses its appends for as long as it does, that is to its end), bears the runner's
+# name, and holds no lock stronger than a reader's on the event table (bound as
+# %(event_table)s; an append holds RowExclusiveLock to the end of its transaction: one
+# that appended before it took the mark is not passed).
 RUNNER_XIDS = f"""
     SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
     WHERE a.backend_xid IS NOT NULL AND a.application_name = '{RUNNER_APPLICATION_NAME}'
@@ -123,21 +121,184 @@ RUNNER_XIDS = f"""
           SELECT 1 FROM pg_locks l
           WHERE l.pid = a.pid AND l.locktype = 'relation'
             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND l.relation = to_regclass('zdr.events')
+            AND l.relation = to_regclass(%(event_table)s)
             AND l.mode NOT IN ('AccessShareLock', 'RowShareLock'))"""
-_HORIZON = f"""(
+HORIZON = f"""(
     SELECT COALESCE(
         (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
          WHERE (x::text::bigint & 4294967295) NOT IN ({RUNNER_XIDS})),
         pg_snapshot_xmax(s.snap)::text::bigint)
     FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
+#: The trigger function that refuses appends from a runner's transaction (version 2:
+#: the mark is the lock, which cannot be dropped before the transaction ends). Installed
+#: on every event table read by transaction id (``zdr.events``, a prepared TableReader's).
+REFUSE_RUNNER_APPENDS = (
+    "zdr.refuse_runner_appends_2()",
+    f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends_2() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
+               OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
+            THEN RAISE EXCEPTION USING
+                ERRCODE = 'ZR001',
+                MESSAGE = 'events cannot be appended from a replay''s '
+                    || 'transaction (a projector writes read models only)';
+            END IF;
+            RETURN NULL;
+        END $$""",
+)
 
 
-class EventStore:
+@dataclass(frozen=True)
+class StampedLog:
+    """Where a log read by (transaction id, position) keeps its stamps: what the reads
+    order by, what the cluster check compares and what ``rebase`` re-stamps. Every part
+    is SQL that zdr quoted."""
+
+    #: The table, schema-qualified and quoted (``zdr.events``), and its name for
+    #: ``to_regclass`` and messages.
+    table: str
+    name: str
+    #: The transaction-id column, quoted (``txid``).
+    txid_column: str
+    #: The position column, quoted.
+    position: str
+    #: Rows from before the stamps have none (NULL): they count as committed, 0.
+    nullable: bool = False
+
+    @property
+    def txid(self) -> str:
+        """The stamp as the reads order by it (the expression an index is built on)."""
+        return self.txid_of("")
+
+    def txid_of(self, alias: str) -> str:
+        """``txid`` of the row named ``alias`` in a query (``e``)."""
+        column = f"{alias}.{self.txid_column}" if alias else self.txid_column
+        return f"coalesce({column}, 0)" if self.nullable else column
+
+
+class StampedReader:
+    """An ``EventReader`` over a table whose rows carry the transaction id that wrote
+    them (see the module's docstring): zdr's own ``zdr.events``, or an application's
+    table stamped by ``zdr.readers.TableReader.prepare``."""
+
+    #: Cursors are (transaction id, position): an open transaction can hold the
+    #: horizon, and the cluster check applies (False for a log that commits in
+    #: position order, such as ``zdr.readers.EventsourcingReader``'s).
+    transaction_ids = True
+
+    def __init__(
+        self,
+        log: StampedLog,
+        *,
+        stream_id: str,
+        type_: str,
+        data: str,
+        metadata: str | None,
+        recorded_at: str | None,
+    ) -> None:
+        self.stamps = log
+        #: Stored payload bytes per read, beside its count (``Settings.batch_max_bytes``).
+        self.max_batch_bytes = DEFAULTS.batch_max_bytes
+        self._row = _event_row_of(log.name)
+        txid = log.txid
+        meta_size = "0" if metadata is None else f"pg_column_size({metadata})"
+        meta = "NULL::text" if metadata is None else f"{metadata}::text"
+        recorded = "NULL::timestamptz" if recorded_at is None else recorded_at
+        # The first ``limit`` events, cut where their stored size passes the budget (the
+        # event that passes it is the last one; the first always comes). Payloads come
+        # as text and are decoded by _event_row: cheaper than psycopg's jsonb loader.
+        self._read_statement = f"""
+            SELECT position, txid, stream_id, type, data, metadata, recorded_at FROM (
+                SELECT *, sum(size) OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING)
+                          AS upto
+                FROM (SELECT {log.position} AS position, {txid} AS txid,
+                             {stream_id}::text AS stream_id, {type_}::text AS type,
+                             {data}::text AS data, {meta} AS metadata,
+                             {recorded} AS recorded_at,
+                             pg_column_size({data}) + {meta_size} AS size
+                      FROM {log.table}
+                      WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
+                        AND ({txid}, {log.position}) <= (%(until_txid)s, %(until_position)s)
+                        AND {txid} < LEAST({HORIZON}, %(below_txid)s)
+                      ORDER BY {txid}, {log.position}
+                      LIMIT %(limit)s) AS first
+            ) AS sized
+            WHERE upto - size < %(max_bytes)s
+            ORDER BY txid, position
+        """
+        self._count_statement = (
+            f"SELECT count(*) FROM {log.table} "
+            f"WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)"
+        )
+
+    @property
+    def source(self) -> str:
+        """The log this reader reads, as zdr records it beside the checkpoints."""
+        return self.stamps.name
+
+    def read(
+        self,
+        conn: sa.Connection,
+        after: Cursor,
+        limit: int,
+        *,
+        until: Cursor | None = None,
+        below_txid: int | None = None,
+    ) -> list[RecordedEvent]:
+        until = until or Cursor(2**63 - 1, 2**63 - 1)
+        params = {
+            "txid": after.txid,
+            "position": after.position,
+            "until_txid": until.txid,
+            "until_position": until.position,
+            "below_txid": below_txid if below_txid is not None else 2**63 - 1,
+            "limit": limit,
+            "max_bytes": self.max_batch_bytes,
+            "event_table": self.stamps.name,
+        }
+        with driver_connection(conn).cursor(row_factory=self._row) as cur:
+            cur.execute(self._read_statement, params)
+            events: list[RecordedEvent] = cur.fetchall()
+            return events
+
+    def horizon(self, conn: sa.Connection) -> int:
+        params = {"event_table": self.stamps.name}
+        return int(conn.exec_driver_sql(f"SELECT {HORIZON}", params).scalar_one())
+
+    def count_after(self, conn: sa.Connection, after: Cursor) -> int:
+        params = {"txid": after.txid, "position": after.position}
+        return int(conn.exec_driver_sql(self._count_statement, params).scalar_one())
+
+
+def iter_all(
+    reader: EventReader, engine: sa.Engine, batch_size: int = 10_000
+) -> Iterable[RecordedEvent]:
+    """Every event ``reader`` gives, in cursor order, each batch in a short transaction
+    of its own (for checks, tests and folds; the runners read by batch)."""
+    cursor = START
+    while True:
+        with engine.begin() as conn:
+            batch = reader.read(conn, cursor, batch_size)
+        if not batch:
+            return
+        yield from batch
+        cursor = batch[-1].cursor
+
+
+class EventStore(StampedReader):
     """The project's own event table, ``zdr.events``."""
 
     def __init__(self, url_or_engine: str | sa.Engine | None = None) -> None:
-        self.engine = make_engine(url_or_engine)
+        super().__init__(
+            StampedLog("zdr.events", "zdr.events", "txid", "position"),
+            stream_id="stream_id",
+            type_="type",
+            data="data",
+            metadata="metadata",
+            recorded_at="recorded_at",
+        )
+        self._engine = make_engine(url_or_engine)
         # (object, statement): created only where missing (see catalog.create_missing).
         self._create_statements = [
             ("zdr", "CREATE SCHEMA IF NOT EXISTS zdr"),
@@ -161,23 +322,8 @@ class EventStore:
                 "zdr.events_stream",
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
             ),
-            # Version 2 (an install made before it keeps version 1 beside it): the mark
-            # is the lock, which cannot be dropped before the transaction ends.
-            (
-                "zdr.refuse_runner_appends_2()",
-                f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends_2() RETURNS trigger
-                    LANGUAGE plpgsql AS $$
-                    BEGIN
-                        IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
-                           OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
-                        THEN RAISE EXCEPTION USING
-                            ERRCODE = 'ZR001',
-                            MESSAGE = 'events cannot be appended from a replay''s '
-                                || 'transaction (a projector writes read models only)';
-                        END IF;
-                        RETURN NULL;
-                    END $$""",
-            ),
+            # Version 2 (an install made before it keeps version 1 beside it).
+            REFUSE_RUNNER_APPENDS,
             (
                 "zdr.events/refuse_runner_appends_2",
                 """CREATE TRIGGER refuse_runner_appends_2 BEFORE INSERT ON zdr.events
@@ -194,26 +340,15 @@ class EventStore:
             ORDER BY e.ord
             RETURNING position
         """
-        #: Stored payload bytes per read, beside its count (``Settings.batch_max_bytes``).
-        self.max_batch_bytes = DEFAULTS.batch_max_bytes
-        # The first ``limit`` events, cut where their stored size passes the budget
-        # (the event that passes it is the last one; the first always comes).
-        self._read_statement = f"""
-            SELECT {_COLUMNS} FROM (
-                SELECT *, sum(pg_column_size(data) + pg_column_size(metadata))
-                          OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING) AS upto
-                FROM (SELECT * FROM zdr.events
-                      WHERE (txid, position) > (%(txid)s, %(position)s)
-                        AND (txid, position) <= (%(until_txid)s, %(until_position)s)
-                        AND txid < LEAST({_HORIZON}, %(below_txid)s)
-                      ORDER BY txid, position
-                      LIMIT %(limit)s) AS first
-            ) AS sized
-            WHERE upto - pg_column_size(data) - pg_column_size(metadata) < %(max_bytes)s
-            ORDER BY txid, position
-        """
         self._copy_statement = "COPY zdr.events (stream_id, type, data, metadata) FROM STDIN"
-        self._count_statement = "SELECT count(*) FROM zdr.events WHERE (txid, position) > (%s, %s)"
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self._engine
+
+    def iter_all(self, batch_size: int = 10_000) -> Iterable[RecordedEvent]:
+        """Every committed event below the horizon, in cursor order (for checks and tests)."""
+        return iter_all(self, self.engine, batch_size)
 
     def setup(self) -> None:
         """Create the event table if it does not exist (safe to call any number of times)."""
@@ -261,7 +396,7 @@ class EventStore:
         try:
             with (
                 self.engine.begin() as conn,
-                _raw(conn).cursor() as cur,
+                driver_connection(conn).cursor() as cur,
                 cur.copy(self._copy_statement) as copy,
             ):
                 for stream_id, event in events:
@@ -278,49 +413,6 @@ class EventStore:
                 raise refused from None
             raise
         return count
-
-    # -- EventReader ---------------------------------------------------------
-
-    def read(
-        self,
-        conn: sa.Connection,
-        after: Cursor,
-        limit: int,
-        *,
-        until: Cursor | None = None,
-        below_txid: int | None = None,
-    ) -> list[RecordedEvent]:
-        until = until or Cursor(2**63 - 1, 2**63 - 1)
-        params = {
-            "txid": after.txid,
-            "position": after.position,
-            "until_txid": until.txid,
-            "until_position": until.position,
-            "below_txid": below_txid if below_txid is not None else 2**63 - 1,
-            "limit": limit,
-            "max_bytes": self.max_batch_bytes,
-        }
-        with _raw(conn).cursor(row_factory=_event_row) as cur:
-            cur.execute(self._read_statement, params)
-            events: list[RecordedEvent] = cur.fetchall()
-            return events
-
-    def horizon(self, conn: sa.Connection) -> int:
-        return int(conn.exec_driver_sql(f"SELECT {_HORIZON}").scalar_one())
-
-    def count_after(self, conn: sa.Connection, after: Cursor) -> int:
-        return int(conn.exec_driver_sql(self._count_statement, tuple(after)).scalar_one())
-
-    def iter_all(self, batch_size: int = 10_000) -> Iterable[RecordedEvent]:
-        """Every committed event below the horizon, in cursor order (for checks and tests)."""
-        cursor = START
-        while True:
-            with self.engine.begin() as conn:
-                batch = self.read(conn, cursor, batch_size)
-            if not batch:
-                return
-            yield from batch
-            cursor = batch[-1].cursor
 
 
 def mark_runner_transaction(conn: sa.Connection) -> None:
@@ -426,21 +518,33 @@ def _check_json(value: Any, where: str) -> None:
 _LONG_DIGITS = re.compile(r"\d{19}")
 
 
-def _event_row(cursor: Any) -> Any:
-    def make(values: Sequence[Any]) -> RecordedEvent:
-        position, txid, stream_id, kind, data, metadata, recorded_at = values
-        try:
-            payload = _loads_json(data)
-            meta = {} if metadata == "{}" else _loads_json(metadata)
-        except ValueError as exc:  # orjson's and json's errors both are
-            raise InvalidEvent(
-                f"event {position} ({kind}, stream {stream_id!r}) in zdr.events cannot be "
-                f"read: {exc}. Every reader stops there: correct its payload (UPDATE zdr.events "
-                f"SET data = ... WHERE position = {position}), then run again"
-            ) from exc
-        return RecordedEvent(position, txid, stream_id, kind, payload, meta, recorded_at)
+def _event_row_of(table: str) -> Any:
+    """A psycopg row factory making RecordedEvents of rows read from ``table``."""
 
-    return make
+    def row_factory(cursor: Any) -> Any:
+        def make(values: Sequence[Any]) -> RecordedEvent:
+            position, txid, stream_id, kind, data, metadata, recorded_at = values
+            try:
+                payload = _loads_json(data)
+                meta = {} if metadata is None or metadata == "{}" else _loads_json(metadata)
+            except (ValueError, TypeError) as exc:  # orjson's and json's errors are
+                raise InvalidEvent(
+                    f"event {position} ({kind}, stream {stream_id!r}) in {table} cannot be "
+                    f"read: {exc}. Every reader stops there: correct its payload, then run "
+                    "again"
+                ) from exc
+            if not isinstance(payload, dict) or not isinstance(meta, dict):
+                raise InvalidEvent(
+                    f"event {position} ({kind}, stream {stream_id!r}) in {table}: its data "
+                    "and metadata must be JSON objects, got "
+                    f"{type(payload).__name__} and {type(meta).__name__}. Every reader stops "
+                    "there: correct it, then run again"
+                )
+            return RecordedEvent(position, txid, stream_id, kind, payload, meta, recorded_at)
+
+        return make
+
+    return row_factory
 
 
 def _loads_json(data: str) -> Any:
@@ -462,12 +566,12 @@ def _bounded_int(digits: str) -> int:
     return int(digits)
 
 
-def _raw(conn: sa.Connection) -> Any:
+def driver_connection(conn: sa.Connection) -> Any:
     """The psycopg connection under a SQLAlchemy one (same transaction)."""
     return conn.connection.driver_connection
 
 
 def _positions(conn: sa.Connection, statement: str, params: tuple[Any, ...]) -> list[int]:
-    with _raw(conn).cursor() as cur:
+    with driver_connection(conn).cursor() as cur:
         cur.execute(statement, params)
         return sorted(row[0] for row in cur.fetchall())

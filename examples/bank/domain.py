@@ -7,7 +7,7 @@ what the balances table must hold after every event was applied exactly once.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +67,24 @@ class BankSimulator:
         amount = rng.randint(1, 500)
         self._balances[account] += amount
         return account, {"type": DEPOSITED, "data": {"account_id": account, "amount": amount}}
+
+
+def in_chunks(
+    append: Callable[[list[tuple[str, Event]]], Sized],
+    events: Iterable[tuple[str, Event]],
+    chunk: int,
+) -> int:
+    """Hand ``events`` to ``append`` ``chunk`` at a time; return how many it took."""
+    count = 0
+    pending: list[tuple[str, Event]] = []
+    for pair in events:
+        pending.append(pair)
+        if len(pending) == chunk:
+            count += len(append(pending))
+            pending = []
+    if pending:
+        count += len(append(pending))
+    return count
 
 
 def fold_balances(events: Iterable[Any]) -> dict[str, dict[str, Any]]:
