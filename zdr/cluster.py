@@ -93,7 +93,11 @@ def record(conn: sa.Connection) -> None:
 def require_same(conn: sa.Connection, reader: EventReader) -> None:
     """Refuse to run where the checkpoints mean nothing: with another event log than
     theirs (ConfigurationError), or where the log's transaction ids come from another
-    cluster (ClusterChanged). The first runner of a database records its log."""
+    cluster (ClusterChanged). The first runner of a database records its log. A reader
+    with a ``require_ready(conn)`` (a TableReader) is asked first whether it can read."""
+    ready = getattr(reader, "require_ready", None)
+    if callable(ready):
+        ready(conn)
     require_same_log(conn, reader)
     if not getattr(reader, "transaction_ids", True):
         return  # positions only: they mean the same in any cluster

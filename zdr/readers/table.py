@@ -246,9 +246,10 @@ class TableReader(StampedReader):
         ).scalar()
         return "missing" if valid is None else "valid" if valid else "invalid"
 
-    def _require_prepared(self, conn: sa.Connection) -> None:
+    def require_ready(self, conn: sa.Connection) -> None:
         """Refuse (NotSetUp) to read a table ``prepare`` has not stamped: by position alone
-        it would skip events. Checked once per database and reader."""
+        it would skip events. Checked once per database and reader (and by every runner
+        as it starts, before the cluster check reads the stamps)."""
         where = str(conn.engine.url)
         if where in self._checked:
             return
@@ -273,13 +274,13 @@ class TableReader(StampedReader):
         until: Cursor | None = None,
         below_txid: int | None = None,
     ) -> list[RecordedEvent]:
-        self._require_prepared(conn)
+        self.require_ready(conn)
         return super().read(conn, after, limit, until=until, below_txid=below_txid)
 
     def horizon(self, conn: sa.Connection) -> int:
-        self._require_prepared(conn)
+        self.require_ready(conn)
         return super().horizon(conn)
 
     def count_after(self, conn: sa.Connection, after: Cursor) -> int:
-        self._require_prepared(conn)
+        self.require_ready(conn)
         return super().count_after(conn, after)

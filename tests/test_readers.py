@@ -1,0 +1,397 @@
+"""Readers of logs zdr does not own: a prepared stored_events table, an eventsourcing
+application, and readers named by import path."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+import zdr
+import zdr.readers
+from tests.support import balances, following, wait_for
+from zdr.examples.bank import stored_events
+from zdr.examples.bank.domain import BankSimulator, fold_balances
+from zdr.examples.bank.eventsourced import Account, AccountOpened, bank_app
+from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2
+
+
+@pytest.fixture()
+def laravel(engine) -> Iterator[stored_events.StoredEventsLog]:
+    """A stored_events table, not prepared."""
+    stored_events.create(engine)
+    yield stored_events.StoredEventsLog(engine)
+
+
+def _fold_every_row(engine) -> dict[str, dict]:
+    """The reference: a fold of every row of the table, read with plain SQL (not by zdr)."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            f"SELECT event_class, event_properties::text FROM {stored_events.TABLE} ORDER BY id"
+        ).all()
+
+    class Row:
+        def __init__(self, kind: str, data: str) -> None:
+            self.type, self.data = kind, json.loads(data)
+
+    return fold_balances(Row(*row) for row in rows)
+
+
+def _assert_read_model_is_the_fold(engine, schema: str = "bank_balances") -> None:
+    expected = _fold_every_row(engine)
+    actual = balances(engine, schema)
+    assert set(actual) == set(expected), f"missing: {sorted(set(expected) - set(actual))[:5]}"
+    for account, want in expected.items():
+        got = actual[account]
+        assert (got["balance"], got["events"], got["closed"]) == (
+            want["balance"],
+            want["events"],
+            want["closed"],
+        ), account
+
+
+def _writers(
+    log, engine, stop: threading.Event, errors: list, n: int = 3
+) -> list[threading.Thread]:
+    """Writers on connections of their own whose transactions commit out of order:
+    each takes its ids early, holds some transactions open while others commit."""
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        sim = BankSimulator(accounts=40, seed=seed, prefix=f"w{seed}")
+        try:
+            while not stop.is_set():
+                with engine.begin() as conn:
+                    for pair in sim.events(rng.randint(1, 6)):
+                        log.append([pair], conn=conn)
+                    if rng.random() < 0.3:
+                        time.sleep(rng.uniform(0.005, 0.05))
+        except BaseException as exc:  # pragma: no cover - reported by the test
+            errors.append(exc)
+
+    return [threading.Thread(target=write, args=(i,)) for i in range(n)]
+
+
+def test_a_stored_events_table_before_and_after_prepare_loses_nothing(laravel, engine):
+    """Rows written before prepare (some in a transaction still open while it runs) and
+    after it, by writers committing out of order while the live runner follows: the
+    read models equal a fold of every row; before prepare, reading refuses."""
+    laravel.import_events(BankSimulator(accounts=100, seed=1).stream(2_000))
+    reader = stored_events.table_reader()
+    manager = zdr.ReplayManager(engine, projectors=[Balances()], reader=reader)
+    with pytest.raises(zdr.NotSetUp, match=r"stored_events.*not prepared.*prepare\(\)"):
+        manager.setup()
+        manager.project_live()
+
+    # An application transaction is open (it appended) when prepare starts: prepare
+    # waits for it in short tries and goes on once it commits.
+    with engine.connect() as app:
+        app_tx = app.begin()
+        laravel.append([("acc-open", _opened("acc-open"))], conn=app)
+        preparing = threading.Thread(target=reader.prepare, args=(engine,))
+        preparing.start()
+        time.sleep(0.3)
+        assert preparing.is_alive(), "prepare must wait for the open writer"
+        app_tx.commit()
+        preparing.join(30)
+    assert not preparing.is_alive()
+    manager.setup()
+    manager.project_live()
+
+    stop, errors = threading.Event(), []
+    threads = _writers(laravel, engine, stop, errors)
+    for t in threads:
+        t.start()
+    try:
+        with following(manager, poll_interval=0.005):
+            time.sleep(2.0)
+            stop.set()
+            for t in threads:
+                t.join(30)
+    finally:
+        stop.set()
+    assert not errors, errors
+    manager.project_live()
+    _assert_read_model_is_the_fold(engine)
+    assert "acc-open" in balances(engine)
+
+
+def test_by_position_alone_the_same_writers_make_a_reader_skip(laravel, engine):
+    """What prepare is for: the same table read by position alone (no stamps) passes
+    over events committed late. The test above would fail without the stamps."""
+    laravel.import_events(BankSimulator(accounts=20, seed=1).stream(100))
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    with engine.connect() as app:
+        app_tx = app.begin()
+        [late] = laravel.append([("acc-late", _opened("acc-late"))], conn=app)
+        [early] = laravel.append([("acc-early", _opened("acc-early"))])
+        with engine.connect() as conn:
+            by_stamp = [e.position for e in reader.read(conn, zdr.store.START, 1_000)]
+            by_position = (
+                conn.exec_driver_sql(f"SELECT id FROM {stored_events.TABLE} ORDER BY id")
+                .scalars()
+                .all()
+            )
+        app_tx.commit()
+    assert early > late
+    assert early in by_position and late not in by_position, "what a position reader saw"
+    assert early not in by_stamp, "nothing at or after an open writer's transaction is read"
+
+
+def test_prepare_is_idempotent_and_takes_no_lock_once_done(laravel, engine):
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    with engine.connect() as app:
+        app_tx = app.begin()
+        laravel.append([("acc-a", _opened("acc-a"))], conn=app)
+        started = time.monotonic()
+        reader.prepare(engine, lock_timeout_s=0.05, attempts=1)  # would time out if it locked
+        took = time.monotonic() - started
+        app_tx.commit()
+    assert took < 1.0
+    with engine.connect() as conn:
+        names = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = %s::regclass "
+            "AND attname = 'zdr_txid'",
+            (stored_events.TABLE,),
+        ).scalar_one()
+    assert names == 1
+
+
+def test_a_row_without_a_stamp_is_refused_not_skipped(laravel, engine):
+    """An insert of an explicit NULL stamp, or one after the default was dropped, would
+    sort before everything read: the constraint refuses it."""
+    stored_events.table_reader().prepare(engine)
+    with pytest.raises(sa.exc.IntegrityError, match="zdr_txid_stamped"), engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"""INSERT INTO {stored_events.TABLE} (aggregate_uuid, event_class, event_properties,
+                meta_data, created_at, zdr_txid) VALUES ('a', 'X', '{{}}', '{{}}', now(), NULL)"""
+        )
+
+
+def test_a_table_reader_names_what_is_wrong(laravel, engine):
+    with pytest.raises(zdr.ConfigurationError, match="plain SQL identifier"):
+        zdr.readers.TableReader(
+            "app.events; drop", position="id", stream_id="s", type="t", data="d"
+        )
+    with pytest.raises(zdr.ConfigurationError, match="no table"):
+        zdr.readers.TableReader(
+            "nowhere.events", position="id", stream_id="s", type="t", data="d"
+        ).prepare(engine)
+    with pytest.raises(zdr.ConfigurationError, match=r'has no column "uuid"'):
+        zdr.readers.TableReader(
+            stored_events.TABLE, position="id", stream_id="uuid", type="event_class", data="x"
+        ).prepare(engine)
+
+
+def test_checkpoints_belong_to_one_log(laravel, engine, manager):
+    """The database's checkpoints were made on zdr's own log: a runner reading another
+    log refuses instead of applying its positions as if they were the same."""
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    other = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], reader=reader)
+    with pytest.raises(zdr.ConfigurationError, match=r"event log zdr.events.*stored_events"):
+        other.project_live()
+    with pytest.raises(zdr.ConfigurationError, match="event log zdr.events"):
+        other.setup()
+
+
+# -- eventsourcing ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def bank(engine, database_url):
+    app = bank_app(database_url)  # after engine: its fixture drops the schemas
+    yield app
+    app.close()
+
+
+def test_an_eventsourcing_application_under_load_promotes_what_its_repository_says(bank, engine):
+    """Aggregates saved from several threads by the application while zdr projects
+    live, replays a new version, dual-writes and promotes: the promoted read model
+    equals what the application's repository says about every aggregate."""
+    reader = zdr.readers.EventsourcingReader(bank)
+    manager = zdr.ReplayManager(engine, projectors=[Balances()], reader=reader, batch_size=300)
+    manager.setup()
+    ids = [bank.open_account(f"acc-{i:03d}", "ada") for i in range(30)]
+    stop, errors = threading.Event(), []
+
+    def work(seed: int) -> None:
+        rng = random.Random(seed)
+        mine = ids[seed::4]
+        try:
+            while not stop.is_set():
+                account = bank.repository.get(rng.choice(mine))
+                for _ in range(rng.randint(1, 3)):
+                    if rng.random() < 0.7 or account.balance == 0:
+                        account.deposit(rng.randint(1, 100))
+                    else:
+                        account.withdraw(rng.randint(1, account.balance))
+                bank.save(account)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    with following(manager, poll_interval=0.01):
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.5)
+            manager.create_replay("v2", [BalancesV2()])
+            manager.start_replay("v2")
+            manager.start_replay("v2")
+            manager.enable_dual_write("v2", lag_threshold=100_000)
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        wait_for(
+            lambda: manager.get_replay_lag("v2") == 0 and sum(manager.live_lag().values()) == 0
+        )
+        manager.promote("v2")
+    assert not errors, errors
+    promoted = balances(engine)
+    assert len(promoted) == len(ids)
+    for aggregate_id in ids:
+        account = bank.repository.get(aggregate_id)
+        row = promoted[account.account_id]
+        assert (row["owner"], row["balance"], row["events"], row["closed"]) == (
+            account.owner,
+            account.balance,
+            account.events,
+            account.closed,
+        ), account.account_id
+        assert row["events"] == account.version
+
+
+def test_an_eventsourcing_writer_holds_the_next_until_it_commits(bank, engine, database_url):
+    """Why no stamps are needed: the recorder's EXCLUSIVE lock makes the next writer
+    wait, so notification ids become visible in order."""
+    from tests.logs import make_log
+
+    log = make_log("eventsourcing", engine, database_url)
+    reader = log.reader
+    with engine.connect() as first:
+        tx = first.begin()
+        [mine] = log.append([("acc-1", _opened("acc-1"))], conn=first)
+        second = threading.Thread(target=log.append, args=([("acc-2", _opened("acc-2"))],))
+        second.start()
+        time.sleep(0.3)
+        assert second.is_alive(), "the second writer waits for the lock"
+        with engine.connect() as conn:
+            assert reader.read(conn, zdr.store.START, 10) == []
+        tx.commit()
+        second.join(10)
+    with engine.connect() as conn:
+        got = [e.position for e in reader.read(conn, zdr.store.START, 10)]
+    assert got == [mine, mine + 1]
+    log.close()
+
+
+def test_an_eventsourcing_event_is_what_the_mapper_decodes(bank, engine):
+    reader = zdr.readers.EventsourcingReader(bank)
+    account_id = bank.open_account("acc-x", "ada")
+    account = bank.repository.get(account_id)
+    account.deposit(42)
+    bank.save(account)
+    with engine.connect() as conn:
+        opened, deposited = reader.read(conn, zdr.store.START, 10)
+    assert opened.type == "AccountOpened" and deposited.type == "MoneyDeposited"
+    assert opened.stream_id == str(account_id) == deposited.stream_id
+    assert deposited.data["amount"] == 42 and deposited.data["originator_version"] == 2
+    assert deposited.recorded_at == deposited.data["timestamp"]
+    assert deposited.metadata == {"topic": "zdr.examples.bank.eventsourced:MoneyDeposited"}
+    assert deposited.cursor == (0, opened.position + 1)
+
+
+def test_an_eventsourcing_reader_refuses_what_it_cannot_read_in_order(database_url, engine):
+    from zdr.examples.bank.eventsourced import Bank
+
+    with pytest.raises(zdr.ConfigurationError, match="PostgreSQL.*POPOApplicationRecorder"):
+        zdr.readers.EventsourcingReader(Bank())
+    app = bank_app(database_url)
+    app.recorder.datastore.enable_db_functions = True
+    with pytest.raises(zdr.ConfigurationError, match="POSTGRES_ENABLE_DB_FUNCTIONS"):
+        zdr.readers.EventsourcingReader(app)
+    app.close()
+    other = bank_app(database_url, schema="bank_es_elsewhere")
+    reader = zdr.readers.EventsourcingReader(other)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA bank_es_elsewhere CASCADE")
+    with (
+        pytest.raises(zdr.NotSetUp, match="no table .*bank_events.* same database"),
+        engine.connect() as conn,
+    ):
+        reader.read(conn, zdr.store.START, 10)
+    other.close()
+
+
+def test_an_undecodable_notification_stops_the_reader_naming_it(bank, engine):
+    reader = zdr.readers.EventsourcingReader(bank)
+    bank.open_account("acc-x", "ada")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE bank_es.bank_events SET state = 'not json'")
+    with (
+        pytest.raises(zdr.InvalidEvent, match=r"notification 1 .*AccountOpened.*mapper"),
+        engine.connect() as conn,
+    ):
+        reader.read(conn, zdr.store.START, 10)
+
+
+# -- readers by import path -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("no_colon", "module:attr"),
+        ("a:b:c", "module:attr"),
+        ("zdr_nowhere_module:reader", "cannot be imported"),
+        ("zdr.readers:missing", "has no attribute 'missing'"),
+        ("tests.test_readers:_raises", "calling it raised RuntimeError: broken factory"),
+        ("tests.test_readers:_not_a_reader", "not a reader"),
+        ("zdr.readers:TableReader", "calling it raised TypeError"),
+    ],
+)
+def test_a_reader_path_that_does_not_give_a_reader_is_refused_naming_why(path, message):
+    with pytest.raises(zdr.ConfigurationError, match=message):
+        zdr.readers.load(path)
+
+
+def test_a_reader_path_names_a_reader_or_a_factory(engine, monkeypatch, database_url):
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    found = zdr.readers.load("zdr.examples.bank.stored_events:reader")
+    assert isinstance(found, zdr.readers.TableReader)
+    assert zdr.readers.load("tests.test_readers:_instance") is _instance
+
+
+def _raises() -> None:
+    raise RuntimeError("broken factory")
+
+
+def _not_a_reader() -> int:
+    return 42
+
+
+_instance = zdr.readers.TableReader("a.b", position="p", stream_id="s", type="t", data="d")
+
+
+def _opened(account: str) -> dict:
+    return {"type": "AccountOpened", "data": {"account_id": account, "owner": "zed"}}
+
+
+def test_an_aggregate_id_is_the_stream_id(bank, engine):
+    """stream_id is str(originator_id), whatever the id's type."""
+    account = Account._create(AccountOpened, id=uuid.uuid4(), account_id="z", owner="o")
+    bank.save(account)
+    with engine.connect() as conn:
+        [event] = zdr.readers.EventsourcingReader(bank).read(conn, zdr.store.START, 10)
+    assert event.stream_id == str(account.id)
