@@ -59,6 +59,17 @@ Projectors = Annotated[
         help="Projector import paths (module:Class), repeated or comma-separated.",
     ),
 ]
+ReaderPath = Annotated[
+    str | None,
+    typer.Option(
+        "--reader",
+        envvar="ZDR_READER",
+        help="The event log to read: import path module:attr of a reader or of a function "
+        "returning one (zdr.readers; default: zdr's own zdr.events). A function can read "
+        "the database from ZDR_DATABASE_URL, which --database-url sets.",
+        show_default=False,
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 HorizonWarning = Annotated[
     float | None,
@@ -82,11 +93,25 @@ def main_options(
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 
 
-def manager_for(database_url: str | None, projectors: Sequence[str] = ()) -> zdr.ReplayManager:
-    """A manager for the command's database, with these projectors loaded."""
+def manager_for(
+    database_url: str | None, projectors: Sequence[str] = (), reader: str | None = None
+) -> zdr.ReplayManager:
+    """A manager for the command's database, with these projectors and that reader loaded."""
     return zdr.ReplayManager(
-        database_url, projectors=[load_projector(p) for p in paths(projectors)]
+        database_url,
+        projectors=[load_projector(p) for p in paths(projectors)],
+        reader=load_reader(database_url, reader),
     )
+
+
+def load_reader(database_url: str | None, reader: str | None) -> zdr.EventReader | None:
+    """The reader at ``reader`` (None: zdr's own log). A reader's factory finds the
+    command's database in ZDR_DATABASE_URL: ``--database-url`` is put there first."""
+    if reader is None:
+        return None
+    from zdr.readers import load
+
+    return load(reader, database_url=database_url)
 
 
 def with_horizon_warning(manager: zdr.ReplayManager, seconds: float | None) -> None:

@@ -14,6 +14,7 @@ from zdr.cli.app import (
     DatabaseUrl,
     HorizonWarning,
     Key,
+    ReaderPath,
     app,
     err,
     manager_for,
@@ -30,10 +31,11 @@ def status(
     as_json: AsJson = False,
     horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Where the replays stand (state, position, lag, rate, ETA, last run, age), the live
     read models' lag, and a warning when the safe horizon is held too long."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
     if as_json:
@@ -64,9 +66,11 @@ def status(
 
 
 @app.command()
-def horizon(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+def horizon(
+    as_json: AsJson = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """The safe horizon the runners read under, and the transaction holding it back, if any."""
-    found = manager_for(database_url).horizon()
+    found = manager_for(database_url, reader=reader).horizon()
     if as_json:
         print_json(found.to_dict())
         return
@@ -75,9 +79,11 @@ def horizon(as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
 
 
 @app.command()
-def lag(key: Key, as_json: AsJson = False, database_url: DatabaseUrl = None) -> None:
+def lag(
+    key: Key, as_json: AsJson = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Events after the replay's checkpoint."""
-    value = manager_for(database_url).get_replay_lag(key)
+    value = manager_for(database_url, reader=reader).get_replay_lag(key)
     if as_json:
         print_json({"key": key, "lag": value})
     else:
@@ -91,9 +97,10 @@ def verify(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print markdown.")] = False,
     max_differences: Annotated[int, typer.Option(min=1)] = 20,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Compare the replay with live; exit 0 when equal, 1 when differences were found."""
-    report = manager_for(database_url).verify(key, max_differences=max_differences)
+    report = manager_for(database_url, reader=reader).verify(key, max_differences=max_differences)
     if as_json:
         print_json(report.to_dict())
     elif markdown:

@@ -25,9 +25,11 @@ from zdr.cli.app import (
     HorizonWarning,
     Key,
     Projectors,
+    ReaderPath,
     Yes,
     app,
     err,
+    load_reader,
     log_to_stderr,
     manager_for,
     paths,
@@ -37,16 +39,35 @@ from zdr.settings import DEFAULTS
 
 
 @app.command()
-def setup(projectors: Projectors, database_url: DatabaseUrl = None) -> None:
+def setup(
+    projectors: Projectors, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Create zdr's tables and the live tables of these projectors (idempotent)."""
-    manager_for(database_url, projectors).setup()
+    manager_for(database_url, projectors, reader).setup()
     err.print(f"set up: {', '.join(paths(projectors))}")
 
 
+@app.command("prepare-reader")
+def prepare_reader(reader: ReaderPath = None, database_url: DatabaseUrl = None) -> None:
+    """Stamp an application's event table for its reader (a TableReader): a column, a
+    check, a trigger and an index, without rewriting the table (idempotent)."""
+    if reader is None:
+        raise zdr.ConfigurationError("name the reader to prepare: --reader module:attr")
+    found = load_reader(database_url, reader)
+    prepare = getattr(found, "prepare", None)
+    if not callable(prepare):
+        err.print(f"nothing to prepare: {found!r} reads its log as it is")
+        return
+    prepare(database_url)
+    err.print(f"prepared: {found!r} reads its table by (transaction id, position)")
+
+
 @app.command()
-def create(key: Key, projectors: Projectors, database_url: DatabaseUrl = None) -> None:
+def create(
+    key: Key, projectors: Projectors, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Create a replay: validate, and clone the projectors' tables into its own schemas."""
-    replay = manager_for(database_url).create_replay(key, paths(projectors))
+    replay = manager_for(database_url, reader=reader).create_replay(key, paths(projectors))
     schemas = ", ".join(f"{live} -> {side}" for live, side in sorted(replay.schemas.items()))
     err.print(f"created replay [bold]{key}[/bold]: {schemas}")
 
@@ -59,9 +80,10 @@ def replay(
         int, typer.Option(min=1, help="Events per transaction.")
     ] = DEFAULTS.batch_size,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Replay the history into the replay's copy, up to the head (resumes where it stopped)."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     with _progress() as progress:
         task = progress.add_task(f"replaying {key}", total=None)
 
@@ -91,16 +113,19 @@ def enable_dual_write(
         int, typer.Option(min=0, help="Refuse above this lag.")
     ] = DEFAULTS.lag_threshold,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Switch dual write on: the live runner writes the replay too, with no gap."""
-    manager_for(database_url).enable_dual_write(key, lag_threshold=lag_threshold)
+    manager_for(database_url, reader=reader).enable_dual_write(key, lag_threshold=lag_threshold)
     err.print(f"dual write on for [bold]{key}[/bold]; a live runner must be running (zdr live)")
 
 
 @app.command()
-def promote(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+def promote(
+    key: Key, yes: Yes = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Put the replay live in one transaction; the previous copy is kept for rollback."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     _confirm(yes, f"Put replay {key!r} live? Readers switch to its copy at once.", manager, key)
     report = manager.promote(key)
     err.print(
@@ -110,18 +135,22 @@ def promote(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> Non
 
 
 @app.command()
-def rollback(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+def rollback(
+    key: Key, yes: Yes = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Make the copy the replay replaced live again, brought up to date."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     _confirm(yes, f"Roll back replay {key!r}? The previous copy becomes live.", manager, key)
     report = manager.rollback(key)
     err.print(f"rolled back [bold]{key}[/bold] at position {report.position:,}")
 
 
 @app.command()
-def remove(key: Key, yes: Yes = False, database_url: DatabaseUrl = None) -> None:
+def remove(
+    key: Key, yes: Yes = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
+) -> None:
     """Drop the replay's copy and metadata (after promotion: the previous live copy)."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     _confirm(yes, f"Remove replay {key!r} and drop its copy?", manager, key)
     manager.remove_replay(key)
     err.print(f"removed replay [bold]{key}[/bold]")
@@ -139,10 +168,11 @@ def rebase(
     ] = False,
     yes: Yes = False,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """After the database moved to another PostgreSQL cluster (a dump and restore):
     re-stamp the event log for this one. Stop the application's appends first."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader=reader)
     if not yes:
         if not sys.stdin.isatty():
             raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
@@ -183,12 +213,13 @@ def live(
         ),
     ] = False,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
 
     Warns (stderr) naming the transaction that holds the safe horizon when events have
     waited behind it longer than --horizon-warning seconds."""
-    manager = manager_for(database_url, projectors)
+    manager = manager_for(database_url, projectors, reader)
     with_horizon_warning(manager, horizon_warning)
     log_to_stderr()
     manager.setup()

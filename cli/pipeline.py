@@ -19,6 +19,7 @@ from zdr.cli.app import (
     DatabaseUrl,
     Key,
     Projectors,
+    ReaderPath,
     app,
     err,
     manager_for,
@@ -42,6 +43,7 @@ def run(
     ] = DEFAULTS.approval_timeout_s,
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
@@ -54,6 +56,7 @@ def run(
         lag_threshold=lag_threshold,
         approval_timeout_s=approval_timeout,
         auto_approve=auto_approve,
+        reader=reader,
     )
     if as_json:
         print_json(summary.model_dump())
@@ -100,6 +103,13 @@ def demo(
     reset: Annotated[
         bool, typer.Option(help="With a named database: drop the demo's schemas first.")
     ] = False,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="The event log: zdr (zdr's own), eventsourcing (an eventsourcing "
+            "application's table) or stored-events (a Laravel-era table, no lock).",
+        ),
+    ] = "zdr",
     database_url: DatabaseUrl = None,
 ) -> None:
     """Run the zero-downtime replay pipeline on the bank example under live traffic."""
@@ -112,6 +122,7 @@ def demo(
         reset=reset,
         ask=_ask_on_terminal if interactive else None,
         say=lambda line: err.print(f"[dim]·[/dim] {line}"),
+        source=source,
     )
     table = Table(title="zero-downtime replay: summary", show_header=False)
     for name, value in summary.as_dict().items():

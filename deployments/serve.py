@@ -20,7 +20,9 @@ Deployments (name "<flow>/<deployment>"):
   ``remove-replay/...``: the operator's single steps, no schedule.
 
 The live runner applies the projectors in ZDR_LIVE_PROJECTORS (comma-separated
-import paths), by default the bank example's.
+import paths), by default the bank example's. Every deployment reads the event log
+named by ``--reader`` or ZDR_READER (an import path, see ``zdr.readers``; default:
+zdr's own ``zdr.events``), given to its runs as the ``reader`` parameter.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 
+from zdr.errors import ConfigurationError
 from zdr.examples.bank.projectors import LIVE
 from zdr.flows.operations import (
     LIVE_RUN_INTERVAL_S,
@@ -42,8 +45,10 @@ from zdr.flows.operations import (
     rollback_replay,
 )
 from zdr.flows.zero_downtime_replay import zero_downtime_replay
+from zdr.readers import load as load_reader
 
 LIVE_PROJECTORS_ENV = "ZDR_LIVE_PROJECTORS"
+READER_ENV = "ZDR_READER"
 
 
 def live_projectors() -> list[str]:
@@ -57,6 +62,7 @@ def deployments(
     paused: bool = False,
     live_interval_s: float = LIVE_RUN_INTERVAL_S,
     live_run_s: float = LIVE_RUN_SECONDS,
+    reader: str | None = None,
 ) -> list[RunnerDeployment]:
     """Every deployment, with its schedule (``paused`` turns the schedules off).
 
@@ -66,11 +72,16 @@ def deployments(
     """
     if not live_interval_s < live_run_s < 2 * live_interval_s:
         raise ValueError("a live run must last longer than the interval and under twice it")
+    reader = reader or os.environ.get(READER_ENV) or None
+    if reader is not None:
+        load_reader(reader)  # a bad path is refused now, not at each run
+    log = {} if reader is None else {"reader": reader}
     return [
         zero_downtime_replay.to_deployment(
             name="zero-downtime-replay",
             tags=["zdr"],
             description="Rebuild projectors beside the live read model, approve, promote.",
+            parameters=log,
         ),
         live_projection.to_deployment(
             name="live-projection",
@@ -80,13 +91,14 @@ def deployments(
                 "projectors": live_projectors(),
                 "max_seconds": live_run_s,
                 "take_over": True,
+                **log,
             },
             tags=["zdr"],
         ),
-        replay_status.to_deployment(name="replay-status", tags=["zdr"]),
-        promote_replay.to_deployment(name="promote-replay", tags=["zdr"]),
-        rollback_replay.to_deployment(name="rollback-replay", tags=["zdr"]),
-        remove_replay.to_deployment(name="remove-replay", tags=["zdr"]),
+        replay_status.to_deployment(name="replay-status", tags=["zdr"], parameters=log),
+        promote_replay.to_deployment(name="promote-replay", tags=["zdr"], parameters=log),
+        rollback_replay.to_deployment(name="rollback-replay", tags=["zdr"], parameters=log),
+        remove_replay.to_deployment(name="remove-replay", tags=["zdr"], parameters=log),
     ]
 
 
@@ -108,12 +120,21 @@ def main() -> None:
         help="seconds each live-projection run lasts from its scheduled start, more than "
         "the interval and under twice it (default %(default)s)",
     )
+    parser.add_argument(
+        "--reader",
+        default=None,
+        help="the event log's reader, module:attr of a reader or a function returning one "
+        f"(default: ${READER_ENV}, else zdr's own zdr.events)",
+    )
     args = parser.parse_args()
     try:
         served = deployments(
-            paused=args.paused, live_interval_s=args.live_interval, live_run_s=args.live_run
+            paused=args.paused,
+            live_interval_s=args.live_interval,
+            live_run_s=args.live_run,
+            reader=args.reader,
         )
-    except ValueError as exc:
+    except (ValueError, ConfigurationError) as exc:
         parser.error(str(exc))
     serve(*served)
 

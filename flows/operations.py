@@ -29,6 +29,7 @@ def live_projection(
     max_seconds: float = LIVE_RUN_SECONDS,
     batch_size: int = DEFAULTS.batch_size,
     take_over: bool = True,
+    reader: str | None = None,
 ) -> dict[str, Any]:
     """Apply new events to the live read models (and dual-writing replays) for a while.
 
@@ -39,7 +40,8 @@ def live_projection(
     late its process started, and it goes on past its time until the next run waits
     to take over (for at most ``max_seconds`` more): a late worker leaves no gap.
     A run started by hand lasts ``max_seconds``. A run that could not take over in
-    its time ends having done nothing.
+    its time ends having done nothing. ``reader``: the event log's reader by import
+    path (``zdr.readers``; None: zdr's own ``zdr.events``).
     """
     logger = get_run_logger()
     url = resolve_url(database_url)
@@ -61,6 +63,7 @@ def live_projection(
                 batch_size=batch_size,
                 take_over=take_over,
                 overtime_s=overtime,
+                reader=reader,
             )
     except zdr.RunnerBusy as exc:
         logger.info("nothing to do: %s", exc)
@@ -84,29 +87,35 @@ def _window(max_seconds: float) -> tuple[float, float] | None:
 
 
 @flow(name="promote-replay")
-def promote_replay(replay_key: str, database_url: str | None = None) -> zdr.SwapReport:
+def promote_replay(
+    replay_key: str, database_url: str | None = None, reader: str | None = None
+) -> zdr.SwapReport:
     """Put a replay live (atomic; the previous copy is kept)."""
-    return steps.promote(resolve_url(database_url), replay_key)
+    return steps.promote(resolve_url(database_url), replay_key, reader=reader)
 
 
 @flow(name="rollback-replay")
-def rollback_replay(replay_key: str, database_url: str | None = None) -> zdr.SwapReport:
+def rollback_replay(
+    replay_key: str, database_url: str | None = None, reader: str | None = None
+) -> zdr.SwapReport:
     """Make the copy a promotion replaced live again."""
-    return steps.rollback(resolve_url(database_url), replay_key)
+    return steps.rollback(resolve_url(database_url), replay_key, reader=reader)
 
 
 @flow(name="remove-replay")
-def remove_replay(replay_key: str, database_url: str | None = None) -> zdr.Replay:
+def remove_replay(
+    replay_key: str, database_url: str | None = None, reader: str | None = None
+) -> zdr.Replay:
     """Drop a replay's copy and metadata; never a live table."""
-    return steps.remove(resolve_url(database_url), replay_key)
+    return steps.remove(resolve_url(database_url), replay_key, reader=reader)
 
 
 @flow(name="replay-status")
 def replay_status(
-    replay_key: str | None = None, database_url: str | None = None
+    replay_key: str | None = None, database_url: str | None = None, reader: str | None = None
 ) -> list[dict[str, Any]]:
     """The replays, their states, positions and lags, as a table artifact."""
-    rows = steps.replay_status(resolve_url(database_url), replay_key)
+    rows = steps.replay_status(resolve_url(database_url), replay_key, reader=reader)
     create_table_artifact(
         table=reports.status_records(rows),
         key="zdr-replay-status",

@@ -79,8 +79,13 @@ def zero_downtime_replay(
     auto_approve: bool = False,
     remove_on_reject: bool = False,
     events_per_task: int = DEFAULTS.events_per_task,
+    reader: str | None = None,
 ) -> ReplaySummary:
-    """Rebuild ``projectors`` beside the live read model and promote them with no gap."""
+    """Rebuild ``projectors`` beside the live read model and promote them with no gap.
+
+    ``reader``: the event log's reader by import path (``module:attr`` of a reader or a
+    function returning one, see ``zdr.readers``); None reads zdr's own ``zdr.events``.
+    """
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
     DEFAULTS.replace(  # refuse bad numbers before anything runs (ConfigurationError)
@@ -91,25 +96,31 @@ def zero_downtime_replay(
         events_per_task=events_per_task,
     )
     url = resolve_url(database_url)
-    manager = manager_for(url)
+    manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
     _tag_this_run(DATABASE_TAG.format(tag))  # `zdr approve` answers this database's runs only
     artifacts = f"zdr-{tag}-{_dashed(replay_key)}"
     with manager.pipeline_lock(replay_key) as lock:
-        replay = clone_schema(url, replay_key, projectors)
+        replay = clone_schema(url, replay_key, projectors, reader=reader)
         if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
-            return _summary(replay, lag=measure_lag(url, replay_key), promoted=True)
+            return _summary(replay, lag=measure_lag(url, replay_key, reader=reader), promoted=True)
         if replay.state in REPLAYABLE:
-            replay = _replay_history(url, replay, batch_size, events_per_task, artifacts)
+            replay = _replay_history(url, reader, replay, batch_size, events_per_task, artifacts)
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
-                url, replay_key, batch_size, lag_threshold, max_catch_up_rounds, events_per_task
+                url,
+                reader,
+                replay_key,
+                batch_size,
+                lag_threshold,
+                max_catch_up_rounds,
+                events_per_task,
             )
-            replay = enable_dual_write(url, replay_key, lag_threshold)
+            replay = enable_dual_write(url, replay_key, lag_threshold, reader=reader)
             logger.info("dual write is on: the live runner now writes both copies")
 
-        report = verify_replay(url, replay_key)
+        report = verify_replay(url, replay_key, reader=reader)
         _publish_report(report, artifacts)
         decision = _approval(report, auto_approve, approval_timeout_s)
         logger.info(
@@ -121,7 +132,7 @@ def zero_downtime_replay(
         if not decision.approve:
             removed = False
             if remove_on_reject:
-                remove(url, replay_key)
+                remove(url, replay_key, reader=reader)
                 removed = True
                 logger.info("replay %r removed as asked; live is unchanged", replay_key)
             else:
@@ -131,22 +142,27 @@ def zero_downtime_replay(
             ).model_copy(update={"removed": removed})
 
         lock.require()  # never promote without the lock (a lost connection loses it)
-        promotion = _promote_when_level(url, replay_key)
+        promotion = _promote_when_level(url, reader, replay_key)
         _publish_promotion(promotion, artifacts)
-        final = verify_replay(url, replay_key)
+        final = verify_replay(url, replay_key, reader=reader)
         return _summary(final.replay, lag=final.lag, promoted=True, decision=decision).model_copy(
             update={"lock_wait_ms": promotion.lock_wait_ms, "swap_ms": promotion.duration_ms}
         )
 
 
 def _replay_history(
-    url: str, replay: Replay, batch_size: int, events_per_task: int, artifacts: str
+    url: str,
+    reader: str | None,
+    replay: Replay,
+    batch_size: int,
+    events_per_task: int,
+    artifacts: str,
 ) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs."""
     logger = get_run_logger()
     key = replay.key
     done_before = replay.events_applied
-    total = done_before + measure_lag(url, key)
+    total = done_before + measure_lag(url, key, reader=reader)
     progress_id = create_progress_artifact(
         progress=_percent(done_before, total),
         key=f"{artifacts}-progress",
@@ -154,7 +170,9 @@ def _replay_history(
     )
     started = time.monotonic()
     while True:
-        replay = replay_batches(url, key, batch_size=batch_size, max_events=events_per_task)
+        replay = replay_batches(
+            url, key, batch_size=batch_size, max_events=events_per_task, reader=reader
+        )
         done = replay.events_applied
         total = max(total, done)
         update_progress_artifact(progress_id, _percent(done, total))
@@ -168,18 +186,30 @@ def _replay_history(
 
 
 def _catch_up(
-    url: str, key: str, batch_size: int, lag_threshold: int, rounds: int, events_per_task: int
+    url: str,
+    reader: str | None,
+    key: str,
+    batch_size: int,
+    lag_threshold: int,
+    rounds: int,
+    events_per_task: int,
 ) -> None:
     logger = get_run_logger()
     for round_ in range(1, rounds + 1):
-        lag = measure_lag(url, key)
+        lag = measure_lag(url, key, reader=reader)
         logger.info(
             "catch-up round %d: lag %s (threshold %s)", round_, f"{lag:,}", f"{lag_threshold:,}"
         )
         if lag <= lag_threshold:
             return
-        replay_batches(url, key, batch_size=batch_size, max_events=max(events_per_task, lag))
-    lag = measure_lag(url, key)
+        replay_batches(
+            url,
+            key,
+            batch_size=batch_size,
+            max_events=max(events_per_task, lag),
+            reader=reader,
+        )
+    lag = measure_lag(url, key, reader=reader)
     if lag > lag_threshold:
         raise NotConverged(
             f"replay {key!r} is still {lag:,} events behind after {rounds} catch-up rounds "
@@ -210,12 +240,12 @@ def _approval(report: ApprovalReport, auto: bool, timeout_s: int) -> Approval:
         ) from exc
 
 
-def _promote_when_level(url: str, key: str) -> SwapReport:
+def _promote_when_level(url: str, reader: str | None, key: str) -> SwapReport:
     """Promote between two live batches: the live runner keeps both copies level."""
     deadline = time.monotonic() + DEFAULTS.promotion_wait_s
     while True:
         try:
-            return promote(url, key)
+            return promote(url, key, reader=reader)
         except zdr.ReplayLagging:
             if time.monotonic() > deadline:
                 raise

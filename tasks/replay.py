@@ -25,6 +25,7 @@ import zdr
 from zdr import reports
 from zdr.errors import is_transient
 from zdr.projector import load_projector
+from zdr.readers import load as load_reader
 from zdr.reports import ApprovalReport
 
 
@@ -43,40 +44,53 @@ RETRIES: dict[str, Any] = {
 
 
 @functools.lru_cache(maxsize=16)
-def manager_for(database_url: str) -> zdr.ReplayManager:
-    """One manager (and connection pool) per database for the whole process."""
-    return zdr.ReplayManager(database_url)
+def manager_for(database_url: str, reader: str | None = None) -> zdr.ReplayManager:
+    """One manager (and connection pool) per database and reader for the whole process.
+
+    ``reader``: the import path of the event log's reader (``zdr.readers.load``);
+    None reads zdr's own ``zdr.events``."""
+    found = None if reader is None else load_reader(reader, database_url=database_url)
+    return zdr.ReplayManager(database_url, reader=found)
 
 
 @task(name="clone-schema", **RETRIES)
-def clone_schema(database_url: str, replay_key: str, projectors: list[str]) -> zdr.Replay:
+def clone_schema(
+    database_url: str, replay_key: str, projectors: list[str], *, reader: str | None = None
+) -> zdr.Replay:
     """Create the replay and its copy of the tables, or take up the existing one."""
-    return manager_for(database_url).ensure_replay(replay_key, projectors)
+    return manager_for(database_url, reader).ensure_replay(replay_key, projectors)
 
 
 @task(name="replay-batches", **RETRIES)
 def replay_batches(
-    database_url: str, replay_key: str, *, batch_size: int, max_events: int
+    database_url: str,
+    replay_key: str,
+    *,
+    batch_size: int,
+    max_events: int,
+    reader: str | None = None,
 ) -> zdr.Replay:
     """Replay up to ``max_events`` more events, in batches of ``batch_size``.
 
     The returned replay's last run (``runs[-1]``) says what this task did.
     """
-    return manager_for(database_url).start_replay(
+    return manager_for(database_url, reader).start_replay(
         replay_key, batch_size=batch_size, max_events=max_events
     )
 
 
 @task(name="measure-lag", **RETRIES)
-def measure_lag(database_url: str, replay_key: str) -> int:
+def measure_lag(database_url: str, replay_key: str, *, reader: str | None = None) -> int:
     """Events after the replay's checkpoint."""
-    return manager_for(database_url).get_replay_lag(replay_key)
+    return manager_for(database_url, reader).get_replay_lag(replay_key)
 
 
 @task(name="enable-dual-write", **RETRIES)
-def enable_dual_write(database_url: str, replay_key: str, lag_threshold: int) -> zdr.Replay:
+def enable_dual_write(
+    database_url: str, replay_key: str, lag_threshold: int, *, reader: str | None = None
+) -> zdr.Replay:
     """From now on the live runner writes the replay's copy too."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader)
     replay = manager.require_replay(replay_key)
     if replay.state is zdr.ReplayState.DUAL_WRITING:
         return replay  # a retry after the switch committed
@@ -84,9 +98,11 @@ def enable_dual_write(database_url: str, replay_key: str, lag_threshold: int) ->
 
 
 @task(name="verify-replay", **RETRIES)
-def verify_replay(database_url: str, replay_key: str) -> ApprovalReport:
+def verify_replay(
+    database_url: str, replay_key: str, *, reader: str | None = None
+) -> ApprovalReport:
     """What the approver looks at: state, lag, rate, and the verification report."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader)
     return ApprovalReport(
         replay=manager.require_replay(replay_key),
         lag=manager.get_replay_lag(replay_key),
@@ -96,16 +112,16 @@ def verify_replay(database_url: str, replay_key: str) -> ApprovalReport:
 
 
 @task(name="promote", **RETRIES)
-def promote(database_url: str, replay_key: str) -> zdr.SwapReport:
+def promote(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.SwapReport:
     """Make the replay's copy live in one transaction."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader)
     return _swap_once(manager, replay_key, zdr.ReplayState.LIVE, manager.promote)
 
 
 @task(name="rollback", **RETRIES)
-def rollback(database_url: str, replay_key: str) -> zdr.SwapReport:
+def rollback(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.SwapReport:
     """Make the previous copy live again."""
-    manager = manager_for(database_url)
+    manager = manager_for(database_url, reader)
     return _swap_once(manager, replay_key, zdr.ReplayState.ROLLED_BACK, manager.rollback)
 
 
@@ -126,9 +142,9 @@ def _swap_once(
 
 
 @task(name="remove-replay", **RETRIES)
-def remove(database_url: str, replay_key: str) -> zdr.Replay:
+def remove(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.Replay:
     """Drop the replay's copy and metadata; never a live table."""
-    return manager_for(database_url).remove_replay(replay_key)
+    return manager_for(database_url, reader).remove_replay(replay_key)
 
 
 # No retries: a retry would start its time again and run past the run's end; the next
@@ -142,19 +158,24 @@ def project_live(
     batch_size: int,
     take_over: bool = False,
     overtime_s: float = 0.0,
+    reader: str | None = None,
 ) -> int:
     """Apply new events to the live read models and dual-writing replays for a while
     (``take_over``, ``overtime_s``: see ``ReplayManager.follow``)."""
+    shared = manager_for(database_url, reader)
     manager = zdr.ReplayManager(
-        manager_for(database_url).engine,
+        shared.engine,
         projectors=[load_projector(path) for path in projectors],
         batch_size=batch_size,
+        reader=shared.reader,
     )
     manager.setup()
     return manager.follow(max_seconds=max_seconds, take_over=take_over, overtime_s=overtime_s)
 
 
 @task(name="replay-status", **RETRIES)
-def replay_status(database_url: str, replay_key: str | None = None) -> list[dict[str, Any]]:
+def replay_status(
+    database_url: str, replay_key: str | None = None, *, reader: str | None = None
+) -> list[dict[str, Any]]:
     """Every replay (or one) with its state, position, lag, rate and ETA."""
-    return manager_for(database_url).status(replay_key)
+    return manager_for(database_url, reader).status(replay_key)

@@ -6,6 +6,11 @@ the balances projection into a new shape (BalancesV2) while a writer keeps
 appending events and a reader keeps querying the live table, and promotes it. The summary says
 whether any event was lost or applied twice, whether any read failed, and how
 long readers stalled at the switch.
+
+``source`` picks the event log: zdr's own ``zdr.events`` (``zdr``), an
+``eventsourcing`` application's table (``eventsourcing``, read by
+``zdr.readers.EventsourcingReader``), or a Laravel-era ``stored_events`` table
+written with no lock (``stored-events``, read by a prepared ``TableReader``).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,10 +31,26 @@ import zdr
 from zdr.config import DATABASE_URL_ENV, embedded_url, to_libpq_url, to_sqlalchemy_url
 from zdr.examples.bank.domain import BankSimulator, fold_balances
 from zdr.examples.bank.projectors import LIVE, BalancesV2
+from zdr.readers import load as load_reader
+from zdr.store import iter_all
 
 REPLAY_KEY = "balances_v2"
 DEMO_DATABASE = "zdr_demo"
-DEMO_SCHEMAS = ("zdr", "bank_balances", "bank_history", "bank_stats", "bank_accounts")
+DEMO_SCHEMAS = (
+    "zdr",
+    "bank_balances",
+    "bank_history",
+    "bank_stats",
+    "bank_accounts",
+    "bank_es",
+    "bank_laravel",
+)
+#: ``--source``: the event log the demo writes and replays, and its reader's import path.
+SOURCES = {
+    "zdr": None,
+    "eventsourcing": "zdr.examples.bank.eventsourced:reader",
+    "stored-events": "zdr.examples.bank.stored_events:reader",
+}
 
 
 @dataclass
@@ -47,6 +68,7 @@ class DemoSummary:
     max_read_stall_ms: float = 0.0  # longest read overlapping the promotion
     max_read_ms_whole_run: float = 0.0
     promoted: bool = False
+    source: str = "zdr"
     replay_rate: float = 0.0
     seconds: float = 0.0
     database: str = ""
@@ -122,11 +144,59 @@ def _reader_process(url: str, stop: Any, results: Any) -> None:
     results.send((timings, errors))
 
 
+class DemoLog:
+    """The demo's event log: its writer and its reader, by ``source``."""
+
+    def __init__(self, source: str, url: str, engine: sa.Engine) -> None:
+        self.source = source
+        self.engine = engine
+        self.reader_path = SOURCES[source]
+        self.reader: zdr.EventReader | None = None
+        if self.reader_path is not None:
+            self.reader = load_reader(self.reader_path, database_url=url)
+        if source == "eventsourcing":
+            from zdr.examples.bank.eventsourced import BankLog
+
+            self.writer: Any = BankLog(self.reader.app)  # type: ignore[attr-defined]
+        elif source == "stored-events":
+            from zdr.examples.bank.stored_events import StoredEventsLog
+
+            self.writer = StoredEventsLog(engine)
+        else:
+            self.writer = zdr.EventStore(engine)
+
+    def import_events(self, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
+        return int(self.writer.import_events(events))
+
+    def append(self, batch: list[tuple[str, dict[str, Any]]], *, hold_s: float = 0) -> None:
+        """Append in one transaction, held open ``hold_s`` (an application's slow commit;
+        an eventsourcing application holds its table lock meanwhile, so it commits as is)."""
+        if self.source == "eventsourcing":
+            self.writer.append(batch)
+            return
+        with self.engine.begin() as conn:
+            if self.source == "stored-events":
+                self.writer.append(batch, conn=conn)
+            else:
+                for stream, event in batch:
+                    self.writer.append(stream, [event], conn=conn)
+            if hold_s:
+                time.sleep(hold_s)
+
+    def close(self) -> None:
+        app = getattr(self.reader, "app", None)
+        if app is not None:
+            app.close()
+
+
 class Traffic:
     """Writers appending events and a live runner in threads, a reader in its own process."""
 
-    def __init__(self, manager: zdr.ReplayManager, url: str, *, rate: int = 600) -> None:
+    def __init__(
+        self, manager: zdr.ReplayManager, url: str, log: DemoLog, *, rate: int = 600
+    ) -> None:
         self.manager = manager
+        self.log = log
         self.rate = rate
         self.stop = threading.Event()
         self.appended = 0
@@ -187,14 +257,10 @@ class Traffic:
     def _write(self) -> None:
         sim = BankSimulator(accounts=200, seed=2024, prefix="live")
         rng = random.Random(1)
-        store = self.manager.store
         while not self.stop.is_set():
             batch = sim.events(rng.randint(1, 12))
-            with store.engine.begin() as conn:
-                for stream, event in batch:
-                    store.append(stream, [event], conn=conn)
-                if rng.random() < 0.1:  # some writers are slow to commit
-                    time.sleep(rng.uniform(0.005, 0.05))
+            # some writers are slow to commit
+            self.log.append(batch, hold_s=rng.uniform(0.005, 0.05) if rng.random() < 0.1 else 0)
             self.appended += len(batch)
             time.sleep(len(batch) / self.rate)
 
@@ -210,6 +276,7 @@ def run_demo(
     lag_threshold: int = 2_000,
     ask: Callable[[str], tuple[bool, str, str]] | None = None,
     say: Callable[[str], None] = print,
+    source: str = "zdr",
 ) -> DemoSummary:
     """Run the zero-downtime replay pipeline (the Prefect flow) under traffic and measure it.
 
@@ -220,20 +287,29 @@ def run_demo(
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     started = time.monotonic()
-    summary = DemoSummary()
+    if source not in SOURCES:
+        raise zdr.ConfigurationError(f"unknown demo source {source!r}: one of {', '.join(SOURCES)}")
+    summary = DemoSummary(source=source)
     url, summary.database = demo_database(database_url, reset=reset)
     say(f"database: {summary.database}")
-    manager = zdr.ReplayManager(url, projectors=[cls() for cls in LIVE], batch_size=10_000)
+    log = DemoLog(source, url, sa.create_engine(url))
+    manager = zdr.ReplayManager(
+        url, projectors=[cls() for cls in LIVE], batch_size=10_000, reader=log.reader
+    )
     manager.setup()
 
     t0 = time.monotonic()
-    manager.store.import_events(BankSimulator(accounts=5_000, seed=7).stream(events))
-    say(f"seeded {events:,} events in {time.monotonic() - t0:.1f}s")
+    log.import_events(BankSimulator(accounts=5_000, seed=7).stream(events))
+    where = {"zdr": "zdr.events", "eventsourcing": "an eventsourcing application's table"}
+    say(
+        f"seeded {events:,} events into {where.get(source, 'a stored_events table')} "
+        f"in {time.monotonic() - t0:.1f}s"
+    )
     t0 = time.monotonic()
     manager.project_live()
     say(f"built the live read models in {time.monotonic() - t0:.1f}s")
 
-    with Traffic(manager, url) as traffic:
+    with Traffic(manager, url, log) as traffic:
         time.sleep(0.5)
         say(f"running the pipeline: rebuild 'balances' as {BalancesV2.import_path()}")
         flow_done = threading.Event()
@@ -252,6 +328,7 @@ def run_demo(
                 lag_threshold=lag_threshold,
                 auto_approve=ask is None,
                 approval_timeout_s=900,
+                reader=log.reader_path,
             )
         finally:
             flow_done.set()
@@ -276,6 +353,8 @@ def run_demo(
     summary.max_read_ms_whole_run = traffic.longest_read_ms()
     summary.notes = traffic.read_errors[:5]
     summary.seconds = round(time.monotonic() - started, 1)
+    log.close()
+    log.engine.dispose()
     manager.engine.dispose()
     return summary
 
@@ -316,7 +395,7 @@ def _promotion_window(replay: zdr.Replay) -> tuple[float, float] | None:
 
 def _count(manager: zdr.ReplayManager, summary: DemoSummary) -> None:
     """Compare the live balances with a from-scratch fold of the whole log."""
-    expected = fold_balances(manager.store.iter_all())
+    expected = fold_balances(iter_all(manager.reader, manager.engine))
     with manager.engine.connect() as conn:
         rows = {
             row.account_id: row

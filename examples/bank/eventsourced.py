@@ -11,6 +11,7 @@ the application's own recorder (its table lock included), as ``Bank.save`` would
 
 from __future__ import annotations
 
+import atexit
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -129,7 +130,9 @@ def reader() -> EventsourcingReader:
         raise ConfigurationError(
             f"zdr.examples.bank.eventsourced:reader reads the database from {DATABASE_URL_ENV}"
         )
-    return EventsourcingReader(bank_app(url))
+    app = bank_app(url)
+    atexit.register(app.close)  # its connection pool, before the interpreter tears down
+    return EventsourcingReader(app)
 
 
 class BankLog:

@@ -67,6 +67,8 @@ class EventsourcingReader:
                 "would skip some. Switch it off, or read the table with a prepared "
                 "zdr.readers.TableReader"
             )
+        #: The application read (its mapper decodes each notification).
+        self.app = app
         self.mapper = app.mapper
         self.app_name = type(app).__name__
         schema = datastore.schema or "public"

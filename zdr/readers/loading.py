@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
+from zdr.config import DATABASE_URL_ENV
 from zdr.errors import ConfigurationError
 from zdr.store import EventReader
 
 _METHODS = ("read", "horizon", "count_after")
 
 
-def load(path: str) -> EventReader:
+def load(path: str, *, database_url: str | None = None) -> EventReader:
     """The reader at ``module:attr`` (``attr`` may be dotted): a reader, or a callable
     taking no argument that returns one (called here). ConfigurationError names what
-    went wrong: the form, the module, the attribute, the call, or what came back."""
+    went wrong: the form, the module, the attribute, the call, or what came back.
+
+    ``database_url``: the database zdr runs on, put in ``ZDR_DATABASE_URL`` first, so a
+    factory finds the same database as the command or flow that names it."""
     if not isinstance(path, str) or path.count(":") != 1:
         raise ConfigurationError(
             f"a reader is named module:attr (for example myapp.zdr:reader), got {path!r}"
@@ -22,6 +27,8 @@ def load(path: str) -> EventReader:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"a reader is named module:attr, got {path!r}")
+    if database_url:
+        os.environ[DATABASE_URL_ENV] = database_url
     try:
         found: Any = importlib.import_module(module_name)
     except Exception as exc:  # an import runs arbitrary code: anything may come out
