@@ -12,6 +12,7 @@ thousands), never one event.
 
 from __future__ import annotations
 
+import atexit
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,11 @@ def manager_for(database_url: str, reader: str | None = None) -> zdr.ReplayManag
     None reads zdr's own ``zdr.events``."""
     found = None if reader is None else load_reader(reader, database_url=database_url)
     return zdr.ReplayManager(database_url, reader=found)
+
+
+# Let go of the managers (their pools, a reader's application) while the interpreter can
+# still run their finalizers.
+atexit.register(manager_for.cache_clear)
 
 
 @task(name="clone-schema", **RETRIES)

@@ -16,6 +16,7 @@ from prefect.deployments import run_deployment
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
+import zdr
 from tests.support import balances, seed, wait_for
 from zdr.deployments.serve import deployments
 
@@ -52,6 +53,22 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
         given = {name: SAMPLE_RUN_PARAMETERS[name] for name in required}
         flow.validate_parameters({**given, **deployment.parameters})  # raises if bad
     assert served[PIPELINE]._parameter_openapi_schema.required == ["replay_key", "projectors"]
+
+
+def test_every_served_deployment_reads_the_log_its_reader_names(monkeypatch, database_url):
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    reader = "zdr.examples.bank.stored_events:table_reader"
+    for deployment in deployments(reader=reader):
+        assert deployment.parameters["reader"] == reader, deployment.name
+        flow = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
+        given = {
+            n: SAMPLE_RUN_PARAMETERS[n] for n in deployment._parameter_openapi_schema.required or []
+        }
+        flow.validate_parameters({**given, **deployment.parameters})
+    monkeypatch.setenv("ZDR_READER", reader)
+    assert all(d.parameters["reader"] == reader for d in deployments())
+    with pytest.raises(zdr.ConfigurationError, match="cannot be imported"):
+        deployments(reader="zdr.nowhere:reader")
 
 
 def test_prefect_yaml_deployments_load_and_their_parameters_validate():

@@ -31,8 +31,9 @@ EXPLODING = "tests.support:ExplodingBalancesV2"
 class LiveTraffic:
     """A writer and the live runner in threads, as in production."""
 
-    def __init__(self, manager: zdr.ReplayManager, *, write: bool = True) -> None:
+    def __init__(self, manager: zdr.ReplayManager, *, write: bool = True, log=None) -> None:
         self.manager = manager
+        self.log = log
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._guard(self._follow))]
@@ -65,7 +66,10 @@ class LiveTraffic:
     def _write(self) -> None:
         sim = BankSimulator(accounts=50, seed=5, prefix="flow")
         while not self.stop.is_set():
-            append(self.manager.store, sim.events(10))
+            if self.log is None:
+                append(self.manager.store, sim.events(10))
+            else:
+                self.log.append(sim.events(10))
             time.sleep(0.01)
 
 
@@ -85,11 +89,13 @@ def _run_in_thread(**parameters):
 
 
 def test_the_pipeline_promotes_a_replay_equal_to_the_fold_under_appends(
-    manager, engine, database_url
+    log_manager, log, engine, database_url
 ):
-    seed(manager.store, 4_000)
+    """On each kind of log, the flow reading it by the reader's import path."""
+    manager = log_manager
+    log.seed(4_000)
     manager.project_live()
-    with LiveTraffic(manager):
+    with LiveTraffic(manager, log=log):
         summary = zero_downtime_replay(
             replay_key="flow_v2",
             projectors=[V2],
@@ -97,12 +103,13 @@ def test_the_pipeline_promotes_a_replay_equal_to_the_fold_under_appends(
             batch_size=700,
             events_per_task=1_500,
             auto_approve=True,
+            reader=log.reader_path,
         )
     manager.project_live()
     assert summary.promoted and summary.state == "live"
     assert summary.approver == "auto_approve"
     assert summary.lock_wait_ms is not None
-    assert_balances_match_fold(engine, manager.store)
+    assert_balances_match_fold(engine, log.reader)
     assert "deposits" in next(iter(balances(engine).values()))
     runs = manager.get_replay("flow_v2").runs
     assert sum(r.events for r in runs if r.kind == "replay") >= 4_000
@@ -274,12 +281,13 @@ def test_the_same_key_with_other_projectors_is_refused(manager, database_url):
         zero_downtime_replay(replay_key="taken", projectors=[V2], database_url=database_url)
 
 
-def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url):
+@pytest.mark.parametrize("source", ["zdr", "eventsourcing", "stored-events"])
+def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url, source):
     from zdr.examples.bank.demo import run_demo
 
-    summary = run_demo(database_url, events=5_000, reset=True, say=lambda line: None)
+    summary = run_demo(database_url, events=5_000, reset=True, say=lambda line: None, source=source)
 
-    assert summary.promoted
+    assert summary.promoted and summary.source == source
     assert summary.events_expected == summary.events_in_read_model > 5_000
     assert (summary.lost, summary.duplicated, summary.accounts_differing) == (0, 0, 0)
     assert summary.read_errors == 0 and summary.reads > 0

@@ -395,3 +395,60 @@ def test_an_aggregate_id_is_the_stream_id(bank, engine):
     with engine.connect() as conn:
         [event] = zdr.readers.EventsourcingReader(bank).read(conn, zdr.store.START, 10)
     assert event.stream_id == str(account.id)
+
+
+# -- the command line -------------------------------------------------------------
+
+
+@pytest.fixture()
+def zdr_cli(engine, database_url, capsys, monkeypatch):
+    """`zdr ARGS...` in process on the test database (nothing set up): (code, out, err)."""
+    from zdr.cli.main import main
+
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    monkeypatch.setenv("COLUMNS", "300")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def test_the_command_line_prepares_and_reads_a_table_named_by_its_reader(laravel, engine, zdr_cli):
+    reader = "zdr.examples.bank.stored_events:table_reader"
+    laravel.import_events(BankSimulator(accounts=30, seed=3).stream(500))
+    balances_path = "zdr.examples.bank.projectors:Balances"
+    code, _, err = zdr_cli("setup", "-p", balances_path, "--reader", reader)
+    assert code == 0, err
+    code, _, err = zdr_cli("live", "-p", balances_path, "--reader", reader, "--max-seconds", "0.5")
+    assert code == 1 and "not prepared" in err and "zdr prepare-reader" in err
+    assert len([line for line in err.splitlines() if line.startswith("error")]) == 1
+
+    code, _, err = zdr_cli("prepare-reader", "--reader", reader)
+    assert code == 0 and "prepared" in err, err
+    code, _, err = zdr_cli("live", "-p", balances_path, "--reader", reader, "--max-seconds", "0.5")
+    assert code == 0, err
+    code, out, err = zdr_cli("horizon", "--json", "--reader", reader)
+    assert code == 0 and json.loads(out)["held"] is False, err
+    _assert_read_model_is_the_fold(engine)
+
+    code, _, err = zdr_cli("status", "--reader", "zdr.nowhere:reader")
+    assert code == 2 and "cannot be imported" in err
+    code, _, err = zdr_cli(
+        "live", "-p", balances_path, "--max-seconds", "0.5"
+    )  # zdr's own log: refused
+    assert code == 2 and "event log" in err and "--reader" in err
+
+
+def test_the_horizon_of_an_eventsourcing_log_says_nothing_holds_it(bank, engine, zdr_cli):
+    bank.open_account("acc-1", "ada")
+    code, out, err = zdr_cli("horizon", "--reader", "zdr.examples.bank.eventsourced:reader")
+    assert code == 0, err
+    assert "position order" in out + err

@@ -147,6 +147,8 @@ def horizon_warning(horizon: Horizon) -> str:
 
 def horizon_lines(horizon: Horizon) -> list[str]:
     """``zdr horizon``: the horizon, then the holder field by field."""
+    if horizon.by_position:
+        return [horizon.describe()]
     head = f"safe horizon: transaction {horizon.txid:,}"
     holder = horizon.holder
     if holder is None:
