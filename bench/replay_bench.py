@@ -1,18 +1,30 @@
-"""Replay throughput on the bank example: this engine against a naive baseline.
+"""Replay throughput on the bank example: this engine against a naive baseline, on
+each kind of event log.
 
 Prints one JSON line (numbers only, no pass/fail):
 
     python bench/replay_bench.py [--events 1000000] [--database-url URL]
+                                 [--readers own,eventsourcing,stored_events] [--writes 5000]
 
 * engine: ``ReplayManager.start_replay`` rebuilding the balances projection
-  (BalancesV2: fold each batch, one array upsert per batch) from the whole log;
+  (BalancesV2: fold each batch, one array upsert per batch) from zdr's own log;
 * baseline: what the PHP original does, one UPDATE per event and one
   transaction per event, timed on the first ``--baseline-sample`` events of
-  the same log (its rate does not depend on the log's length).
+  the same log (its rate does not depend on the log's length);
+* readers: the same replay of the same history read from each kind of log
+  (``replay_events_per_s``), and the reader alone, reading and decoding every
+  event with no projector (``read_events_per_s``): zdr's own table, an
+  eventsourcing application's (each event decoded by its mapper), a Laravel-era
+  ``stored_events`` table prepared by ``TableReader.prepare``;
+* writers: what ``prepare`` costs the application's writers: ``--writes``
+  one-row INSERT transactions into a ``stored_events`` table before and after it
+  is prepared (inserts/s, median and p99 ms).
 
-Without a URL it runs in a database of its own in the embedded PostgreSQL. A
+Without a URL it runs in databases of its own in the embedded PostgreSQL. A
 database named with --database-url gets the schemas zdr, bank_balances and
-bench_naive; its events are reused by the next run.
+bench_naive (its events are reused by the next run); the other logs get
+databases of their own beside it (``<name>_eventsourcing``, ``<name>_stored_events``,
+made afresh: the user needs CREATEDB).
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -33,6 +47,11 @@ import zdr  # noqa: E402
 from zdr.config import embedded_url, to_libpq_url, to_sqlalchemy_url  # noqa: E402
 from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, BankSimulator  # noqa: E402
 from zdr.examples.bank.projectors import Balances, BalancesV2  # noqa: E402
+from zdr.readers import EventsourcingReader  # noqa: E402
+from zdr.store import iter_all  # noqa: E402
+
+READERS = ("own", "eventsourcing", "stored_events")
+Pair = tuple[str, dict[str, Any]]
 
 BASELINE_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS bench_naive.balances (
     account_id text PRIMARY KEY, owner text, balance bigint NOT NULL DEFAULT 0,
@@ -43,11 +62,83 @@ def fresh_database(url: str | None, name: str = "zdr_bench") -> str:
     """The URL given, else a database ``name`` made afresh in the embedded PostgreSQL."""
     if url:
         return to_sqlalchemy_url(url)
-    server = sa.create_engine(embedded_url(), isolation_level="AUTOCOMMIT")
+    return _made_afresh(embedded_url(), name)
+
+
+def _made_afresh(server_url: str, name: str) -> str:
+    server = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with server.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    return server.url.set(database=name).render_as_string(hide_password=False)
+    server.dispose()
+    return sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def beside(url: str, suffix: str) -> str:
+    """A database of its own next to ``url``'s, made afresh: one log per database."""
+    return _made_afresh(url, f"{sa.make_url(url).database}_{suffix}")
+
+
+def other_log(
+    kind: str, url: str
+) -> tuple[zdr.EventReader, Callable[[Iterable[Pair]], int], Callable[[], None]]:
+    """The reader of a log of ``kind`` in ``url``'s database, how to import into it, and
+    how to let go of it after."""
+    if kind == "eventsourcing":
+        from zdr.examples.bank.eventsourced import BankLog, bank_app
+
+        app = bank_app(url)
+        return EventsourcingReader(app), BankLog(app).import_events, app.close
+    from zdr.examples.bank import stored_events
+
+    stored_events.create(url)
+    reader = stored_events.table_reader()
+    reader.prepare(url)
+    engine = sa.create_engine(url)
+    return reader, stored_events.StoredEventsLog(engine).import_events, engine.dispose
+
+
+def replay_rates(url: str, reader: zdr.EventReader | None, batch_size: int) -> tuple[float, float]:
+    """(replay events/s, read-only events/s) of the whole log in ``url``."""
+    manager = zdr.ReplayManager(url, projectors=[Balances()], batch_size=batch_size, reader=reader)
+    manager.setup()
+    if manager.get_replay("bench") is not None:  # left by an interrupted run
+        manager.remove_replay("bench")
+    manager.create_replay("bench", [BalancesV2()])
+    started = time.perf_counter()
+    replay = manager.start_replay("bench")
+    replay_rate = replay.events_applied / (time.perf_counter() - started)
+    started = time.perf_counter()
+    read = sum(1 for _ in iter_all(manager.reader, manager.engine, batch_size))
+    read_rate = read / (time.perf_counter() - started)
+    manager.remove_replay("bench")
+    manager.engine.dispose()
+    return replay_rate, read_rate
+
+
+def writer_cost(url: str, writes: int) -> dict[str, float]:
+    """One-row INSERT transactions into a stored_events table, before and after prepare."""
+    from zdr.examples.bank import stored_events
+
+    stored_events.create(url)
+    sim = BankSimulator(accounts=1_000, seed=3)
+    engine = sa.create_engine(url)
+    log = stored_events.StoredEventsLog(engine)
+    found: dict[str, float] = {}
+    for when in ("before_prepare", "after_prepare"):
+        if when == "after_prepare":
+            stored_events.table_reader().prepare(engine)
+        took = []
+        for pair in sim.events(writes):
+            started = time.perf_counter()
+            log.append([pair])
+            took.append(time.perf_counter() - started)
+        took.sort()
+        found[f"{when}_inserts_per_s"] = round(len(took) / sum(took))
+        found[f"{when}_median_ms"] = round(took[len(took) // 2] * 1000, 3)
+        found[f"{when}_p99_ms"] = round(took[int(len(took) * 0.99)] * 1000, 3)
+    engine.dispose()
+    return found
 
 
 def naive_replay(url: str, store: zdr.EventStore, sample: int) -> float:
@@ -91,7 +182,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--baseline-sample", type=int, default=20_000)
     parser.add_argument("--database-url", default=None)
+    parser.add_argument(
+        "--readers",
+        default=",".join(READERS),
+        help="comma-separated, from: " + ", ".join(READERS),
+    )
+    parser.add_argument("--writes", type=int, default=5_000)
     args = parser.parse_args()
+    kinds = [k.strip() for k in args.readers.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(READERS))
+    if unknown:
+        parser.error(f"unknown readers {unknown}: choose from {', '.join(READERS)}")
 
     url = fresh_database(args.database_url)
     manager = zdr.ReplayManager(url, projectors=[Balances()], batch_size=args.batch_size)
@@ -116,6 +217,22 @@ def main() -> None:
     baseline_rate = naive_replay(url, manager.store, min(args.baseline_sample, args.events))
     manager.remove_replay("bench")
 
+    readers: dict[str, dict[str, float]] = {}
+    for kind in kinds:
+        if kind == "own":
+            replay_rate, read_rate = replay_rates(url, None, args.batch_size)
+        else:
+            log_url = beside(url, kind)
+            reader, load, let_go = other_log(kind, log_url)
+            load(BankSimulator(accounts=args.accounts, seed=11).stream(args.events))
+            replay_rate, read_rate = replay_rates(log_url, reader, args.batch_size)
+            let_go()
+        readers[kind] = {
+            "replay_events_per_s": round(replay_rate),
+            "read_events_per_s": round(read_rate),
+        }
+    writers = writer_cost(beside(url, "writers"), args.writes) if args.writes else {}
+
     print(
         json.dumps(
             {
@@ -127,6 +244,8 @@ def main() -> None:
                 "speedup": round(engine_rate / baseline_rate, 1),
                 "batch_size": args.batch_size,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "readers": readers,
+                "writers": writers,
             }
         )
     )
