@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -19,3 +21,38 @@ def test_the_readme_python_example_runs(engine, database_url, monkeypatch, capsy
         rows = conn.exec_driver_sql("SELECT book_id, on_loan FROM library_loans.loans").all()
         assert rows == [("book-1", True)]
         assert conn.exec_driver_sql("SELECT count(*) FROM zdr.replays").scalar() == 0
+
+
+def _run_as_module(code: str, name: str, monkeypatch) -> None:
+    """Run README code as an importable module (eventsourcing imports an aggregate's)."""
+    module = types.ModuleType(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    exec(compile(code, str(README), "exec"), module.__dict__)
+
+
+def _block(marker: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    [block] = [b for b in blocks if b.startswith(marker)]
+    return block
+
+
+def test_the_readme_eventsourcing_reader_example_runs(engine, database_url, monkeypatch, capsys):
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    _run_as_module(_block("# readers: eventsourcing"), "readme_eventsourcing", monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "[('Dune', True), ('Emma', False)]"
+    with engine.connect() as conn:
+        state = conn.exec_driver_sql("SELECT state FROM zdr.replays").scalar_one()
+    assert state == "live"
+
+
+def test_the_readme_table_reader_example_runs(engine, database_url, monkeypatch, capsys):
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    _run_as_module(_block("# readers: table"), "readme_table", monkeypatch)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == "[('acc-1', 42)]"
+    with engine.connect() as conn:
+        stamped = conn.exec_driver_sql(
+            "SELECT count(*) FROM app.stored_events WHERE zdr_txid IS NULL"
+        ).scalar_one()
+    assert stamped == 2, "rows from before prepare keep no stamp"

@@ -25,7 +25,7 @@ from eventsourcing.utils import get_topic
 from zdr.config import DATABASE_URL_ENV, to_sqlalchemy_url
 from zdr.errors import ConfigurationError
 from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, WITHDRAWN, in_chunks
-from zdr.readers import EventsourcingReader
+from zdr.readers import EventsourcingReader, postgres_env
 
 #: The schema the application's table (``bank_events``) lives in.
 SCHEMA = "bank_es"
@@ -102,25 +102,13 @@ def account_uuid(account_id: str) -> uuid.UUID:
 def bank_app(database_url: str, *, schema: str = SCHEMA) -> Bank:
     """The Bank persisted with ``eventsourcing.postgres`` in the database at ``database_url``
     (the schema is created if missing: eventsourcing creates only its table)."""
-    url = sa.make_url(to_sqlalchemy_url(database_url))
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(to_sqlalchemy_url(database_url))
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     finally:
         engine.dispose()
-    host = url.query.get("host") or url.host or "localhost"
-    return Bank(
-        env={
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
-            "POSTGRES_DBNAME": url.database or "",
-            "POSTGRES_HOST": host if isinstance(host, str) else host[0],
-            "POSTGRES_PORT": str(url.port or 5432),
-            "POSTGRES_USER": url.username or "",
-            "POSTGRES_PASSWORD": url.password or "",
-            "POSTGRES_SCHEMA": schema,
-        }
-    )
+    return Bank(env=postgres_env(database_url, schema=schema))
 
 
 def reader() -> EventsourcingReader:

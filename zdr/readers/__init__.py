@@ -10,8 +10,8 @@ deployments name a reader by import path (``load``). zdr's own tables stay in th
 ``zdr`` schema of the same database.
 """
 
-from zdr.readers.eventsourcing import EventsourcingReader
+from zdr.readers.eventsourcing import EventsourcingReader, postgres_env
 from zdr.readers.loading import load
 from zdr.readers.table import TableReader
 
-__all__ = ["EventsourcingReader", "TableReader", "load"]
+__all__ = ["EventsourcingReader", "TableReader", "load", "postgres_env"]

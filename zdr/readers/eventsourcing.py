@@ -29,6 +29,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from zdr.config import resolve_url
 from zdr.errors import ConfigurationError, InvalidEvent, NotSetUp
 from zdr.settings import DEFAULTS
 from zdr.store import Cursor, RecordedEvent, driver_connection
@@ -181,6 +182,24 @@ class EventsourcingReader:
                 "CREATE_TABLE) so its table exists"
             )
         self._checked.add(where)
+
+
+def postgres_env(url: str | None = None, *, schema: str = "public") -> dict[str, str]:
+    """``eventsourcing.postgres``'s settings (``Application(env=...)``) for the database at
+    ``url``, by default zdr's (ZDR_DATABASE_URL, else the embedded PostgreSQL): the
+    application whose events zdr reads keeps them in the database zdr runs on. Its schema
+    must exist (eventsourcing creates only its table)."""
+    parts = sa.make_url(resolve_url(url))
+    host = parts.query.get("host") or parts.host or "localhost"  # a socket folder or a host
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": parts.database or "",
+        "POSTGRES_HOST": host if isinstance(host, str) else host[0],
+        "POSTGRES_PORT": str(parts.port or 5432),
+        "POSTGRES_USER": parts.username or "",
+        "POSTGRES_PASSWORD": parts.password or "",
+        "POSTGRES_SCHEMA": schema,
+    }
 
 
 def _quoted(name: str) -> str:
