@@ -139,6 +139,27 @@ def cli(database_url, manager, capsys, monkeypatch):
     return run
 
 
+@pytest.fixture()
+def zdr_cli(engine, database_url, capsys, monkeypatch):
+    """`zdr ARGS...` in process on the test database (nothing set up): (code, out, err)."""
+    from zdr.cli.main import main
+
+    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+    monkeypatch.setenv("COLUMNS", "300")
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
     """A real `prefect server start` (API, UI, and the scheduler that turns a deployment's

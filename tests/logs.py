@@ -13,13 +13,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 import zdr
 from zdr.examples.bank.domain import BankSimulator
 from zdr.store import iter_all
 
-KINDS = ("own", "table", "eventsourcing")
+KINDS = (
+    "own",
+    "table",
+    pytest.param("eventsourcing", marks=pytest.mark.eventsourcing),
+)
 #: What ``zdr.readers.load`` takes for each kind (``ZDR_DATABASE_URL`` names the database).
 READER_PATHS = {
     "own": None,

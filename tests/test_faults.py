@@ -158,6 +158,7 @@ def test_after_a_move_to_another_cluster_runners_refuse_and_rebase_loses_nothing
     assert manager.rebase().events == 0  # nothing left to do
 
 
+@pytest.mark.eventsourcing
 @pytest.mark.parametrize("log", ["eventsourcing"], indirect=True)
 def test_a_log_read_by_position_runs_on_after_a_move_to_another_cluster(log_manager, log, engine):
     """An eventsourcing application's notification ids mean the same in any cluster:

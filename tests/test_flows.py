@@ -281,7 +281,10 @@ def test_the_same_key_with_other_projectors_is_refused(manager, database_url):
         zero_downtime_replay(replay_key="taken", projectors=[V2], database_url=database_url)
 
 
-@pytest.mark.parametrize("source", ["zdr", "eventsourcing", "stored-events"])
+@pytest.mark.parametrize(
+    "source",
+    ["zdr", pytest.param("eventsourcing", marks=pytest.mark.eventsourcing), "stored-events"],
+)
 def test_the_demo_loses_nothing_duplicates_nothing_and_no_read_fails(database_url, source):
     from zdr.examples.bank.demo import run_demo
 

@@ -7,6 +7,8 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -36,6 +38,7 @@ def _block(marker: str) -> str:
     return block
 
 
+@pytest.mark.eventsourcing
 def test_the_readme_eventsourcing_reader_example_runs(engine, database_url, monkeypatch, capsys):
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
     _run_as_module(_block("# readers: eventsourcing"), "readme_eventsourcing", monkeypatch)
