@@ -139,8 +139,10 @@ class BankLog:
         return list(ids or [])
 
     def import_events(self, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
-        """Insert many events, 5_000 a transaction; return the count."""
-        return in_chunks(self.append, events, 5_000)
+        """Insert many events, 500 a transaction; return the count. (The recorder sends a
+        save in psycopg's pipeline mode; over a Unix socket, as to the embedded PostgreSQL,
+        one of 5,000 events never returned.)"""
+        return in_chunks(self.append, events, 500)
 
     def domain_events(self, events: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
         made = []
