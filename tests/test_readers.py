@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 import zdr
 import zdr.readers
-from tests.support import balances, following
+from tests.support import balances, following, seed
 from zdr.examples.bank import stored_events
 from zdr.examples.bank.domain import BankSimulator, fold_balances
 from zdr.examples.bank.projectors import LIVE, Balances
@@ -192,13 +192,43 @@ def test_a_table_reader_names_what_is_wrong(laravel, engine):
 def test_checkpoints_belong_to_one_log(laravel, engine, manager):
     """The database's checkpoints were made on zdr's own log: a runner reading another
     log refuses instead of applying its positions as if they were the same."""
+    seed(manager.store, 50)
+    manager.project_live()
     reader = stored_events.table_reader()
     reader.prepare(engine)
     other = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], reader=reader)
-    with pytest.raises(zdr.ConfigurationError, match=r"event log zdr.events.*stored_events"):
+    for call in (other.project_live, other.setup, other.live_lag):
+        with pytest.raises(zdr.ConfigurationError, match=r"event log zdr.events.*stored_events"):
+            call()
+
+
+def test_until_a_checkpoint_moves_the_log_can_still_change(laravel, engine, manager):
+    """A setup without the reader (zdr's own log recorded) applied nothing: the first
+    runner with the table's reader takes the database over, and keeps it."""
+    laravel.import_events(BankSimulator(accounts=10, seed=1).stream(100))
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    other = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], reader=reader)
+    assert other.project_live() == 100
+    with pytest.raises(zdr.ConfigurationError, match="event log table"):
+        manager.project_live()
+
+
+def test_checkpoints_made_before_the_log_was_recorded_are_zdr_events(laravel, engine, manager):
+    """An install of an earlier version has checkpoints and no recorded log: they were
+    made on zdr.events (then the only log of the command line and the flows)."""
+    seed(manager.store, 50)
+    manager.project_live()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr.cluster SET event_log = NULL")
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    other = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], reader=reader)
+    with pytest.raises(zdr.ConfigurationError, match="made before zdr recorded.*UPDATE"):
         other.project_live()
-    with pytest.raises(zdr.ConfigurationError, match="event log zdr.events"):
-        other.setup()
+    manager.project_live()  # zdr's own reader: recorded now
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT event_log FROM zdr.cluster").scalar() == "zdr.events"
 
 
 # -- readers by import path -----------------------------------------------------
@@ -270,3 +300,125 @@ def test_the_command_line_prepares_and_reads_a_table_named_by_its_reader(laravel
         "live", "-p", balances_path, "--max-seconds", "0.5"
     )  # zdr's own log: refused
     assert code == 2 and "event log" in err and "--reader" in err
+
+
+# -- what a table must be, and what prepare leaves --------------------------------------
+
+
+def _events_table(engine, ddl: str = "", name: str = "app.events") -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"""CREATE SCHEMA IF NOT EXISTS app;
+                CREATE TABLE {name} (id bigserial PRIMARY KEY, stream text NOT NULL,
+                                     kind text NOT NULL, data jsonb, meta json{ddl})"""
+        )
+
+
+def _reader(name: str = "app.events", **columns) -> zdr.readers.TableReader:
+    given = {"position": "id", "stream_id": "stream", "type": "kind", "data": "data"}
+    return zdr.readers.TableReader(name, **{**given, **columns})
+
+
+def test_null_or_json_null_metadata_is_none_and_a_null_payload_stops_the_reader(engine):
+    """Rows whose payload has no size (NULL) are read, never passed over."""
+    _events_table(engine)
+    reader = _reader(metadata="meta")
+    reader.prepare(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """INSERT INTO app.events (stream, kind, data, meta) VALUES
+               ('s', 'A', '{}', '{}'), ('s', 'B', '{}', NULL), ('s', 'C', '{}', '{"x": 1}'),
+               ('s', 'D', '{}', 'null'), ('s', 'E', NULL, '{}')"""
+        )
+    with engine.connect() as conn:
+        read = reader.read(conn, zdr.store.START, 4)
+        assert [(e.type, e.metadata) for e in read] == [
+            ("A", {}),
+            ("B", {}),
+            ("C", {"x": 1}),
+            ("D", {}),
+        ]
+        with pytest.raises(zdr.InvalidEvent, match=r"event 5 \(E, stream 's'\)"):
+            reader.read(conn, read[-1].cursor, 10)
+
+
+@pytest.mark.parametrize(
+    ("ddl", "columns", "message"),
+    [
+        ("", {"position": "stream"}, "position column stream .* is text: it must be an integer"),
+        (", seq numeric", {"position": "seq"}, "is numeric"),
+        (", seq bigint", {"position": "seq"}, "has no unique index of its own"),
+    ],
+)
+def test_a_position_that_is_no_unique_integer_is_refused(engine, ddl, columns, message):
+    _events_table(engine, ddl)
+    with pytest.raises(zdr.ConfigurationError, match=message):
+        _reader(**columns).prepare(engine)
+
+
+def test_a_partitioned_table_is_refused_before_anything_changes(engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """CREATE SCHEMA app;
+               CREATE TABLE app.events (id bigint, stream text, kind text, data jsonb)
+                   PARTITION BY RANGE (id)"""
+        )
+    with pytest.raises(zdr.ConfigurationError, match="is a partitioned table"):
+        _reader().prepare(engine)
+    with engine.connect() as conn:
+        columns = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'app.events'::regclass "
+            "AND attname = 'zdr_txid'"
+        ).scalar_one()
+    assert columns == 0
+
+
+def test_a_disabled_trigger_is_named_with_the_way_out(engine):
+    _events_table(engine)
+    reader = _reader()
+    reader.prepare(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE app.events DISABLE TRIGGER ALL")
+    with pytest.raises(zdr.ConfigurationError, match="is disabled.*ENABLE TRIGGER"):
+        _reader().prepare(engine)
+    with pytest.raises(zdr.ConfigurationError, match="is disabled"), engine.connect() as conn:
+        _reader().horizon(conn)
+
+
+def test_prepare_creates_nothing_in_zdrs_schema_and_long_names_get_indexes_of_their_own(engine):
+    long = "x" * 45
+    for suffix in ("one", "two"):
+        _events_table(engine, name=f"app.{long}_{suffix}")
+        _reader(f"app.{long}_{suffix}").prepare(engine)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT to_regnamespace('zdr')").scalar() is None
+        indexes = conn.exec_driver_sql(
+            """SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               WHERE c.relname LIKE 'zdr_txid_position_%%' AND i.indisvalid"""
+        ).scalar_one()
+    assert indexes == 2
+
+
+def test_two_prepares_of_one_table_take_turns(engine):
+    _events_table(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO app.events (stream, kind, data) "
+            "SELECT 's', 'A', '{}' FROM generate_series(1, 20000)"
+        )
+    errors: list[BaseException] = []
+
+    def prepare() -> None:
+        try:
+            _reader().prepare(engine)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    with engine.connect() as conn:
+        assert _reader()._missing(conn) == set()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from zdr.errors import ClusterChanged, ConfigurationError
+from zdr.errors import ClusterChanged, ConfigurationError, NotSetUp
 
 if TYPE_CHECKING:  # zdr.store imports zdr.catalog, which imports this module
     from zdr.store import EventReader, StampedLog
@@ -55,11 +55,13 @@ _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
 
 
 def _highest(stamps: StampedLog | None) -> str:
-    """The highest transaction id in the checkpoints and the log's stamps."""
+    """The highest transaction id in the checkpoints and the log's stamps (the log's
+    through its (txid, position) index: max() of a nullable stamp would scan the table)."""
     if stamps is None:
         return "SELECT max(txid) FROM zdr.checkpoints"
     return f"""SELECT greatest((SELECT max(txid) FROM zdr.checkpoints),
-                               (SELECT max({stamps.txid_column}) FROM {stamps.table}))"""
+                               (SELECT {stamps.txid} FROM {stamps.table}
+                                ORDER BY {stamps.txid} DESC, {stamps.position} DESC LIMIT 1))"""
 
 
 def source_of(reader: EventReader) -> str:
@@ -113,22 +115,48 @@ def require_same(conn: sa.Connection, reader: EventReader) -> None:
         )
 
 
-def require_same_log(conn: sa.Connection, reader: EventReader) -> None:
-    """Refuse (ConfigurationError) a reader of another log than the checkpoints'; record
-    the reader's log where none is recorded yet."""
+#: The log of every checkpoint made before zdr recorded which log they are in.
+OWN_LOG = "zdr.events"
+_RECORDS_LOG = """SELECT EXISTS (SELECT 1 FROM pg_attribute
+                                 WHERE attrelid = to_regclass('zdr.cluster')
+                                   AND attname = 'event_log' AND NOT attisdropped)"""
+_MOVED = "SELECT EXISTS (SELECT 1 FROM zdr.checkpoints WHERE (txid, position) > (0, 0))"
+
+
+def require_same_log(conn: sa.Connection, reader: EventReader, *, record: bool = True) -> None:
+    """Refuse (ConfigurationError) a reader of another log than the one the checkpoints
+    are positions in. Until a checkpoint has moved, the log can still change: the reader
+    given is recorded (``record``; it takes the row's lock, so only when it changes)."""
     source = source_of(reader)
-    recorded = conn.exec_driver_sql(
-        """UPDATE zdr.cluster SET event_log = coalesce(event_log, %s)
-           RETURNING event_log""",
-        (source,),
-    ).scalar()
-    if recorded is not None and recorded != source:
+    if not conn.exec_driver_sql(_RECORDS_LOG).scalar_one():
+        if source == OWN_LOG or not record:
+            return  # set up by an earlier version, where zdr.events was the log
+        raise NotSetUp(
+            f"zdr's metadata in this database is from an earlier version, which does not "
+            f"record the event log: run setup (`zdr setup --reader ...`) before reading "
+            f"{source}"
+        )
+    recorded = conn.exec_driver_sql("SELECT event_log FROM zdr.cluster").scalar()
+    if recorded == source:
+        return
+    moved = conn.exec_driver_sql(_MOVED).scalar_one()
+    if moved and recorded is None and source != OWN_LOG:
+        raise ConfigurationError(
+            f"the checkpoints in this database were made before zdr recorded which event "
+            f"log they are positions in (then, by default, {OWN_LOG}), and this reads "
+            f"{source}. If they were made with this reader, record it once: UPDATE "
+            f"zdr.cluster SET event_log = '{source.replace(chr(39), chr(39) * 2)}'. "
+            "Nothing was run"
+        )
+    if moved and recorded is not None:
         raise ConfigurationError(
             f"zdr's checkpoints in this database are positions in the event log {recorded}, "
             f"and this reads {source}: run it with the reader they were made with (the "
             "`reader` option, zdr --reader), or give another log a database of its own. "
             "Nothing was run"
         )
+    if record:
+        conn.exec_driver_sql("UPDATE zdr.cluster SET event_log = %s", (source,))
 
 
 def rebase(

@@ -683,12 +683,14 @@ class ReplayManager:
         """How many committed events sort after the replay's checkpoint (index-only count)."""
         validate_key(key)
         with self.engine.connect() as conn:
+            cluster.require_same_log(conn, self.reader, record=False)
             return self.reader.count_after(conn, records.replay_cursor(conn, key))
 
     @_translate_errors
     def live_lag(self) -> dict[str, int]:
         """How many committed events sort after each live copy's checkpoint, by projection."""
         with self.engine.connect() as conn, conn.begin():
+            cluster.require_same_log(conn, self.reader, record=False)
             cursors = records.live_checkpoints(conn)
             return {name: self.reader.count_after(conn, c) for name, c in cursors.items()}
 
@@ -697,6 +699,7 @@ class ReplayManager:
         in the cluster holds it back, that transaction: pid, database, user, application,
         state, age and the first line of its query (see ``zdr.horizon``)."""
         with self.engine.connect() as conn, conn.begin():
+            cluster.require_same_log(conn, self.reader, record=False)
             return inspect_horizon(conn, self.reader)
 
     @_translate_errors

@@ -129,12 +129,14 @@ HORIZON = f"""(
          WHERE (x::text::bigint & 4294967295) NOT IN ({RUNNER_XIDS})),
         pg_snapshot_xmax(s.snap)::text::bigint)
     FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
-#: The trigger function that refuses appends from a runner's transaction (version 2:
-#: the mark is the lock, which cannot be dropped before the transaction ends). Installed
-#: on every event table read by transaction id (``zdr.events``, a prepared TableReader's).
-REFUSE_RUNNER_APPENDS = (
-    "zdr.refuse_runner_appends_2()",
-    f"""CREATE OR REPLACE FUNCTION zdr.refuse_runner_appends_2() RETURNS trigger
+
+
+def refuse_runner_appends(function: str) -> str:
+    """The trigger function (``function``: its quoted, qualified name) that refuses appends
+    from a runner's transaction, for as long as it holds the runner's mark (the lock:
+    it cannot be dropped before the transaction ends). On every event table read by
+    transaction id: ``zdr.events``, and a prepared TableReader's."""
+    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
             IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
@@ -145,8 +147,7 @@ REFUSE_RUNNER_APPENDS = (
                     || 'transaction (a projector writes read models only)';
             END IF;
             RETURN NULL;
-        END $$""",
-)
+        END $$"""
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ class StampedReader:
         self.max_batch_bytes = DEFAULTS.batch_max_bytes
         self._row = _event_row_of(log.name)
         txid = log.txid
-        meta_size = "0" if metadata is None else f"pg_column_size({metadata})"
+        # coalesce: a NULL payload has no size, and the row must still be read (a NULL
+        # metadata is none; a NULL data stops the reader, naming the event).
+        meta_size = "0" if metadata is None else f"coalesce(pg_column_size({metadata}), 0)"
         meta = "NULL::text" if metadata is None else f"{metadata}::text"
         recorded = "NULL::timestamptz" if recorded_at is None else recorded_at
         # The first ``limit`` events, cut where their stored size passes the budget (the
@@ -216,7 +219,7 @@ class StampedReader:
                              {stream_id}::text AS stream_id, {type_}::text AS type,
                              {data}::text AS data, {meta} AS metadata,
                              {recorded} AS recorded_at,
-                             pg_column_size({data}) + {meta_size} AS size
+                             coalesce(pg_column_size({data}), 0) + {meta_size} AS size
                       FROM {log.table}
                       WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
                         AND ({txid}, {log.position}) <= (%(until_txid)s, %(until_position)s)
@@ -323,7 +326,7 @@ class EventStore(StampedReader):
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
             ),
             # Version 2 (an install made before it keeps version 1 beside it).
-            REFUSE_RUNNER_APPENDS,
+            ("zdr.refuse_runner_appends_2()", refuse_runner_appends("zdr.refuse_runner_appends_2")),
             (
                 "zdr.events/refuse_runner_appends_2",
                 """CREATE TRIGGER refuse_runner_appends_2 BEFORE INSERT ON zdr.events
@@ -526,7 +529,7 @@ def _event_row_of(table: str) -> Any:
             position, txid, stream_id, kind, data, metadata, recorded_at = values
             try:
                 payload = _loads_json(data)
-                meta = {} if metadata is None or metadata == "{}" else _loads_json(metadata)
+                meta = {} if metadata in (None, "{}", "null") else _loads_json(metadata)
             except (ValueError, TypeError) as exc:  # orjson's and json's errors are
                 raise InvalidEvent(
                     f"event {position} ({kind}, stream {stream_id!r}) in {table} cannot be "

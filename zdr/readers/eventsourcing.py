@@ -23,7 +23,6 @@ qualified name (``Book.Lent``), ``metadata`` is ``{"topic": ...}``.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,12 +155,12 @@ class EventsourcingReader:
                 f"{type(exc).__name__}: {exc}. Every reader stops there"
             ) from exc
         data = dict(vars(event))
-        data.pop("originator_id", None)
+        originator = data.pop("originator_id", originator_id)  # as the application sees it
         timestamp = data.get("timestamp")
         return RecordedEvent(
             position=position,
             txid=0,
-            stream_id=str(originator_id) if isinstance(originator_id, uuid.UUID) else originator_id,
+            stream_id=str(originator),
             type=topic.partition(":")[2] or topic,
             data=data,
             metadata={"topic": topic},
@@ -173,7 +172,21 @@ class EventsourcingReader:
         where = str(conn.engine.url)
         if where in self._checked:
             return
-        found = conn.exec_driver_sql("SELECT to_regclass(%s)", (self.table,)).scalar()
+        database, port, found = conn.exec_driver_sql(
+            "SELECT current_database(), current_setting('port'), to_regclass(%s)", (self.table,)
+        ).one()
+        theirs = getattr(self.app.recorder.datastore.pool, "kwargs", None) or {}
+        if (theirs.get("dbname"), str(theirs.get("port"))) not in (
+            (None, "None"),
+            (database, port),
+        ):
+            raise ConfigurationError(
+                f"{self.app_name} keeps its events in database {theirs.get('dbname')!r} (port "
+                f"{theirs.get('port')}), and zdr runs on database {database!r} (port {port}): "
+                "zdr reads the application's table in the database it runs on. Give zdr the "
+                "application's database (zdr.readers.postgres_env builds the application's "
+                "settings from zdr's URL)"
+            )
         if found is None:
             raise NotSetUp(
                 f"there is no table {self.table} in the database zdr runs on: "

@@ -15,31 +15,43 @@ table of the application's gets the same stamps from ``prepare``:
   insert of an explicit NULL, or one after somebody dropped the default, fails
   instead of being skipped by every reader); the rows from before are not checked;
 * the statement trigger that refuses appends from a replay's transaction (the
-  horizon passes those transactions; see ``zdr.store``);
+  horizon passes those transactions; see ``zdr.store``), with its function in the
+  table's schema (prepare creates nothing in zdr's);
 * an index on ``(coalesce(zdr_txid, 0), position)``, built ``CONCURRENTLY``.
 
 Writers pay for it: each insert stamps its rows (a function call per row), checks
 the constraint, maintains one more index, and each INSERT statement runs the
-trigger once (a look at ``pg_locks``). ``bench/replay_bench.py --writers`` measures
-it. The column, constraint and trigger are added under a short ``lock_timeout``,
-retried with backoff, so the application's writers wait a moment at most; a writer
+trigger once (a look at ``pg_locks``, whose cost grows with the locks held in the
+whole server). ``bench/replay_bench.py`` (``writers``) measures it. The column,
+constraint and trigger are added under a short ``lock_timeout``, retried with
+backoff, so the application's writers wait a moment at most; a writer
 that runs ``INSERT INTO t VALUES (...)`` without a column list still works (the
 new column is the last one), one that reads ``SELECT *`` sees one more column.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 import threading
+import time
 
 import sqlalchemy as sa
 
-from zdr.catalog import create_missing
 from zdr.config import make_engine
-from zdr.errors import ConfigurationError, NotSetUp
-from zdr.locks import lock_setup, under_short_lock_timeout
+from zdr.errors import ConfigurationError, NotSetUp, interrupted, is_transient, one_line
+from zdr.locks import ZDR_LOCK_SPACE, under_short_lock_timeout
 from zdr.settings import DEFAULTS
-from zdr.store import REFUSE_RUNNER_APPENDS, Cursor, RecordedEvent, StampedLog, StampedReader
+from zdr.store import (
+    Cursor,
+    RecordedEvent,
+    StampedLog,
+    StampedReader,
+    refuse_runner_appends,
+)
+
+log = logging.getLogger("zdr")
 
 #: The stamp column ``prepare`` adds, and the names of what goes with it.
 STAMP_COLUMN = "zdr_txid"
@@ -105,9 +117,12 @@ class TableReader(StampedReader):
             metadata=self.columns.get("metadata"),
             recorded_at=self.columns.get("recorded_at"),
         )
-        index = f"{name[:40]}_zdr_txid_position"
-        self.index = f'{self.schema}."{index}"'
-        self._index_name = index
+        # Names of their own per table (a hash of its name: two long names never meet).
+        tag = hashlib.sha1(qualified.encode()).hexdigest()[:10]
+        self._index_name = f"zdr_txid_position_{tag}"
+        self.index = f'{self.schema}."{self._index_name}"'
+        self.function = f'{self.schema}."zdr_refuse_runner_appends_{tag}"'
+        self._lock_key = f"prepare {qualified}"
         self._checked: set[str] = set()
         self._checked_lock = threading.Lock()
 
@@ -130,31 +145,64 @@ class TableReader(StampedReader):
         """Add the stamps (see the module's docstring); idempotent: what is there already
         is left alone, and a table that is fully prepared takes no lock at all.
 
-        The column, its default, the constraint and the trigger are added in one short
-        transaction under ``lock_timeout_s``, tried ``attempts`` times (LockTimeout names
-        the table after that; nothing is changed); the index is built concurrently.
+        The column, its default, the constraint, the trigger and its function (in the
+        table's schema) are added in one short transaction under ``lock_timeout_s``,
+        tried ``attempts`` times (LockTimeout names the table after that; nothing is
+        changed); the index is built concurrently after it, which waits for every
+        transaction open in the database at its start to end (writers go on). Two
+        prepares of one table take turns. Run it as the table's owner.
         """
         engine = make_engine(url_or_engine)
-        with engine.connect() as conn:
-            with conn.begin():
-                missing = self._missing(conn)
-            if missing & {"column", "default", "check", "trigger"}:
-                under_short_lock_timeout(
-                    conn,
-                    self._stamp,
-                    lock_timeout_s=lock_timeout_s,
-                    attempts=attempts,
-                    what=f"prepare {self.stamps.table} (the application's writers hold it)",
-                )
-        if missing & {"index"}:
-            self._build_index(engine)
-        self._checked.discard(str(engine.url))
+        try:
+            with engine.connect() as conn:
+                self._take_turn(conn)
+                try:
+                    with conn.begin():
+                        missing = self._missing(conn)
+                    if missing - {"index"}:
+                        under_short_lock_timeout(
+                            conn,
+                            self._stamp,
+                            lock_timeout_s=lock_timeout_s,
+                            attempts=attempts,
+                            what=f"prepare {self.stamps.table} (the application's writers hold it)",
+                        )
+                    if "index" in missing:
+                        self._build_index(conn)
+                finally:
+                    conn.exec_driver_sql(
+                        "SELECT pg_advisory_unlock(%s, hashtext(%s))",
+                        (ZDR_LOCK_SPACE, self._lock_key),
+                    )
+                    conn.commit()
+        except sa.exc.DBAPIError as exc:
+            if is_transient(exc):
+                raise interrupted(f"prepare {self.stamps.table}", exc) from exc
+            raise ConfigurationError(
+                f"prepare {self.stamps.table} failed: {one_line(exc)} (what was added before "
+                "stays; run prepare again once that is fixed)"
+            ) from exc
+        with self._checked_lock:
+            self._checked.discard(str(engine.url))
+
+    def _take_turn(self, conn: sa.Connection) -> None:
+        """Wait for another prepare of this table to end (a session lock). Tried, not waited
+        for in a statement: a session waiting inside one holds a snapshot, which the other
+        prepare's concurrent index build would wait for in turn."""
+        while True:
+            taken = conn.exec_driver_sql(
+                "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, self._lock_key)
+            ).scalar_one()
+            conn.commit()
+            if taken:
+                return
+            time.sleep(0.2)
 
     def _stamp(self, conn: sa.Connection) -> None:
-        lock_setup(conn)
-        create_missing(conn, [("zdr", "CREATE SCHEMA IF NOT EXISTS zdr"), REFUSE_RUNNER_APPENDS])
         missing = self._missing(conn)
         table = self.stamps.table
+        if "function" in missing:
+            conn.exec_driver_sql(refuse_runner_appends(self.function))
         if "column" in missing:
             # No default here: one on ADD COLUMN that is volatile rewrites the table.
             conn.exec_driver_sql(f'ALTER TABLE {table} ADD COLUMN "{STAMP_COLUMN}" bigint')
@@ -172,61 +220,107 @@ class TableReader(StampedReader):
         if "trigger" in missing:
             conn.exec_driver_sql(
                 f'CREATE TRIGGER "{TRIGGER_NAME}" BEFORE INSERT ON {table} '
-                "FOR EACH STATEMENT EXECUTE FUNCTION zdr.refuse_runner_appends_2()"
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {self.function}()"
             )
 
-    def _build_index(self, engine: sa.Engine) -> None:
+    def _build_index(self, conn: sa.Connection) -> None:
         """``CREATE INDEX CONCURRENTLY``: writers go on while it builds. One left invalid by
-        an interrupted build is dropped (concurrently) and built again."""
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            if self._index_state(conn) == "invalid":
-                conn.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {self.index}")
-            conn.exec_driver_sql(
+        an interrupted build is dropped (concurrently) and built again. No statement
+        timeout: a big table takes as long as it takes."""
+        log.info(
+            "building the index of %s concurrently: it waits for the transactions open in "
+            "the database to end, and writers go on meanwhile",
+            self.stamps.table,
+        )
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        auto.exec_driver_sql("SET statement_timeout = 0")
+        try:
+            if self._index_state(auto) == "invalid":
+                auto.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {self.index}")
+            auto.exec_driver_sql(
                 f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self._index_name}" '
                 f"ON {self.stamps.table} (({self.stamps.txid}), {self.stamps.position})"
             )
+        finally:
+            auto.exec_driver_sql("RESET statement_timeout")
 
     # -- the check before reading --------------------------------------------
 
     def _missing(self, conn: sa.Connection) -> set[str]:
-        """What ``prepare`` still has to add; ConfigurationError where the table or one of
-        the named columns does not exist."""
+        """What ``prepare`` still has to add; ConfigurationError where the table cannot be
+        read this way (no such table or column, a partitioned table, a position that is
+        not a unique integer, a disabled trigger of zdr's)."""
+        table = self.stamps.table
+        kind = conn.exec_driver_sql(
+            "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table,)
+        ).scalar()
+        if kind is None:
+            raise ConfigurationError(
+                f"TableReader: there is no table {table} in this database (name it as schema.table)"
+            )
+        if kind != "r":
+            what = {"p": "a partitioned table", "v": "a view", "m": "a materialized view"}
+            raise ConfigurationError(
+                f"TableReader: {table} is {what.get(kind, f'not a table (relkind {kind})')}: "
+                "zdr stamps and reads a plain table only"
+            )
         found = conn.exec_driver_sql(
-            """SELECT a.attname FROM pg_attribute a
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                WHERE a.attrelid = to_regclass(%(table)s) AND a.attnum > 0
                  AND NOT a.attisdropped""",
-            {"table": self.stamps.table},
-        ).scalars()
-        columns = set(found.all())
-        if not columns:
-            raise ConfigurationError(
-                f"TableReader: there is no table {self.stamps.table} in this database "
-                "(name it as schema.table)"
-            )
+            {"table": table},
+        ).all()
+        columns: dict[str, str] = {name: kind for name, kind in found}
         absent = [c for c in self.columns.values() if c.strip('"') not in columns]
         if absent:
             raise ConfigurationError(
-                f"TableReader: {self.stamps.table} has no column {', '.join(absent)} "
+                f"TableReader: {table} has no column {', '.join(absent)} "
                 f"(its columns: {', '.join(sorted(columns))})"
+            )
+        position = self.columns["position"].strip('"')
+        if columns[position] not in ("bigint", "integer", "smallint"):
+            raise ConfigurationError(
+                f"TableReader: the position column {position} of {table} is "
+                f"{columns[position]}: it must be an integer (bigint, integer, smallint) "
+                "that grows with each insert"
             )
         row = conn.exec_driver_sql(
             """SELECT
+                 EXISTS (SELECT 1 FROM pg_index i JOIN pg_attribute a
+                           ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                         WHERE i.indrelid = to_regclass(%(table)s) AND i.indisunique
+                           AND i.indnkeyatts = 1 AND i.indpred IS NULL
+                           AND a.attname = %(position)s),
                  (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
                   JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
                   WHERE d.adrelid = to_regclass(%(table)s) AND a.attname = %(column)s),
                  EXISTS (SELECT 1 FROM pg_constraint
                          WHERE conrelid = to_regclass(%(table)s) AND conname = %(check)s),
-                 EXISTS (SELECT 1 FROM pg_trigger
-                         WHERE tgrelid = to_regclass(%(table)s) AND tgname = %(trigger)s
-                           AND tgenabled <> 'D')""",
+                 (SELECT tgenabled FROM pg_trigger
+                  WHERE tgrelid = to_regclass(%(table)s) AND tgname = %(trigger)s),
+                 to_regprocedure(%(function)s) IS NOT NULL""",
             {
-                "table": self.stamps.table,
+                "table": table,
+                "position": position,
                 "column": STAMP_COLUMN,
                 "check": CHECK_NAME,
                 "trigger": TRIGGER_NAME,
+                "function": f"{self.function}()",
             },
         ).one()
-        default, check, trigger = row
+        unique, default, check, trigger, function = row
+        if not unique:
+            raise ConfigurationError(
+                f"TableReader: the position column {position} of {table} has no unique "
+                "index of its own (a primary key, say): two events at one position would "
+                "be read once or twice"
+            )
+        if trigger == "D":
+            raise ConfigurationError(
+                f'TableReader: the trigger "{TRIGGER_NAME}" on {table} is disabled (a bulk '
+                "load?), so a replay could append and be passed over: enable it again "
+                f'(ALTER TABLE {table} ENABLE TRIGGER "{TRIGGER_NAME}")'
+            )
         missing = set()
         if STAMP_COLUMN not in columns:
             missing.add("column")
@@ -234,7 +328,9 @@ class TableReader(StampedReader):
             missing.add("default")
         if not check:
             missing.add("check")
-        if not trigger:
+        if not function:
+            missing.add("function")
+        if trigger is None:
             missing.add("trigger")
         if self._index_state(conn) != "valid":
             missing.add("index")
@@ -242,7 +338,9 @@ class TableReader(StampedReader):
 
     def _index_state(self, conn: sa.Connection) -> str:
         valid = conn.exec_driver_sql(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (self.index,)
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s) "
+            "AND indrelid = to_regclass(%s)",
+            (self.index, self.stamps.table),
         ).scalar()
         return "missing" if valid is None else "valid" if valid else "invalid"
 
