@@ -147,7 +147,10 @@ class ReplayManager:
     Safe to share between threads: every operation takes its own connection, and
     projectors must be stateless. ``settings`` holds the tuning; the keyword
     arguments ``batch_size``, ``lag_threshold``, ``lock_timeout`` (seconds) and
-    ``swap_attempts`` override it one by one.
+    ``swap_attempts`` override it one by one. ``reader``: the event log, when it is
+    not zdr's own ``zdr.events`` (``zdr.readers``: an application's table, an
+    eventsourcing application's notifications); a database's checkpoints belong to
+    one log.
     """
 
     def __init__(
