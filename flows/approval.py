@@ -3,6 +3,7 @@ the paused pipeline run of a replay key so nobody has to look up a flow-run id."
 
 from __future__ import annotations
 
+from typing import Any, Literal
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -16,7 +17,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.input import RunInput
-from pydantic import Field
+from pydantic import Field, model_validator
 
 import zdr
 from zdr.errors import NoPausedRun
@@ -25,15 +26,39 @@ PIPELINE_FLOW_NAME = "zero-downtime-replay"
 
 
 class Approval(RunInput):
-    """Promote this replay?"""
+    """Promote this replay to live, or leave live as it is?"""
 
-    approve: bool = Field(False, description="Promote the replay to live.")
+    # No default: the form cannot be sent without a choice, so nobody rejects by accident.
+    decision: Literal["approve", "reject"] = Field(
+        ...,
+        description="approve: promote the replay to live now, in one transaction (the "
+        "previous copy is kept for rollback). reject: live stays as it is; the replay stays "
+        "in dual write (or is removed, if the run was started with remove_on_reject).",
+    )
     approver: str = Field(..., min_length=1, description="Who decides (name or handle).")
     comment: str = Field("", description="Why; kept in the run's logs and result.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_approve(cls, values: Any) -> Any:
+        """``approve=True/False``, as the earlier form and ``Approval(approve=...)`` took it."""
+        if isinstance(values, dict) and "approve" in values and "decision" not in values:
+            values = dict(values)
+            values["decision"] = "approve" if values.pop("approve") else "reject"
+        return values
+
+    @property
+    def approve(self) -> bool:
+        """Whether the decision is to promote."""
+        return self.decision == "approve"
 
 
 #: The tag a pipeline run carries for its database (``ReplayManager.database_tag``).
 DATABASE_TAG = "zdr-db-{}"
+#: The tags a pipeline run carries for its replay key and each projection it rebuilds
+#: (the runs list filters by tag).
+KEY_TAG = "replay:{}"
+PROJECTION_TAG = "projection:{}"
 
 
 def find_paused_run(
@@ -88,6 +113,6 @@ def answer(
     decision = Approval(approve=approve, approver=approver, comment=comment)
     run_id = find_paused_run(replay_key, database_tag=database_tag, flow_run_id=flow_run_id)
     resume_flow_run(
-        run_id, run_input=decision.model_dump(include={"approve", "approver", "comment"})
+        run_id, run_input=decision.model_dump(include={"decision", "approver", "comment"})
     )
     return run_id

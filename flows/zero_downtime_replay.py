@@ -14,6 +14,7 @@ running for dual write to keep the replay level with live.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from uuid import UUID
 
@@ -28,13 +29,14 @@ from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run as this_run
+from prefect.states import Completed
 from pydantic import BaseModel
 
 import zdr
 from zdr import reports
 from zdr.config import resolve_url
 from zdr.errors import ApprovalTimedOut, NotConverged
-from zdr.flows.approval import DATABASE_TAG, Approval
+from zdr.flows.approval import DATABASE_TAG, KEY_TAG, PROJECTION_TAG, Approval
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
 from zdr.reports import ApprovalReport
 from zdr.settings import DEFAULTS
@@ -67,7 +69,13 @@ class ReplaySummary(BaseModel):
     removed: bool = False
 
 
-@flow(name="zero-downtime-replay", log_prints=True)
+def _run_name() -> str:
+    """``replay-<key>-<UTC time>``: a run is found by its replay key in the runs list."""
+    key = str(this_run.parameters.get("replay_key", "unknown"))
+    return f"replay-{_dashed(key)}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+
+
+@flow(name="zero-downtime-replay", log_prints=True, flow_run_name=_run_name)
 def zero_downtime_replay(
     replay_key: str,
     projectors: list[str],
@@ -98,10 +106,12 @@ def zero_downtime_replay(
     url = resolve_url(database_url)
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
-    _tag_this_run(DATABASE_TAG.format(tag))  # `zdr approve` answers this database's runs only
+    # `zdr approve` answers this database's runs only; the key and projections find a run.
+    _tag_this_run(DATABASE_TAG.format(tag), KEY_TAG.format(replay_key))
     artifacts = f"zdr-{tag}-{_dashed(replay_key)}"
     with manager.pipeline_lock(replay_key) as lock:
         replay = clone_schema(url, replay_key, projectors, reader=reader)
+        _tag_this_run(*(PROJECTION_TAG.format(name) for name in replay.projectors))
         if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
             return _summary(replay, lag=measure_lag(url, replay_key, reader=reader), promoted=True)
@@ -137,16 +147,28 @@ def zero_downtime_replay(
                 logger.info("replay %r removed as asked; live is unchanged", replay_key)
             else:
                 logger.info("replay %r left intact in dual write; live is unchanged", replay_key)
-            return _summary(
+            summary = _summary(
                 report.replay, lag=report.lag, promoted=False, decision=decision
             ).model_copy(update={"removed": removed})
+            # A state named for the outcome: the runs list tells a rejection from a promotion.
+            return Completed(  # type: ignore[return-value]
+                name="Rejected",
+                message=f"rejected by {decision.approver}: live is unchanged, the replay "
+                + ("removed" if removed else "left in dual write"),
+                data=summary,
+            )
 
         lock.require()  # never promote without the lock (a lost connection loses it)
         promotion = _promote_when_level(url, reader, replay_key)
         _publish_promotion(promotion, artifacts)
         final = verify_replay(url, replay_key, reader=reader)
-        return _summary(final.replay, lag=final.lag, promoted=True, decision=decision).model_copy(
-            update={"lock_wait_ms": promotion.lock_wait_ms, "swap_ms": promotion.duration_ms}
+        summary = _summary(final.replay, lag=final.lag, promoted=True, decision=decision)
+        return Completed(  # type: ignore[return-value]
+            name="Promoted",
+            message=f"promoted, approved by {decision.approver}",
+            data=summary.model_copy(
+                update={"lock_wait_ms": promotion.lock_wait_ms, "swap_ms": promotion.duration_ms}
+            ),
         )
 
 
@@ -220,15 +242,13 @@ def _catch_up(
 
 def _approval(report: ApprovalReport, auto: bool, timeout_s: int) -> Approval:
     if auto:
-        return Approval(approve=True, approver="auto_approve", comment="unattended run")
+        return Approval(decision="approve", approver="auto_approve", comment="unattended run")
     key = report.replay.key
     logger = get_run_logger()
     logger.info("waiting up to %ss for approval (Prefect UI, or `zdr approve %s`)", timeout_s, key)
     try:
         return pause_flow_run(
-            wait_for_input=Approval.with_initial_data(
-                description=report.to_markdown(), approve=False, comment=""
-            ),
+            wait_for_input=Approval.with_initial_data(description=report.to_markdown(), comment=""),
             timeout=timeout_s,
             poll_interval=1,
             key=f"approve-{_dashed(key)}",
@@ -300,14 +320,14 @@ def _percent(done: int, total: int) -> float:
     return 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
 
 
-def _tag_this_run(tag: str) -> None:
-    """Add ``tag`` to this flow run's tags."""
+def _tag_this_run(*tags: str) -> None:
+    """Add ``tags`` to this flow run's tags."""
     run_id = this_run.id
     if run_id is None:
         return
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(UUID(str(run_id)))
-        client.update_flow_run(run.id, tags=sorted({*run.tags, tag}))
+        client.update_flow_run(run.id, tags=sorted({*run.tags, *tags}))
 
 
 def _dashed(replay_key: str) -> str:

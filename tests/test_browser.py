@@ -70,6 +70,7 @@ def test_approving_in_the_prefect_ui_promotes_the_replay(
         run_id = _wait_for_paused_run(prefect_server, "ui_gate", pipeline)
         _approve_in_ui(browser, prefect_server, run_id, approver="ops-dana", comment="rows match")
         output, errors = pipeline.communicate(timeout=120)
+        _see_outcome_in_ui(browser, prefect_server, run_id, "Promoted")
     finally:
         browser.quit()
         if pipeline.poll() is None:
@@ -82,33 +83,62 @@ def test_approving_in_the_prefect_ui_promotes_the_replay(
     assert summary["comment"] == "rows match"
     assert manager.get_replay("ui_gate").state is zdr.ReplayState.LIVE
     assert "deposits" in next(iter(balances(engine).values()))
+    assert _final_state_name(prefect_server, run_id) == "Promoted"
 
 
 def _approve_in_ui(browser, api: str, run_id: str, *, approver: str, comment: str) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     wait = WebDriverWait(browser, 60)
     browser.get(f"{api.removesuffix('/api')}/runs/flow-run/{run_id}")
     wait.until(ready.element_to_be_clickable((By.XPATH, "//button[normalize-space()='Resume']")))
     browser.find_element(By.XPATH, "//button[normalize-space()='Resume']").click()
     wait.until(ready.visibility_of_element_located((By.XPATH, _field("Approver", "textarea"))))
-    browser.find_element(By.XPATH, _field("Approve (Optional)", "label[@role='switch']")).click()
     browser.find_element(By.XPATH, _field("Approver", "textarea")).send_keys(approver)
     browser.find_element(By.XPATH, _field("Comment (Optional)", "textarea")).send_keys(comment)
-    wait.until(
-        lambda b: (
-            b.find_element(
-                By.XPATH, _field("Approve (Optional)", "label[@role='switch']")
-            ).get_attribute("aria-checked")
-            == "true"
-        )
-    )
-    if os.environ.get("ZDR_UPDATE_SCREENSHOTS"):
-        time.sleep(0.5)
-        browser.save_screenshot(str(ROOT / "docs" / "approval-form.png"))
+    # Sent with a name and no choice, the form is refused: nobody rejects by accident.
     browser.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+    time.sleep(2)
+    assert _still_paused(api, run_id), "a form without a decision resumed the run"
+    if os.environ.get("ZDR_UPDATE_SCREENSHOTS"):
+        browser.save_screenshot(str(ROOT / "docs" / "approval-form.png"))
+    decision = Select(browser.find_element(By.XPATH, _field("Decision", "select[option]")))
+    assert [o.get_attribute("value") for o in decision.options] == ["approve", "reject"]
+    decision.select_by_value("approve")
+    browser.find_element(By.XPATH, "//button[normalize-space()='Submit']").click()
+
+
+def _see_outcome_in_ui(browser, api: str, run_id: str, outcome: str) -> None:
+    """The run's page and the runs list filtered by the replay's tag show the outcome."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(f"{api.removesuffix('/api')}/runs/flow-run/{run_id}")
+    wait.until(lambda b: outcome in b.find_element(By.TAG_NAME, "body").text)
+    browser.get(f"{api.removesuffix('/api')}/runs?tags=replay%3Aui_gate")
+    wait.until(lambda b: "replay-ui-gate-" in b.find_element(By.TAG_NAME, "body").text)
+    if os.environ.get("ZDR_UPDATE_SCREENSHOTS"):
+        time.sleep(1.0)
+        browser.save_screenshot(str(ROOT / "docs" / "runs-by-replay-key.png"))
+
+
+def _final_state_name(api: str, run_id: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state.name
+
+
+def _still_paused(api: str, run_id: str) -> bool:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state.is_paused()
 
 
 def _field(label: str, control: str) -> str:

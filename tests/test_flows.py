@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from prefect.client.orchestration import get_client
 from prefect.flow_runs import resume_flow_run
 
 import zdr
@@ -124,10 +125,14 @@ def test_a_rejection_leaves_the_replay_intact_and_live_unchanged(manager, engine
             replay_key="ask", projectors=[V2], database_url=database_url
         )
         wait_for(lambda: _paused("ask"), timeout=60)
-        answer("ask", approve=False, approver="ops-alice", comment="numbers look off")
+        run_id = answer("ask", approve=False, approver="ops-alice", comment="numbers look off")
         thread.join(60)
     summary = outcome["result"]
     assert not summary.promoted and summary.approved is False
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert (state.type.value, state.name) == ("COMPLETED", "Rejected"), "not like a promotion"
+    assert "live is unchanged" in state.message
     assert (summary.approver, summary.comment) == ("ops-alice", "numbers look off")
     assert manager.get_replay("ask").state is zdr.ReplayState.DUAL_WRITING
     assert "deposits" not in next(iter(balances(engine).values())), "live is unchanged"
@@ -143,13 +148,37 @@ def test_an_approval_promotes_and_invalid_input_is_refused(manager, engine, data
         wait_for(lambda: _paused("ask_me"), timeout=60)
         run_id = find_paused_run("ask_me")
         with pytest.raises(RuntimeError, match="'approver' is a required property"):
-            resume_flow_run(run_id, run_input={"approve": True})  # no approver
+            resume_flow_run(run_id, run_input={"decision": "approve"})  # no approver
+        # A form sent with a name only does not reject: the choice is required.
+        with pytest.raises(RuntimeError, match="'decision' is a required property"):
+            resume_flow_run(run_id, run_input={"approver": "ops-bob"})
+        with pytest.raises(RuntimeError, match="'maybe' is not one of"):
+            resume_flow_run(run_id, run_input={"decision": "maybe", "approver": "ops-bob"})
         assert find_paused_run("ask_me") == run_id, "still waiting after the bad input"
         answer("ask_me", approve=True, approver="ops-bob", comment="ship it")
         thread.join(60)
     summary = outcome["result"]
     assert summary.promoted and summary.approver == "ops-bob"
     assert_balances_match_fold(engine, manager.store)
+
+
+def test_a_run_is_named_and_tagged_for_its_replay_key_and_projections(manager, database_url):
+    seed(manager.store, 300)
+    manager.project_live()
+    state = zero_downtime_replay(
+        replay_key="named_v2",
+        projectors=[V2],
+        database_url=database_url,
+        auto_approve=True,
+        return_state=True,
+    )
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert (run.state.type.value, run.state.name) == ("COMPLETED", "Promoted")
+    assert state.result().promoted
+    assert run.name.startswith("replay-named-v2-")
+    assert {"replay:named_v2", "projection:balances"} <= set(run.tags)
+    assert f"zdr-db-{manager.database_tag()}" in run.tags
 
 
 def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_url, monkeypatch):
