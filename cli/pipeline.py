@@ -96,6 +96,25 @@ def reject(
 
 
 @app.command()
+def seed(
+    events: Annotated[int, typer.Option(min=1, help="How many bank events to append.")] = 200_000,
+    source: Annotated[
+        str,
+        typer.Option(
+            help="Into which log: zdr (zdr.events), eventsourcing (the bank as an "
+            "eventsourcing application) or stored-events (a Laravel-era table).",
+        ),
+    ] = "zdr",
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Append the bank example's events (what the walk-through and the demo replay)."""
+    from zdr.examples.bank.demo import seed_events
+
+    count, where = seed_events(database_url, events=events, source=source)
+    err.print(f"appended {count:,} bank events to {where}")
+
+
+@app.command()
 def demo(
     events: Annotated[int, typer.Option(min=1_000, help="Events to seed first.")] = 100_000,
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,

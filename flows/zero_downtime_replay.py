@@ -197,13 +197,22 @@ def _replay_history(
         )
         done = replay.events_applied
         total = max(total, done)
-        update_progress_artifact(progress_id, _percent(done, total))
         elapsed = time.monotonic() - started
         rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
+        line = reports.replay_progress(done, total, rate)
+        # The artifact's description says what the bar alone does not: rate and ETA.
+        update_progress_artifact(
+            progress_id, _percent(done, total), description=f"Replay {key!r}: {line}"
+        )
         if replay.runs[-1].events:  # a task that found nothing new has nothing to say
-            logger.info(reports.replay_progress(done, total, rate))
+            logger.info(line)
         if replay.state is ReplayState.CAUGHT_UP:
-            update_progress_artifact(progress_id, 100.0)
+            update_progress_artifact(
+                progress_id,
+                100.0,
+                description=f"Replay {key!r}: caught up, {done:,} events applied "
+                f"({rate:,.0f} events/s)",
+            )
             return replay
 
 

@@ -279,3 +279,12 @@ def test_a_moved_database_is_refused_and_zdr_rebase_fixes_it(cli, manager, engin
     code, _, err = cli("live", "-p", LIVE, "--max-seconds", "0.5")
     assert code == 0, err
     assert "acc-new" in balances(engine)
+
+
+def test_seed_appends_the_bank_history_the_walk_through_replays(cli, engine):
+    code, _, err = cli("seed", "--events", "1500")
+    assert code == 0 and "appended 1,500 bank events to zdr.events" in err
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM zdr.events").scalar_one() == 1500
+    code, _, err = cli("seed", "--events", "10", "--source", "kafka")
+    assert code == 2 and "unknown source 'kafka'" in err

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.flow_runs import resume_flow_run
 
 import zdr
@@ -179,6 +181,14 @@ def test_a_run_is_named_and_tagged_for_its_replay_key_and_projections(manager, d
     assert run.name.startswith("replay-named-v2-")
     assert {"replay:named_v2", "projection:balances"} <= set(run.tags)
     assert f"zdr-db-{manager.database_tag()}" in run.tags
+    with get_client(sync_client=True) as client:
+        [progress] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"zdr-{manager.database_tag()}-named-v2-progress"])
+            )
+        )
+    assert progress.data == 100.0
+    assert re.search(r"caught up, 300 events applied \([\d,]+ events/s\)", progress.description)
 
 
 def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_url, monkeypatch):
@@ -443,8 +453,6 @@ def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, da
 def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, database_url):
     """Two environments share a Prefect server: a run of the other database's replay of
     the same key, paused later, is never the one answered, and artifacts are apart."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
     from prefect.states import Paused
 
     seed(manager.store, 500)

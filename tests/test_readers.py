@@ -422,3 +422,15 @@ def test_two_prepares_of_one_table_take_turns(engine):
     assert not errors, errors
     with engine.connect() as conn:
         assert _reader()._missing(conn) == set()
+
+
+def test_seed_fills_a_stored_events_table_prepared_for_its_reader(engine, zdr_cli):
+    code, _, err = zdr_cli("seed", "--events", "700", "--source", "stored-events")
+    assert code == 0 and "to bank_laravel.stored_events" in err, err
+    with engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql(
+                "SELECT count(*) FROM bank_laravel.stored_events WHERE zdr_txid IS NOT NULL"
+            ).scalar_one()
+            == 700
+        )

@@ -28,7 +28,13 @@ import psycopg
 import sqlalchemy as sa
 
 import zdr
-from zdr.config import DATABASE_URL_ENV, embedded_url, to_libpq_url, to_sqlalchemy_url
+from zdr.config import (
+    DATABASE_URL_ENV,
+    embedded_url,
+    resolve_url,
+    to_libpq_url,
+    to_sqlalchemy_url,
+)
 from zdr.examples.bank.domain import BankSimulator, fold_balances
 from zdr.examples.bank.projectors import LIVE, BalancesV2
 from zdr.readers import load as load_reader
@@ -357,6 +363,29 @@ def run_demo(
     log.engine.dispose()
     manager.engine.dispose()
     return summary
+
+
+def seed_events(
+    database_url: str | None, *, events: int, source: str = "zdr", seed: int = 7
+) -> tuple[int, str]:
+    """Append ``events`` bank events (5,000 accounts) to the log of ``source`` in the
+    database named (else the embedded one's default database); return (count, where)."""
+    if source not in SOURCES:
+        raise zdr.ConfigurationError(f"unknown source {source!r}: one of {', '.join(SOURCES)}")
+    url = resolve_url(database_url)
+    engine = sa.create_engine(url)
+    try:
+        if source == "zdr":
+            zdr.EventStore(engine).setup()
+        log = DemoLog(source, url, engine)
+        try:
+            count = log.import_events(BankSimulator(accounts=5_000, seed=seed).stream(events))
+        finally:
+            log.close()
+    finally:
+        engine.dispose()
+    where = {"zdr": "zdr.events", "eventsourcing": "bank_es.bank_events"}
+    return count, where.get(source, "bank_laravel.stored_events")
 
 
 def _answer_when_paused(
