@@ -118,8 +118,8 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture()
-def cli(database_url, manager, capsys, monkeypatch):
-    """Run `zdr ARGS...` in process on the test database; return (exit code, stdout, stderr)."""
+def zdr_cli(engine, database_url, capsys, monkeypatch):
+    """`zdr ARGS...` in process on the test database (nothing set up): (code, out, err)."""
     from zdr.cli.main import main
 
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
@@ -140,24 +140,10 @@ def cli(database_url, manager, capsys, monkeypatch):
 
 
 @pytest.fixture()
-def zdr_cli(engine, database_url, capsys, monkeypatch):
-    """`zdr ARGS...` in process on the test database (nothing set up): (code, out, err)."""
-    from zdr.cli.main import main
-
-    monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    monkeypatch.setenv("COLUMNS", "300")
-
-    def run(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
+def cli(manager, zdr_cli):
+    """Run `zdr ARGS...` in process on the test database, with the bank's live projections
+    set up; return (exit code, stdout, stderr)."""
+    return zdr_cli
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,7 @@ class Log:
     def append(self, events: Pairs, *, conn: sa.Connection | None = None) -> list[int]:
         """Append in one transaction (``conn``'s, if given), as the log's writers do."""
         if self.kind == "own":
-            return _append_own(self.writer, events, conn)
+            return append_own(self.writer, events, conn)
         if self.kind == "table":
             return self.writer.append(events, conn=conn)
         if conn is None:
@@ -88,11 +88,11 @@ def make_log(kind: str, engine: sa.Engine, database_url: str) -> Log:
     return Log(kind, engine, zdr.readers.EventsourcingReader(app), BankLog(app), [app])
 
 
-def _append_own(store: zdr.EventStore, events: Pairs, conn: sa.Connection | None) -> list[int]:
+def append_own(store: zdr.EventStore, events: Pairs, conn: sa.Connection | None) -> list[int]:
     """One ``append`` call per run of one stream, all in one transaction."""
     if conn is None:
         with store.engine.begin() as own:
-            return _append_own(store, events, own)
+            return append_own(store, events, own)
     positions: list[int] = []
     i = 0
     while i < len(events):
