@@ -19,22 +19,24 @@ Deployments (name "<flow>/<deployment>"):
 * ``replay-status/replay-status``, ``promote-replay/...``, ``rollback-replay/...``,
   ``remove-replay/...``: the operator's single steps, no schedule.
 
-The live runner applies the projectors in ZDR_LIVE_PROJECTORS (comma-separated
-import paths), by default the bank example's. Every deployment reads the event log
-named by ``--reader`` or ZDR_READER (an import path, see ``zdr.readers``; default:
-zdr's own ``zdr.events``), given to its runs as the ``reader`` parameter.
+The live runner applies the projectors in the worker's ZDR_LIVE_PROJECTORS
+(comma-separated import paths, read as each run starts), by default the bank
+example's. prefect.yaml declares the same deployments for a work pool. Every
+deployment reads the event log named by ``--reader`` or ZDR_READER (an import
+path, see ``zdr.readers``; default: zdr's own ``zdr.events``), given to its runs
+as the ``reader`` parameter.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from prefect import serve
-from prefect.deployments.runner import RunnerDeployment
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from zdr.errors import ConfigurationError
-from zdr.examples.bank.projectors import LIVE
 from zdr.flows.operations import (
     LIVE_RUN_INTERVAL_S,
     LIVE_RUN_SECONDS,
@@ -44,17 +46,24 @@ from zdr.flows.operations import (
     replay_status,
     rollback_replay,
 )
+from zdr.flows.parameters import LIVE_PROJECTORS_ENV, live_projectors  # noqa: F401 (kept here)
 from zdr.flows.zero_downtime_replay import zero_downtime_replay
 from zdr.readers import load as load_reader
 
-LIVE_PROJECTORS_ENV = "ZDR_LIVE_PROJECTORS"
 READER_ENV = "ZDR_READER"
 
-
-def live_projectors() -> list[str]:
-    configured = os.environ.get(LIVE_PROJECTORS_ENV, "")
-    paths = [p.strip() for p in configured.split(",") if p.strip()]
-    return paths or [cls.import_path() for cls in LIVE]
+#: Each deployment's description; prefect.yaml says the same (tests/test_deployments.py).
+DESCRIPTIONS = {
+    "zero-downtime-replay": "Rebuild projectors beside the live read model, wait for "
+    "approval, promote with no gap. Give replay_key and projectors in Custom run.",
+    "live-projection": "The live runner, started every minute and running 90 s: each run "
+    "waits for the one before it to end and takes over, so there is no gap between runs. "
+    "No concurrency limit: it would cancel the run that waits to take over.",
+    "replay-status": "The replays, their states, positions and lags.",
+    "promote-replay": "Put a replay live by itself (the pipeline promotes on approval).",
+    "rollback-replay": "Make the copy a promotion replaced live again.",
+    "remove-replay": "Drop a replay's copy and metadata; never a live table.",
+}
 
 
 def deployments(
@@ -69,6 +78,9 @@ def deployments(
     The live runner's runs overlap on purpose (``live_run_s`` over ``live_interval_s``)
     and take over from each other; a Prefect concurrency limit would cancel the
     waiting run instead, and a worker that died would keep its slot for minutes.
+    No deployment has a replay key or projectors as defaults: a Quick run starts no
+    rebuild. The live runner's projectors are the worker's ``ZDR_LIVE_PROJECTORS``,
+    read when each run starts.
     """
     if not live_interval_s < live_run_s < 2 * live_interval_s:
         raise ValueError("a live run must last longer than the interval and under twice it")
@@ -76,29 +88,32 @@ def deployments(
     if reader is not None:
         load_reader(reader)  # a bad path is refused now, not at each run
     log = {} if reader is None else {"reader": reader}
-    return [
-        zero_downtime_replay.to_deployment(
-            name="zero-downtime-replay",
+
+    def deploy(flow: Any, name: str, **options: Any) -> RunnerDeployment:
+        options["parameters"] = {**options.get("parameters", {}), **log}
+        return flow.to_deployment(  # type: ignore[no-any-return]
+            name=name,
             tags=["zdr"],
-            description="Rebuild projectors beside the live read model, approve, promote.",
-            parameters=log,
-        ),
-        live_projection.to_deployment(
-            name="live-projection",
+            description=DESCRIPTIONS[name],
+            # zdr.flows.<module>.<flow>: the installed package, as prefect.yaml names it,
+            # so a run imports the flow's module under its own name.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+            **options,
+        )
+
+    return [
+        deploy(zero_downtime_replay, "zero-downtime-replay"),
+        deploy(
+            live_projection,
+            "live-projection",
             interval=live_interval_s,
             paused=paused,
-            parameters={
-                "projectors": live_projectors(),
-                "max_seconds": live_run_s,
-                "take_over": True,
-                **log,
-            },
-            tags=["zdr"],
+            parameters={"max_seconds": live_run_s, "take_over": True},
         ),
-        replay_status.to_deployment(name="replay-status", tags=["zdr"], parameters=log),
-        promote_replay.to_deployment(name="promote-replay", tags=["zdr"], parameters=log),
-        rollback_replay.to_deployment(name="rollback-replay", tags=["zdr"], parameters=log),
-        remove_replay.to_deployment(name="remove-replay", tags=["zdr"], parameters=log),
+        deploy(replay_status, "replay-status"),
+        deploy(promote_replay, "promote-replay"),
+        deploy(rollback_replay, "rollback-replay"),
+        deploy(remove_replay, "remove-replay"),
     ]
 
 

@@ -11,8 +11,8 @@ from prefect.context import FlowRunContext
 
 import zdr
 from zdr import reports
-from zdr.config import resolve_url
 from zdr.flows.logs import zdr_logs_in_run
+from zdr.flows.parameters import ReplayKey, database, live_projectors
 from zdr.settings import DEFAULTS
 from zdr.tasks import replay as steps
 
@@ -24,12 +24,13 @@ LIVE_RUN_INTERVAL_S = 60
 
 @flow(name="live-projection")
 def live_projection(
-    projectors: list[str],
+    projectors: list[str] | None = None,
     database_url: str | None = None,
     max_seconds: float = LIVE_RUN_SECONDS,
     batch_size: int = DEFAULTS.batch_size,
     take_over: bool = True,
     reader: str | None = None,
+    database_secret: str | None = None,
 ) -> dict[str, Any]:
     """Apply new events to the live read models (and dual-writing replays) for a while.
 
@@ -40,11 +41,25 @@ def live_projection(
     late its process started, and it goes on past its time until the next run waits
     to take over (for at most ``max_seconds`` more): a late worker leaves no gap.
     A run started by hand lasts ``max_seconds``. A run that could not take over in
-    its time ends having done nothing. ``reader``: the event log's reader by import
-    path (``zdr.readers``; None: zdr's own ``zdr.events``).
+    its time ends having done nothing.
+
+    Args:
+        projectors: The live projectors as import paths (module:Class). Empty: the
+            worker's ZDR_LIVE_PROJECTORS (comma-separated), else the bank example's.
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        max_seconds: How long the run applies events (from its scheduled start).
+        batch_size: Events per transaction.
+        take_over: Wait for the running live runner to end and take over from it,
+            instead of ending at once.
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
     """
     logger = get_run_logger()
-    url = resolve_url(database_url)
+    url = database(database_url, database_secret)
+    projectors = projectors or live_projectors()
     window = _window(max_seconds)
     if window is None:
         message = (
@@ -88,34 +103,87 @@ def _window(max_seconds: float) -> tuple[float, float] | None:
 
 @flow(name="promote-replay")
 def promote_replay(
-    replay_key: str, database_url: str | None = None, reader: str | None = None
+    replay_key: ReplayKey,
+    database_url: str | None = None,
+    reader: str | None = None,
+    database_secret: str | None = None,
 ) -> zdr.SwapReport:
-    """Put a replay live (atomic; the previous copy is kept)."""
-    return steps.promote(resolve_url(database_url), replay_key, reader=reader)
+    """Put a replay live (atomic; the previous copy is kept).
+
+    Args:
+        replay_key: The replay's name (balances_v2).
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
+    """
+    return steps.promote(database(database_url, database_secret), replay_key, reader=reader)
 
 
 @flow(name="rollback-replay")
 def rollback_replay(
-    replay_key: str, database_url: str | None = None, reader: str | None = None
+    replay_key: ReplayKey,
+    database_url: str | None = None,
+    reader: str | None = None,
+    database_secret: str | None = None,
 ) -> zdr.SwapReport:
-    """Make the copy a promotion replaced live again."""
-    return steps.rollback(resolve_url(database_url), replay_key, reader=reader)
+    """Make the copy a promotion replaced live again.
+
+    Args:
+        replay_key: The replay's name (balances_v2).
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
+    """
+    return steps.rollback(database(database_url, database_secret), replay_key, reader=reader)
 
 
 @flow(name="remove-replay")
 def remove_replay(
-    replay_key: str, database_url: str | None = None, reader: str | None = None
+    replay_key: ReplayKey,
+    database_url: str | None = None,
+    reader: str | None = None,
+    database_secret: str | None = None,
 ) -> zdr.Replay:
-    """Drop a replay's copy and metadata; never a live table."""
-    return steps.remove(resolve_url(database_url), replay_key, reader=reader)
+    """Drop a replay's copy and metadata; never a live table.
+
+    Args:
+        replay_key: The replay's name (balances_v2).
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
+    """
+    return steps.remove(database(database_url, database_secret), replay_key, reader=reader)
 
 
 @flow(name="replay-status")
 def replay_status(
-    replay_key: str | None = None, database_url: str | None = None, reader: str | None = None
+    replay_key: ReplayKey | None = None,
+    database_url: str | None = None,
+    reader: str | None = None,
+    database_secret: str | None = None,
 ) -> list[dict[str, Any]]:
-    """The replays, their states, positions and lags, as a table artifact."""
-    rows = steps.replay_status(resolve_url(database_url), replay_key, reader=reader)
+    """The replays, their states, positions and lags, as a table artifact.
+
+    Args:
+        replay_key: One replay's name; empty: every replay.
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
+    """
+    url = database(database_url, database_secret)
+    rows = steps.replay_status(url, replay_key, reader=reader)
     create_table_artifact(
         table=reports.status_records(rows),
         key="zdr-replay-status",

@@ -26,19 +26,19 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.exceptions import FlowPauseTimeout
-from prefect.flow_runs import pause_flow_run
+from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.runtime import flow_run as this_run
-from prefect.states import Completed
-from pydantic import BaseModel
+from prefect.states import Completed, Running
 
 import zdr
 from zdr import reports
-from zdr.config import resolve_url
 from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import DATABASE_TAG, KEY_TAG, PROJECTION_TAG, Approval
+from zdr.flows.parameters import ReplayKey, database
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
-from zdr.reports import ApprovalReport
+from zdr.reports import ApprovalReport, ReplaySummary
 from zdr.settings import DEFAULTS
 from zdr.tasks.replay import (
     clone_schema,
@@ -52,32 +52,20 @@ from zdr.tasks.replay import (
 )
 
 
-class ReplaySummary(BaseModel):
-    """What a pipeline run did."""
-
-    replay_key: str
-    state: ReplayState
-    events_applied: int
-    position: int
-    lag: int
-    promoted: bool
-    approved: bool | None = None
-    approver: str | None = None
-    comment: str | None = None
-    lock_wait_ms: float | None = None
-    swap_ms: float | None = None
-    removed: bool = False
-
-
 def _run_name() -> str:
     """``replay-<key>-<UTC time>``: a run is found by its replay key in the runs list."""
     key = str(this_run.parameters.get("replay_key", "unknown"))
     return f"replay-{_dashed(key)}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
-@flow(name="zero-downtime-replay", log_prints=True, flow_run_name=_run_name)
+@flow(
+    name="zero-downtime-replay",
+    log_prints=True,
+    flow_run_name=_run_name,
+    persist_result=True,
+)
 def zero_downtime_replay(
-    replay_key: str,
+    replay_key: ReplayKey,
     projectors: list[str],
     database_url: str | None = None,
     batch_size: int = DEFAULTS.batch_size,
@@ -88,11 +76,34 @@ def zero_downtime_replay(
     remove_on_reject: bool = False,
     events_per_task: int = DEFAULTS.events_per_task,
     reader: str | None = None,
+    database_secret: str | None = None,
 ) -> ReplaySummary:
-    """Rebuild ``projectors`` beside the live read model and promote them with no gap.
+    """Rebuild projectors beside the live read model, wait for approval, promote with no gap.
 
-    ``reader``: the event log's reader by import path (``module:attr`` of a reader or a
-    function returning one, see ``zdr.readers``); None reads zdr's own ``zdr.events``.
+    Args:
+        replay_key: The replay's name: 1-40 lower-case letters, digits and underscores,
+            starting with a letter (balances_v2). Running again with the same key takes
+            the replay up where it stopped.
+        projectors: The projectors to rebuild, as import paths (module:Class), e.g.
+            zdr.examples.bank.projectors:BalancesV2.
+        database_url: The database as a URL (postgresql://user@host/db). Anyone who
+            can read the run sees it: for a password use database_secret. Empty: the
+            worker's ZDR_DATABASE_URL, else the embedded PostgreSQL.
+        batch_size: Events per transaction of the replay.
+        lag_threshold: Dual write starts once the replay is at most this many events
+            behind live.
+        max_catch_up_rounds: Catch-up rounds before the run gives up (the replay is
+            kept; run again).
+        approval_timeout_s: Seconds to wait for approval; then the run fails and the
+            replay stays in dual write, live unchanged.
+        auto_approve: Promote without asking (unattended runs).
+        remove_on_reject: On a rejection, drop the replay instead of keeping it in
+            dual write.
+        events_per_task: Events one replay-batches task applies (a progress step).
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL,
+            so no password shows in the run's parameters.
     """
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
@@ -103,7 +114,7 @@ def zero_downtime_replay(
         approval_timeout_s=approval_timeout_s,
         events_per_task=events_per_task,
     )
-    url = resolve_url(database_url)
+    url = database(database_url, database_secret)
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
     # `zdr approve` answers this database's runs only; the key and projections find a run.
@@ -132,7 +143,7 @@ def zero_downtime_replay(
 
         report = verify_replay(url, replay_key, reader=reader)
         _publish_report(report, artifacts)
-        decision = _approval(report, auto_approve, approval_timeout_s)
+        decision = _approval(report, auto_approve, approval_timeout_s, artifacts)
         logger.info(
             "%s by %s: %s",
             "approved" if decision.approve else "rejected",
@@ -249,24 +260,59 @@ def _catch_up(
         )
 
 
-def _approval(report: ApprovalReport, auto: bool, timeout_s: int) -> Approval:
+def _approval(report: ApprovalReport, auto: bool, timeout_s: int, artifacts: str) -> Approval:
+    """The approver's decision. A run of a deployment suspends while it waits: its
+    process ends, so it holds no worker slot and no database connection for up to
+    ``timeout_s``; when answered, Prefect starts it again, it finds the replay in dual
+    write, verifies again and takes the answer. A run started from Python (no
+    deployment to start it again) pauses in its process instead."""
     if auto:
         return Approval(decision="approve", approver="auto_approve", comment="unattended run")
     key = report.replay.key
     logger = get_run_logger()
-    logger.info("waiting up to %ss for approval (Prefect UI, or `zdr approve %s`)", timeout_s, key)
+    form = Approval.with_initial_data(
+        description=report.to_form_markdown(full_report=f"artifact `{artifacts}-report`"),
+        comment="",
+    )
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout_s)
+    logger.info(
+        "waiting until %s UTC for approval (Prefect UI, or `zdr approve %s`); unanswered, "
+        "the run fails and the replay stays intact in dual write, live unchanged",
+        f"{deadline:%Y-%m-%d %H:%M:%S}",
+        key,
+    )
+    if _deployed():
+        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=_pause_key(key))
     try:
         return pause_flow_run(
-            wait_for_input=Approval.with_initial_data(description=report.to_markdown(), comment=""),
-            timeout=timeout_s,
-            poll_interval=1,
-            key=f"approve-{_dashed(key)}",
+            wait_for_input=form, timeout=timeout_s, poll_interval=1, key=_pause_key(key)
         )
     except FlowPauseTimeout as exc:
+        # Prefect would end the run with its own words ("paused and never resumed"):
+        # back to Running, so the run fails with the reason below as its state message.
+        _force_running()
         raise ApprovalTimedOut(
             f"nobody approved replay {key!r} within {timeout_s}s; it is left intact in dual "
             "write and live is unchanged. Run the pipeline again to ask again"
         ) from exc
+
+
+def _deployed() -> bool:
+    """Whether a deployment started this run (and so can start it again)."""
+    context = FlowRunContext.get()
+    return context is not None and context.flow_run.deployment_id is not None
+
+
+def _pause_key(replay_key: str) -> str:
+    return f"approve-{_dashed(replay_key)}"
+
+
+def _force_running() -> None:
+    run_id = this_run.id
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(str(run_id)), Running(), force=True)
 
 
 def _promote_when_level(url: str, reader: str | None, key: str) -> SwapReport:

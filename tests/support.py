@@ -83,12 +83,17 @@ def following(manager: zdr.ReplayManager, poll_interval: float = 0.02) -> Iterat
         live.join(60)
 
 
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02) -> None:
+def wait_for(
+    predicate: Any, timeout: float = 30.0, interval: float = 0.02, message: Any = None
+) -> Any:
+    """The predicate's first true value; fails after ``timeout`` seconds, saying
+    ``message()`` when given."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+            raise AssertionError(message() if message else "condition not met in time")
         time.sleep(interval)
+    return value
 
 
 class SlowBalancesV2(BalancesV2):

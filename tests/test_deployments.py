@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 import zdr
 from tests.support import balances, seed, wait_for
 from zdr.deployments.serve import deployments
+from zdr.flows.approval import answer
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = "zero-downtime-replay/zero-downtime-replay"
 LIVE = "live-projection/live-projection"
+V2 = "zdr.examples.bank.projectors:BalancesV2"
 SAMPLE_RUN_PARAMETERS = {
     "replay_key": "balances_v2",
     "projectors": ["zdr.examples.bank.projectors:BalancesV2"],
@@ -47,7 +51,7 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
     assert served[LIVE].parameters["take_over"] is True
     assert served[LIVE].concurrency_limit is None
     for deployment in served.values():
-        flow = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
+        flow = load_flow_from_entrypoint(deployment.entrypoint)
         # What a person fills in the UI's run form, plus the deployment's defaults.
         required = deployment._parameter_openapi_schema.required or []
         given = {name: SAMPLE_RUN_PARAMETERS[name] for name in required}
@@ -60,7 +64,7 @@ def test_every_served_deployment_reads_the_log_its_reader_names(monkeypatch, dat
     reader = "zdr.examples.bank.stored_events:table_reader"
     for deployment in deployments(reader=reader):
         assert deployment.parameters["reader"] == reader, deployment.name
-        flow = load_flow_from_entrypoint(str(ROOT / deployment.entrypoint))
+        flow = load_flow_from_entrypoint(deployment.entrypoint)
         given = {
             n: SAMPLE_RUN_PARAMETERS[n] for n in deployment._parameter_openapi_schema.required or []
         }
@@ -71,41 +75,87 @@ def test_every_served_deployment_reads_the_log_its_reader_names(monkeypatch, dat
         deployments(reader="zdr.nowhere:reader")
 
 
-def test_prefect_yaml_deployments_load_and_their_parameters_validate():
+def test_prefect_yaml_declares_the_served_deployments():
+    """One set of deployments whichever way they are deployed: same flows, parameters,
+    schedules, descriptions and tags in prefect.yaml as in serve.py."""
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    names = {d["name"] for d in spec["deployments"]}
-    assert {"zero-downtime-replay", "live-projection"} <= names
-    for deployment in spec["deployments"]:
+    declared = {d["name"]: d for d in spec["deployments"]}
+    served = {d.name: d for d in deployments()}
+    assert set(declared) == set(served)
+    for name, deployment in declared.items():
         # Module-path entrypoints: a worker needs the installed package, not this checkout.
-        flow = load_flow_from_entrypoint(deployment["entrypoint"])
-        flow.validate_parameters(deployment.get("parameters", {}))
+        assert deployment["entrypoint"] == served[name].entrypoint, name
+        assert load_flow_from_entrypoint(deployment["entrypoint"]).name == served[name].flow_name
+        assert deployment.get("parameters", {}) == served[name].parameters, name
+        assert " ".join(deployment["description"].split()) == served[name].description, name
+        assert deployment["tags"] == served[name].tags, name
+        intervals = [s["interval"] for s in deployment.get("schedules", [])]
+        assert intervals == [s.schedule.interval.total_seconds() for s in served[name].schedules]
         assert deployment["work_pool"]["name"] == "zdr"
-    live = next(d for d in spec["deployments"] if d["name"] == "live-projection")
-    assert live["schedules"] == [{"interval": 60}]
-    assert 60 < live["parameters"]["max_seconds"] < 120 and live["parameters"]["take_over"]
-    assert "concurrency_limit" not in live
+        assert "concurrency_limit" not in deployment
+    # A Quick run starts no rebuild: the pipeline has no replay key or projectors to use.
+    assert not {"replay_key", "projectors"} & set(
+        declared["zero-downtime-replay"].get("parameters", {})
+    )
 
 
-@pytest.mark.usefixtures("prefect_harness")
-def test_a_served_deployment_runs_through_run_deployment(manager, engine, database_url):
-    seed(manager.store, 300)  # not projected yet: the served live runner will do it
+def test_the_run_form_describes_every_parameter_and_checks_the_key():
+    """What the Custom run form shows: a description under every field, and the replay
+    key's pattern, so a bad key is flagged before a run exists (the schema a
+    `prefect deploy` builds from the source and the one `serve` builds agree)."""
+    from prefect.utilities.callables import parameter_schema_from_entrypoint
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in deployments():
+        entrypoint = next(
+            d["entrypoint"] for d in spec["deployments"] if d["name"] == deployment.name
+        )
+        for schema in (
+            deployment._parameter_openapi_schema,
+            parameter_schema_from_entrypoint(entrypoint),
+        ):
+            properties = schema.properties
+            undescribed = [n for n, p in properties.items() if not p.get("description")]
+            assert not undescribed, (deployment.name, undescribed)
+            if "replay_key" in properties:
+                key = properties["replay_key"]
+                pattern = key.get("pattern") or next(
+                    (a.get("pattern") for a in key.get("anyOf", []) if a.get("pattern")), None
+                )
+                assert pattern == zdr.names.KEY_PATTERN.pattern, (deployment.name, key)
+            assert "database_secret" in properties, deployment.name
+
+
+@contextmanager
+def served(database_url: str, *arguments: str, api: str | None = None) -> Iterator[None]:
+    """``python -m zdr.deployments.serve`` in a process of its own, until the block ends."""
     env = {
         **os.environ,
-        "PREFECT_API_URL": str(get_current_settings().api.url),
+        "PREFECT_API_URL": api or str(get_current_settings().api.url),
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "ZDR_DATABASE_URL": database_url,
         "PYTHONPATH": str(ROOT),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "zdr.deployments.serve", "--paused"],
+        [sys.executable, "-m", "zdr.deployments.serve", *arguments],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(lambda: _deployment_exists(LIVE) or server.poll() is not None, timeout=90)
+        wait_for(lambda: _deployment_exists(LIVE, api) or server.poll() is not None, timeout=90)
         assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        yield
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_served_deployment_runs_through_run_deployment(manager, engine, database_url):
+    seed(manager.store, 300)  # not projected yet: the served live runner will do it
+    with served(database_url, "--paused"):
         flow_run = run_deployment(
             LIVE,
             parameters={"max_seconds": 1.0, "database_url": database_url},
@@ -113,12 +163,69 @@ def test_a_served_deployment_runs_through_run_deployment(manager, engine, databa
             poll_interval=1,
         )
         assert flow_run.state.is_completed(), flow_run.state
-    finally:
-        server.terminate()
-        server.wait(30)
     with engine.connect() as conn:
         applied = conn.exec_driver_sql("SELECT sum(events) FROM bank_balances.balances").scalar()
     assert applied == 300
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_deployed_pipeline_suspends_for_approval_and_its_result_can_be_read(
+    manager, engine, database_url
+):
+    """Run from a deployment, the pipeline suspends while it waits for approval (its
+    process ends: no worker slot, no database connection held), is started again when
+    approved, and ends Promoted with its summary persisted: a caller reads it with
+    ``run_deployment(...).state.result()``."""
+    seed(manager.store, 300)
+    manager.project_live()
+    with served(database_url, "--paused"):
+        started = run_deployment(
+            PIPELINE,
+            parameters={"replay_key": "deployed_v2", "projectors": [V2]},
+            timeout=0,
+        )
+        waiting = wait_for(
+            lambda: _suspended(started.id),
+            timeout=120,
+            message=lambda: f"the run never suspended: {_state(started.id)}",
+        )
+        assert waiting.name.startswith("replay-deployed-v2-"), waiting.name
+        assert "replay:deployed_v2" in waiting.tags and "projection:balances" in waiting.tags
+        # Nothing of the run holds the database while it waits: the pipeline lock is free.
+        with manager.pipeline_lock("deployed_v2"):
+            pass
+        answer(
+            "deployed_v2",
+            approve=True,
+            approver="ops-dana",
+            database_tag=manager.database_tag(),
+        )
+        ended = wait_for(lambda: _final(started.id), timeout=180)
+    assert ended.state.name == "Promoted", (ended.state.name, ended.state.message)
+    summary = ended.state.result()
+    assert summary.promoted and summary.approver == "ops-dana", summary
+    assert summary.events_applied == 300 and summary.replay_key == "deployed_v2"
+    assert manager.get_replay("deployed_v2").state is zdr.ReplayState.LIVE
+
+
+def _suspended(run_id):
+    run = _read_run(run_id)
+    return run if run.state and run.state.name == "Suspended" else None
+
+
+def _final(run_id):
+    run = _read_run(run_id)
+    return run if run.state and run.state.is_final() else None
+
+
+def _state(run_id) -> str:
+    run = _read_run(run_id)
+    return f"{run.state.name}: {run.state.message}" if run.state else "no state"
+
+
+def _read_run(run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id)
 
 
 @pytest.mark.real_server
@@ -130,24 +237,9 @@ def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
     runs hand over to each other, so an append is in the live read model within a
     second at any time, and every run that ended, ended Completed."""
     seed(manager.store, 300)
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": prefect_server,
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "ZDR_DATABASE_URL": database_url,
-        "PYTHONPATH": str(ROOT),
-    }
-    served = subprocess.Popen(
-        [sys.executable, "-m", "zdr.deployments.serve", "--live-interval", "8", "--live-run", "15"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
     latencies = []
-    try:
-        wait_for(lambda: _applied(engine) >= 300 or served.poll() is not None, timeout=120)
-        assert served.poll() is None, served.stderr.read().decode()[-2000:]
+    with served(database_url, "--live-interval", "8", "--live-run", "15", api=prefect_server):
+        wait_for(lambda: _applied(engine) >= 300, timeout=120)
         watched_from = dt.datetime.now(dt.UTC)
         ends = time.monotonic() + 32  # four runs' worth of handovers
         i = 0
@@ -159,9 +251,6 @@ def test_the_scheduled_live_runner_has_no_gaps_and_no_cancelled_runs(
             latencies.append((time.monotonic() - appended, dt.datetime.now(dt.UTC)))
             i += 1
         runs = _live_runs(prefect_server)
-    finally:
-        served.terminate()
-        served.wait(60)
     slow = [(f"{s:.2f}s", f"{at:%H:%M:%S.%f}") for s, at in latencies if s >= 1.0]
     if slow:
         pytest.fail(
@@ -222,8 +311,9 @@ def _log_lines(api: str, run_ids: list) -> list[str]:
     return [log.message for log in logs]
 
 
-def _deployment_exists(name: str) -> bool:
-    with get_client(sync_client=True) as client:
+def _deployment_exists(name: str, api: str | None = None) -> bool:
+    settings = {} if api is None else {PREFECT_API_URL: api}
+    with temporary_settings(settings), get_client(sync_client=True) as client:
         try:
             client.read_deployment_by_name(name)
             return True

@@ -406,10 +406,21 @@ def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
 
     seed(manager.store, 200)
     manager.project_live()
+    state = zero_downtime_replay(
+        replay_key="nobody",
+        projectors=[V2],
+        database_url=database_url,
+        approval_timeout_s=2,
+        return_state=True,
+    )
     with pytest.raises(ApprovalTimedOut, match="left intact in dual write"):
-        zero_downtime_replay(
-            replay_key="nobody", projectors=[V2], database_url=database_url, approval_timeout_s=2
-        )
+        state.result()
+    # The reason is the run's state message, as the runs list and the run page show it
+    # (not Prefect's "The flow was paused and never resumed.").
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(state.state_details.flow_run_id).state
+    assert stored.is_failed(), stored
+    assert "nobody approved replay 'nobody'" in stored.message, stored.message
     assert manager.get_replay("nobody").state is zdr.ReplayState.DUAL_WRITING
     assert "deposits" not in next(iter(balances(engine).values()))
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from pydantic import BaseModel
 
 from zdr.horizon import age
-from zdr.replay import FOLLOWING, MOVING, eta_seconds
+from zdr.replay import FOLLOWING, MOVING, ReplayState, eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
@@ -388,6 +389,70 @@ class ApprovalReport:
             verification=verification_markdown(self.verification),
             lag_rows=self.lag_history,
         )
+
+    def to_form_markdown(self, *, full_report: str | None = None) -> str:
+        """The report as the approval form shows it: the form is narrow, so no table
+        wider than the lag's four narrow columns; each table's counts and each listed
+        difference are a line of their own. ``full_report``: where the whole report
+        (with each column's values, live / replay) is, e.g. its artifact's key."""
+        v = self.verification
+        verdict = "**equal**" if v.equal else "**differences found**"
+        replay = self.replay
+        lines = [
+            f"## Replay `{replay.key}`: {verdict}",
+            "",
+            f"* state **{replay.state.value}**, lag **{self.lag:,}** events",
+            f"* {replay.events_applied:,} events applied "
+            f"(last replay run {replay.rate or 0:,.0f} events/s)",
+            f"* projectors: {', '.join(f'`{p}`' for p in replay.projectors.values())}",
+            "* projector version: "
+            + ("the same as live" if v.same_version else "new (a new shape or a fix)"),
+            f"* compared at live position {v.live_position:,}, replay position "
+            f"{v.replay_position:,}" + ("" if v.level else f" ({NOT_LEVEL})"),
+            "",
+            "Tables:",
+            "",
+            *(
+                f"* `{t.table}`: {_n(t.live_rows)} live rows, {_n(t.replay_rows)} replay "
+                f"rows, {len(t.compared_columns)} columns compared; differing: {differing(t)}"
+                for t in v.tables
+            ),
+        ]
+        if v.differences:
+            lines += ["", "Rows that differ:", ""]
+            for d in v.differences:
+                key = ", ".join(f"{k}={val}" for k, val in d.key.items())
+                columns = f" ({', '.join(d.columns)})" if d.columns else ""
+                lines.append(f"* `{d.table}` {key}: {d.kind}{columns}")
+            if v.truncated:
+                lines.append("* ... more, not listed")
+        lines += ["", *lag_markdown(self.lag_history)]
+        if full_report:
+            lines += [f"The whole report, with each column live / replay: {full_report}.", ""]
+        lines.append(
+            "Approve to promote the replay to live; the current copy is kept for rollback."
+        )
+        return "\n".join(lines)
+
+
+class ReplaySummary(BaseModel):
+    """What a pipeline run did: the zero-downtime-replay flow's result.
+
+    Here in the core, not in the flow's module, so a persisted result reads back as
+    this class however the flow's module was loaded (a file or a module path)."""
+
+    replay_key: str
+    state: ReplayState
+    events_applied: int
+    position: int
+    lag: int
+    promoted: bool
+    approved: bool | None = None
+    approver: str | None = None
+    comment: str | None = None
+    lock_wait_ms: float | None = None
+    swap_ms: float | None = None
+    removed: bool = False
 
 
 def promotion_markdown(

@@ -1,0 +1,75 @@
+"""The flows' parameters as a person fills them in the Custom run form.
+
+Each flow's docstring has an ``Args:`` section: Prefect shows those lines under the
+fields of the form. The constraints here go into the form's schema too, so a
+replay key the database would refuse is flagged in the form, before a run exists.
+
+The database: ``database_url`` is a plain parameter, and a plain parameter shows in
+the UI and the API to anyone who can read the run. A deployment names the database
+instead by ``database_secret`` (a Prefect Secret block holding the URL) or leaves
+both empty (the worker's ``ZDR_DATABASE_URL``). A plain URL stays for local use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+from pydantic import Field
+
+from zdr.config import resolve_url
+from zdr.errors import ConfigurationError
+from zdr.names import KEY_PATTERN
+
+#: A replay key as the form checks it (``zdr.names.validate_key`` checks it again).
+ReplayKey = Annotated[str, Field(pattern=KEY_PATTERN.pattern, min_length=1, max_length=40)]
+
+
+def database(url: str | None, secret: str | None) -> str:
+    """The run's database URL: ``url``, else the Secret block ``secret``, else the
+    worker's ``ZDR_DATABASE_URL``, else the embedded PostgreSQL. Both given is refused:
+    which one was meant cannot be told."""
+    if url and secret:
+        raise ConfigurationError(
+            "give database_url or database_secret, not both: which database was meant "
+            "cannot be told"
+        )
+    if secret:
+        url = _secret_value(secret)
+    return resolve_url(url or None)
+
+
+def _secret_value(name: str) -> str:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as exc:  # Prefect's "Unable to find block document named ..."
+        raise ConfigurationError(
+            f"no Prefect Secret block named {name!r}: create it with "
+            f"`Secret(value='postgresql://...').save({name!r})` "
+            "(from prefect.blocks.system import Secret), or in the UI under Blocks"
+        ) from exc
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(
+            f"the Prefect Secret block {name!r} does not hold a database URL (a string)"
+        )
+    return value.strip()
+
+
+#: The live runner's projectors when a run names none: comma-separated import paths.
+LIVE_PROJECTORS_ENV = "ZDR_LIVE_PROJECTORS"
+
+
+def live_projectors() -> list[str]:
+    """The worker's ``ZDR_LIVE_PROJECTORS``, else the bank example's live projectors.
+
+    Read when a run starts, on the worker: a deployment (served or from prefect.yaml)
+    leaves ``projectors`` empty, so both follow the worker's setting alike."""
+    configured = os.environ.get(LIVE_PROJECTORS_ENV, "")
+    paths = [p.strip() for p in configured.split(",") if p.strip()]
+    if paths:
+        return paths
+    from zdr.examples.bank.projectors import LIVE
+
+    return [cls.import_path() for cls in LIVE]
