@@ -43,6 +43,17 @@ RETRIES: dict[str, Any] = {
     "cache_policy": NO_CACHE,  # every step has side effects; never reuse a result
 }
 
+#: How long a step may run before Prefect stops it and the run fails with "exceeded
+#: timeout" (not retried: a step that hung once may hang again). Far above what the
+#: steps take here (a short step: under a second; a replay-batches task of
+#: ``events_per_task`` events or a verification: seconds to minutes) and far below a
+#: hang nobody notices. Each step stops where it is safe to stop: a replay resumes from
+#: its last committed batch, a promotion committed or changed nothing. Another value:
+#: ``task.with_options(timeout_seconds=...)``. The live runner has none: its
+#: ``max_seconds`` bounds it.
+SHORT_STEP_TIMEOUT_S = 600
+LONG_STEP_TIMEOUT_S = 4 * 3600
+
 
 @functools.lru_cache(maxsize=16)
 def manager_for(database_url: str, reader: str | None = None) -> zdr.ReplayManager:
@@ -59,7 +70,7 @@ def manager_for(database_url: str, reader: str | None = None) -> zdr.ReplayManag
 atexit.register(manager_for.cache_clear)
 
 
-@task(name="clone-schema", **RETRIES)
+@task(name="clone-schema", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def clone_schema(
     database_url: str, replay_key: str, projectors: list[str], *, reader: str | None = None
 ) -> zdr.Replay:
@@ -67,7 +78,7 @@ def clone_schema(
     return manager_for(database_url, reader).ensure_replay(replay_key, projectors)
 
 
-@task(name="replay-batches", **RETRIES)
+@task(name="replay-batches", timeout_seconds=LONG_STEP_TIMEOUT_S, **RETRIES)
 def replay_batches(
     database_url: str,
     replay_key: str,
@@ -85,13 +96,13 @@ def replay_batches(
     )
 
 
-@task(name="measure-lag", **RETRIES)
+@task(name="measure-lag", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def measure_lag(database_url: str, replay_key: str, *, reader: str | None = None) -> int:
     """Events after the replay's checkpoint."""
     return manager_for(database_url, reader).get_replay_lag(replay_key)
 
 
-@task(name="enable-dual-write", **RETRIES)
+@task(name="enable-dual-write", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def enable_dual_write(
     database_url: str, replay_key: str, lag_threshold: int, *, reader: str | None = None
 ) -> zdr.Replay:
@@ -103,7 +114,7 @@ def enable_dual_write(
     return manager.enable_dual_write(replay_key, lag_threshold=lag_threshold)
 
 
-@task(name="verify-replay", **RETRIES)
+@task(name="verify-replay", timeout_seconds=LONG_STEP_TIMEOUT_S, **RETRIES)
 def verify_replay(
     database_url: str, replay_key: str, *, reader: str | None = None
 ) -> ApprovalReport:
@@ -117,14 +128,14 @@ def verify_replay(
     )
 
 
-@task(name="promote", **RETRIES)
+@task(name="promote", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def promote(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.SwapReport:
     """Make the replay's copy live in one transaction."""
     manager = manager_for(database_url, reader)
     return _swap_once(manager, replay_key, zdr.ReplayState.LIVE, manager.promote)
 
 
-@task(name="rollback", **RETRIES)
+@task(name="rollback", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def rollback(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.SwapReport:
     """Make the previous copy live again."""
     manager = manager_for(database_url, reader)
@@ -147,7 +158,7 @@ def _swap_once(
     return swap(key)
 
 
-@task(name="remove-replay", **RETRIES)
+@task(name="remove-replay", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def remove(database_url: str, replay_key: str, *, reader: str | None = None) -> zdr.Replay:
     """Drop the replay's copy and metadata; never a live table."""
     return manager_for(database_url, reader).remove_replay(replay_key)
@@ -179,7 +190,7 @@ def project_live(
     return manager.follow(max_seconds=max_seconds, take_over=take_over, overtime_s=overtime_s)
 
 
-@task(name="replay-status", **RETRIES)
+@task(name="replay-status", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
 def replay_status(
     database_url: str, replay_key: str | None = None, *, reader: str | None = None
 ) -> list[dict[str, Any]]:

@@ -319,3 +319,92 @@ def _deployment_exists(name: str, api: str | None = None) -> bool:
             return True
         except Exception:
             return False
+
+
+@pytest.mark.real_server
+def test_a_pipeline_waiting_for_approval_sends_a_notification(
+    prefect_server, manager, database_url
+):
+    """`python -m zdr.deployments.notify --block ...`'s automation: when a pipeline run
+    pauses for approval, the server sends the block a notification naming the replay,
+    the run's page and the command that answers it."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from zdr.deployments.notify import notify_on_approval
+
+    received: list[dict] = []
+    hook = _webhook(received)
+    seed(manager.store, 300)
+    manager.project_live()
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        CustomWebhookNotificationBlock(
+            name="zdr-test",
+            url=f"http://127.0.0.1:{hook.server_port}/hook",
+            json_data={"subject": "{{subject}}", "body": "{{body}}"},
+        ).save("zdr-test-hook", overwrite=True)
+        notify_on_approval("custom-webhook/zdr-test-hook")
+        notify_on_approval("custom-webhook/zdr-test-hook")  # again: replaced, not doubled
+        with pytest.raises(zdr.ConfigurationError, match="no notification block"):
+            notify_on_approval("custom-webhook/nowhere")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(ROOT)}
+    pipeline = subprocess.Popen(
+        [sys.executable, "-c", WAITING_PIPELINE, database_url],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(
+            lambda: received or pipeline.poll() is not None,
+            timeout=120,
+            interval=0.2,
+            message=lambda: "no notification came",
+        )
+        assert pipeline.poll() is None, pipeline.stderr.read()[-3000:]
+        time.sleep(3)  # a second automation would have sent a second notification by now
+        with temporary_settings({PREFECT_API_URL: prefect_server}):
+            answer("notified", approve=False, approver="ops", database_tag=manager.database_tag())
+        pipeline.wait(120)
+    finally:
+        if pipeline.poll() is None:
+            pipeline.kill()
+        hook.shutdown()
+    [message] = received
+    assert message["subject"] == "Replay notified waits for approval", message
+    assert "zdr approve notified" in message["body"], message["body"]
+    assert "/runs/flow-run/" in message["body"], message["body"]
+
+
+WAITING_PIPELINE = """
+import sys
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
+zero_downtime_replay(
+    replay_key="notified",
+    projectors=["zdr.examples.bank.projectors:BalancesV2"],
+    database_url=sys.argv[1],
+    approval_timeout_s=300,
+)
+"""
+
+
+def _webhook(received: list[dict]):
+    """An HTTP server on a free port that keeps each JSON body POSTed to it."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", 0))
+            received.append(json.loads(self.rfile.read(length)))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from prefect import Task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.flow_runs import resume_flow_run
@@ -28,6 +29,7 @@ from zdr.flows.zero_downtime_replay import zero_downtime_replay
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 V2 = "zdr.examples.bank.projectors:BalancesV2"
+SLOW = "tests.support:SlowBalancesV2"
 EXPLODING = "tests.support:ExplodingBalancesV2"
 
 
@@ -298,6 +300,36 @@ def test_a_second_run_of_a_failed_pipeline_resumes_from_the_checkpoint(
     assert_balances_match_fold(engine, manager.store)
 
 
+def test_a_step_that_hangs_is_stopped_by_its_timeout_and_the_next_run_resumes(
+    manager, engine, database_url, monkeypatch
+):
+    """Every step that can hang has a timeout; a replay-batches task stopped by it
+    fails the run at once (a hang is not retried) with Prefect's reason, and leaves the
+    replay at its last committed batch for the next run."""
+    import zdr.flows.zero_downtime_replay as pipeline
+    from zdr.tasks import replay as steps
+
+    limited = [t for t in vars(steps).values() if isinstance(t, Task)]
+    assert {t.name for t in limited if not t.timeout_seconds} == {"project-live"}
+    seed(manager.store, 1_000)
+    manager.project_live()
+    monkeypatch.setenv("ZDR_TEST_SLOW_BATCH", "3")  # each batch takes 3 s
+    monkeypatch.setattr(
+        pipeline, "replay_batches", steps.replay_batches.with_options(timeout_seconds=1.5)
+    )
+    parameters = dict(
+        replay_key="hangs", projectors=[SLOW], database_url=database_url, batch_size=250
+    )
+    started = time.monotonic()
+    state = zero_downtime_replay(**parameters, auto_approve=True, return_state=True)
+    assert state.is_failed() and time.monotonic() - started < 30, "retried a hang"
+    assert "timeout" in state.message.lower(), state.message
+    monkeypatch.setenv("ZDR_TEST_SLOW_BATCH", "0")
+    summary = zero_downtime_replay(**parameters, auto_approve=True)
+    assert summary.promoted and summary.events_applied == 1_000
+    assert_balances_match_fold(engine, manager.store)
+
+
 def test_a_second_pipeline_run_on_the_same_key_is_refused(manager, database_url):
     seed(manager.store, 300)
     manager.project_live()
@@ -497,3 +529,38 @@ def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, dat
         answer("twin", approve=True, approver="ops-dana", database_tag=tag)
         thread.join(60)
     assert outcome["result"].promoted and outcome["result"].approver == "ops-dana"
+
+
+def test_a_run_names_its_database_by_a_secret_block_and_never_by_both(
+    manager, database_url, monkeypatch
+):
+    """database_secret: the URL (and its password) stays in a Secret block, out of the
+    run's parameters; a missing block, or a URL and a secret both, is refused."""
+    from prefect.blocks.system import Secret
+
+    from zdr.flows.operations import replay_status
+
+    monkeypatch.delenv("ZDR_DATABASE_URL", raising=False)
+    manager.create_replay("secret", [BalancesV2()])
+    Secret(value=database_url).save("zdr-test-database", overwrite=True)
+    state = replay_status(database_secret="zdr-test-database", return_state=True)
+    assert [row["key"] for row in state.result()] == ["secret"]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(state.state_details.flow_run_id)
+    assert database_url not in str(run.parameters)
+    with pytest.raises(zdr.ConfigurationError, match="no Prefect Secret block named 'nowhere'"):
+        replay_status(database_secret="nowhere")
+    with pytest.raises(zdr.ConfigurationError, match="not both"):
+        replay_status(database_url=database_url, database_secret="zdr-test-database")
+
+
+def test_the_live_runner_reads_the_workers_live_projectors_when_a_run_names_none(
+    database_url, monkeypatch
+):
+    """Served and prefect.yaml deployments leave projectors empty: each run reads the
+    worker's ZDR_LIVE_PROJECTORS as it starts (here one that cannot be imported)."""
+    from zdr.flows.operations import live_projection
+
+    monkeypatch.setenv("ZDR_LIVE_PROJECTORS", "zdr.examples.bank.projectors:Nowhere")
+    with pytest.raises(zdr.UnknownProjector, match="Nowhere"):
+        live_projection(database_url=database_url, max_seconds=0.5)

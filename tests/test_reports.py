@@ -325,6 +325,35 @@ def test_the_approver_report_has_state_lag_projectors_verification_and_lag_over_
     assert markdown.endswith("the current copy is kept for rollback.")
 
 
+@pytest.mark.parametrize("differences", [[], DIFFERENCES])
+def test_the_approval_form_s_report_fits_the_form(differences):
+    """The resume form is narrow: its report has no table wider than the lag's four
+    narrow columns (a wide one is clipped on the right), yet says each table's counts,
+    each listed difference, the lag over time once per sample, and where the whole
+    report is."""
+    report = reports.ApprovalReport(
+        replay=_replay(state=ReplayState.DUAL_WRITING),
+        lag=3,
+        verification=_report(differences, summary=True),
+        lag_history=reports.lag_samples(_history([0, 5_000, 5_000], seconds=[0, 1, 1])),
+    )
+    markdown = report.to_form_markdown(full_report="artifact `zdr-x-report`")
+    rows = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert rows and all(line.count("|") - 1 <= 4 for line in rows), rows
+    assert len(rows) == len(set(rows)), "a lag row is repeated"
+    verdict = "**differences found**" if differences else "**equal**"
+    assert markdown.startswith(f"## Replay `balances_v2`: {verdict}")
+    assert "* `bank_balances.balances`: 1,000 live rows, " in markdown
+    assert "* state **dual_writing**, lag **3** events" in markdown
+    if differences:
+        assert "* `bank_balances.balances` account_id=acc-000001: changed (balance)" in markdown
+        assert "* `bank_balances.balances` account_id=acc-000003: missing" in markdown
+    assert "The whole report, with each column live / replay: artifact `zdr-x-report`." in (
+        markdown
+    )
+    assert "deposits" not in markdown, "column summaries belong to the whole report"
+
+
 def test_the_promotion_markdown_gives_position_waits_and_attempts():
     markdown = reports.promotion_markdown(
         "balances_v2", position=200_000, lock_wait_ms=0.84, duration_ms=21.04, attempts=2
