@@ -414,7 +414,8 @@ class ApprovalReport:
             "",
             *(
                 f"* `{t.table}`: {_n(t.live_rows)} live rows, {_n(t.replay_rows)} replay "
-                f"rows, {len(t.compared_columns)} columns compared; differing: {differing(t)}"
+                f"rows, {len(t.compared_columns)} columns compared; "
+                + ("nothing differs" if t.equal else f"differing: {differing(t)}")
                 for t in v.tables
             ),
         ]
