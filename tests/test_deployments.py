@@ -191,9 +191,9 @@ def test_a_deployed_pipeline_suspends_for_approval_and_its_result_can_be_read(
         )
         assert waiting.name.startswith("replay-deployed-v2-"), waiting.name
         assert "replay:deployed_v2" in waiting.tags and "projection:balances" in waiting.tags
-        # Nothing of the run holds the database while it waits: the pipeline lock is free.
-        with manager.pipeline_lock("deployed_v2"):
-            pass
+        # Nothing of the run holds the database while it waits: the pipeline lock is let
+        # go of as its process ends (moments after the state changed).
+        wait_for(lambda: _lock_is_free(manager, "deployed_v2"), timeout=30, interval=0.2)
         answer(
             "deployed_v2",
             approve=True,
@@ -206,6 +206,14 @@ def test_a_deployed_pipeline_suspends_for_approval_and_its_result_can_be_read(
     assert summary.promoted and summary.approver == "ops-dana", summary
     assert summary.events_applied == 300 and summary.replay_key == "deployed_v2"
     assert manager.get_replay("deployed_v2").state is zdr.ReplayState.LIVE
+
+
+def _lock_is_free(manager, key: str) -> bool:
+    try:
+        with manager.pipeline_lock(key):
+            return True
+    except zdr.RunnerBusy:
+        return False
 
 
 def _suspended(run_id):
