@@ -39,7 +39,7 @@ err = Console(stderr=True)
 state = {"debug": False}
 
 #: Bad input: exit code 2 (like a usage error); every other zdr error: 1.
-BAD_INPUT = (zdr.InvalidName, zdr.ConfigurationError, zdr.UnknownProjector)
+BAD_INPUT = (zdr.InvalidName, zdr.ConfigurationError, zdr.UnknownProjector, zdr.ReplayNotFound)
 
 DatabaseUrl = Annotated[
     str | None,
@@ -141,6 +141,17 @@ def print_json(value: Any, indent: int | None = 2) -> None:
     sys.stdout.write(json.dumps(value, indent=indent, default=str) + "\n")
 
 
+# click's errors as typer raises them (typer 0.12 raises click's own, later versions
+# those of the click it bundles): found through the class typer exports.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: typer handles usage errors, help and exit codes; zdr's errors become
     one line here."""
@@ -150,7 +161,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     # longer than Prefect's 20 s default, and `zdr run`/`zdr demo` would fail for it.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
-        app(args=list(argv) if argv is not None else None)
+        # standalone_mode=False: usage errors come here, to be one line like the others
+        # (click would draw a box around them, wrapped at 80 columns).
+        code = app(args=list(argv) if argv is not None else None, standalone_mode=False)
+        if isinstance(code, int) and code:  # a command's typer.Exit(code)
+            sys.exit(code)
+    except _USAGE_ERROR as exc:
+        command = exc.ctx.command_path if exc.ctx else "zdr"
+        _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
+    except _CLICK_ERROR as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
     except zdr.ZdrError as exc:
         if state["debug"]:
             raise

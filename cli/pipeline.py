@@ -26,6 +26,7 @@ from zdr.cli.app import (
     paths,
     print_json,
 )
+from zdr.names import validate_key
 from zdr.settings import DEFAULTS
 
 Comment = Annotated[str, typer.Option(help="Why.")]
@@ -46,6 +47,14 @@ def run(
     reader: ReaderPath = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
+    # Bad input fails here in a second, in one line, before Prefect starts a server:
+    # the key, the numbers, the projectors, the reader, the URL and the database.
+    validate_key(key)
+    DEFAULTS.replace(
+        batch_size=batch_size, lag_threshold=lag_threshold, approval_timeout_s=approval_timeout
+    )
+    manager_for(database_url, projectors, reader).list_replays()
+
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     summary = zero_downtime_replay(

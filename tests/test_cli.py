@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
@@ -113,7 +117,7 @@ def test_verify_exits_1_and_names_the_difference(cli, manager, engine):
 @pytest.mark.parametrize(
     ("key", "codes", "message"),
     [
-        ("nope", {1}, "no replay with key 'nope'"),
+        ("nope", {2}, "no replay with key 'nope'"),
         ("Robert'); DROP TABLE zdr.events;--", {2}, "invalid replay key"),
     ],
 )
@@ -124,8 +128,55 @@ def test_a_bad_or_unknown_key_is_one_clear_line_and_changes_nothing(
     code, out, err = cli(*[part.format(key=key) for part in command])
     assert code in codes
     assert message in err and "Traceback" not in err
-    assert len(err.strip().splitlines()) <= 3, err
+    assert len(err.strip().splitlines()) == 1, err
     assert _catalog(engine) == before
+
+
+LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "message"),
+    [
+        (["status", LONG_KEY], 2, "invalid replay key"),
+        (["promote", "nope", "--yes"], 2, "no replay with key 'nope'"),
+        (["create", "k", "-p", "zdr.examples.bank.projectors.BalancesV2"], 2, "module:Class"),
+        (["status", "--database-url", "notaurl"], 2, "invalid database URL 'notaurl'"),
+        (["status", "--database-url", "mysql://u:pw@localhost/db"], 2, "zdr needs PostgreSQL"),
+        (
+            ["status", "--database-url", "postgresql://u:secret@127.0.0.1:1/db"],
+            1,
+            "cannot connect to the database at 127.0.0.1:1/db",
+        ),
+        (["promote", "asks"], 2, "pass --yes to confirm"),
+        (["setup"], 2, "Missing option '--projectors'"),
+        (["run", "k", "-p", "zdr.examples.bank.projectors:Nope"], 2, "has no projector 'Nope'"),
+    ],
+)
+def test_every_error_is_one_line_on_a_pipe_with_its_exit_code(
+    manager, database_url, arguments, code, message
+):
+    """stderr a pipe (CI, logs), no COLUMNS: one line, whatever its length, naming what to
+    fix, exit 2 for bad input and 1 otherwise; no password shown; `zdr run` refuses a bad
+    projector before Prefect starts (seconds, not a server start and a traceback)."""
+    manager.create_replay("asks", [BalancesV2()])
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["ZDR_DATABASE_URL"] = database_url
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "zdr.cli.main", *arguments],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    assert (done.returncode, len(done.stderr.splitlines())) == (code, 1), done.stderr
+    assert done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert "secret" not in done.stderr and "pw@" not in done.stderr
+    if arguments[0] == "run":
+        assert took < 10, f"zdr run took {took:.1f}s to refuse a bad projector"
 
 
 def test_create_with_a_bad_key_is_refused_with_exit_code_2(cli, engine):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import threading
 import warnings
@@ -106,16 +107,38 @@ def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
         return url_or_engine
     url = resolve_url(url_or_engine)
     try:
-        engine = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        parsed = sa.make_url(url)
     except Exception as exc:
-        raise DatabaseUnavailable(f"invalid database URL {_redact(url)}: {exc}") from exc
-    if engine.dialect.name != "postgresql":
-        raise DatabaseUnavailable(f"zdr needs PostgreSQL, got {engine.dialect.name!r}")
+        raise ConfigurationError(
+            f"invalid database URL {_redact(url)}: expected "
+            "postgresql://user:password@host:port/database (--database-url or ZDR_DATABASE_URL)"
+        ) from exc
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigurationError(
+            f"zdr needs PostgreSQL: the database URL {_redact(url)} is for "
+            f"{parsed.get_backend_name()!r}; give a postgresql:// URL (--database-url or "
+            "ZDR_DATABASE_URL)"
+        )
+    try:
+        engine = sa.create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    except Exception as exc:
+        raise ConfigurationError(f"invalid database URL {_redact(url)}: {exc}") from exc
     return engine
 
 
 def _redact(url: str) -> str:
+    """The URL as typed, its password (if any) hidden."""
     try:
-        return sa.make_url(url).render_as_string(hide_password=True)
+        return repr(sa.make_url(url).render_as_string(hide_password=True))
     except Exception:
-        return "<unparseable URL>"
+        return repr(re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
+
+
+def describe(url: str) -> str:
+    """``host:port/database`` of a URL, for messages (no user, no password)."""
+    try:
+        parsed = sa.make_url(url)
+    except Exception:
+        return _redact(url)
+    where = parsed.host or "the local socket"
+    return f"{where}:{parsed.port or 5432}/{parsed.database or ''}"

@@ -154,6 +154,38 @@ def one_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
 
 
+def cannot_connect(exc: BaseException, where: str) -> DatabaseUnavailable | None:
+    """The one-line error for a connection that could not be made (the server is down,
+    the host, database or role is wrong, the password refused) to ``where``
+    (``host:port/database``), saying what to check; None for any other error (a
+    connection that was lost is ``interrupted``)."""
+    import psycopg
+
+    cause = root_cause(exc)
+    if not isinstance(cause, psycopg.OperationalError):
+        return None
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if not (
+        cause.sqlstate in ("28P01", "28000", "3D000")
+        or text.startswith("connection failed")
+        or (text.startswith("connection to server") and " failed: " in text)
+        or "could not translate host name" in text
+        or text.startswith("failed to resolve host")
+    ):
+        return None
+    reason = text.removeprefix("connection failed: ")
+    if "does not exist" in text:
+        hint = "create it, or name another database or role in the URL"
+    elif "password" in text or "authentication" in text:
+        hint = "check the user and password in the URL"
+    else:
+        hint = "is PostgreSQL running there, is the host right"
+    return DatabaseUnavailable(
+        f"cannot connect to the database at {where}: {reason} ({hint}; the URL: "
+        "--database-url or ZDR_DATABASE_URL)"
+    )
+
+
 def interrupted(what: str, exc: BaseException) -> TransientError:
     """The TransientError saying that ``what`` was interrupted by ``exc``, and what to do."""
     state = getattr(root_cause(exc), "sqlstate", None) or ""

@@ -41,7 +41,7 @@ import psycopg.errors
 import sqlalchemy as sa
 
 from zdr import catalog, cluster, records, reports, targets
-from zdr.config import make_engine
+from zdr.config import describe, make_engine
 from zdr.errors import (
     ConfigurationError,
     DuplicateReplay,
@@ -50,6 +50,7 @@ from zdr.errors import (
     ReplayLagging,
     ReplayNotFound,
     RunnerBusy,
+    cannot_connect,
     interrupted,
     is_transient,
     one_line,
@@ -132,6 +133,9 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
                 ) from exc
             raise
         except (sa.exc.DBAPIError, psycopg.Error) as exc:
+            failed = cannot_connect(exc, describe(str(self.engine.url)))
+            if failed is not None:
+                raise failed from exc
             if not is_transient(exc):
                 raise
             subject = f" {args[0]!r}" if args and isinstance(args[0], str) else ""

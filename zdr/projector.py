@@ -119,7 +119,9 @@ def load_projector(path: str) -> Projector:
     """Instantiate a projector from its import path ``package.module:ClassName``."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        raise UnknownProjector(f"projector path {path!r} must look like 'package.module:ClassName'")
+        raise UnknownProjector(
+            f"projector path {path!r} must look like 'package.module:ClassName' (module:Class)"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

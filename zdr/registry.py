@@ -64,6 +64,12 @@ class Registry:
             )
         if ":" in ref:
             return self.for_path(ref)
+        if "." in ref:  # module.Class: the colon was left out
+            module, _, name = ref.rpartition(".")
+            raise UnknownProjector(
+                f"projector {ref!r} is neither an import path nor a projection's name: an "
+                f"import path is module:Class ({module}:{name})"
+            )
         validate_key(ref, what="projector name")
         if ref in self._registered:
             return self._registered[ref]
