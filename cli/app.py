@@ -34,8 +34,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+# Not a terminal (a pipe, a log, CI): no width to fit, so nothing is cut or wrapped;
+# rich would assume 80 columns and shorten names in tables (`bank_balances.bala...`).
+out = Console(width=None if sys.stdout.isatty() else 100_000)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 100_000)
 state = {"debug": False}
 
 #: Bad input: exit code 2 (like a usage error); every other zdr error: 1.

@@ -339,3 +339,22 @@ def test_seed_appends_the_bank_history_the_walk_through_replays(cli, engine):
         assert conn.exec_driver_sql("SELECT count(*) FROM zdr.events").scalar_one() == 1500
     code, _, err = cli("seed", "--events", "10", "--source", "kafka")
     assert code == 2 and "unknown source 'kafka'" in err
+
+
+def test_tables_on_a_pipe_keep_whole_names(manager, database_url):
+    """Not a terminal, no COLUMNS: rich would assume 80 columns and cut names short."""
+    key = "balances_rebuilt_for_the_new_shape_v2"
+    manager.create_replay(key, [BalancesV2()])
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["ZDR_DATABASE_URL"] = database_url
+    done = subprocess.run(
+        [sys.executable, "-m", "zdr.cli.main", "verify", key],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert key in done.stdout + done.stderr and "bank_balances.balances " in done.stdout, (
+        done.stdout + done.stderr
+    )
