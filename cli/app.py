@@ -47,17 +47,19 @@ DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
+        metavar="URL",
         envvar="ZDR_DATABASE_URL",
         help="PostgreSQL URL (default: ZDR_DATABASE_URL, else the embedded PostgreSQL).",
         show_default=False,
     ),
 ]
-Key = Annotated[str, typer.Argument(help="The replay's key, e.g. balances_v2.")]
+Key = Annotated[str, typer.Argument(metavar="KEY", help="The replay's key, e.g. balances_v2.")]
 Projectors = Annotated[
     list[str],
     typer.Option(
         "--projectors",
         "-p",
+        metavar="MODULE:CLASS",
         help="Projector import paths (module:Class), repeated or comma-separated.",
     ),
 ]
@@ -65,6 +67,7 @@ ReaderPath = Annotated[
     str | None,
     typer.Option(
         "--reader",
+        metavar="MODULE:ATTR",
         envvar="ZDR_READER",
         help="The event log to read: import path module:attr of a reader or of a function "
         "returning one (zdr.readers; default: zdr's own zdr.events). A function can read "

@@ -1,4 +1,4 @@
-"""`zdr embedded status|stop`: look at and stop the embedded PostgreSQL.
+"""`zdr embedded status|stop|reset`: look at, stop or empty the embedded PostgreSQL.
 
 Neither command starts the server. It stops by itself when the last zdr process
 that uses it ends (see ``zdr.embedded``); these are for the rest: a server left
@@ -8,17 +8,19 @@ by a killed process or an earlier zdr, or one to stop before deleting its folder
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.prompt import Confirm
 
 from zdr import embedded
 
 embedded_app = typer.Typer(
-    help="Look at or stop the embedded PostgreSQL (used when no database URL is given).",
+    help="Look at, stop or empty the embedded PostgreSQL (used when no database URL is given).",
     no_args_is_help=True,
 )
 err = Console(stderr=True)
@@ -78,3 +80,23 @@ def stop_command(
         err.print(f"stopped the embedded PostgreSQL in {escape(before.data_dir)}", highlight=False)
     else:
         err.print(f"the embedded PostgreSQL in {escape(before.data_dir)} was not running")
+
+
+@embedded_app.command("reset")
+def reset_command(
+    data_dir: DataDir = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Reset it even while other processes use it.")
+    ] = False,
+) -> None:
+    """Stop the embedded PostgreSQL and delete its data: the next zdr command starts an
+    empty one (refused while a zdr process still uses it)."""
+    where = embedded.status(data_dir).data_dir
+    if not yes:
+        if not sys.stdin.isatty():
+            raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
+        if not Confirm.ask(f"delete every database in {where}?", default=False, console=err):
+            raise typer.Abort()
+    embedded.reset(data_dir, force=force)
+    err.print(f"reset the embedded PostgreSQL: {escape(where)} deleted", highlight=False)

@@ -27,7 +27,9 @@ from zdr.verify import NOT_LEVEL, VerificationReport
 
 @app.command()
 def status(
-    key: Annotated[str | None, typer.Argument(help="One replay (default: all).")] = None,
+    key: Annotated[
+        str | None, typer.Argument(metavar="KEY", help="One replay (default: all).")
+    ] = None,
     as_json: AsJson = False,
     horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,

@@ -45,13 +45,26 @@ def run(
     as_json: AsJson = False,
     database_url: DatabaseUrl = None,
     reader: ReaderPath = None,
+    max_catch_up_rounds: Annotated[
+        int, typer.Option(min=1, help="Catch-up rounds before giving up (the replay is kept).")
+    ] = DEFAULTS.catch_up_rounds,
+    remove_on_reject: Annotated[
+        bool, typer.Option(help="On a rejection, drop the replay instead of keeping it.")
+    ] = False,
+    events_per_task: Annotated[
+        int, typer.Option(min=1, help="Events one replay-batches task applies.")
+    ] = DEFAULTS.events_per_task,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
     # Bad input fails here in a second, in one line, before Prefect starts a server:
     # the key, the numbers, the projectors, the reader, the URL and the database.
     validate_key(key)
     DEFAULTS.replace(
-        batch_size=batch_size, lag_threshold=lag_threshold, approval_timeout_s=approval_timeout
+        batch_size=batch_size,
+        lag_threshold=lag_threshold,
+        approval_timeout_s=approval_timeout,
+        catch_up_rounds=max_catch_up_rounds,
+        events_per_task=events_per_task,
     )
     manager_for(database_url, projectors, reader).list_replays()
 
@@ -66,6 +79,9 @@ def run(
         approval_timeout_s=approval_timeout,
         auto_approve=auto_approve,
         reader=reader,
+        max_catch_up_rounds=max_catch_up_rounds,
+        remove_on_reject=remove_on_reject,
+        events_per_task=events_per_task,
     )
     if as_json:
         print_json(summary.model_dump())

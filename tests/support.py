@@ -119,6 +119,18 @@ class ExplodingBalancesV2(BalancesV2):
         super().handle_batch(events, conn)
 
 
+class BulkExplodingBalancesV2(BalancesV2):
+    """BalancesV2 whose batch fails in one bulk statement (division by zero in SQL) when
+    it holds the event at ``explode_at``: no loop over ``event`` names the culprit."""
+
+    explode_at: int = 0
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        if self.explode_at in {e.position for e in events}:
+            conn.exec_driver_sql("SELECT 1 / 0")
+        super().handle_batch(events, conn)
+
+
 def postgres_on(data_dir: Path) -> list[psutil.Process]:
     """The postgres processes whose data folder (``-D``) is ``data_dir``."""
     found = []

@@ -126,6 +126,52 @@ def test_status_and_stop(data_dir):
     assert holder.returncode == 0
 
 
+SQL = """
+import sqlalchemy as sa
+from zdr.config import embedded_url
+with sa.create_engine(embedded_url()).begin() as conn:
+    print(conn.exec_driver_sql("{sql}").scalar() if "SELECT" in "{sql}" else "")
+"""
+
+
+def test_reset_empties_it_but_never_while_used_or_outside_a_data_folder(data_dir, tmp_path):
+    """`zdr embedded reset`: what a README example left there is gone and the next
+    command starts afresh; refused while a process uses it, without --yes on a pipe, and
+    on a folder that is not PostgreSQL's."""
+    made = python(SQL.format(sql="CREATE TABLE left_here (x int)"), data_dir)
+    assert made.returncode == 0, made.stderr
+    asked = zdr_embedded(data_dir, "reset")
+    assert (asked.returncode, asked.stderr.count("\n")) == (2, 1), asked.stderr
+    assert "--yes" in asked.stderr and (data_dir / "PG_VERSION").exists()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
+        env=env_for(data_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        refused = zdr_embedded(data_dir, "reset", "--yes")
+        assert refused.returncode == 1 and f"pid {holder.pid}" in refused.stderr
+        assert (data_dir / "PG_VERSION").exists()
+    finally:
+        holder.communicate("\n", timeout=60)
+    done = zdr_embedded(data_dir, "reset", "--yes")
+    assert done.returncode == 0 and "deleted" in done.stderr, done.stderr
+    assert not data_dir.exists() and wait_until_gone(data_dir) == []
+    fresh = python(SQL.format(sql="SELECT to_regclass('left_here')"), data_dir)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "None", fresh.stderr
+
+    other = tmp_path / "not-postgres"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    kept = zdr_embedded(other, "reset", "--yes")
+    assert kept.returncode == 2 and "not a PostgreSQL data folder" in kept.stderr
+    assert (other / "keep.txt").read_text() == "mine"
+
+
 def test_the_last_holder_to_leave_stops_it(data_dir):
     holder = subprocess.Popen(
         [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],

@@ -6,8 +6,14 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import ExplodingBalancesV2, assert_balances_match_fold, seed
+from tests.support import (
+    BulkExplodingBalancesV2,
+    ExplodingBalancesV2,
+    assert_balances_match_fold,
+    seed,
+)
 from zdr.examples.bank.projectors import Balances, BalancesV2
+from zdr.store import iter_all
 
 BAD_KEYS = [
     "",
@@ -154,6 +160,28 @@ def test_a_projector_that_raises_names_the_event_and_the_replay_stays_resumable(
     replay = manager.start_replay("boom", batch_size=100)
     assert replay.state is zdr.ReplayState.CAUGHT_UP
     assert_balances_match_fold(engine, manager.store, "zdr_boom_1")
+
+
+def test_a_batch_handler_failing_in_one_bulk_statement_still_names_the_event(
+    manager, engine, monkeypatch
+):
+    """Nothing in the traceback names the event: the batch is tried again event by event
+    (all of it rolled back) to find the one that fails, even after an SQL error."""
+    seed(manager.store, 1_000)
+    monkeypatch.setattr(BulkExplodingBalancesV2, "explode_at", 777)
+    manager.create_replay("bulk", [BulkExplodingBalancesV2()])
+    event = next(e for e in iter_all(manager.store, engine) if e.position == 777)
+
+    with pytest.raises(zdr.ProjectorError) as failed:
+        manager.start_replay("bulk", batch_size=250)
+
+    assert failed.value.position == 777 and failed.value.event_type == event.type
+    assert f"event 777 ({event.type}, stream {event.stream_id!r})" in str(failed.value)
+    assert "division by zero" in str(failed.value)
+    assert manager.get_replay("bulk").position == 750, "the checkpoint stays at the last batch"
+    monkeypatch.setattr(BulkExplodingBalancesV2, "explode_at", 0)
+    assert manager.start_replay("bulk").state is zdr.ReplayState.CAUGHT_UP
+    assert_balances_match_fold(engine, manager.store, "zdr_bulk_1")
 
 
 def test_a_broken_replay_projector_leaves_dual_write_but_live_goes_on(manager, engine, monkeypatch):

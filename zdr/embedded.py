@@ -26,6 +26,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -226,6 +227,23 @@ def stop(data_dir: str | Path | None = None, *, force: bool = False) -> Embedded
             _pg_ctl_stop(path)
         if (path / HANDLE_LIST).exists():
             _write_pids(path, [])
+    return before
+
+
+def reset(data_dir: str | Path | None = None, *, force: bool = False) -> EmbeddedStatus:
+    """Stop the embedded server on ``data_dir`` (as ``stop``, refused while another
+    process uses it) and delete its data folder: everything in it is gone, and the next
+    zdr command starts an empty one. Only a PostgreSQL data folder is deleted."""
+    from zdr.config import default_embedded_dir
+
+    path = Path(data_dir).expanduser().resolve() if data_dir else default_embedded_dir()
+    if path.exists() and not (path / "PG_VERSION").exists() and any(path.iterdir()):
+        raise ConfigurationError(
+            f"{path} is not a PostgreSQL data folder (no PG_VERSION): nothing was deleted"
+        )
+    before = stop(path, force=force)
+    if path.exists():
+        shutil.rmtree(path)
     return before
 
 

@@ -160,14 +160,17 @@ def apply_events(
     if own_copy:
         relevant = [copy_event(e) for e in relevant]
     try:
-        projector.handle_batch(relevant, conn)
+        # In a savepoint (two statements a batch): if the batch fails, it can be tried
+        # again event by event to name the event that fails.
+        with conn.begin_nested():
+            projector.handle_batch(relevant, conn)
     except ProjectorError:
         raise
     except Exception as exc:
         if is_transient(exc):  # the database's failure, not the projector's
             span = f"events {relevant[0].position}..{relevant[-1].position}"
             raise interrupted(f"projecting {span} to {where}", exc) from exc
-        culprit = _failing_event(exc)
+        culprit = _failing_event(exc) or _first_failing(projector, relevant, conn)
         if culprit is not None:
             at = f"event {culprit.position} ({culprit.type}, stream {culprit.stream_id!r})"
             position, event_type = culprit.position, culprit.type
@@ -213,6 +216,38 @@ def _copy_json(value: Any) -> Any:
     if isinstance(value, _IMMUTABLE):
         return value
     return copy.deepcopy(value)
+
+
+#: Batches up to this many events are tried again event by event when they fail
+#: without naming an event; a larger one is named by its range.
+DIAGNOSE_AT_MOST = 100_000
+
+
+def _first_failing(
+    projector: Projector, events: Sequence[RecordedEvent], conn: sa.Connection
+) -> RecordedEvent | None:
+    """The first event that fails when the batch is applied one event at a time (each
+    on what the ones before it wrote), all of it rolled back; None if none fails (a
+    failure that depends on the whole batch) or the batch is too large to try.
+
+    For batch handlers that fail without a loop over ``event`` to read from the
+    traceback (a vectorised handler, a bulk statement)."""
+    if len(events) > DIAGNOSE_AT_MOST:
+        return None
+    try:
+        attempt = conn.begin_nested()
+    except Exception:  # the transaction cannot take a savepoint any more
+        return None
+    try:
+        for event in events:
+            try:
+                with conn.begin_nested():
+                    projector.handle_batch([copy_event(event)], conn)
+            except Exception:
+                return event
+        return None
+    finally:
+        attempt.rollback()
 
 
 def _failing_event(exc: BaseException) -> RecordedEvent | None:
