@@ -48,6 +48,9 @@ def status(
         for row in rows:
             table.add_row(*reports.status_cells(row))
         out.print(table)
+        for row in rows:
+            if row["next"]:
+                err.print(f"{escape(row['key'])}: {escape(row['next'])}", highlight=False)
     else:
         err.print("no replays")
     if key is None:
@@ -57,6 +60,16 @@ def status(
             for name, value in live.items():
                 table.add_row(name, f"{value:,}")
             out.print(table)
+            pid = manager.live_runner_pid()
+            if pid is None:
+                err.print(
+                    "[yellow]warning:[/yellow] no live runner is running: new events reach "
+                    "neither the live read models nor a dual-writing replay (start `zdr live`)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            else:
+                err.print(f"live runner: running (database session pid {pid})", highlight=False)
     horizon = manager.horizon()
     threshold = manager.settings.horizon_warning_s
     if horizon.held_longer_than(threshold):

@@ -57,6 +57,8 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(
         # inside a batch whose writes are done but not committed.
         wait_for(lambda: _checkpoint(engine) >= 1_200 or child.poll() is not None, timeout=60)
         assert child.poll() is None, child.stderr.read().decode()
+        [row] = manager.status("crash")
+        assert row["running"] and row["last_run"] == "replay running", row
         child.send_signal(signal.SIGKILL)
         child.wait(10)
     finally:
@@ -65,6 +67,10 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(
     killed_at = _checkpoint(engine)
     assert 0 < killed_at < 6_000
     assert manager.get_replay("crash").state is zdr.ReplayState.REPLAYING
+    # Status tells a dead run from a live one: the killed process's lock went with it.
+    row = wait_for(lambda: _not_running(manager), timeout=30)
+    assert row["last_run"] == "replay interrupted" and row["eta_seconds"] is None, row
+    assert row["next"] == f"not running: `zdr replay crash` resumes it from position {killed_at:,}"
 
     replay = manager.start_replay("crash")
 
@@ -73,6 +79,11 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(
     assert_balances_match_fold(engine, log.reader, "zdr_crash_1")
 
     assert_history_exactly_once(engine, log.reader, "zdr_crash_2")
+
+
+def _not_running(manager) -> dict | None:
+    [row] = manager.status("crash")
+    return None if row["running"] else row
 
 
 def _checkpoint(engine) -> int:

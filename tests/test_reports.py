@@ -151,6 +151,29 @@ def test_a_failed_replay_has_its_lag_but_no_rate_or_eta():
     assert (row["lag"], row["rate"], row["eta_seconds"]) == (9_000, None, None)
 
 
+def test_status_tells_a_dead_run_from_a_live_one_and_says_what_to_run():
+    """The runner locks say who runs: a run recorded as running whose process died is
+    "interrupted", and nothing that is not moved has a rate or an ETA."""
+    running = Run(1, "replay", "running", T0, None, 0, None, 0, None)
+    history = _history([0, 1_000, 2_000, 3_000])
+    alive = reports.status_row(
+        _replay(runs=[running]), lag=9_000, history=history, runners=reports.Runners(42, None)
+    )
+    assert (alive["running"], alive["last_run"], alive["next"]) == (True, "replay running", None)
+    assert alive["eta_seconds"] is not None
+    dead = reports.status_row(
+        _replay(runs=[running]), lag=9_000, history=history, runners=reports.Runners(None, 7)
+    )
+    assert (dead["running"], dead["last_run"]) == (False, "replay interrupted")
+    assert (dead["rate"], dead["eta_seconds"]) == (None, None)
+    assert dead["next"] == "not running: `zdr replay balances_v2` resumes it from position 50,000"
+    dual = _replay(state=ReplayState.DUAL_WRITING)
+    unfed = reports.status_row(dual, lag=500, history=history, runners=reports.Runners(None, None))
+    assert unfed["eta_seconds"] is None and "start `zdr live`" in unfed["next"]
+    fed = reports.status_row(dual, lag=500, history=history, runners=reports.Runners(None, 7))
+    assert fed["next"] is None and fed["live_runner"] is True
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"),
     [(None, "-"), (0, "0s"), (119.9, "119s"), (120, "2m"), (7_199, "119m"), (11_100, "3h05m")],

@@ -159,6 +159,25 @@ def _holder(conn: sa.Connection, name: str) -> str:
     return f"; held by pid {row.pid}{application}"
 
 
+def holder_pid(conn: sa.Connection, name: str) -> int | None:
+    """The pid of the session holding the runner lock ``name``, or None if nobody holds
+    it: a runner whose process died holds nothing (its session ended)."""
+    pid = conn.exec_driver_sql(
+        f"SELECT pid FROM pg_locks WHERE {_HELD} LIMIT 1", (ZDR_LOCK_SPACE, name)
+    ).scalar()
+    return None if pid is None else int(pid)
+
+
+def live_runner_pid(conn: sa.Connection) -> int | None:
+    """The pid of the live runner's session, or None if no live runner runs."""
+    return holder_pid(conn, LIVE_RUNNER_LOCK)
+
+
+def replay_runner_pid(conn: sa.Connection, key: str) -> int | None:
+    """The pid of the session running replay ``key`` (replay, switch, promotion), or None."""
+    return holder_pid(conn, replay_lock(key))
+
+
 def end_session(conn: sa.Connection, pid: int) -> bool:
     """End session ``pid`` if it holds the live runner's lock (this runner's own old
     session, cut off by the network); True if it did."""

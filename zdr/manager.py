@@ -40,7 +40,7 @@ import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
-from zdr import catalog, cluster, records, reports, targets
+from zdr import catalog, cluster, locks, records, reports, targets
 from zdr.config import describe, make_engine
 from zdr.errors import (
     ConfigurationError,
@@ -668,6 +668,9 @@ class ReplayManager:
         replay's copy follows nothing, so it has none."""
         replays = self.list_replays() if key is None else [self.require_replay(key)]
         since = dt.datetime.now(dt.UTC) - reports.RATE_WINDOW
+        with self.engine.connect() as conn:
+            runners = {r.key: locks.replay_runner_pid(conn, r.key) for r in replays}
+            live_runner = locks.live_runner_pid(conn)
         return [
             reports.status_row(
                 replay,
@@ -675,9 +678,18 @@ class ReplayManager:
                 history=(
                     self.lag_history(replay.key, since=since) if replay.state in MOVING else None
                 ),
+                runners=reports.Runners(runners[replay.key], live_runner),
             )
             for replay in replays
         ]
+
+    @_translate_errors
+    def live_runner_pid(self) -> int | None:
+        """The pid of the database session of the running live runner, or None when no
+        live runner runs (then nothing applies new events to the live read models, nor
+        to a dual-writing replay)."""
+        with self.engine.connect() as conn:
+            return locks.live_runner_pid(conn)
 
     @_translate_errors
     def list_replays(self) -> list[Replay]:

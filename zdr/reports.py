@@ -70,12 +70,27 @@ def recent_rate(history: pd.DataFrame, fallback: float | None = None) -> float |
     return fallback
 
 
+@dataclass(frozen=True)
+class Runners:
+    """Who runs, as the runner locks say (a process that died holds none): the pid of
+    the session running the replay and of the live runner's, None where nobody runs."""
+
+    replay_pid: int | None
+    live_pid: int | None
+
+
+#: The states whose copy only the replay's own run moves (``zdr replay``); a
+#: dual-writing copy is moved by the live runner.
+_MOVED_BY_REPLAY_RUN = frozenset({"created", "replaying", "caught_up"})
+
+
 def status_row(
     replay: Replay,
     *,
     lag: int | None,
     history: pd.DataFrame | None,
     now: dt.datetime | None = None,
+    runners: Runners | None = None,
 ) -> dict[str, Any]:
     """Where a replay stands, as plain data (``zdr status --json`` prints these).
 
@@ -85,13 +100,21 @@ def status_row(
     moves (``MOVING``: not failed either). ``history`` is its recent lag history; the
     rate is the mean over its latest samples, else the rate of the replay's last run.
     """
-    moving = replay.state in MOVING and lag is not None
+    state = replay.state.value
+    replay_running = runners is None or runners.replay_pid is not None
+    live_running = runners is None or runners.live_pid is not None
+    # Nothing moves a copy whose runner is not running: no rate, no ETA then.
+    mover_running = live_running if state == "dual_writing" else replay_running
+    moving = replay.state in MOVING and lag is not None and mover_running
     if replay.state not in FOLLOWING:
         lag = None
     rate = None
     if moving:
         rate = recent_rate(history, replay.rate) if history is not None else replay.rate
     last = replay.runs[-1] if replay.runs else None
+    last_run = f"{last.kind} {last.status}" if last else None
+    if last is not None and last.status == "running" and not replay_running:
+        last_run = f"{last.kind} interrupted"  # its process died: its lock went with it
     now = now or dt.datetime.now(dt.UTC)
     return {
         "key": replay.key,
@@ -102,10 +125,31 @@ def status_row(
         "lag": lag,
         "rate": rate or None,
         "eta_seconds": eta_seconds(lag, rate) if moving and lag is not None else None,
-        "last_run": f"{last.kind} {last.status}" if last else None,
+        "last_run": last_run,
         "age_seconds": (now - replay.created_at).total_seconds(),
         "error": replay.error,
+        "running": None if runners is None else runners.replay_pid is not None,
+        "live_runner": None if runners is None else runners.live_pid is not None,
+        "next": None if runners is None else _next_step(replay, state, runners),
     }
+
+
+def _next_step(replay: Replay, state: str, runners: Runners) -> str | None:
+    """What to do for a copy nothing moves, in the command line's words; None if it moves
+    or there is nothing to do."""
+    key = replay.key
+    if runners.replay_pid is not None:
+        return None
+    if state == "caught_up":
+        return f"caught up: `zdr enable-dual-write {key}` next (with `zdr live` running)"
+    if state in _MOVED_BY_REPLAY_RUN:
+        verb = "starts it" if state == "created" else "resumes it"
+        return f"not running: `zdr replay {key}` {verb} from position {replay.position:,}"
+    if state == "dual_writing" and runners.live_pid is None:
+        return "no live runner: nothing keeps it level with live; start `zdr live`"
+    if state == "failed":
+        return f"failed: fix the projector, then `zdr replay {key}` resumes it"
+    return None
 
 
 def status_cells(row: Mapping[str, Any]) -> list[str]:
