@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from typing import Annotated
 
 import typer
@@ -227,12 +228,33 @@ def live(
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     applied = [0]
+    # On a terminal the count rewrites one line; in a log (not a terminal) it is a line
+    # of its own, at most every 10 s, so the lines never run together.
+    on_terminal = err.is_terminal
+    said = [time.monotonic()]
 
     def on_batch(count: int) -> None:
         applied[0] += count
-        err.print(f"applied {applied[0]:,} events", end="\r")
+        if on_terminal:
+            err.print(f"applied {applied[0]:,} events", end="\r")
+        elif time.monotonic() - said[0] >= 10:
+            said[0] = time.monotonic()
+            err.print(f"applied {applied[0]:,} events")
 
-    err.print("live runner started (Ctrl-C stops after the batch in flight)")
+    running = manager.live_runner_pid()
+    if running is not None and not take_over:
+        raise zdr.RunnerBusy(
+            f"another live runner is already running on this database (database session pid "
+            f"{running}): only one may apply events; `zdr live --take-over` waits for it to "
+            "end and takes over"
+        )
+    if running is not None:
+        err.print(
+            f"a live runner is running (database session pid {running}): waiting for it "
+            "to end, then taking over"
+        )
+    else:
+        err.print("live runner started (Ctrl-C stops after the batch in flight)")
     total = manager.follow(
         stop=stop,
         max_seconds=max_seconds,

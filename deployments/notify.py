@@ -20,10 +20,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import httpx
 from prefect.automations import Automation
+from prefect.blocks.abstract import NotificationBlock
 from prefect.blocks.core import Block
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.settings import get_current_settings
 
 from zdr.errors import ConfigurationError
 from zdr.flows.approval import PIPELINE_FLOW_NAME
@@ -80,13 +83,29 @@ def _block_document_id(block: str) -> Any:
             f"name the notification block as <block type>/<name> (slack-webhook/{block}), "
             f"not {block!r}"
         )
+    api = get_current_settings().api.url
+    if not api:
+        raise ConfigurationError(
+            "PREFECT_API_URL is not set: the automation belongs on the Prefect server your "
+            "runs use (export PREFECT_API_URL=http://HOST:4200/api)"
+        )
     try:
         found = Block.load(block)
     except (ValueError, KeyError) as exc:
         raise ConfigurationError(
-            f"no notification block {block!r}: make one in the UI (Blocks) or in Python "
-            "(SlackWebhook(url=...).save(name)); `prefect block ls` lists them"
+            f"no notification block {block!r} on {api}: make one in the UI (Blocks) or in "
+            "Python (SlackWebhook(url=...).save(name)); `prefect block ls` lists them"
         ) from exc
+    except httpx.HTTPError as exc:
+        raise ConfigurationError(
+            f"cannot reach the Prefect server at {api} ({type(exc).__name__}): is it running, "
+            "is PREFECT_API_URL right?"
+        ) from exc
+    if not isinstance(found, NotificationBlock):
+        raise ConfigurationError(
+            f"{block!r} is a {type(found).__name__} block, which cannot send a notification: "
+            "name a notification block (slack-webhook/..., custom-webhook/..., email/...)"
+        )
     return found._block_document_id
 
 

@@ -46,9 +46,10 @@ def _secret_value(name: str) -> str:
         value = Secret.load(name).get()
     except ValueError as exc:  # Prefect's "Unable to find block document named ..."
         raise ConfigurationError(
-            f"no Prefect Secret block named {name!r}: create it with "
-            f"`Secret(value='postgresql://...').save({name!r})` "
-            "(from prefect.blocks.system import Secret), or in the UI under Blocks"
+            f"no Prefect Secret block named {name!r}: create one with "
+            "`Secret(value='postgresql://...').save('zdr-database')` (from "
+            "prefect.blocks.system import Secret) or in the UI under Blocks, and give its "
+            "name as database_secret"
         ) from exc
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(

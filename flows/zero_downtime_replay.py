@@ -15,6 +15,7 @@ running for dual write to keep the replay level with live.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from uuid import UUID
 
@@ -35,7 +36,14 @@ from prefect.states import Completed, Running
 import zdr
 from zdr import reports
 from zdr.errors import ApprovalTimedOut, NotConverged
-from zdr.flows.approval import DATABASE_TAG, KEY_TAG, PROJECTION_TAG, Approval
+from zdr.flows.approval import (
+    DATABASE_TAG,
+    KEY_TAG,
+    PROJECTION_TAG,
+    Approval,
+    NoPausedRun,
+    find_paused_run,
+)
 from zdr.flows.parameters import ReplayKey, database
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
 from zdr.reports import ApprovalReport, ReplaySummary
@@ -53,9 +61,13 @@ from zdr.tasks.replay import (
 
 
 def _run_name() -> str:
-    """``replay-<key>-<UTC time>``: a run is found by its replay key in the runs list."""
-    key = str(this_run.parameters.get("replay_key", "unknown"))
-    return f"replay-{_dashed(key)}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+    """``replay-<key>-<UTC time>``: a run is found by its replay key in the runs list. A
+    run started again after suspending keeps the name it had (a notification names it)."""
+    prefix = f"replay-{_dashed(str(this_run.parameters.get('replay_key', 'unknown')))}-"
+    current = str(this_run.name or "")
+    if current.startswith(prefix):
+        return current
+    return f"{prefix}{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
 
 
 @flow(
@@ -143,7 +155,7 @@ def zero_downtime_replay(
 
         report = verify_replay(url, replay_key, reader=reader)
         _publish_report(report, artifacts)
-        decision = _approval(report, auto_approve, approval_timeout_s, artifacts)
+        decision = _approval(report, auto_approve, approval_timeout_s, artifacts, tag)
         logger.info(
             "%s by %s: %s",
             "approved" if decision.approve else "rejected",
@@ -260,7 +272,9 @@ def _catch_up(
         )
 
 
-def _approval(report: ApprovalReport, auto: bool, timeout_s: int, artifacts: str) -> Approval:
+def _approval(
+    report: ApprovalReport, auto: bool, timeout_s: int, artifacts: str, database_tag: str
+) -> Approval:
     """The approver's decision. A run of a deployment suspends while it waits: its
     process ends, so it holds no worker slot and no database connection for up to
     ``timeout_s``; when answered, Prefect starts it again, it finds the replay in dual
@@ -281,16 +295,18 @@ def _approval(report: ApprovalReport, auto: bool, timeout_s: int, artifacts: str
         f"{deadline:%Y-%m-%d %H:%M:%S}",
         key,
     )
+    _refuse_a_second_question(key, database_tag)
+    pause_key = _pause_key(report)
     if _deployed():
-        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=_pause_key(key))
+        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=pause_key)
     try:
         return pause_flow_run(
-            wait_for_input=form, timeout=timeout_s, poll_interval=1, key=_pause_key(key)
+            wait_for_input=form, timeout=timeout_s, poll_interval=1, key=pause_key
         )
     except FlowPauseTimeout as exc:
         # Prefect would end the run with its own words ("paused and never resumed"):
         # back to Running, so the run fails with the reason below as its state message.
-        _force_running()
+        _force_running_if_paused()
         raise ApprovalTimedOut(
             f"nobody approved replay {key!r} within {timeout_s}s; it is left intact in dual "
             "write and live is unchanged. Run the pipeline again to ask again"
@@ -303,16 +319,49 @@ def _deployed() -> bool:
     return context is not None and context.flow_run.deployment_id is not None
 
 
-def _pause_key(replay_key: str) -> str:
-    return f"approve-{_dashed(replay_key)}"
+def _pause_key(report: ApprovalReport) -> str:
+    """An answer holds for what the run showed. The key names the replay (its key and
+    when it was made), its projectors and the verification's verdict: a run started
+    again after the answer finds the same key and takes the answer (Prefect hands back
+    the answer given under a key already used); if meanwhile the replay was removed and
+    made again, its projectors changed, or the verification now says otherwise, the key
+    is new and the run asks again."""
+    replay = report.replay
+    shown = "|".join(
+        [
+            replay.created_at.isoformat(),
+            *sorted(replay.projectors.values()),
+            "equal" if report.verification.equal else "differences",
+        ]
+    )
+    return f"approve-{_dashed(replay.key)}-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
 
 
-def _force_running() -> None:
+def _refuse_a_second_question(key: str, database_tag: str) -> None:
+    """One question per replay at a time: a run that suspended let go of the pipeline
+    lock, so a second run of the key could get this far; it stops instead of asking too
+    (two answers to one replay would contradict each other)."""
+    try:
+        waiting = find_paused_run(key, database_tag=database_tag)
+    except NoPausedRun:
+        return
+    if str(waiting) != str(this_run.id):
+        raise zdr.RunnerBusy(
+            f"another pipeline run ({waiting}) already waits for approval of replay {key!r}: "
+            f"answer it (`zdr approve {key}` / `zdr reject {key}`, or its Resume form) or "
+            "cancel it; this run changed nothing"
+        )
+
+
+def _force_running_if_paused() -> None:
+    """Back to Running, unless something else moved the run on (a cancellation wins)."""
     run_id = this_run.id
     if run_id is None:
         return
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(UUID(str(run_id)), Running(), force=True)
+        current = client.read_flow_run(UUID(str(run_id))).state
+        if current is not None and current.is_paused():
+            client.set_flow_run_state(UUID(str(run_id)), Running(), force=True)
 
 
 def _promote_when_level(url: str, reader: str | None, key: str) -> SwapReport:

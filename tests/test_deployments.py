@@ -194,12 +194,29 @@ def test_a_deployed_pipeline_suspends_for_approval_and_its_result_can_be_read(
         # Nothing of the run holds the database while it waits: the pipeline lock is let
         # go of as its process ends (moments after the state changed).
         wait_for(lambda: _lock_is_free(manager, "deployed_v2"), timeout=30, interval=0.2)
-        answer(
-            "deployed_v2",
-            approve=True,
-            approver="ops-dana",
-            database_tag=manager.database_tag(),
+        # One question per replay: a second run of the key stops instead of asking too.
+        second = run_deployment(
+            PIPELINE,
+            parameters={"replay_key": "deployed_v2", "projectors": [V2]},
+            timeout=180,
+            poll_interval=1,
         )
+        assert second.state.is_failed(), second.state
+        assert "already waits for approval of replay 'deployed_v2'" in second.state.message
+        # An answer holds for what was shown: the replay is removed and made again while
+        # the run waits, so the restarted run asks again instead of taking the answer.
+        manager.remove_replay("deployed_v2")
+        tag = manager.database_tag()
+        answered = dt.datetime.now(dt.UTC)
+        answer("deployed_v2", approve=True, approver="ops-early", database_tag=tag)
+        again = wait_for(
+            lambda: _suspended(started.id, after=answered),
+            timeout=180,
+            message=lambda: f"the restarted run did not ask again: {_state(started.id)}",
+        )
+        assert again.name == waiting.name, "a restarted run keeps its name"
+        assert manager.get_replay("deployed_v2").state is zdr.ReplayState.DUAL_WRITING
+        answer("deployed_v2", approve=True, approver="ops-dana", database_tag=tag)
         ended = wait_for(lambda: _final(started.id), timeout=180)
     assert ended.state.name == "Promoted", (ended.state.name, ended.state.message)
     summary = ended.state.result()
@@ -216,9 +233,11 @@ def _lock_is_free(manager, key: str) -> bool:
         return False
 
 
-def _suspended(run_id):
+def _suspended(run_id, after: dt.datetime | None = None):
     run = _read_run(run_id)
-    return run if run.state and run.state.name == "Suspended" else None
+    if not (run.state and run.state.name == "Suspended"):
+        return None
+    return run if after is None or run.state.timestamp > after else None
 
 
 def _final(run_id):
@@ -337,6 +356,7 @@ def test_a_pipeline_waiting_for_approval_sends_a_notification(
     pauses for approval, the server sends the block a notification naming the replay,
     the run's page and the command that answers it."""
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.blocks.system import Secret
 
     from zdr.deployments.notify import notify_on_approval
 
@@ -354,6 +374,9 @@ def test_a_pipeline_waiting_for_approval_sends_a_notification(
         notify_on_approval("custom-webhook/zdr-test-hook")  # again: replaced, not doubled
         with pytest.raises(zdr.ConfigurationError, match="no notification block"):
             notify_on_approval("custom-webhook/nowhere")
+        Secret(value="not a notifier").save("zdr-test-not-a-notifier", overwrite=True)
+        with pytest.raises(zdr.ConfigurationError, match="cannot send a notification"):
+            notify_on_approval("secret/zdr-test-not-a-notifier")
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(ROOT)}
     pipeline = subprocess.Popen(
         [sys.executable, "-c", WAITING_PIPELINE, database_url],
@@ -383,6 +406,19 @@ def test_a_pipeline_waiting_for_approval_sends_a_notification(
     assert message["subject"] == "Replay notified waits for approval", message
     assert "zdr approve notified" in message["body"], message["body"]
     assert "/runs/flow-run/" in message["body"], message["body"]
+
+
+def test_the_notification_command_names_a_missing_or_unreachable_server_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = [sys.executable, "-m", "zdr.deployments.notify", "--block", "slack-webhook/x"]
+    for api, says in [
+        (None, "PREFECT_API_URL is not set"),
+        ("http://127.0.0.1:1/api", "cannot reach"),
+    ]:
+        run_env = env if api is None else {**env, "PREFECT_API_URL": api}
+        done = subprocess.run(command, env=run_env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 WAITING_PIPELINE = """

@@ -457,6 +457,45 @@ def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
     assert "deposits" not in next(iter(balances(engine).values()))
 
 
+def test_a_cancelled_waiting_run_is_not_brought_back_to_running(manager, database_url):
+    """A run cancelled while it waits stays cancelled: the timeout's own state change
+    (back to Running, to fail with zdr's reason) is for a run still paused only."""
+    from prefect.states import Cancelling
+
+    seed(manager.store, 200)
+    manager.project_live()
+    done = {}
+    pipeline = threading.Thread(
+        target=lambda: done.setdefault(
+            "state",
+            zero_downtime_replay(
+                replay_key="cancelled",
+                projectors=[V2],
+                database_url=database_url,
+                approval_timeout_s=4,
+                return_state=True,
+            ),
+        )
+    )
+    pipeline.start()
+    run_id = wait_for(lambda: _paused_run("cancelled", manager), timeout=60)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(), force=True)
+    pipeline.join(60)
+    with get_client(sync_client=True) as client:
+        history = [s.type.value for s in client.read_flow_run_states(run_id)]
+    after = history[history.index("CANCELLING") + 1 :]
+    assert "RUNNING" not in after, history
+    assert manager.get_replay("cancelled").state is zdr.ReplayState.DUAL_WRITING
+
+
+def _paused_run(key: str, manager):
+    try:
+        return find_paused_run(key, database_tag=manager.database_tag())
+    except NoPausedRun:
+        return None
+
+
 def test_a_rejection_with_remove_on_reject_removes_the_replay(manager, engine, database_url):
     seed(manager.store, 200)
     manager.project_live()

@@ -181,8 +181,8 @@ def cannot_connect(exc: BaseException, where: str) -> DatabaseUnavailable | None
     else:
         hint = "is PostgreSQL running there, is the host right"
     return DatabaseUnavailable(
-        f"cannot connect to the database at {where}: {reason} ({hint}; the URL: "
-        "--database-url or ZDR_DATABASE_URL)"
+        f"cannot connect to the database at {where}: {reason} ({hint}; the URL comes from "
+        "--database-url or ZDR_DATABASE_URL, or a flow's database_url or database_secret)"
     )
 
 
