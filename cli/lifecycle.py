@@ -241,20 +241,16 @@ def live(
             said[0] = time.monotonic()
             err.print(f"applied {applied[0]:,} events")
 
+    # Say what happens before it does: started, or waiting to take over. A runner that
+    # may not take over says nothing here: the refusal that follows names the other one.
     running = manager.live_runner_pid()
-    if running is not None and not take_over:
-        raise zdr.RunnerBusy(
-            f"another live runner is already running on this database (database session pid "
-            f"{running}): only one may apply events; `zdr live --take-over` waits for it to "
-            "end and takes over"
-        )
-    if running is not None:
+    if running is None:
+        err.print("live runner started (Ctrl-C stops after the batch in flight)")
+    elif take_over:
         err.print(
             f"a live runner is running (database session pid {running}): waiting for it "
             "to end, then taking over"
         )
-    else:
-        err.print("live runner started (Ctrl-C stops after the batch in flight)")
     total = manager.follow(
         stop=stop,
         max_seconds=max_seconds,
