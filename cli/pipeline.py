@@ -145,7 +145,11 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="End with one JSON line.")] = False,
     yes: Annotated[bool, typer.Option("--yes", help="Approve without asking.")] = False,
     reset: Annotated[
-        bool, typer.Option(help="With a named database: drop the demo's schemas first.")
+        bool,
+        typer.Option(
+            help="With a named database: drop the zdr and bank schemas an earlier demo "
+            "left there first (refused without it); the embedded one starts afresh anyway."
+        ),
     ] = False,
     source: Annotated[
         str,
@@ -160,6 +164,11 @@ def demo(
     from zdr.examples.bank.demo import run_demo
 
     interactive = sys.stdin.isatty() and not yes and not as_json
+    if not (interactive or yes or as_json):
+        err.print(
+            "[dim]·[/dim] no terminal to ask on: the replay is approved as with --yes "
+            "(pass --yes or --json to say so)"
+        )
     summary = run_demo(
         database_url,
         events=events,
@@ -212,7 +221,7 @@ def _ask_on_terminal(replay_key: str) -> tuple[bool, str, str]:
         f"\nThe pipeline waits for approval of replay [bold]{replay_key}[/bold] "
         "(its report is in the flow run's artifacts)."
     )
-    approve_it = Confirm.ask("Promote it to live?", console=err, default=True)
+    approve_it = Confirm.ask("Promote it to live?", console=err, default=False)
     return approve_it, os.environ.get("USER") or "terminal", "answered on the demo's terminal"
 
 
