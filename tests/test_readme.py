@@ -16,13 +16,19 @@ def test_the_readme_python_example_runs(engine, database_url, monkeypatch, capsy
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has a Python example"
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    exec(compile(blocks[0], str(README), "exec"), {"__name__": "readme_example"})
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "caught_up 0"
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT book_id, on_loan FROM library_loans.loans").all()
-        assert rows == [("book-1", True)]
-        assert conn.exec_driver_sql("SELECT count(*) FROM zdr.replays").scalar() == 0
+    for _ in range(2):  # a newcomer runs it again: it must not fail the second time
+        exec(compile(blocks[0], str(README), "exec"), {"__name__": "readme_example"})
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[0] == "caught_up 0"
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql("SELECT book_id, on_loan FROM library_loans.loans").all()
+            assert rows == [("book-1", True)]
+            assert (
+                conn.exec_driver_sql(
+                    "SELECT count(*) FROM zdr.replays WHERE state <> 'removed'"
+                ).scalar()
+                == 0
+            )
 
 
 def _run_as_module(code: str, name: str, monkeypatch) -> None:
@@ -51,9 +57,10 @@ def test_the_readme_eventsourcing_reader_example_runs(engine, database_url, monk
 
 def test_the_readme_table_reader_example_runs(engine, database_url, monkeypatch, capsys):
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    _run_as_module(_block("# readers: table"), "readme_table", monkeypatch)
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[-1] == "[('acc-1', 42)]"
+    for _ in range(2):  # run again, it must not fail
+        _run_as_module(_block("# readers: table"), "readme_table", monkeypatch)
+        printed = capsys.readouterr().out.splitlines()
+        assert printed[-1] == "[('acc-1', 42)]"
     with engine.connect() as conn:
         stamped = conn.exec_driver_sql(
             "SELECT count(*) FROM app.stored_events WHERE zdr_txid IS NULL"
