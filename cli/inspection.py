@@ -119,7 +119,9 @@ def verify(
     if as_json:
         print_json(report.to_dict())
     elif markdown:
-        out.print(reports.verification_markdown(report), markup=False, highlight=False)
+        out.print(
+            reports.verification_markdown(report), markup=False, highlight=False, soft_wrap=True
+        )
     else:
         _print_verification(report)
     if not report.equal:

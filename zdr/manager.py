@@ -551,8 +551,9 @@ class ReplayManager:
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:
                 raise ReplayLagging(
-                    f"replay {key!r} is {lag} events behind (threshold {threshold}): run "
-                    "start_replay again to catch up before switching dual write on",
+                    f"replay {key!r} is {lag:,} events behind (threshold {threshold:,}): "
+                    f"replay it again to catch up (`zdr replay {key}`, start_replay) before "
+                    "switching dual write on",
                     lag=lag,
                 )
             records.set_state(conn, key, transition.to, stamp="dual_write_at")
