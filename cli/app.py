@@ -186,9 +186,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as exc:
         if state["debug"]:
             raise
-        err.print(
-            f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}",
-            highlight=False,
-            soft_wrap=True,
+        _fail(_unexpected(exc), 1)
+
+
+def _unexpected(exc: Exception) -> str:
+    """One line for an error zdr did not name: the database's own first line (not a
+    statement dump), with what to check where it is clear."""
+    message = zdr.errors.one_line(exc)
+    if getattr(zdr.errors.root_cause(exc), "sqlstate", None) == "42501":
+        message += (
+            " (the role in the database URL lacks a privilege zdr needs: CREATE on the "
+            "database and ownership of the read models, see the README's 'zdr needs no "
+            "superuser'; --debug shows where)"
         )
-        sys.exit(1)
+    return message

@@ -98,5 +98,8 @@ def reset_command(
             raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
         if not Confirm.ask(f"delete every database in {where}?", default=False, console=err):
             raise typer.Abort()
-    embedded.reset(data_dir, force=force)
-    err.print(f"reset the embedded PostgreSQL: {escape(where)} deleted", highlight=False)
+    before = embedded.reset(data_dir, force=force)
+    if before.initialized:
+        err.print(f"reset the embedded PostgreSQL: {escape(where)} deleted", highlight=False)
+    else:
+        err.print(f"no embedded PostgreSQL in {escape(where)}: nothing to delete", highlight=False)

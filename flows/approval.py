@@ -3,6 +3,7 @@ the paused pipeline run of a replay key so nobody has to look up a flow-run id."
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 from uuid import UUID
 
@@ -76,12 +77,14 @@ def find_paused_run(
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
             ),
         )
+    now = dt.datetime.now(dt.UTC)
     waiting = [
         run
         for run in runs
         if run.parameters.get("replay_key") == replay_key
         and (database_tag is None or DATABASE_TAG.format(database_tag) in run.tags)
         and (flow_run_id is None or run.id == flow_run_id)
+        and not _expired(run, now)
     ]
     if not waiting:
         where = "" if database_tag is None else f" on this database ({database_tag})"
@@ -97,6 +100,13 @@ def find_paused_run(
         )
     waiting.sort(key=lambda run: run.created or run.expected_start_time, reverse=True)
     return waiting[0].id
+
+
+def _expired(run: Any, now: dt.datetime) -> bool:
+    """A pause past its timeout can no longer be answered (a server that fails expired
+    pauses has not got to it yet, or the process that paused died): it waits for nobody."""
+    deadline = run.state.state_details.pause_timeout if run.state else None
+    return deadline is not None and deadline < now
 
 
 def answer(

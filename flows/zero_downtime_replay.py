@@ -349,7 +349,7 @@ def _refuse_a_second_question(key: str, database_tag: str) -> None:
         raise zdr.RunnerBusy(
             f"another pipeline run ({waiting}) already waits for approval of replay {key!r}: "
             f"answer it (`zdr approve {key}` / `zdr reject {key}`, or its Resume form) or "
-            "cancel it; this run changed nothing"
+            f"cancel it (`prefect flow-run cancel {waiting}`); this run changed nothing"
         )
 
 

@@ -164,12 +164,20 @@ def test_reset_empties_it_but_never_while_used_or_outside_a_data_folder(data_dir
     fresh = python(SQL.format(sql="SELECT to_regclass('left_here')"), data_dir)
     assert fresh.returncode == 0 and fresh.stdout.strip() == "None", fresh.stderr
 
-    other = tmp_path / "not-postgres"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
-    kept = zdr_embedded(other, "reset", "--yes")
-    assert kept.returncode == 2 and "not a PostgreSQL data folder" in kept.stderr
-    assert (other / "keep.txt").read_text() == "mine"
+    # Never a folder zdr's embedded server did not make: another cluster's (stopped),
+    # a folder of files, or through a symbolic link.
+    cluster = tmp_path / "a-real-cluster"
+    cluster.mkdir()
+    (cluster / "PG_VERSION").write_text("15\n")
+    (cluster / "keep.txt").write_text("mine")
+    link = tmp_path / "link"
+    link.symlink_to(cluster)
+    for target, says in [(cluster, "not an embedded PostgreSQL"), (link, "symbolic link")]:
+        kept = zdr_embedded(target, "reset", "--yes")
+        assert kept.returncode == 2 and says in kept.stderr, kept.stderr
+        assert (cluster / "keep.txt").read_text() == "mine"
+    nothing = zdr_embedded(tmp_path / "nowhere", "reset", "--yes")
+    assert nothing.returncode == 0 and "nothing to delete" in nothing.stderr
 
 
 def test_the_last_holder_to_leave_stops_it(data_dir):

@@ -570,6 +570,31 @@ def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, dat
     assert outcome["result"].promoted and outcome["result"].approver == "ops-dana"
 
 
+def test_a_pause_past_its_timeout_waits_for_nobody(manager, database_url):
+    """A run that paused and whose process died (or whose timeout passed before a server
+    failed it) neither blocks the next run of the key nor takes an answer."""
+    from prefect.states import Paused
+
+    seed(manager.store, 200)
+    manager.project_live()
+    tag = manager.database_tag()
+    with get_client(sync_client=True) as client:
+        client.create_flow_run(
+            zero_downtime_replay,
+            parameters={"replay_key": "stale", "projectors": [V2]},
+            tags=[f"zdr-db-{tag}"],
+            state=Paused(timeout_seconds=1),
+        )
+    time.sleep(1.5)
+    with pytest.raises(NoPausedRun):
+        find_paused_run("stale", database_tag=tag)
+    thread, outcome = _run_in_thread(replay_key="stale", projectors=[V2], database_url=database_url)
+    wait_for(lambda: _paused_run("stale", manager), timeout=60)  # it asks: not refused
+    answer("stale", approve=True, approver="ops-dana", database_tag=tag)
+    thread.join(60)
+    assert outcome["result"].promoted
+
+
 def test_a_run_names_its_database_by_a_secret_block_and_never_by_both(
     manager, database_url, monkeypatch
 ):

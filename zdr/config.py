@@ -119,6 +119,11 @@ def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
             f"{parsed.get_backend_name()!r}; give a postgresql:// URL (--database-url or "
             "ZDR_DATABASE_URL)"
         )
+    if parsed.get_driver_name() != "psycopg":
+        raise ConfigurationError(
+            f"zdr talks to PostgreSQL through psycopg 3, not {parsed.get_driver_name()!r}: "
+            f"give the URL as postgresql://... (the database URL {_redact(url)})"
+        )
     try:
         engine = sa.create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
     except Exception as exc:
@@ -127,11 +132,19 @@ def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
 
 
 def _redact(url: str) -> str:
-    """The URL as typed, its password (if any) hidden."""
-    try:
-        return repr(sa.make_url(url).render_as_string(hide_password=True))
-    except Exception:
-        return repr(re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url))
+    """The URL as typed, anything that may be a password hidden: ``user:***@`` wherever
+    a user and password stand before an ``@`` (the last one: a password may hold ``@``),
+    and a ``password=`` setting."""
+    hidden = url
+    at = url.rfind("@")
+    if at != -1:
+        start = url.rfind("//", 0, at)
+        start = 0 if start == -1 else start + 2
+        user, colon, _ = url[start:at].partition(":")
+        if colon:
+            hidden = f"{url[:start]}{user}:***{url[at:]}"
+    hidden = re.sub(r"(password\s*=\s*)\S+", r"\1***", hidden, flags=re.IGNORECASE)
+    return repr(hidden)
 
 
 def describe(url: str) -> str:
@@ -140,5 +153,5 @@ def describe(url: str) -> str:
         parsed = sa.make_url(url)
     except Exception:
         return _redact(url)
-    where = parsed.host or "the local socket"
+    where = (parsed.host or "the local socket").rsplit("@", 1)[-1]  # a password's "@"
     return f"{where}:{parsed.port or 5432}/{parsed.database or ''}"

@@ -236,14 +236,23 @@ def reset(data_dir: str | Path | None = None, *, force: bool = False) -> Embedde
     zdr command starts an empty one. Only a PostgreSQL data folder is deleted."""
     from zdr.config import default_embedded_dir
 
-    path = Path(data_dir).expanduser().resolve() if data_dir else default_embedded_dir()
-    if path.exists() and not (path / "PG_VERSION").exists() and any(path.iterdir()):
+    given = Path(data_dir).expanduser() if data_dir else default_embedded_dir()
+    if given.is_symlink():
         raise ConfigurationError(
-            f"{path} is not a PostgreSQL data folder (no PG_VERSION): nothing was deleted"
+            f"{given} is a symbolic link: name the embedded data folder itself; nothing was deleted"
+        )
+    path = given.resolve()
+    if not path.exists():
+        return status(path)  # nothing there: nothing to delete
+    if not path.is_dir():
+        raise ConfigurationError(f"{path} is not a folder: nothing was deleted")
+    if not ((path / "PG_VERSION").exists() and (path / HANDLE_LIST).exists()):
+        raise ConfigurationError(
+            f"{path} is not an embedded PostgreSQL's data folder (one zdr's embedded server "
+            f"made has PG_VERSION and {HANDLE_LIST}): nothing was deleted"
         )
     before = stop(path, force=force)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path)
     return before
 
 

@@ -154,7 +154,9 @@ def one_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}"
 
 
-def cannot_connect(exc: BaseException, where: str) -> DatabaseUnavailable | None:
+def cannot_connect(
+    exc: BaseException, where: str
+) -> DatabaseUnavailable | ConfigurationError | None:
     """The one-line error for a connection that could not be made (the server is down,
     the host, database or role is wrong, the password refused) to ``where``
     (``host:port/database``), saying what to check; None for any other error (a
@@ -162,9 +164,19 @@ def cannot_connect(exc: BaseException, where: str) -> DatabaseUnavailable | None
     import psycopg
 
     cause = root_cause(exc)
+    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    bad_option = text.removeprefix("connection is bad: ")
+    if (
+        isinstance(cause, psycopg.Error)
+        and cause.sqlstate is None
+        and (bad_option.startswith(("invalid ", "bad value for ")) or "connection option" in text)
+    ):  # the URL's own settings: bad input, not a server to wait for
+        return ConfigurationError(
+            f"the database URL for {where} is not valid: {bad_option} (the URL comes from "
+            "--database-url or ZDR_DATABASE_URL, or a flow's database_url or database_secret)"
+        )
     if not isinstance(cause, psycopg.OperationalError):
         return None
-    text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     if not (
         cause.sqlstate in ("28P01", "28000", "3D000")
         or text.startswith("connection failed")

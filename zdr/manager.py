@@ -123,7 +123,10 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
     def wrapper(self: ReplayManager, *args: Any, **kwargs: Any) -> T:
         try:
             return method(self, *args, **kwargs)
-        except (sa.exc.ProgrammingError, psycopg.errors.UndefinedTable) as exc:
+        except (sa.exc.DBAPIError, psycopg.Error) as exc:
+            failed = cannot_connect(exc, describe(str(self.engine.url)))
+            if failed is not None:
+                raise failed from exc
             # SQLAlchemy wraps the driver's error; the hot path (psycopg directly) does not.
             cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
             if isinstance(cause, psycopg.errors.UndefinedTable) and not self._is_set_up():
@@ -131,11 +134,6 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
                     "zdr is not set up in this database: call ReplayManager.setup() "
                     "(or run `zdr setup`) first"
                 ) from exc
-            raise
-        except (sa.exc.DBAPIError, psycopg.Error) as exc:
-            failed = cannot_connect(exc, describe(str(self.engine.url)))
-            if failed is not None:
-                raise failed from exc
             if not is_transient(exc):
                 raise
             subject = f" {args[0]!r}" if args and isinstance(args[0], str) else ""

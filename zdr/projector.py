@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -218,36 +219,48 @@ def _copy_json(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-#: Batches up to this many events are tried again event by event when they fail
-#: without naming an event; a larger one is named by its range.
-DIAGNOSE_AT_MOST = 100_000
+#: How long the search for the event a failing batch failed on may take (the batch's
+#: transaction stays open meanwhile; past it, the message names the batch's range).
+DIAGNOSE_BUDGET_S = 5.0
 
 
 def _first_failing(
     projector: Projector, events: Sequence[RecordedEvent], conn: sa.Connection
 ) -> RecordedEvent | None:
-    """The first event that fails when the batch is applied one event at a time (each
-    on what the ones before it wrote), all of it rolled back; None if none fails (a
-    failure that depends on the whole batch) or the batch is too large to try.
+    """The event a batch fails on: the last of the shortest failing prefix of the batch,
+    found by halving (about log2(n) tries, each in a savepoint rolled back), or None if
+    the whole batch no longer fails, the transaction cannot take a savepoint, or the
+    search runs past ``DIAGNOSE_BUDGET_S``.
 
     For batch handlers that fail without a loop over ``event`` to read from the
     traceback (a vectorised handler, a bulk statement)."""
-    if len(events) > DIAGNOSE_AT_MOST:
-        return None
-    try:
+    deadline = time.monotonic() + DIAGNOSE_BUDGET_S
+
+    def fails(count: int) -> bool:
         attempt = conn.begin_nested()
+        try:
+            projector.handle_batch([copy_event(e) for e in events[:count]], conn)
+            return False
+        except Exception:
+            return True
+        finally:
+            attempt.rollback()
+
+    try:
+        if not fails(len(events)):
+            return None
+        good, bad = 0, len(events)  # events[:good] applies, events[:bad] fails
+        while bad - good > 1:
+            if time.monotonic() > deadline:
+                return None
+            middle = (good + bad) // 2
+            if fails(middle):
+                bad = middle
+            else:
+                good = middle
+        return events[bad - 1]
     except Exception:  # the transaction cannot take a savepoint any more
         return None
-    try:
-        for event in events:
-            try:
-                with conn.begin_nested():
-                    projector.handle_batch([copy_event(event)], conn)
-            except Exception:
-                return event
-        return None
-    finally:
-        attempt.rollback()
 
 
 def _failing_event(exc: BaseException) -> RecordedEvent | None:
