@@ -151,7 +151,14 @@ def zero_downtime_replay(
                 events_per_task,
             )
             replay = enable_dual_write(url, replay_key, lag_threshold, reader=reader)
-            logger.info("dual write is on: the live runner now writes both copies")
+            if manager.live_runner_pid() is None:
+                logger.warning(
+                    "dual write is on, but no live runner is running: nothing brings new "
+                    "events to live or to the replay, and promotion waits for them to be "
+                    "level; start one (`zdr live`, or the live-projection deployment)"
+                )
+            else:
+                logger.info("dual write is on: the live runner now writes both copies")
 
         report = verify_replay(url, replay_key, reader=reader)
         _publish_report(report, artifacts)

@@ -89,3 +89,14 @@ def _not_running(manager) -> dict | None:
 def _checkpoint(engine) -> int:
     """The crashed replay's committed position, as a second process sees it."""
     return zdr.ReplayManager(engine).checkpoints()["replay:crash"].position
+
+
+def test_status_counts_a_pipeline_run_between_its_steps_as_running(manager):
+    """Between a pipeline's tasks no replay lock is held, but its pipeline lock is:
+    status must not tell the operator to run the step the pipeline is about to run."""
+    manager.create_replay("piped", ["balances"])
+    [row] = manager.status("piped")
+    assert not row["running"] and "zdr replay piped" in row["next"]
+    with manager.pipeline_lock("piped"):
+        [row] = manager.status("piped")
+        assert row["running"] and row["next"] is None, row

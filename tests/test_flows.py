@@ -432,7 +432,7 @@ def test_catch_up_that_does_not_converge_fails_clearly_and_leaves_the_replay(
 
 
 def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
-    manager, engine, database_url
+    manager, engine, database_url, caplog
 ):
     from zdr.flows.zero_downtime_replay import ApprovalTimedOut
 
@@ -453,6 +453,8 @@ def test_an_approval_that_times_out_leaves_the_replay_intact_and_says_so(
         stored = client.read_flow_run(state.state_details.flow_run_id).state
     assert stored.is_failed(), stored
     assert "nobody approved replay 'nobody'" in stored.message, stored.message
+    # No live runner ran meanwhile: the run said so when it switched dual write on.
+    assert "no live runner is running" in caplog.text
     assert manager.get_replay("nobody").state is zdr.ReplayState.DUAL_WRITING
     assert "deposits" not in next(iter(balances(engine).values()))
 

@@ -174,8 +174,9 @@ def live_runner_pid(conn: sa.Connection) -> int | None:
 
 
 def replay_runner_pid(conn: sa.Connection, key: str) -> int | None:
-    """The pid of the session running replay ``key`` (replay, switch, promotion), or None."""
-    return holder_pid(conn, replay_lock(key))
+    """The pid of the session running replay ``key`` (replay, switch, promotion) or a
+    pipeline run of it (between its steps too), or None."""
+    return holder_pid(conn, replay_lock(key)) or holder_pid(conn, pipeline_lock(key))
 
 
 def end_session(conn: sa.Connection, pid: int) -> bool:
