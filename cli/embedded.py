@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.prompt import Confirm
 
 from zdr import embedded
+from zdr.cli.app import err
 
 embedded_app = typer.Typer(
     help="Look at, stop or empty the embedded PostgreSQL (used when no database URL is given).",
     no_args_is_help=True,
 )
-err = Console(stderr=True)
 
 DataDir = Annotated[
     Path | None,
