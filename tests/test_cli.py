@@ -142,6 +142,11 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
         (["status", LONG_KEY], 2, "invalid replay key"),
         (["promote", "nope", "--yes"], 2, "no replay with key 'nope'"),
         (["create", "k", "-p", "zdr.examples.bank.projectors.BalancesV2"], 2, "module:Class"),
+        (
+            ["live", "-p", "zdr.examples.bank.projectors.Balances"],
+            2,
+            "(zdr.examples.bank.projectors:Balances)",
+        ),
         (["status", "--database-url", "notaurl"], 2, "invalid database URL 'notaurl'"),
         (["status", "--database-url", "mysql://u:pw@localhost/db"], 2, "zdr needs PostgreSQL"),
         (

@@ -120,8 +120,11 @@ def load_projector(path: str) -> Projector:
     """Instantiate a projector from its import path ``package.module:ClassName``."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
+        module, _, name = path.rpartition(".")
+        hint = f" ({module}:{name})" if module and name else ""
         raise UnknownProjector(
-            f"projector path {path!r} must look like 'package.module:ClassName' (module:Class)"
+            f"projector path {path!r} must look like 'package.module:ClassName' "
+            f"(module:Class){hint}"
         )
     try:
         module = importlib.import_module(module_name)
