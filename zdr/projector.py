@@ -120,8 +120,8 @@ def load_projector(path: str) -> Projector:
     """Instantiate a projector from its import path ``package.module:ClassName``."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
-        module, _, name = path.rpartition(".")
-        hint = f" ({module}:{name})" if module and name else ""
+        package, _, name = path.rpartition(".")
+        hint = f" ({package}:{name})" if package and name else ""
         raise UnknownProjector(
             f"projector path {path!r} must look like 'package.module:ClassName' "
             f"(module:Class){hint}"
