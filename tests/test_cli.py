@@ -159,7 +159,7 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
         (
             ["status", "--database-url", "postgresql://u@127.0.0.1:1/db?sslmode=bogus"],
             2,
-            "invalid sslmode value",
+            "is not valid",
         ),
         (["status", "--database-url", "postgresql+asyncpg://u@h/db"], 2, "through psycopg 3"),
         (["promote", "asks"], 2, "pass --yes to confirm"),

@@ -169,7 +169,12 @@ def cannot_connect(
     if (
         isinstance(cause, psycopg.Error)
         and cause.sqlstate is None
-        and (bad_option.startswith(("invalid ", "bad value for ")) or "connection option" in text)
+        and (
+            # libpq refuses the URL's settings before connecting: "connection is bad" at once
+            text.startswith("connection is bad")
+            or bad_option.startswith(("invalid ", "bad value for "))
+            or "connection option" in text
+        )
     ):  # the URL's own settings: bad input, not a server to wait for
         return ConfigurationError(
             f"the database URL for {where} is not valid: {bad_option} (the URL comes from "
