@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -52,6 +53,23 @@ def python(code: str, data_dir: Path, **kwargs) -> subprocess.CompletedProcess:
 ATTACH = "from zdr.config import embedded_url; embedded_url()\n"
 
 
+@contextmanager
+def holding(data_dir: Path) -> Iterator[subprocess.Popen]:
+    """A process that uses the embedded server in ``data_dir`` until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
+        env=env_for(data_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        yield holder
+    finally:
+        holder.communicate("\n", timeout=60)
+
+
 def zdr_embedded(data_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [ZDR, "embedded", *args],
@@ -84,15 +102,7 @@ def test_status_and_stop(data_dir):
     assert status["running"] is False and status["initialized"] is False
     assert not data_dir.exists()  # looking never starts (nor creates) anything
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
-        env=env_for(data_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with holding(data_dir) as holder:
         result = zdr_embedded(data_dir, "status", "--json")
         assert result.returncode == 0, result.stderr
         status = json.loads(result.stdout)
@@ -121,8 +131,6 @@ def test_status_and_stop(data_dir):
         assert json.loads(zdr_embedded(data_dir, "status", "--json").stdout)["running"] is False
         again = zdr_embedded(data_dir, "stop")
         assert again.returncode == 0 and "was not running" in again.stderr
-    finally:
-        holder.communicate("\n", timeout=60)
     assert holder.returncode == 0
 
 
@@ -144,20 +152,10 @@ def test_reset_empties_it_but_never_while_used_or_outside_a_data_folder(data_dir
     assert (asked.returncode, asked.stderr.count("\n")) == (2, 1), asked.stderr
     assert "--yes" in asked.stderr and (data_dir / "PG_VERSION").exists()
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", ATTACH + "print('ready', flush=True); input()"],
-        env=env_for(data_dir),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline().strip() == "ready"
+    with holding(data_dir) as holder:
         refused = zdr_embedded(data_dir, "reset", "--yes")
         assert refused.returncode == 1 and f"pid {holder.pid}" in refused.stderr
         assert (data_dir / "PG_VERSION").exists()
-    finally:
-        holder.communicate("\n", timeout=60)
     done = zdr_embedded(data_dir, "reset", "--yes")
     assert done.returncode == 0 and "deleted" in done.stderr, done.stderr
     assert not data_dir.exists() and wait_until_gone(data_dir) == []
