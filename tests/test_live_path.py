@@ -376,6 +376,35 @@ def test_a_broken_new_read_model_stays_behind_and_the_others_go_on(engine, caplo
     assert "cannot project event 150" in caplog.text and "stays behind" in caplog.text
 
 
+class PoisonedHistory(History):
+    """A live read model whose projector raises on one new event."""
+
+    def handle_batch(self, events, conn):
+        if any(e.stream_id == "acc-poison" for e in events):
+            raise RuntimeError("cannot project acc-poison")
+        super().handle_batch(events, conn)
+
+
+def test_a_live_read_model_that_breaks_on_a_new_event_stays_behind_and_the_others_go_on(
+    engine, caplog
+):
+    """The runner neither stops nor holds the other live read models back for it."""
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
+    manager.setup()
+    seed(manager.store, 100)
+    manager.project_live()
+    before = manager.checkpoints()["live:history"]
+    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
+    manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
+    manager.store.append("acc-after-poison", [_opened("acc-after-poison")])
+    with caplog.at_level("ERROR", logger="zdr"):
+        assert manager.project_live() == 3  # balances got every event
+    assert "acc-after-poison" in balances(engine)
+    assert manager.checkpoints()["live:history"] == before
+    assert manager.live_lag()["history"] == 3
+    assert "cannot project acc-poison" in caplog.text and "stays behind" in caplog.text
+
+
 def test_a_live_read_model_this_runner_cannot_load_stands_still_and_the_others_go_on(
     engine, caplog
 ):

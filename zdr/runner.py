@@ -20,6 +20,9 @@ Where the invariants of DESIGN.md are kept in this module:
   meets a lock or another transient error stays behind (its checkpoint did not
   move) and catches up from its own checkpoint on a later batch; one whose
   projector raises or cannot be loaded leaves dual write (state failed).
+* **One broken read model stops no other**: each live copy is written in a
+  savepoint of its own; one whose projector raises stays behind at its last good
+  checkpoint and is tried again later, while the others (and the runner) go on.
 * Each projector gets its own copy of the event payloads when another projector
   sees the same events after it, so nothing one does to ``event.data`` reaches
   another.
@@ -363,8 +366,8 @@ class LiveRunner:
                 for i, target in enumerate(leaders):
                     shared = i < len(leaders) - 1
                     if target.replay_key is None:
-                        apply_batch(conn, target, events, shared=shared)
-                        live_applied = work = len(events)
+                        if self._apply_live(conn, target, events, shared=shared):
+                            live_applied = work = len(events)
                     else:
                         share = events[: self._slice(target, len(events))]
                         done, own_setting = self._side_write(
@@ -383,6 +386,23 @@ class LiveRunner:
                     )
                     work += done
             return live_applied, work
+
+    def _apply_live(
+        self, conn: sa.Connection, target: Target, events: Sequence[RecordedEvent], *, shared: bool
+    ) -> bool:
+        """Write a live copy at the front in a savepoint of its own, so that a projector
+        that raises on an event leaves its read model behind (tried again after
+        ``settings.failed_retry_s``) and never the others; return whether it was written.
+        Any other error fails the batch, as before."""
+        try:
+            with conn.begin_nested():
+                apply_batch(conn, target, events, shared=shared)
+        except ProjectorError as exc:
+            if is_transient(exc) or conn.invalidated or not conn.in_transaction():
+                raise
+            self._broken(conn, target, exc)
+            return False
+        return True
 
     def _slice(self, target: Target, most: int) -> int:
         """How many events ``target`` can apply in about ``settings.slice_budget_s``: from
@@ -452,7 +472,7 @@ class LiveRunner:
         return len(events), own_setting
 
     def _broken(self, conn: sa.Connection, target: Target, exc: ProjectorError) -> None:
-        """A projector error in a target other than a live copy at the front."""
+        """A projector raised on an event of ``target`` (its savepoint is rolled back)."""
         if target.replay_key is not None:
             log.error("replay %r left dual write: %s", target.replay_key, exc)
             records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
