@@ -138,8 +138,15 @@ def log_to_stderr() -> None:
 
 
 def paths(projectors: Sequence[str]) -> list[str]:
-    """``-p a -p b`` and ``-p a,b`` both give [a, b]."""
-    return [p.strip() for item in projectors for p in item.split(",") if p.strip()]
+    """``-p a -p b`` and ``-p a,b`` both give [a, b]; ``-p ''`` names nothing, and is
+    refused rather than taken as no projector at all."""
+    found = [p.strip() for item in projectors for p in item.split(",") if p.strip()]
+    if projectors and not found:
+        raise typer.BadParameter(
+            "names no projector: give at least one import path module:Class",
+            param_hint="'--projectors' / '-p'",
+        )
+    return found
 
 
 def print_json(value: Any, indent: int | None = 2) -> None:
@@ -150,6 +157,9 @@ def print_json(value: Any, indent: int | None = 2) -> None:
 # those of the click it bundles): found through the class typer exports.
 _USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+#: A "no" at a prompt (typer's Abort), or Ctrl-C there with click 8 (its own Abort;
+#: typer's bundled click exits 130 instead).
+_ABORTS = (typer.Abort, getattr(sys.modules[_USAGE_ERROR.__module__], "Abort", typer.Abort))
 
 
 def _fail(message: str, code: int) -> None:
@@ -176,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(f"{exc.format_message()} (see `{command} --help`)", 2)
     except _CLICK_ERROR as exc:
         _fail(exc.format_message(), exc.exit_code)
-    except typer.Abort:
+    except _ABORTS:
         _fail("aborted", 130)
     except zdr.ZdrError as exc:
         if state["debug"]:

@@ -8,6 +8,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -85,20 +87,30 @@ def replay(
 ) -> None:
     """Replay the history into the replay's copy, up to the head (resumes where it stopped)."""
     manager = manager_for(database_url, reader=reader)
-    with _progress() as progress:
-        task = progress.add_task(f"replaying {key}", total=None)
+    try:
+        with _progress() as progress, _sigterm_interrupts():
+            task = progress.add_task(f"replaying {key}", total=None)
 
-        def on_progress(p: zdr.Progress) -> None:
-            progress.update(
-                task,
-                total=p.events_total,
-                completed=p.events_done,
-                description=f"replaying {key}  {p.rate:,.0f} events/s",
+            def on_progress(p: zdr.Progress) -> None:
+                progress.update(
+                    task,
+                    total=p.events_total,
+                    completed=p.events_done,
+                    description=f"replaying {key}  {p.rate:,.0f} events/s",
+                )
+
+            result = manager.start_replay(
+                key, restart=restart, batch_size=batch_size, on_progress=on_progress
             )
-
-        result = manager.start_replay(
-            key, restart=restart, batch_size=batch_size, on_progress=on_progress
+    except KeyboardInterrupt:
+        # The batch in flight was rolled back; every batch before it is kept.
+        at = manager.require_replay(key).position
+        err.print(
+            f"replay [bold]{key}[/bold] interrupted at position {at:,}: "
+            f"`zdr replay {key}` resumes it from there",
+            highlight=False,
         )
+        raise typer.Exit(130) from None
     run = result.runs[-1]
     err.print(
         f"replay [bold]{key}[/bold] is {result.state.value} at position {result.position:,}: "
@@ -269,6 +281,20 @@ def _confirm(yes: bool, question: str, manager: zdr.ReplayManager, key: str) -> 
         raise typer.BadParameter("not a terminal: pass --yes to confirm", param_hint="--yes")
     if not Confirm.ask(question, console=err, default=False):
         raise typer.Abort()
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a service manager, `kill`, a container stopping) stops like Ctrl-C."""
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def _progress() -> Progress:

@@ -5,6 +5,7 @@ Prefect is imported only when one of these commands runs: the other commands sta
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Annotated
@@ -25,6 +26,7 @@ from zdr.cli.app import (
     manager_for,
     paths,
     print_json,
+    state,
 )
 from zdr.names import validate_key
 from zdr.settings import DEFAULTS
@@ -69,6 +71,8 @@ def run(
     manager_for(database_url, projectors, reader).list_replays()
 
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
+
+    quiet_prefect_console()
 
     summary = zero_downtime_replay(
         replay_key=key,
@@ -163,6 +167,7 @@ def demo(
     """Run the zero-downtime replay pipeline on the bank example under live traffic."""
     from zdr.examples.bank.demo import run_demo
 
+    quiet_prefect_console()
     interactive = sys.stdin.isatty() and not yes and not as_json
     if not (interactive or yes or as_json):
         err.print(
@@ -203,13 +208,15 @@ def _answer(
     Prefect server, and a run of the other one must never be resumed."""
     from zdr.flows.approval import answer
 
+    manager = manager_for(database_url)
+    manager.require_replay(key)  # a key that names nothing is bad input, said first
     who = approver or os.environ.get("USER") or "zdr-cli"
     run_id = answer(
         key,
         approve=approve_it,
         approver=who,
         comment=comment,
-        database_tag=manager_for(database_url).database_tag(),
+        database_tag=manager.database_tag(),
         flow_run_id=flow_run_id,
     )
     verb = "approved" if approve_it else "rejected"
@@ -229,3 +236,47 @@ def _cell(value: object) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     return f"{value:,}"
+
+
+def quiet_prefect_console() -> None:
+    """Prefect's console lines as a CLI user wants them: a failed run's error without
+    its traceback (zdr ends with the error in one line; ``--debug`` keeps tracebacks),
+    and no notice of the temporary server it starts for a run with no server named
+    (the README explains that mode). The run's logs in Prefect keep everything."""
+    if state["debug"]:
+        return
+    import prefect  # noqa: F401  (configures Prefect's logging, which this adjusts)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in (logging.getLogger(), logging.getLogger("prefect")):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not isinstance(
+                handler.formatter, _WithoutTraceback
+            ):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
+    # A logger's filter sees only what is logged on it, not what its children pass up:
+    # this drops the "prefect" logger's own INFO lines (the temporary server), never a
+    # flow's or a task's logs.
+    prefect_logger = logging.getLogger("prefect")
+    if _only_warnings not in prefect_logger.filters:
+        prefect_logger.addFilter(_only_warnings)
+
+
+def _only_warnings(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Another formatter's lines, without the exception's traceback."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        kept = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = kept

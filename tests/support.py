@@ -119,6 +119,12 @@ class ExplodingBalancesV2(BalancesV2):
         super().handle_batch(events, conn)
 
 
+class ExplodingAtSevenBalancesV2(ExplodingBalancesV2):
+    """For another process, which cannot be told where: raises on event 7."""
+
+    explode_at = 7
+
+
 class BulkExplodingBalancesV2(BalancesV2):
     """BalancesV2 whose batch fails in one bulk statement (division by zero in SQL) when
     it holds the event at ``explode_at``: no loop over ``event`` names the culprit."""

@@ -155,6 +155,11 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
             "cannot connect to the database at 127.0.0.1:1/db",
         ),
         (["status", "--database-url", "postgresql:/u:hunter2@127.0.0.1/db"], 2, "URL"),
+        (
+            ["status", "--database-url", "postgresql://u:hunter2@h:notaport/db"],
+            2,
+            "invalid database URL 'postgresql://u:***@h:notaport/db'",
+        ),
         (["status", "--database-url", "host=h password=hunter2"], 2, "invalid database URL"),
         (
             ["status", "--database-url", "postgresql://u@127.0.0.1:1/db?sslmode=bogus"],
@@ -163,7 +168,11 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
         ),
         (["status", "--database-url", "postgresql+asyncpg://u@h/db"], 2, "through psycopg 3"),
         (["promote", "asks"], 2, "pass --yes to confirm"),
+        (["approve", "nokey"], 2, "no replay with key 'nokey'"),
+        (["reject", "nokey"], 2, "no replay with key 'nokey'"),
         (["setup"], 2, "Missing option '--projectors'"),
+        (["setup", "-p", ""], 2, "names no projector"),
+        (["live", "-p", " , "], 2, "names no projector"),
         (["run", "k", "-p", "zdr.examples.bank.projectors:Nope"], 2, "has no projector 'Nope'"),
     ],
 )
@@ -191,6 +200,35 @@ def test_every_error_is_one_line_on_a_pipe_with_its_exit_code(
     assert "hunter2" not in done.stderr and "pw@" not in done.stderr
     if arguments[0] == "run":
         assert took < 10, f"zdr run took {took:.1f}s to refuse a bad projector"
+
+
+def test_a_pipeline_that_fails_inside_its_flow_ends_with_one_error_line(
+    manager, database_url, tmp_path
+):
+    """Prefect's log lines stay, but not its traceback nor its temporary-server notice:
+    the error is said once, in one line, naming the event."""
+    seed(manager.store, 50)
+    manager.project_live()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "COLUMNS"))}
+    env.update(
+        ZDR_DATABASE_URL=database_url,
+        PREFECT_HOME=str(tmp_path),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "zdr.cli.main", "run", "boom", "--auto-approve"]
+        + ["-p", "tests.support:ExplodingAtSevenBalancesV2"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert "failed on event 7 (MoneyDeposited" in errors[0]
+    assert "Traceback" not in done.stderr and "temporary server" not in done.stderr, done.stderr
+    assert "Finished in state Failed" in done.stderr  # Prefect's own lines are still there
 
 
 def test_create_with_a_bad_key_is_refused_with_exit_code_2(cli, engine):
@@ -264,7 +302,8 @@ def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_approve_without_a_paused_run_says_so(cli):
+def test_approve_without_a_paused_run_says_so(cli, manager):
+    manager.create_replay("idle", [BalancesV2()])
     code, _, err = cli("approve", "idle")
     assert code == 1 and "no pipeline run for replay 'idle' on this database" in err
     assert "--flow-run-id" in err

@@ -81,6 +81,44 @@ def test_a_replay_killed_mid_batch_resumes_to_the_same_result(
     assert_history_exactly_once(engine, log.reader, "zdr_crash_2")
 
 
+def test_a_replay_stopped_by_sigterm_says_where_and_how_to_resume(manager, engine, database_url):
+    """`zdr replay` under a service manager or Ctrl-C: one line naming the position it
+    stopped at and the command that resumes it; the run is interrupted, not failed."""
+    from tests.support import seed
+
+    seed(manager.store, 6_000)
+    manager.project_live()
+    manager.create_replay("crash", [SlowBalancesV2()])
+    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": "0.15", "ZDR_DATABASE_URL": database_url}
+    env.pop("COLUMNS", None)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "zdr.cli.main", "replay", "crash", "--batch-size", "400"],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: _checkpoint(engine) >= 1_200 or child.poll() is not None, timeout=60)
+        child.send_signal(signal.SIGTERM)
+        _, stderr = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    stopped_at = _checkpoint(engine)
+    assert child.returncode == 130, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines == [
+        f"replay crash interrupted at position {stopped_at:,}: `zdr replay crash` resumes it "
+        "from there"
+    ], stderr
+    [row] = manager.status("crash")
+    assert row["last_run"] == "replay interrupted" and not row["running"], row
+    assert manager.get_replay("crash").state is zdr.ReplayState.REPLAYING
+    assert manager.start_replay("crash").events_applied == 6_000
+
+
 def _not_running(manager) -> dict | None:
     [row] = manager.status("crash")
     return None if row["running"] else row

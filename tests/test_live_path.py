@@ -368,9 +368,11 @@ def test_a_broken_new_read_model_stays_behind_and_the_others_go_on(engine, caplo
     both = zdr.ReplayManager(engine, projectors=[Balances(), BrokenHistory()])
     both.setup()
     with caplog.at_level("ERROR", logger="zdr"):
-        both.project_live()
+        with pytest.raises(zdr.ProjectorError, match="event 150"):
+            both.project_live()
         manager.store.append("acc-after-broken", [_opened("acc-after-broken")])
-        assert both.project_live() == 1  # balances go on
+        with pytest.raises(zdr.ProjectorError, match="event 150"):
+            both.project_live()  # balances go on, history is tried again
     assert both.checkpoints()["live:history"].position < 150
     assert "acc-after-broken" in balances(engine)
     assert "cannot project event 150" in caplog.text and "stays behind" in caplog.text
@@ -395,14 +397,20 @@ def test_a_live_read_model_that_breaks_on_a_new_event_stays_behind_and_the_other
     manager.project_live()
     before = manager.checkpoints()["live:history"]
     deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
-    manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
-    manager.store.append("acc-after-poison", [_opened("acc-after-poison")])
-    with caplog.at_level("ERROR", logger="zdr"):
-        assert manager.project_live() == 3  # balances got every event
-    assert "acc-after-poison" in balances(engine)
+    with caplog.at_level("ERROR", logger="zdr"), following(manager):
+        manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
+        for account in ("acc-after-poison", "acc-later"):
+            manager.store.append(account, [_opened(account)])
+            wait_for(lambda account=account: account in balances(engine), timeout=10)
+        assert manager.live_runner_pid() is not None  # the runner goes on
     assert manager.checkpoints()["live:history"] == before
-    assert manager.live_lag()["history"] == 3
+    assert manager.live_lag()["history"] == 4
     assert "cannot project acc-poison" in caplog.text and "stays behind" in caplog.text
+    # A one-off project_live applies what it can, then raises the error it met.
+    manager.store.append("acc-one-off", [_opened("acc-one-off")])
+    with pytest.raises(zdr.ProjectorError, match="event 102 .*acc-poison"):
+        manager.project_live()
+    assert "acc-one-off" in balances(engine)
 
 
 def test_a_live_read_model_this_runner_cannot_load_stands_still_and_the_others_go_on(

@@ -106,28 +106,30 @@ def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
     if isinstance(url_or_engine, sa.Engine):
         return url_or_engine
     url = resolve_url(url_or_engine)
+    # Messages show the URL as the user gave it, not zdr's postgresql+psycopg:// form.
+    typed = url_or_engine or os.environ.get(DATABASE_URL_ENV) or url
     try:
         parsed = sa.make_url(url)
     except Exception as exc:
         raise ConfigurationError(
-            f"invalid database URL {_redact(url)}: expected "
+            f"invalid database URL {_redact(typed)}: expected "
             "postgresql://user:password@host:port/database (--database-url or ZDR_DATABASE_URL)"
         ) from exc
     if parsed.get_backend_name() != "postgresql":
         raise ConfigurationError(
-            f"zdr needs PostgreSQL: the database URL {_redact(url)} is for "
+            f"zdr needs PostgreSQL: the database URL {_redact(typed)} is for "
             f"{parsed.get_backend_name()!r}; give a postgresql:// URL (--database-url or "
             "ZDR_DATABASE_URL)"
         )
     if parsed.get_driver_name() != "psycopg":
         raise ConfigurationError(
             f"zdr talks to PostgreSQL through psycopg 3, not {parsed.get_driver_name()!r}: "
-            f"give the URL as postgresql://... (the database URL {_redact(url)})"
+            f"give the URL as postgresql://... (the database URL {_redact(typed)})"
         )
     try:
         engine = sa.create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
     except Exception as exc:
-        raise ConfigurationError(f"invalid database URL {_redact(url)}: {exc}") from exc
+        raise ConfigurationError(f"invalid database URL {_redact(typed)}: {exc}") from exc
     return engine
 
 

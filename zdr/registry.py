@@ -173,8 +173,9 @@ def check_coverage(conn: sa.Connection, projectors: list[Projector]) -> list[str
     for projector in projectors:
         if projector.name not in live:
             raise UnknownProjector(
-                f"no live projection named {projector.name!r}: register its projector "
-                "with the ReplayManager and call setup() first"
+                f"no live projection named {projector.name!r} to rebuild: set it up "
+                "first (`zdr setup -p MODULE:CLASS` with its live projector, or "
+                "ReplayManager(projectors=[...]).setup())"
             )
         if projector.schemas() != sorted(live[projector.name]):
             raise ConfigurationError(

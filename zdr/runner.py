@@ -227,7 +227,10 @@ class BatchRun:
                         records.set_error(conn, key, message)
                     else:
                         records.set_state(conn, key, self.failed_state, error=message)
-                records.finish_run(conn, self.run_id, "failed", error=message)
+                # Ctrl-C or a signal stopped it: nothing failed, it resumes where it was.
+                stopped = isinstance(exc, KeyboardInterrupt | SystemExit)
+                status = "interrupted" if stopped else "failed"
+                records.finish_run(conn, self.run_id, status, error=message)
         except Exception:  # the original error matters more than the bookkeeping
             log.warning("could not record the failure of run %s", self.run_id, exc_info=True)
 
@@ -257,10 +260,20 @@ class LiveRunner:
         self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
         self._unloadable: set[str] = set()  # live projectors said to be unloadable
+        #: Projector errors of live read models since ``until_idle`` began.
+        self._failed: list[ProjectorError] = []
 
     def until_idle(self, conn: sa.Connection, batch_size: int, max_batches: int | None) -> int:
         """Apply batches until nothing is left for any target (or ``max_batches``); return
-        the number of events the live copies got."""
+        the number of events the live copies got.
+
+        A one-off call: every target is tried again (none rests from an earlier call),
+        and if a live read model's projector raised, its first ProjectorError is raised
+        at the end, after everything the other read models could get was applied (that
+        one stays at its last good checkpoint).
+        """
+        self._resting.clear()
+        self._failed.clear()
         total = batches = 0
         while max_batches is None or batches < max_batches:
             live, work = self.batch(conn, batch_size)
@@ -268,6 +281,8 @@ class LiveRunner:
                 break
             total += live
             batches += 1
+        if self._failed:
+            raise self._failed[0]
         return total
 
     def follow(
@@ -478,6 +493,7 @@ class LiveRunner:
             records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
             self._resting.pop(target.checkpoint, None)
             return
+        self._failed.append(exc)
         log.error(
             "%s stays behind: %s; the other read models go on, and it is tried again in "
             "%.0f s (fix the projector and restart the live runner)",
