@@ -87,6 +87,7 @@ def replay(
 ) -> None:
     """Replay the history into the replay's copy, up to the head (resumes where it stopped)."""
     manager = manager_for(database_url, reader=reader)
+    said = [time.monotonic()]
     try:
         with _progress() as progress, _sigterm_interrupts():
             task = progress.add_task(f"replaying {key}", total=None)
@@ -98,6 +99,14 @@ def replay(
                     completed=p.events_done,
                     description=f"replaying {key}  {p.rate:,.0f} events/s",
                 )
+                # Not a terminal (a log): no bar, a line of its own every 10 s instead.
+                if progress.disable and time.monotonic() - said[0] >= 10:
+                    said[0] = time.monotonic()
+                    err.print(
+                        f"replaying {key}: {p.events_done:,} of {p.events_total:,} events "
+                        f"({p.rate:,.0f} events/s)",
+                        highlight=False,
+                    )
 
             result = manager.start_replay(
                 key, restart=restart, batch_size=batch_size, on_progress=on_progress
@@ -229,7 +238,6 @@ def live(
     reader: ReaderPath = None,
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
-
     Warns (stderr) naming the transaction that holds the safe horizon when events have
     waited behind it longer than --horizon-warning seconds."""
     manager = manager_for(database_url, projectors, reader)
@@ -305,4 +313,5 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,
     )

@@ -145,7 +145,7 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
         (
             ["live", "-p", "zdr.examples.bank.projectors.Balances"],
             2,
-            "(zdr.examples.bank.projectors:Balances)",
+            "did you mean 'zdr.examples.bank.projectors:Balances'?",
         ),
         (["status", "--database-url", "notaurl"], 2, "invalid database URL 'notaurl'"),
         (["status", "--database-url", "mysql://u:pw@localhost/db"], 2, "zdr needs PostgreSQL"),

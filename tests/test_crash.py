@@ -108,8 +108,7 @@ def test_a_replay_stopped_by_sigterm_says_where_and_how_to_resume(manager, engin
             child.kill()
     stopped_at = _checkpoint(engine)
     assert child.returncode == 130, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert lines == [
+    assert stderr.splitlines() == [
         f"replay crash interrupted at position {stopped_at:,}: `zdr replay crash` resumes it "
         "from there"
     ], stderr

@@ -184,8 +184,9 @@ def test_durations_read_in_seconds_minutes_or_hours(seconds, text):
 
 def test_the_progress_line_gives_done_total_rate_and_eta():
     assert reports.replay_progress(40_000, 100_000, 20_000.0) == (
-        "replayed 40,000 of 100,000 events (20000 events/s, ETA 3s)"
+        "replayed 40,000 of 100,000 events (20,000 events/s, ETA 3s)"
     )
+    assert reports.replay_progress(0, 10_000_000, 1_000.0).endswith("ETA 2h46m)")
     assert reports.replay_progress(0, 100_000, 0.0).endswith("ETA unknown)")
 
 

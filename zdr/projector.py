@@ -121,10 +121,10 @@ def load_projector(path: str) -> Projector:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         package, _, name = path.rpartition(".")
-        hint = f" ({package}:{name})" if package and name else ""
+        hint = f": did you mean '{package}:{name}'?" if package and name else ""
         raise UnknownProjector(
-            f"projector path {path!r} must look like 'package.module:ClassName' "
-            f"(module:Class){hint}"
+            f"projector path {path!r} must be written module:Class, a colon before the "
+            f"class (e.g. 'package.module:ClassName'){hint}"
         )
     try:
         module = importlib.import_module(module_name)

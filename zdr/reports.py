@@ -55,8 +55,8 @@ def duration(seconds: float | None) -> str:
 def replay_progress(done: int, total: int, rate: float) -> str:
     """One line on a running replay: how far, how fast, how long still."""
     eta = eta_seconds(total - done, rate)
-    return f"replayed {done:,} of {total:,} events ({rate:.0f} events/s, " + (
-        "ETA unknown)" if eta is None else f"ETA {eta:.0f}s)"
+    return f"replayed {done:,} of {total:,} events ({rate:,.0f} events/s, ETA " + (
+        "unknown)" if eta is None else f"{duration(eta)})"
     )
 
 
