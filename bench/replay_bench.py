@@ -1,16 +1,23 @@
-"""Replay throughput on the bank example: this engine against a naive baseline, on
-each kind of event log.
+"""Replay throughput on the bank example: the three ways to write a projector against
+a faithful baseline, on each kind of event log.
 
 Prints one JSON line (numbers only, no pass/fail):
 
     python bench/replay_bench.py [--events 1000000] [--database-url URL]
                                  [--readers own,eventsourcing,stored_events] [--writes 5000]
 
-* engine: ``ReplayManager.start_replay`` rebuilding the balances projection
-  (BalancesV2: fold each batch, one array upsert per batch) from zdr's own log;
-* baseline: what the PHP original does, one UPDATE per event and one
-  transaction per event, timed on the first ``--baseline-sample`` events of
-  the same log (its rate does not depend on the log's length);
+* ``rowfold_events_per_s``: ``Balances``, a ``zdr.RowProjector`` (plain Python per
+  event on the account's row), rebuilt from the whole log;
+* ``batch_events_per_s`` (also ``engine_events_per_s``): ``BalancesV2``, a
+  hand-written batch projector (fold each batch, one array upsert), the whole log;
+* ``per_event_events_per_s``: the same balances with ``@zdr.handles`` per-event
+  handlers writing through SQLAlchemy, timed on the first ``--per-event-sample``
+  events (its rate does not depend on the log's length);
+* ``baseline_events_per_s``: what the PHP original does: the projector's
+  statement in a transaction of its own per event, into a logged table, the
+  replay's position stored every 50 events; on the first ``--baseline-sample``
+  events;
+* the ratios of each to the baseline, and the peak RSS of the process;
 * readers: the same replay of the same history read from each kind of log
   (``replay_events_per_s``), and the reader alone, reading and decoding every
   event with no projector (``read_events_per_s``): zdr's own table, an
@@ -22,7 +29,7 @@ Prints one JSON line (numbers only, no pass/fail):
 
 Without a URL it runs in databases of its own in the embedded PostgreSQL. A
 database named with --database-url gets the schemas zdr, bank_balances and
-bench_naive (its events are reused by the next run); the other logs get
+bench_baseline (its events are reused by the next run); the other logs get
 databases of their own beside it (``<name>_eventsourcing``, ``<name>_stored_events``,
 made afresh: the user needs CREATEDB).
 """
@@ -45,17 +52,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zdr  # noqa: E402
 from zdr.config import embedded_url, to_libpq_url, to_sqlalchemy_url  # noqa: E402
-from zdr.examples.bank.domain import CLOSED, DEPOSITED, OPENED, BankSimulator  # noqa: E402
-from zdr.examples.bank.projectors import Balances, BalancesV2  # noqa: E402
+from zdr.examples.bank.domain import (  # noqa: E402
+    CLOSED,
+    DEPOSITED,
+    OPENED,
+    BankSimulator,
+)
+from zdr.examples.bank.projectors import Balances, BalancesV2, PerEventBalances  # noqa: E402
 from zdr.readers import EventsourcingReader  # noqa: E402
 from zdr.store import iter_all  # noqa: E402
 
 READERS = ("own", "eventsourcing", "stored_events")
 Pair = tuple[str, dict[str, Any]]
 
-BASELINE_TABLE = """CREATE UNLOGGED TABLE IF NOT EXISTS bench_naive.balances (
+BASELINE_TABLES = """
+CREATE SCHEMA IF NOT EXISTS bench_baseline;
+DROP TABLE IF EXISTS bench_baseline.balances, bench_baseline.position;
+CREATE TABLE bench_baseline.balances (
     account_id text PRIMARY KEY, owner text, balance bigint NOT NULL DEFAULT 0,
-    events integer NOT NULL DEFAULT 0, closed boolean NOT NULL DEFAULT false)"""
+    events integer NOT NULL DEFAULT 0, closed boolean NOT NULL DEFAULT false);
+CREATE INDEX ON bench_baseline.balances (owner);
+CREATE TABLE bench_baseline.position (position bigint NOT NULL);
+INSERT INTO bench_baseline.position VALUES (0);
+"""
 
 
 def fresh_database(url: str | None, name: str = "zdr_bench") -> str:
@@ -150,38 +169,54 @@ def writer_cost(url: str, writes: int) -> dict[str, float]:
     return found
 
 
-def naive_replay(url: str, store: zdr.EventStore, sample: int) -> float:
-    """One statement and one transaction per event, like the PHP original. Events/s."""
+def baseline_replay(url: str, store: zdr.EventStore, sample: int) -> float:
+    """The PHP original's replay: each event's statement in a transaction of its own, into
+    a logged table, the position stored every 50 events. Events/s."""
     with store.engine.connect() as conn:
         events = store.read(conn, zdr.store.START, sample)
     with psycopg.connect(to_libpq_url(url)) as db:
         db.autocommit = True
-        db.execute("CREATE SCHEMA IF NOT EXISTS bench_naive")
-        db.execute(BASELINE_TABLE)
-        db.execute("TRUNCATE bench_naive.balances")
+        db.execute(BASELINE_TABLES)
         started = time.perf_counter()
-        for event in events:
+        for i, event in enumerate(events, 1):
             account = event.data["account_id"]
-            if event.type == OPENED:
-                db.execute(
-                    "INSERT INTO bench_naive.balances (account_id, owner, events) "
-                    "VALUES (%s, %s, 1)",
-                    (account, event.data["owner"]),
-                )
-            elif event.type == CLOSED:
-                db.execute(
-                    "UPDATE bench_naive.balances SET closed = true, events = events + 1 "
-                    "WHERE account_id = %s",
-                    (account,),
-                )
-            else:
-                sign = 1 if event.type == DEPOSITED else -1
-                db.execute(
-                    "UPDATE bench_naive.balances SET balance = balance + %s, events = events + 1 "
-                    "WHERE account_id = %s",
-                    (sign * event.data["amount"], account),
-                )
+            with db.transaction():
+                if event.type == OPENED:
+                    db.execute(
+                        "INSERT INTO bench_baseline.balances (account_id, owner, events) "
+                        "VALUES (%s, %s, 1)",
+                        (account, event.data["owner"]),
+                    )
+                elif event.type == CLOSED:
+                    db.execute(
+                        "UPDATE bench_baseline.balances SET closed = true, events = events + 1 "
+                        "WHERE account_id = %s",
+                        (account,),
+                    )
+                else:
+                    sign = 1 if event.type == DEPOSITED else -1
+                    db.execute(
+                        "UPDATE bench_baseline.balances SET balance = balance + %s, "
+                        "events = events + 1 WHERE account_id = %s",
+                        (sign * event.data["amount"], account),
+                    )
+            if i % 50 == 0:
+                db.execute("UPDATE bench_baseline.position SET position = %s", (event.position,))
         return len(events) / (time.perf_counter() - started)
+
+
+def timed_replay(
+    manager: zdr.ReplayManager, projector: zdr.Projector, max_events: int | None = None
+) -> tuple[float, float, int]:
+    """(events/s, seconds, events) of a replay of ``projector`` from the start of the log."""
+    if manager.get_replay("bench") is not None:  # left by an interrupted run
+        manager.remove_replay("bench")
+    manager.create_replay("bench", [projector])
+    started = time.perf_counter()
+    replay = manager.start_replay("bench", max_events=max_events)
+    seconds = time.perf_counter() - started
+    manager.remove_replay("bench")
+    return replay.events_applied / seconds, seconds, replay.events_applied
 
 
 def main() -> None:
@@ -190,6 +225,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=10_000)
     parser.add_argument("--baseline-sample", type=int, default=20_000)
+    parser.add_argument("--per-event-sample", type=int, default=50_000)
     parser.add_argument("--database-url", default=None)
     parser.add_argument(
         "--readers",
@@ -217,14 +253,11 @@ def main() -> None:
         conn.exec_driver_sql("ANALYZE zdr.events")
         conn.commit()
 
-    manager.create_replay("bench", [BalancesV2()])
-    started = time.perf_counter()
-    replay = manager.start_replay("bench")
-    engine_seconds = time.perf_counter() - started
-    engine_rate = replay.events_applied / engine_seconds
-
-    baseline_rate = naive_replay(url, manager.store, min(args.baseline_sample, args.events))
-    manager.remove_replay("bench")
+    rowfold_rate, _, _ = timed_replay(manager, Balances())
+    batch_rate, batch_seconds, events = timed_replay(manager, BalancesV2())
+    per_event_sample = min(args.per_event_sample, args.events)
+    per_event_rate, _, _ = timed_replay(manager, PerEventBalances(), per_event_sample)
+    baseline_rate = baseline_replay(url, manager.store, min(args.baseline_sample, args.events))
 
     readers: dict[str, dict[str, float]] = {}
     for kind in kinds:
@@ -246,12 +279,19 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "events": replay.events_applied,
-                "engine_events_per_s": round(engine_rate),
-                "engine_seconds": round(engine_seconds, 2),
+                "events": events,
+                "rowfold_events_per_s": round(rowfold_rate),
+                "batch_events_per_s": round(batch_rate),
+                "per_event_events_per_s": round(per_event_rate),
+                "per_event_sample": per_event_sample,
                 "baseline_events_per_s": round(baseline_rate),
                 "baseline_sample": min(args.baseline_sample, args.events),
-                "speedup": round(engine_rate / baseline_rate, 1),
+                "rowfold_vs_baseline": round(rowfold_rate / baseline_rate, 1),
+                "batch_vs_baseline": round(batch_rate / baseline_rate, 1),
+                "per_event_vs_baseline": round(per_event_rate / baseline_rate, 1),
+                "engine_events_per_s": round(batch_rate),
+                "engine_seconds": round(batch_seconds, 2),
+                "speedup": round(batch_rate / baseline_rate, 1),
                 "batch_size": args.batch_size,
                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 "readers": readers,

@@ -29,6 +29,7 @@ from zdr.horizon import Horizon, HorizonHolder
 from zdr.manager import ReplayManager
 from zdr.projector import Projector, handles
 from zdr.replay import Progress, Replay, ReplayState, Run, SwapReport
+from zdr.rows import Row, RowProjector
 from zdr.settings import Settings
 from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
 
@@ -62,6 +63,8 @@ __all__ = [
     "ReplayManager",
     "ReplayNotFound",
     "ReplayState",
+    "Row",
+    "RowProjector",
     "Run",
     "RunnerBusy",
     "Settings",

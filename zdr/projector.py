@@ -82,6 +82,10 @@ class Projector:
     # -- helpers -------------------------------------------------------------
 
     @classmethod
+    def check(cls) -> None:
+        """Refuse, with a ConfigurationError, what this kind of projector cannot run."""
+
+    @classmethod
     def import_path(cls) -> str:
         """``module:QualName``, how another process finds this class again."""
         return f"{cls.__module__}:{cls.__qualname__}"
@@ -107,6 +111,7 @@ def check_projector(projector: object) -> Projector:
     for table in cls.tables:
         if not isinstance(table, sa.Table):
             raise ConfigurationError(f"projector {name!r}: {table!r} is not a sqlalchemy.Table")
+    cls.check()
     cls.schemas()
     if not cls.event_types:
         raise ConfigurationError(

@@ -1,12 +1,16 @@
 """The bank's projectors: four live projections and a second version of one of them.
 
-* ``Balances`` (keyed table): folds a whole batch in Python, then writes one
-  upsert per batch with array parameters (the fast path).
+* ``Balances`` (keyed table): a row projector, plain Python per event on the
+  account's row (``row["balance"] += amount``); zdr reads and writes the rows a
+  batch touches in a few statements.
+* ``BalancesV2`` (the same table, two more columns): a hand-written batch
+  projector that folds a batch in Python and writes one array upsert.
+* ``PerEventBalances``: the same table again, with per-event handlers that each
+  run one SQLAlchemy statement (the benchmark's third way).
 * ``History`` (append-only): one row per money movement, written with COPY.
 * ``DailyTotals`` (aggregate): folds each batch per day, one upsert per batch.
 * ``Accounts`` (directory): per-event handlers, the simplest way to write one;
   it only handles the few events that open or close an account.
-* ``BalancesV2``: the same projection, rebuilt with two new columns.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ balances_v1 = sa.Table(
     v1,
     sa.Column("account_id", sa.Text, primary_key=True),
     sa.Column("owner", sa.Text),
-    sa.Column("balance", sa.BigInteger, nullable=False),
-    sa.Column("events", sa.Integer, nullable=False),
-    sa.Column("closed", sa.Boolean, nullable=False),
+    sa.Column("balance", sa.BigInteger, nullable=False, default=0),
+    sa.Column("events", sa.Integer, nullable=False, default=0),
+    sa.Column("closed", sa.Boolean, nullable=False, default=False),
     sa.Index("balances_owner", "owner"),
     schema="bank_balances",
 )
@@ -118,33 +122,34 @@ def _added(column: str) -> Any:
     return lambda table, excluded: table.c[column] + excluded[column]
 
 
-class Balances(zdr.Projector):
+class Balances(zdr.RowProjector):
     """One row per account: balance, owner, number of events, closed or not."""
 
     name = "balances"
-    tables = [balances_v1]
-    event_types = frozenset(EVENT_TYPES)
+    table = balances_v1
 
-    upsert = _array_upsert(
-        balances_v1,
-        {
-            "account_id": sa.Text,
-            "owner": sa.Text,
-            "balance": sa.BigInteger,
-            "events": sa.Integer,
-            "closed": sa.Boolean,
-        },
-        {
-            "owner": lambda t, x: sa.func.coalesce(x.owner, t.c.owner),
-            "balance": _added("balance"),
-            "events": _added("events"),
-            "closed": lambda t, x: t.c.closed.op("OR")(x.closed),
-        },
-    )
+    def key(self, event: zdr.RecordedEvent) -> str:
+        return str(event.data["account_id"])
 
-    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
-        rows = fold_batch(events)
-        conn.execute(self.upsert, _as_arrays(rows, ["owner", "balance", "events", "closed"]))
+    @zdr.handles(OPENED)
+    def opened(self, row: zdr.Row, event: zdr.RecordedEvent) -> None:
+        row["owner"] = event.data["owner"]
+        row["events"] += 1
+
+    @zdr.handles(DEPOSITED)
+    def deposited(self, row: zdr.Row, event: zdr.RecordedEvent) -> None:
+        row["balance"] += event.data["amount"]
+        row["events"] += 1
+
+    @zdr.handles(WITHDRAWN)
+    def withdrawn(self, row: zdr.Row, event: zdr.RecordedEvent) -> None:
+        row["balance"] -= event.data["amount"]
+        row["events"] += 1
+
+    @zdr.handles(CLOSED)
+    def closed(self, row: zdr.Row, event: zdr.RecordedEvent) -> None:
+        row["closed"] = True
+        row["events"] += 1
 
 
 class BalancesV2(zdr.Projector):
@@ -179,6 +184,51 @@ class BalancesV2(zdr.Projector):
         rows = fold_batch(events)
         columns = ["owner", "balance", "events", "closed", "deposits", "last_position"]
         conn.execute(self.upsert, _as_arrays(rows, columns))
+
+
+class PerEventBalances(zdr.Projector):
+    """The same balances as ``Balances``, the simplest way: one SQLAlchemy statement per
+    event (what the benchmark compares the other two ways with)."""
+
+    name = "balances"
+    tables = [balances_v1]
+
+    @zdr.handles(OPENED)
+    def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        conn.execute(
+            pg.insert(balances_v1)
+            .values(
+                account_id=event.data["account_id"],
+                owner=event.data["owner"],
+                balance=0,
+                events=1,
+                closed=False,
+            )
+            .on_conflict_do_update(
+                index_elements=[balances_v1.c.account_id],
+                set_={"owner": event.data["owner"], "events": balances_v1.c.events + 1},
+            )
+        )
+
+    @zdr.handles(DEPOSITED, WITHDRAWN)
+    def moved(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        sign = 1 if event.type == DEPOSITED else -1
+        conn.execute(
+            sa.update(balances_v1)
+            .where(balances_v1.c.account_id == event.data["account_id"])
+            .values(
+                balance=balances_v1.c.balance + sign * event.data["amount"],
+                events=balances_v1.c.events + 1,
+            )
+        )
+
+    @zdr.handles(CLOSED)
+    def closed(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
+        conn.execute(
+            sa.update(balances_v1)
+            .where(balances_v1.c.account_id == event.data["account_id"])
+            .values(closed=True, events=balances_v1.c.events + 1)
+        )
 
 
 def fold_batch(events: Sequence[zdr.RecordedEvent]) -> dict[str, dict[str, Any]]:

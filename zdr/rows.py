@@ -1,0 +1,349 @@
+"""Row projectors: plain Python per event, on a row, written at batch speed.
+
+Most read models are one keyed table whose rows each event changes a little. A
+``RowProjector`` lets its handlers say just that, ``row["times_lent"] += 1``,
+with no SQL; zdr does the database work once per batch instead of once per event:
+
+1. the keys the batch touches are read in one query (``= ANY(array)``);
+2. the handlers run in memory, in log order, on one ``Row`` (a dict) per key;
+3. the rows that changed go back in one COPY into a temporary table and one
+   ``INSERT ... ON CONFLICT DO UPDATE`` from it; the deleted ones in one DELETE.
+
+So a batch of 10,000 events over 500 accounts costs four statements, not 10,000.
+It runs inside the batch's transaction like any projector: exactly once, rolled
+back with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from psycopg import sql
+from psycopg.types.json import Json, Jsonb
+from sqlalchemy.dialects import postgresql
+
+from zdr.errors import ConfigurationError
+from zdr.projector import Projector, _copy_json, physical_name
+from zdr.store import RecordedEvent
+
+_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
+class Row(dict[str, Any]):
+    """One row of a RowProjector's table, as its handlers see and change it.
+
+    ``new`` is true when the table held no row for this key before this event
+    (the key columns and the columns' ``default=`` values are filled in).
+    ``delete()`` removes the row (or, for a new one, does not create it); a later
+    event of the same key in the batch starts a new row.
+    """
+
+    __slots__ = ("new", "deleted")
+
+    def __init__(self, values: dict[str, Any], *, new: bool) -> None:
+        super().__init__(values)
+        self.new = new
+        self.deleted = False
+
+    def delete(self) -> None:
+        self.deleted = True
+
+
+class RowProjector(Projector):
+    """A projector of one keyed table, written as per-event handlers on rows.
+
+    Set ``name`` and ``table`` (a SQLAlchemy ``Table`` with a primary key), mark
+    handlers ``(self, row, event)`` with ``@zdr.handles``, and say which row an
+    event changes with ``key(event)`` (default: the event's stream id; a tuple in
+    primary-key order for a key of several columns). A handler changes ``row`` in
+    place; it returns nothing.
+
+    Every column of ``table`` is written: a column that a new row may leave unset
+    needs a Python ``default=`` (a ``server_default`` is refused, since zdr writes
+    the value itself and would silently store NULL instead).
+    """
+
+    table: ClassVar[sa.Table]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        table = cls.__dict__.get("table")
+        if table is not None:
+            cls.tables = [table]
+        super().__init_subclass__(**kwargs)
+
+    def key(self, event: RecordedEvent) -> Any:
+        """The primary key of the row ``event`` changes."""
+        return event.stream_id
+
+    @classmethod
+    def check(cls) -> None:
+        table = getattr(cls, "table", None)
+        name = getattr(cls, "name", cls.__qualname__)
+        if not isinstance(table, sa.Table):
+            raise ConfigurationError(
+                f"row projector {name!r} needs `table`, one sqlalchemy.Table with a primary key"
+            )
+        if not table.primary_key.columns:
+            raise ConfigurationError(
+                f"row projector {name!r}: table {table.name!r} has no primary key"
+            )
+        for column in table.columns:
+            if column.default is not None and _scalar_default(column) is None:
+                raise ConfigurationError(
+                    f"row projector {name!r}: column {table.name}.{column.name} has a "
+                    "default that is computed (a function or SQL), which zdr does not run; "
+                    "give it a plain value, or set it in the handler that creates the row"
+                )
+            if column.server_default is not None:
+                raise ConfigurationError(
+                    f"row projector {name!r}: column {table.name}.{column.name} has a "
+                    "server_default, which zdr cannot apply (it writes every column); give "
+                    "it a Python default= instead"
+                )
+
+    def handle_batch(self, events: Sequence[RecordedEvent], conn: sa.Connection) -> None:
+        plan = _plan(type(self))
+        keys = [self.key(event) for event in events]  # `event` names a failing one
+        stored = plan.load(conn, keys)
+        rows, stored_keys = self._fold(plan, events, keys, stored)
+        plan.write(conn, rows, stored, stored_keys)
+
+    def _fold(
+        self,
+        plan: _Plan,
+        events: Sequence[RecordedEvent],
+        keys: list[Any],
+        stored: dict[Any, tuple[Any, ...]],
+    ) -> tuple[dict[Any, Row], set[Any]]:
+        """Apply every event to its row, in order (``event`` names the failing one)."""
+        handlers = {t: getattr(self, m) for t, m in self._handlers.items()}
+        rows: dict[Any, Row] = {}
+        for event, key in zip(events, keys, strict=True):
+            row = rows.get(key)
+            if row is None or row.deleted:
+                values = stored.get(key) if row is None else None
+                row = rows[key] = plan.row(key, values)
+            handlers[event.type](row, event)
+            row.new = False  # the next event of this key finds the row there
+        return rows, set(stored)
+
+
+class _Plan:
+    """What a RowProjector's table needs at run time, worked out once per class."""
+
+    def __init__(self, table: sa.Table, where: str) -> None:
+        self.table = table
+        self.where = where
+        self.columns = [c.name for c in table.columns]
+        self.key_columns = [c.name for c in table.primary_key.columns]
+        self.single = len(self.key_columns) == 1
+        self.defaults = {c.name: _scalar_default(c) for c in table.columns}
+        #: A row's values as a tuple in column order, at C speed.
+        self.values = (
+            operator.itemgetter(*self.columns)
+            if len(self.columns) > 1
+            else (lambda row, name=self.columns[0]: (row[name],))
+        )
+        #: JSON columns, by position, with the psycopg wrapper that writes them.
+        self.json = [
+            (i, Jsonb if isinstance(c.type, postgresql.JSONB) else Json)
+            for i, c in enumerate(table.columns)
+            if isinstance(c.type, sa.JSON)
+        ]
+        #: Columns whose values a handler can change in place (JSON, arrays): copied.
+        self.mutable = [
+            i for i, c in enumerate(table.columns) if isinstance(c.type, sa.JSON | sa.ARRAY)
+        ]
+        self.types = {c.name: c.type.compile(dialect=_DIALECT) for c in table.columns}
+
+    def row(self, key: Any, values: tuple[Any, ...] | None) -> Row:
+        if values is not None:
+            return Row(dict(zip(self.columns, self._own(values), strict=True)), new=False)
+        fresh = dict(zip(self.columns, self._own(tuple(self.defaults.values())), strict=True))
+        if self.single:
+            fresh[self.key_columns[0]] = key
+        else:
+            if not isinstance(key, tuple) or len(key) != len(self.key_columns):
+                raise ConfigurationError(
+                    f"{self.where}: key() must return a tuple of {len(self.key_columns)} "
+                    f"values ({', '.join(self.key_columns)}), got {key!r}"
+                )
+            fresh.update(zip(self.key_columns, key, strict=True))
+        return Row(fresh, new=True)
+
+    def _dumpable(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """JSON columns' values wrapped so that psycopg writes them as JSON (a list would
+        otherwise go as a PostgreSQL array)."""
+        if not self.json:
+            return values
+        wrapped = list(values)
+        for i, wrap in self.json:
+            if wrapped[i] is not None:
+                wrapped[i] = wrap(wrapped[i])
+        return tuple(wrapped)
+
+    def _own(self, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Values a handler may change in place (JSON, arrays) copied, so that the stored
+        (or default) ones stay as they were and the change is seen."""
+        if not self.mutable:
+            return values
+        owned = list(values)
+        for i in self.mutable:
+            owned[i] = _copy_json(owned[i])
+        return tuple(owned)
+
+    def load(self, conn: sa.Connection, keys: list[Any]) -> dict[Any, tuple[Any, ...]]:
+        """The stored rows of these keys, by key (a row as a tuple in column order)."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        target = physical_name(conn, self.table)
+        cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        if self.single:
+            [name] = self.key_columns
+            query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s::{}[])").format(
+                cols, target, sql.Identifier(name), sql.SQL(self.types[name])
+            )
+            params: list[Any] = [unique]
+        else:
+            query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
+                cols,
+                target,
+                sql.SQL(", ").join(map(sql.Identifier, self.key_columns)),
+                sql.SQL(", ").join(
+                    sql.SQL("%s::{}[]").format(sql.SQL(self.types[c])) for c in self.key_columns
+                ),
+            )
+            params = [[k[i] for k in unique] for i in range(len(self.key_columns))]
+        positions = [self.columns.index(c) for c in self.key_columns]
+        with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+            cur.execute(query, params)
+            found = cur.fetchall()
+        if self.single:
+            [at] = positions
+            by_key = {values[at]: values for values in found}
+        else:
+            by_key = {tuple(values[i] for i in positions): values for values in found}
+        strange = by_key.keys() - set(unique)
+        if strange:
+            # key() gave values of another type than the column's (1 for '1'): the rows
+            # would look new and be overwritten.
+            raise ConfigurationError(
+                f"{self.where}: key() returned keys the table stores differently "
+                f"(e.g. {next(iter(strange))!r} came back from {self.table.fullname}); "
+                f"return values of the key columns' own types"
+            )
+        return by_key
+
+    def write(
+        self,
+        conn: sa.Connection,
+        rows: dict[Any, Row],
+        stored: dict[Any, tuple[Any, ...]],
+        stored_keys: set[Any],
+    ) -> None:
+        """Upsert the rows that changed, delete the deleted ones that were stored."""
+        columns = self.columns
+        unknown = {name for row in rows.values() for name in row} - set(columns)
+        if unknown:
+            raise ConfigurationError(
+                f"{self.where}: a handler set {', '.join(sorted(unknown))}, not a column of "
+                f"{self.table.fullname} ({', '.join(columns)})"
+            )
+        changed = []
+        gone = []
+        for key, row in rows.items():
+            if row.deleted:
+                if key in stored_keys:
+                    gone.append(key)
+                continue
+            values = self.values(row)
+            if values != stored.get(key):
+                changed.append(self._dumpable(values))
+        raw = conn.connection.driver_connection
+        target = physical_name(conn, self.table)
+        with raw.cursor() as cur:  # type: ignore[union-attr]
+            if gone:
+                self._delete(cur, target, gone)
+            if changed:
+                self._upsert(cur, target, changed)
+
+    def _delete(self, cur: Any, target: sql.Composable, keys: list[Any]) -> None:
+        names = sql.SQL(", ").join(map(sql.Identifier, self.key_columns))
+        arrays = sql.SQL(", ").join(
+            sql.SQL("%s::{}[]").format(sql.SQL(self.types[c])) for c in self.key_columns
+        )
+        cur.execute(
+            sql.SQL("DELETE FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
+                target, names, arrays
+            ),
+            [keys] if self.single else [[k[i] for k in keys] for i in range(len(keys[0]))],
+        )
+
+    def _upsert(self, cur: Any, target: sql.Composable, changed: list[tuple[Any, ...]]) -> None:
+        # A temporary table of the target's shape, one per session and target copy; its
+        # rows go at commit, and the upsert empties it so that a second batch in one
+        # transaction starts empty too.
+        scratch = sql.Identifier(
+            "zdr_rows_" + hashlib.sha1(target.as_string(cur).encode()).hexdigest()[:20]
+        )
+        cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
+        # Its columns' types without their constraints: a NOT NULL a handler left unset
+        # is reported by the table itself, under its own name.
+        cur.execute(
+            sql.SQL(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS {} ON COMMIT DELETE ROWS "
+                "AS SELECT {} FROM {} WITH NO DATA"
+            ).format(scratch, cols, target)
+        )
+        with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(scratch, cols)) as copy:
+            for values in changed:
+                copy.write_row(values)
+        others = [c for c in self.columns if c not in self.key_columns]
+        update = (
+            sql.SQL("DO UPDATE SET {}").format(
+                sql.SQL(", ").join(
+                    sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(c), sql.Identifier(c))
+                    for c in others
+                )
+            )
+            if others
+            else sql.SQL("DO NOTHING")
+        )
+        cur.execute(
+            sql.SQL(
+                "WITH batch AS (DELETE FROM {} RETURNING {}) "
+                "INSERT INTO {} ({}) SELECT {} FROM batch ON CONFLICT ({}) {}"
+            ).format(
+                scratch,
+                cols,
+                target,
+                cols,
+                cols,
+                sql.SQL(", ").join(map(sql.Identifier, self.key_columns)),
+                update,
+            )
+        )
+
+
+def _scalar_default(column: sa.Column[Any]) -> Any:
+    """A column's Python ``default=`` value (None without one, or for a callable one)."""
+    default = column.default
+    if isinstance(default, sa.ColumnDefault) and default.is_scalar:
+        return default.arg
+    return None
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type[RowProjector]) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        cls.check()
+        plan = _PLANS[cls] = _Plan(cls.table, f"row projector {cls.name!r}")
+    return plan
