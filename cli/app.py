@@ -43,12 +43,24 @@ state = {"debug": False}
 #: Bad input: exit code 2 (like a usage error); every other zdr error: 1.
 BAD_INPUT = (zdr.InvalidName, zdr.ConfigurationError, zdr.UnknownProjector, zdr.ReplayNotFound)
 
+
+def _given_url(value: str | None) -> str | None:
+    """An empty URL (an unset shell variable) is refused, not taken as "not given"."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter(
+            "is empty: give a postgresql:// URL, or leave the option out for "
+            "ZDR_DATABASE_URL or the embedded PostgreSQL"
+        )
+    return value
+
+
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
         metavar="URL",
         envvar="ZDR_DATABASE_URL",
+        callback=_given_url,
         help="PostgreSQL URL (default: ZDR_DATABASE_URL, else the embedded PostgreSQL).",
         show_default=False,
     ),
@@ -122,7 +134,13 @@ def load_reader(database_url: str | None, reader: str | None) -> zdr.EventReader
 def with_horizon_warning(manager: zdr.ReplayManager, seconds: float | None) -> None:
     """Apply ``--horizon-warning`` (validated like the setting: bad input exits 2)."""
     if seconds is not None:
-        manager.settings = manager.settings.replace(horizon_warning_s=seconds)
+        try:
+            manager.settings = manager.settings.replace(horizon_warning_s=seconds)
+        except zdr.ConfigurationError:
+            raise typer.BadParameter(
+                f"must be a number of seconds, 0 or more, got {seconds}",
+                param_hint="'--horizon-warning'",
+            ) from None
 
 
 def log_to_stderr() -> None:
@@ -131,10 +149,31 @@ def log_to_stderr() -> None:
     if state["debug"]:
         return
     logger = logging.getLogger("zdr")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        logger.addHandler(RichHandler(console=err, show_path=False, markup=False))
+    if not any(getattr(h, "_zdr_cli", False) for h in logger.handlers):
+        handler: logging.Handler
+        if err.is_terminal:
+            handler = RichHandler(console=err, show_path=False, markup=False)
+        else:  # a log file: one plain line a record (rich would pad it to the width)
+            handler = _StderrHandler()
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+            )
+        handler._zdr_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Plain lines on whatever sys.stderr is when a record comes."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
 
 
 def paths(projectors: Sequence[str]) -> list[str]:

@@ -112,13 +112,19 @@ def replay(
                 key, restart=restart, batch_size=batch_size, on_progress=on_progress
             )
     except KeyboardInterrupt:
-        # The batch in flight was rolled back; every batch before it is kept.
-        at = manager.require_replay(key).position
-        err.print(
-            f"replay [bold]{key}[/bold] interrupted at position {at:,}: "
-            f"`zdr replay {key}` resumes it from there",
-            highlight=False,
-        )
+        # The batch in flight was rolled back; every batch before it is kept. A second
+        # signal now changes nothing: the line below and exit 130 are what it gets.
+        before = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            at = manager.require_replay(key).position
+            err.print(
+                f"replay [bold]{key}[/bold] interrupted at position {at:,}: "
+                f"`zdr replay {key}` resumes it from there",
+                highlight=False,
+            )
+        finally:
+            for signum, handler in before.items():
+                signal.signal(signum, handler)
         raise typer.Exit(130) from None
     run = result.runs[-1]
     err.print(
@@ -222,7 +228,8 @@ def rebase(
 def live(
     projectors: Projectors,
     max_seconds: Annotated[
-        float | None, typer.Option(help="Stop after this long (default: until Ctrl-C).")
+        float | None,
+        typer.Option(min=0, help="Stop after this long (default: until Ctrl-C)."),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = DEFAULTS.batch_size,
     horizon_warning: HorizonWarning = None,

@@ -155,6 +155,15 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
             "cannot connect to the database at 127.0.0.1:1/db",
         ),
         (["status", "--database-url", "postgresql:/u:hunter2@127.0.0.1/db"], 2, "URL"),
+        (["status", "--database-url", "mysql://u:hun//ter2@h/db"], 2, "'mysql://u:***@h/db'"),
+        (
+            ["status", "--database-url", "postgresql://u@/db?host=/nonexistent-zdr-socket"],
+            1,
+            "cannot connect to the database at the local socket",
+        ),
+        (["status", "--database-url", ""], 2, "--database-url"),
+        (["live", "-p", V1, "--max-seconds", "-1"], 2, "--max-seconds"),
+        (["live", "-p", V1, "--horizon-warning", "nan"], 2, "--horizon-warning"),
         (
             ["status", "--database-url", "postgresql://u:hunter2@h:notaport/db"],
             2,
@@ -197,7 +206,7 @@ def test_every_error_is_one_line_on_a_pipe_with_its_exit_code(
     took = time.monotonic() - started
     assert (done.returncode, len(done.stderr.splitlines())) == (code, 1), done.stderr
     assert done.stderr.startswith("error: ") and message in done.stderr, done.stderr
-    assert "hunter2" not in done.stderr and "pw@" not in done.stderr
+    assert "hunter2" not in done.stderr and "ter2" not in done.stderr and "pw@" not in done.stderr
     if arguments[0] == "run":
         assert took < 10, f"zdr run took {took:.1f}s to refuse a bad projector"
 
@@ -229,6 +238,38 @@ def test_a_pipeline_that_fails_inside_its_flow_ends_with_one_error_line(
     assert "failed on event 7 (MoneyDeposited" in errors[0]
     assert "Traceback" not in done.stderr and "temporary server" not in done.stderr, done.stderr
     assert "Finished in state Failed" in done.stderr  # Prefect's own lines are still there
+
+
+def test_the_live_runner_logs_plain_lines_to_a_file(manager, engine, database_url):
+    """A broken live read model is logged every try: each record one line of its own
+    length (rich padded each to the console's width, 100,000 characters off a terminal)."""
+    from tests.test_live_path import PoisonedHistory
+
+    zdr.ReplayManager(engine, projectors=[PoisonedHistory()]).setup()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE zdr.projections SET projector = 'tests.test_live_path:PoisonedHistory' "
+            "WHERE name = 'history'"
+        )
+    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
+    manager.store.append(
+        "acc-poison",
+        [{"type": "AccountOpened", "data": {"account_id": "acc-poison", "owner": "x"}}, deposit],
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["ZDR_DATABASE_URL"] = database_url
+    done = subprocess.run(
+        [sys.executable, "-m", "zdr.cli.main", "live", "-p", V1, "--max-seconds", "1"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert any("stays behind" in line and "acc-poison" in line for line in lines), done.stderr
+    assert max(len(line) for line in lines) < 1_000
 
 
 def test_create_with_a_bad_key_is_refused_with_exit_code_2(cli, engine):

@@ -364,3 +364,48 @@ def test_a_registered_projector_is_replayed_by_the_path_its_live_projection_has(
         "balances": "__main__:MainBalances"
     }
     manager.create_replay("by_instance", [main_balances])
+
+
+ledger_table = sa.Table(
+    "entries",
+    sa.MetaData(),
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("amount", sa.BigInteger, sa.CheckConstraint("amount < 500"), nullable=False),
+    schema="errors_ledger",
+)
+
+
+class PerEventLedger(zdr.Projector):
+    """Per-event handlers whose statement the database refuses for one event: in pipeline
+    mode the error arrives later, while another handler runs."""
+
+    name = "ledger"
+    tables = [ledger_table]
+
+    @zdr.handles("MoneyDeposited", "MoneyWithdrawn")
+    def moved(self, event, conn):
+        conn.execute(
+            ledger_table.insert().values(position=event.position, amount=event.data["amount"])
+        )
+
+
+def test_per_event_handlers_name_the_event_the_database_refused(engine):
+    manager = zdr.ReplayManager(engine, projectors=[PerEventLedger()], batch_size=1_000)
+    manager.setup()
+    pairs = [
+        ("acc-1", {"type": "MoneyDeposited", "data": {"amount": 999 if n == 40 else n % 100}})
+        for n in range(100)
+    ]
+    positions = manager.store.import_events(pairs)
+    with engine.connect() as conn:
+        bad = conn.exec_driver_sql(
+            "SELECT position FROM zdr.events ORDER BY position LIMIT 1 OFFSET 40"
+        ).scalar()
+    with pytest.raises(
+        zdr.ProjectorError, match=rf"failed on event {bad} \(MoneyDeposited"
+    ) as found:
+        manager.project_live()
+    assert "CheckViolation" in str(found.value) and found.value.position == bad
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM errors_ledger.entries").scalar() == 0
+    assert positions == 100

@@ -158,7 +158,7 @@ def test_zdr_status_shows_live_lag_and_warns_when_the_horizon_is_held(cli, manag
     manager.project_live()
     assert set(manager.live_lag().values()) == {0}
     code, _, err = cli("status", "--horizon-warning", "-1")
-    assert code == 2 and "horizon_warning_s must be a number of seconds" in err
+    assert code == 2 and "'--horizon-warning': must be a number of seconds" in err
     assert len(err.strip().splitlines()) == 1
 
 
@@ -238,7 +238,7 @@ def test_zdr_live_takes_the_warning_threshold(cli, manager, other_database, capl
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and f"pid {pid}" in warnings[0] and name in warnings[0]
     code, _, err = cli("live", "-p", BALANCES, "--horizon-warning", "-1")
-    assert code == 2 and err.startswith("error: horizon_warning_s must be")
+    assert code == 2 and err.startswith("error: Invalid value for '--horizon-warning'")
 
 
 def test_a_runner_waiting_in_another_database_does_not_end_this_ones_overtime(

@@ -270,6 +270,7 @@ def _live_runner_pid(engine) -> int | None:
     with engine.connect() as conn:
         return conn.exec_driver_sql(
             """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                AND classid::bigint = %s AND objsubid = 2
                AND objid::bigint = (hashtext(%s)::bigint & 4294967295)""",
             (ZDR_LOCK_SPACE, LIVE_RUNNER_LOCK),
@@ -411,6 +412,49 @@ def test_a_live_read_model_that_breaks_on_a_new_event_stays_behind_and_the_other
     with pytest.raises(zdr.ProjectorError, match="event 102 .*acc-poison"):
         manager.project_live()
     assert "acc-one-off" in balances(engine)
+
+
+def test_a_broken_live_read_model_costs_the_runner_no_memory_and_no_false_alarm(engine, caplog):
+    """While it stays behind, the live runner keeps none of its errors and does not
+    blame the safe horizon for the events that wait for its projector."""
+    settings = zdr.Settings(failed_retry_s=0.01, horizon_warning_s=0.2)
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
+    manager.settings = settings
+    manager.setup()
+    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
+    manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
+    with caplog.at_level("INFO", logger="zdr"), following(manager):
+        time.sleep(1.5)  # about a hundred tries of the broken read model
+        assert not manager._live._failed  # nothing kept between tries (it was a leak)
+    assert caplog.text.count("cannot project acc-poison") > 10
+    assert "safe horizon" not in caplog.text
+
+
+class TimingOutHistory(History):
+    """A live read model whose statement times out on one stream's events (transient)."""
+
+    def handle_batch(self, events, conn):
+        if any(e.stream_id == "acc-slow" for e in events):
+            conn.exec_driver_sql("SET LOCAL statement_timeout = '50ms'")
+            conn.exec_driver_sql("SELECT pg_sleep(1)")
+        super().handle_batch(events, conn)
+
+
+def test_a_level_live_read_model_that_times_out_waits_alone(engine, caplog):
+    """A timeout is no lost connection: only that read model waits and is tried again."""
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), TimingOutHistory()])
+    manager.setup()
+    seed(manager.store, 50)
+    manager.project_live()
+    before = manager.checkpoints()["live:history"]
+    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-slow", "amount": 5}}
+    manager.store.append("acc-slow", [_opened("acc-slow"), deposit])
+    with caplog.at_level("WARNING", logger="zdr"):
+        assert manager.project_live() == 2
+    assert "acc-slow" in balances(engine)
+    assert manager.checkpoints()["live:history"] == before
+    assert "live projection 'history' stays behind" in caplog.text
+    assert "QueryCanceled" in caplog.text
 
 
 def test_a_live_read_model_this_runner_cannot_load_stands_still_and_the_others_go_on(

@@ -140,8 +140,8 @@ def _redact(url: str) -> str:
     hidden = url
     at = url.rfind("@")
     if at != -1:
-        start = url.rfind("//", 0, at)
-        start = 0 if start == -1 else start + 2
+        start = url.find("://", 0, at)  # the scheme's: a password may hold "//" too
+        start = 0 if start == -1 else start + 3
         user, colon, _ = url[start:at].partition(":")
         if colon:
             hidden = f"{url[:start]}{user}:***{url[at:]}"
@@ -156,4 +156,5 @@ def describe(url: str) -> str:
     except Exception:
         return _redact(url)
     where = (parsed.host or "the local socket").rsplit("@", 1)[-1]  # a password's "@"
-    return f"{where}:{parsed.port or 5432}/{parsed.database or ''}"
+    port = parsed.port or os.environ.get("PGPORT") or 5432  # libpq's own default
+    return f"{where}:{port}/{parsed.database or ''}"

@@ -166,7 +166,9 @@ def cannot_connect(
     cause = root_cause(exc)
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     bad_option = text.removeprefix("connection is bad: ")
-    if (
+    if bad_option.startswith("connection to server"):  # a socket or host that does not answer
+        text = bad_option
+    elif (
         isinstance(cause, psycopg.Error)
         and cause.sqlstate is None
         and (

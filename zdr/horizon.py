@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -234,25 +234,28 @@ class HorizonWatch:
         self.waiting_since = None
         self.warned.clear()
 
-    def idle(self, conn: sa.Connection) -> None:
+    def idle(self, conn: sa.Connection, resting: Collection[str] = ()) -> None:
         """Nothing was applied: are events waiting, and for how long? Warn once per holder.
 
+        ``resting``: checkpoints the runner leaves out for now (a read model whose
+        projector raised): their events wait for the projector, not for the horizon.
         ``conn`` must be outside a transaction. A failure here is logged, never
         raised: the watch must not stop the runner it watches.
         """
         try:
-            self._idle(conn)
+            self._idle(conn, resting)
         except Exception:
             log.debug("could not inspect the safe horizon", exc_info=True)
             if conn.in_transaction():
                 conn.rollback()
 
-    def _idle(self, conn: sa.Connection) -> None:
+    def _idle(self, conn: sa.Connection, resting: Collection[str]) -> None:
         now = self.clock()
         if self.waiting_since is not None and now < self.next_check:
             return
         with conn.begin():
-            cursors = records.followed_cursors(conn)
+            followed = records.followed_cursors(conn)
+            cursors = [cursor for name, cursor in followed.items() if name not in resting]
             waiting = self.reader.count_after(conn, min(cursors)) if cursors else 0
         if not waiting:
             self.progressed()

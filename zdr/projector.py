@@ -9,12 +9,14 @@ a ReplayManager shares one instance between threads.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import importlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
@@ -30,6 +32,10 @@ from zdr.names import validate_key, validate_live_schema
 from zdr.store import RecordedEvent
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Whether the default handle_batch runs the per-event handlers in pipeline mode (off
+#: while a failed batch is run again to name the event it fails on).
+_PIPELINING: contextvars.ContextVar[bool] = contextvars.ContextVar("zdr_pipelining", default=True)
 
 
 def handles(*event_types: str) -> Callable[[F], F]:
@@ -72,12 +78,26 @@ class Projector:
     def handle_batch(self, events: Sequence[RecordedEvent], conn: sa.Connection) -> None:
         """Apply a batch of events (only of ``event_types``), in order.
 
-        The default calls the per-event handlers. Override it to apply a whole
-        batch at once, for example by folding it in Python and writing one
-        upsert per table.
+        The default calls the per-event handlers, in psycopg's pipeline mode: their
+        statements go to the server without waiting for each other's results (a
+        handler that reads a result waits for it then), so a batch costs a few round
+        trips instead of one per statement. Override it to apply a whole batch at
+        once, for example by folding it in Python and writing one upsert per table.
         """
-        for event in events:
-            getattr(self, self._handlers[event.type])(event, conn)
+        raw = conn.connection.driver_connection
+        if not _PIPELINING.get() or not psycopg.Pipeline.is_supported():
+            for event in events:
+                getattr(self, self._handlers[event.type])(event, conn)
+            return
+        try:
+            with raw.pipeline():  # type: ignore[union-attr]
+                for event in events:
+                    getattr(self, self._handlers[event.type])(event, conn)
+        except (psycopg.Error, sa.exc.DBAPIError) as exc:
+            # The database reports a statement's error at a later sync: the handler
+            # running then is not the one that failed (apply_events finds it).
+            exc._zdr_pipelined = True  # type: ignore[union-attr]
+            raise
 
     # -- helpers -------------------------------------------------------------
 
@@ -179,7 +199,11 @@ def apply_events(
         if is_transient(exc):  # the database's failure, not the projector's
             span = f"events {relevant[0].position}..{relevant[-1].position}"
             raise interrupted(f"projecting {span} to {where}", exc) from exc
-        culprit = _failing_event(exc) or _first_failing(projector, relevant, conn)
+        if getattr(exc, "_zdr_pipelined", False):
+            culprit = _failing_unpipelined(projector, relevant, conn)
+        else:
+            culprit = _failing_event(exc)
+        culprit = culprit or _first_failing(projector, relevant, conn)
         if culprit is not None:
             at = f"event {culprit.position} ({culprit.type}, stream {culprit.stream_id!r})"
             position, event_type = culprit.position, culprit.type
@@ -269,6 +293,27 @@ def _first_failing(
         return events[bad - 1]
     except Exception:  # the transaction cannot take a savepoint any more
         return None
+
+
+def _failing_unpipelined(
+    projector: Projector, events: Sequence[RecordedEvent], conn: sa.Connection
+) -> RecordedEvent | None:
+    """The event a pipelined batch failed on: the batch run again one statement at a
+    time, in a savepoint rolled back, so the error comes from its own handler."""
+    token = _PIPELINING.set(False)
+    try:
+        attempt = conn.begin_nested()
+        try:
+            projector.handle_batch([copy_event(e) for e in events], conn)
+            return None
+        except Exception as exc:
+            return _failing_event(exc)
+        finally:
+            attempt.rollback()
+    except Exception:  # the transaction cannot take a savepoint any more
+        return None
+    finally:
+        _PIPELINING.reset(token)
 
 
 def _failing_event(exc: BaseException) -> RecordedEvent | None:

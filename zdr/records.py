@@ -87,16 +87,16 @@ def live_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
     return {name: Cursor(txid, position) for name, txid, position in rows}
 
 
-def followed_cursors(conn: sa.Connection) -> list[Cursor]:
-    """The checkpoints the live runner moves: every live copy's and every dual-writing
-    replay's."""
+def followed_cursors(conn: sa.Connection) -> dict[str, Cursor]:
+    """The checkpoints the live runner moves, by name: every live copy's and every
+    dual-writing replay's."""
     rows = conn.exec_driver_sql(
-        """SELECT c.txid, c.position FROM zdr.checkpoints c
+        """SELECT c.name, c.txid, c.position FROM zdr.checkpoints c
            WHERE c.name IN (SELECT %s || name FROM zdr.projections)
               OR c.name IN (SELECT %s || key FROM zdr.replays WHERE state = %s)""",
         (live_checkpoint(""), replay_checkpoint(""), ReplayState.DUAL_WRITING.value),
     )
-    return [Cursor(txid, position) for txid, position in rows]
+    return {name: Cursor(txid, position) for name, txid, position in rows}
 
 
 def all_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:

@@ -260,8 +260,9 @@ class LiveRunner:
         self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
         self._unloadable: set[str] = set()  # live projectors said to be unloadable
-        #: Projector errors of live read models since ``until_idle`` began.
-        self._failed: list[ProjectorError] = []
+        #: Projector errors of live read models, collected while ``until_idle`` runs
+        #: (None otherwise: ``follow`` logs them and keeps nothing).
+        self._failed: list[ProjectorError] | None = None
 
     def until_idle(self, conn: sa.Connection, batch_size: int, max_batches: int | None) -> int:
         """Apply batches until nothing is left for any target (or ``max_batches``); return
@@ -273,16 +274,20 @@ class LiveRunner:
         one stays at its last good checkpoint).
         """
         self._resting.clear()
-        self._failed.clear()
-        total = batches = 0
-        while max_batches is None or batches < max_batches:
-            live, work = self.batch(conn, batch_size)
-            if not work:
-                break
-            total += live
-            batches += 1
-        if self._failed:
-            raise self._failed[0]
+        failed: list[ProjectorError] = []
+        self._failed = failed
+        try:
+            total = batches = 0
+            while max_batches is None or batches < max_batches:
+                live, work = self.batch(conn, batch_size)
+                if not work:
+                    break
+                total += live
+                batches += 1
+        finally:
+            self._failed = None
+        if failed:
+            raise failed[0]
         return total
 
     def follow(
@@ -337,7 +342,7 @@ class LiveRunner:
                 if applied:
                     watch.progressed()
                 else:
-                    watch.idle(conn)
+                    watch.idle(conn, resting=set(self._resting))
             if not work:
                 stop.wait(poll_interval_s)
         return total
@@ -412,11 +417,16 @@ class LiveRunner:
         try:
             with conn.begin_nested():
                 apply_batch(conn, target, events, shared=shared)
-        except ProjectorError as exc:
-            if is_transient(exc) or conn.invalidated or not conn.in_transaction():
-                raise
-            self._broken(conn, target, exc)
-            return False
+        except Exception as exc:
+            if conn.invalidated or not conn.in_transaction():
+                raise  # a lost connection fails the whole live batch (and is retried)
+            if isinstance(exc, ProjectorError) and not is_transient(exc):
+                self._broken(conn, target, exc)
+                return False
+            if is_transient(exc):  # a lock, a timeout: only this read model waits
+                self._stay_behind(target, exc)
+                return False
+            raise
         return True
 
     def _slice(self, target: Target, most: int) -> int:
@@ -469,15 +479,7 @@ class LiveRunner:
                 return 0, own_setting
             if not is_transient(exc) or conn.invalidated or not conn.in_transaction():
                 raise  # a lost connection fails the whole live batch, as anywhere else
-            if name not in self._resting:
-                log.warning(
-                    "%s stays behind (its copy is locked or the database is busy: %s); it "
-                    "catches up from its own checkpoint, next try in %.1f s",
-                    target.where,
-                    one_line(exc),
-                    self.settings.dual_write_retry_s,
-                )
-            self._resting[name] = time.monotonic() + self.settings.dual_write_retry_s
+            self._stay_behind(target, exc)
             return 0, own_setting
         took = (time.perf_counter() - started) / len(events)
         old = self._cost.get(name)
@@ -486,6 +488,19 @@ class LiveRunner:
             log.info("%s is written again", target.where)
         return len(events), own_setting
 
+    def _stay_behind(self, target: Target, exc: Exception) -> None:
+        """A transient error (a lock, a timeout) in ``target``'s savepoint: it catches up
+        from its own checkpoint on a later batch; the others do not wait for it."""
+        if target.checkpoint not in self._resting:
+            log.warning(
+                "%s stays behind (its copy is locked or the database is busy: %s); it "
+                "catches up from its own checkpoint, next try in %.1f s",
+                target.where,
+                one_line(exc),
+                self.settings.dual_write_retry_s,
+            )
+        self._resting[target.checkpoint] = time.monotonic() + self.settings.dual_write_retry_s
+
     def _broken(self, conn: sa.Connection, target: Target, exc: ProjectorError) -> None:
         """A projector raised on an event of ``target`` (its savepoint is rolled back)."""
         if target.replay_key is not None:
@@ -493,7 +508,8 @@ class LiveRunner:
             records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
             self._resting.pop(target.checkpoint, None)
             return
-        self._failed.append(exc)
+        if self._failed is not None:
+            self._failed.append(exc)
         log.error(
             "%s stays behind: %s; the other read models go on, and it is tried again in "
             "%.0f s (fix the projector and restart the live runner)",
