@@ -245,8 +245,9 @@ def live(
     reader: ReaderPath = None,
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
-    Warns (stderr) naming the transaction that holds the safe horizon when events have
-    waited behind it longer than --horizon-warning seconds."""
+    Sets up what is missing of these projectors first, as `zdr setup` does. Warns
+    (stderr) naming the transaction that holds the safe horizon when events have waited
+    behind it longer than --horizon-warning seconds."""
     manager = manager_for(database_url, projectors, reader)
     with_horizon_warning(manager, horizon_warning)
     log_to_stderr()
