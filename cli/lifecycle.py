@@ -313,7 +313,28 @@ def _sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before)
 
 
-def _progress() -> Progress:
+class _NoBar:
+    """Off a terminal: no progress bar at all (rich 13.0 prints a blank line for a
+    disabled one); ``zdr replay`` prints a progress line every 10 s instead."""
+
+    disable = True
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: object, **kwargs: object) -> int:
+        return 0
+
+    def update(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _progress() -> Progress | _NoBar:
+    if not err.is_terminal:
+        return _NoBar()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -321,5 +342,4 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=err,
         transient=True,
-        disable=not err.is_terminal,
     )

@@ -206,10 +206,11 @@ def _answer(
 ) -> None:
     """Answer only a run of the database named here: two environments may share a
     Prefect server, and a run of the other one must never be resumed."""
-    from zdr.flows.approval import answer
-
     manager = manager_for(database_url)
     manager.require_replay(key)  # a key that names nothing is bad input, said first
+
+    from zdr.flows.approval import answer  # Prefect: imported once there is a question
+
     who = approver or os.environ.get("USER") or "zdr-cli"
     run_id = answer(
         key,

@@ -165,15 +165,14 @@ def cannot_connect(
 
     cause = root_cause(exc)
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-    bad_option = text.removeprefix("connection is bad: ")
-    if bad_option.startswith("connection to server"):  # a socket or host that does not answer
-        text = bad_option
-    elif (
+    bad_option = text.removeprefix("connection is bad").removeprefix(": ")
+    if (
         isinstance(cause, psycopg.Error)
         and cause.sqlstate is None
         and (
-            # libpq refuses the URL's settings before connecting: "connection is bad" at once
-            text.startswith("connection is bad")
+            # libpq refuses the URL's settings before connecting: psycopg 3.1 says only
+            # "connection is bad", later ones add libpq's "invalid ..." message
+            text == "connection is bad"
             or bad_option.startswith(("invalid ", "bad value for "))
             or "connection option" in text
         )
@@ -182,6 +181,10 @@ def cannot_connect(
             f"the database URL for {where} is not valid: {bad_option} (the URL comes from "
             "--database-url or ZDR_DATABASE_URL, or a flow's database_url or database_secret)"
         )
+    if text.startswith("connection is bad: "):  # a socket or host that does not answer
+        text = bad_option
+        if not text.startswith("connection"):  # psycopg 3.1: the OS's words alone
+            text = f"connection failed: {text}"
     if not isinstance(cause, psycopg.OperationalError):
         return None
     if not (
