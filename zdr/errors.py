@@ -166,13 +166,19 @@ def cannot_connect(
     cause = root_cause(exc)
     text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
     bad_option = text.removeprefix("connection is bad").removeprefix(": ")
+    # "connection is bad: ..." is either libpq refusing the URL's settings before it
+    # connects (psycopg 3.1 keeps only part of libpq's words: 'connection is bad:
+    # "bogus"') or a server that does not answer there (a socket, a refused port).
+    unreachable = "Is the server running" in str(cause) or bad_option.startswith(
+        ("connection to server", "could not translate host", "Connection refused",
+         "No such file or directory", "timeout expired", "Network is unreachable")
+    )  # fmt: skip
     if (
         isinstance(cause, psycopg.Error)
         and cause.sqlstate is None
+        and not unreachable
         and (
-            # libpq refuses the URL's settings before connecting: psycopg 3.1 says only
-            # "connection is bad", later ones add libpq's "invalid ..." message
-            text == "connection is bad"
+            text.startswith("connection is bad")
             or bad_option.startswith(("invalid ", "bad value for "))
             or "connection option" in text
         )
