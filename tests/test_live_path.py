@@ -149,6 +149,12 @@ def _opened(account: str) -> dict:
     return {"type": "AccountOpened", "data": {"account_id": account, "owner": "late"}}
 
 
+def _open_and_deposit(manager, account: str) -> None:
+    """An account opened and a deposit to it: an event of History's, for its stream."""
+    deposit = {"type": "MoneyDeposited", "data": {"account_id": account, "amount": 5}}
+    manager.store.append(account, [_opened(account), deposit])
+
+
 def test_a_pipeline_lock_lost_with_its_connection_is_noticed(manager, engine):
     with manager.pipeline_lock("k") as lock:
         lock.require()  # held
@@ -397,9 +403,8 @@ def test_a_live_read_model_that_breaks_on_a_new_event_stays_behind_and_the_other
     seed(manager.store, 100)
     manager.project_live()
     before = manager.checkpoints()["live:history"]
-    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
     with caplog.at_level("ERROR", logger="zdr"), following(manager):
-        manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
+        _open_and_deposit(manager, "acc-poison")
         for account in ("acc-after-poison", "acc-later"):
             manager.store.append(account, [_opened(account)])
             wait_for(lambda account=account: account in balances(engine), timeout=10)
@@ -421,8 +426,7 @@ def test_a_broken_live_read_model_costs_the_runner_no_memory_and_no_false_alarm(
     manager = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
     manager.settings = settings
     manager.setup()
-    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-poison", "amount": 5}}
-    manager.store.append("acc-poison", [_opened("acc-poison"), deposit])
+    _open_and_deposit(manager, "acc-poison")
     with caplog.at_level("INFO", logger="zdr"), following(manager):
         time.sleep(1.5)  # about a hundred tries of the broken read model
         assert not manager._live._failed  # nothing kept between tries (it was a leak)
@@ -447,8 +451,7 @@ def test_a_level_live_read_model_that_times_out_waits_alone(engine, caplog):
     seed(manager.store, 50)
     manager.project_live()
     before = manager.checkpoints()["live:history"]
-    deposit = {"type": "MoneyDeposited", "data": {"account_id": "acc-slow", "amount": 5}}
-    manager.store.append("acc-slow", [_opened("acc-slow"), deposit])
+    _open_and_deposit(manager, "acc-slow")
     with caplog.at_level("WARNING", logger="zdr"):
         assert manager.project_live() == 2
     assert "acc-slow" in balances(engine)

@@ -109,8 +109,7 @@ class RowProjector(Projector):
         plan = _plan(type(self))
         keys = [self.key(event) for event in events]  # `event` names a failing one
         stored = plan.load(conn, keys)
-        rows, stored_keys = self._fold(plan, events, keys, stored)
-        plan.write(conn, rows, stored, stored_keys)
+        plan.write(conn, self._fold(plan, events, keys, stored), stored)
 
     def _fold(
         self,
@@ -118,7 +117,7 @@ class RowProjector(Projector):
         events: Sequence[RecordedEvent],
         keys: list[Any],
         stored: dict[Any, tuple[Any, ...]],
-    ) -> tuple[dict[Any, Row], set[Any]]:
+    ) -> dict[Any, Row]:
         """Apply every event to its row, in order (``event`` names the failing one)."""
         handlers = {t: getattr(self, m) for t, m in self._handlers.items()}
         rows: dict[Any, Row] = {}
@@ -129,7 +128,7 @@ class RowProjector(Projector):
                 row = rows[key] = plan.row(key, values)
             handlers[event.type](row, event)
             row.new = False  # the next event of this key finds the row there
-        return rows, set(stored)
+        return rows
 
 
 class _Plan:
@@ -201,24 +200,11 @@ class _Plan:
         unique = list(dict.fromkeys(keys))
         if not unique:
             return {}
-        target = physical_name(conn, self.table)
         cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
-        if self.single:
-            [name] = self.key_columns
-            query = sql.SQL("SELECT {} FROM {} WHERE {} = ANY(%s::{}[])").format(
-                cols, target, sql.Identifier(name), sql.SQL(self.types[name])
-            )
-            params: list[Any] = [unique]
-        else:
-            query = sql.SQL("SELECT {} FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
-                cols,
-                target,
-                sql.SQL(", ").join(map(sql.Identifier, self.key_columns)),
-                sql.SQL(", ").join(
-                    sql.SQL("%s::{}[]").format(sql.SQL(self.types[c])) for c in self.key_columns
-                ),
-            )
-            params = [[k[i] for k in unique] for i in range(len(self.key_columns))]
+        match, params = self._keys_in(unique)
+        query = sql.SQL("SELECT {} FROM {} WHERE {}").format(
+            cols, physical_name(conn, self.table), match
+        )
         positions = [self.columns.index(c) for c in self.key_columns]
         with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
             cur.execute(query, params)
@@ -244,7 +230,6 @@ class _Plan:
         conn: sa.Connection,
         rows: dict[Any, Row],
         stored: dict[Any, tuple[Any, ...]],
-        stored_keys: set[Any],
     ) -> None:
         """Upsert the rows that changed, delete the deleted ones that were stored."""
         columns = self.columns
@@ -258,7 +243,7 @@ class _Plan:
         gone = []
         for key, row in rows.items():
             if row.deleted:
-                if key in stored_keys:
+                if key in stored:
                     gone.append(key)
                 continue
             values = self.values(row)
@@ -273,16 +258,20 @@ class _Plan:
                 self._upsert(cur, target, changed)
 
     def _delete(self, cur: Any, target: sql.Composable, keys: list[Any]) -> None:
+        match, params = self._keys_in(keys)
+        cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(target, match), params)
+
+    def _keys_in(self, keys: list[Any]) -> tuple[sql.Composable, list[list[Any]]]:
+        """``(key columns) IN (SELECT * FROM unnest(arrays))`` and its arrays, one per key
+        column: one statement for any number of keys, of one column or several."""
         names = sql.SQL(", ").join(map(sql.Identifier, self.key_columns))
         arrays = sql.SQL(", ").join(
             sql.SQL("%s::{}[]").format(sql.SQL(self.types[c])) for c in self.key_columns
         )
-        cur.execute(
-            sql.SQL("DELETE FROM {} WHERE ({}) IN (SELECT * FROM unnest({}))").format(
-                target, names, arrays
-            ),
-            [keys] if self.single else [[k[i] for k in keys] for i in range(len(keys[0]))],
-        )
+        match = sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(names, arrays)
+        if self.single:
+            return match, [keys]
+        return match, [[k[i] for k in keys] for i in range(len(self.key_columns))]
 
     def _upsert(self, cur: Any, target: sql.Composable, changed: list[tuple[Any, ...]]) -> None:
         # A temporary table of the target's shape, one per session and target copy; its
