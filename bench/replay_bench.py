@@ -5,6 +5,7 @@ Prints one JSON line (numbers only, no pass/fail):
 
     python bench/replay_bench.py [--events 1000000] [--database-url URL]
                                  [--readers own,eventsourcing,stored_events] [--writes 5000]
+                                 [--batch-sizes 10000,50000,100000]
 
 * ``rowfold_events_per_s``: ``Balances``, a ``zdr.RowProjector`` (plain Python per
   event on the account's row), rebuilt from the whole log;
@@ -25,7 +26,12 @@ Prints one JSON line (numbers only, no pass/fail):
   ``stored_events`` table prepared by ``TableReader.prepare``;
 * writers: what ``prepare`` costs the application's writers: ``--writes``
   one-row INSERT transactions into a ``stored_events`` table before and after it
-  is prepared (inserts/s, median and p99 ms).
+  is prepared (inserts/s, median and p99 ms);
+* history_index: ``History`` (a row per deposit and withdrawal, one secondary
+  index) replayed with its index maintained row by row, and replayed without it
+  then built (seconds, replay and build);
+* batch_sizes (with ``--batch-sizes``): the row-fold and batch ways again at each
+  size, and the peak RSS after each (sizes run in ascending order).
 
 Without a URL it runs in databases of its own in the embedded PostgreSQL. A
 database named with --database-url gets the schemas zdr, bank_balances and
@@ -50,6 +56,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from unindexed import UnindexedHistory  # noqa: E402  (bench/: importable by its path)
+
 import zdr  # noqa: E402
 from zdr.config import embedded_url, to_libpq_url, to_sqlalchemy_url  # noqa: E402
 from zdr.examples.bank.domain import (  # noqa: E402
@@ -58,7 +66,13 @@ from zdr.examples.bank.domain import (  # noqa: E402
     OPENED,
     BankSimulator,
 )
-from zdr.examples.bank.projectors import Balances, BalancesV2, PerEventBalances  # noqa: E402
+from zdr.examples.bank.projectors import (  # noqa: E402
+    Balances,
+    BalancesV2,
+    History,
+    PerEventBalances,
+    history,
+)
 from zdr.readers import EventsourcingReader  # noqa: E402
 from zdr.store import iter_all  # noqa: E402
 
@@ -205,6 +219,34 @@ def baseline_replay(url: str, store: zdr.EventStore, sample: int) -> float:
         return len(events) / (time.perf_counter() - started)
 
 
+def index_after(url: str, batch_size: int) -> dict[str, float]:
+    """History's replay (one row per deposit and withdrawal, an index on (account_id,
+    position)) with its index maintained row by row, and built after the replay."""
+    manager = zdr.ReplayManager(url, projectors=[Balances(), History()], batch_size=batch_size)
+    manager.setup()
+    found = {}
+    for way, projector in (("maintained", History()), ("built_after", UnindexedHistory())):
+        if manager.get_replay("bench") is not None:
+            manager.remove_replay("bench")
+        replay = manager.create_replay("bench", [projector])
+        started = time.perf_counter()
+        manager.start_replay("bench")
+        if way == "built_after":
+            with manager.engine.begin() as conn:
+                side = dict(replay.schemas)[history.schema]
+                conn.exec_driver_sql(
+                    f'CREATE INDEX ON "{side}".{history.name} (account_id, position)'
+                )
+        found[f"index_{way}_seconds"] = round(time.perf_counter() - started, 2)
+        manager.remove_replay("bench")
+    manager.engine.dispose()
+    return found
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def timed_replay(
     manager: zdr.ReplayManager, projector: zdr.Projector, max_events: int | None = None
 ) -> tuple[float, float, int]:
@@ -223,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--accounts", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument("--batch-size", type=int, default=zdr.Settings().batch_size)
     parser.add_argument("--baseline-sample", type=int, default=20_000)
     parser.add_argument("--per-event-sample", type=int, default=50_000)
     parser.add_argument("--database-url", default=None)
@@ -233,7 +275,17 @@ def main() -> None:
         help="comma-separated, from: " + ", ".join(READERS),
     )
     parser.add_argument("--writes", type=int, default=5_000)
+    parser.add_argument(
+        "--batch-sizes",
+        default="",
+        help="comma-separated batch sizes to compare the row-fold and batch ways at "
+        "(ascending: the peak RSS after each is that size's)",
+    )
     args = parser.parse_args()
+    try:
+        sweep = sorted(int(size) for size in args.batch_sizes.split(",") if size.strip())
+    except ValueError:
+        parser.error(f"--batch-sizes takes whole numbers, got {args.batch_sizes!r}")
     kinds = [k.strip() for k in args.readers.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(READERS))
     if unknown:
@@ -275,6 +327,16 @@ def main() -> None:
             "read_events_per_s": round(read_rate),
         }
     writers = writer_cost(beside(url, "writers"), args.writes) if args.writes else {}
+    history_index = index_after(url, args.batch_size)
+    peak = peak_rss_mb()  # before the sweep's bigger batches
+    batch_sizes = {}
+    for size in sweep:
+        manager.batch_size = size
+        batch_sizes[str(size)] = {
+            "rowfold_events_per_s": round(timed_replay(manager, Balances())[0]),
+            "batch_events_per_s": round(timed_replay(manager, BalancesV2())[0]),
+            "peak_rss_mb": peak_rss_mb(),
+        }
 
     print(
         json.dumps(
@@ -293,9 +355,11 @@ def main() -> None:
                 "engine_seconds": round(batch_seconds, 2),
                 "speedup": round(batch_rate / baseline_rate, 1),
                 "batch_size": args.batch_size,
-                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                "peak_rss_mb": peak,
                 "readers": readers,
                 "writers": writers,
+                "history_index": history_index,
+                "batch_sizes": batch_sizes,
             }
         )
     )
