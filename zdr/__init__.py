@@ -15,6 +15,7 @@ from zdr.errors import (
     LockTimeout,
     NoPausedRun,
     NotConverged,
+    NotPartitionable,
     NotSetUp,
     ProjectorError,
     ReplayLagging,
@@ -27,11 +28,12 @@ from zdr.errors import (
 )
 from zdr.horizon import Horizon, HorizonHolder
 from zdr.manager import ReplayManager
+from zdr.partitions import PartitionPlan, PartitionRun
 from zdr.projector import Projector, handles
 from zdr.replay import Progress, Replay, ReplayState, Run, SwapReport
 from zdr.rows import Row, RowProjector
 from zdr.settings import Settings
-from zdr.store import Cursor, EventReader, EventStore, RecordedEvent
+from zdr.store import Cursor, EventReader, EventStore, Partition, RecordedEvent
 
 __all__ = [
     "ApprovalTimedOut",
@@ -53,7 +55,11 @@ __all__ = [
     "LockTimeout",
     "NoPausedRun",
     "NotConverged",
+    "NotPartitionable",
     "NotSetUp",
+    "Partition",
+    "PartitionPlan",
+    "PartitionRun",
     "Progress",
     "Projector",
     "ProjectorError",

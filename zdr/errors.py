@@ -26,6 +26,11 @@ class ConfigurationError(ZdrError):
     """Raised when projectors or settings cannot work together (raised before anything runs)."""
 
 
+class NotPartitionable(ConfigurationError):
+    """Raised when a replay is asked to run in partitions and its projectors (or its reader)
+    cannot: it runs with one reader instead."""
+
+
 class UnknownProjector(ZdrError, LookupError):
     """Raised when a projector name or import path does not resolve to a Projector."""
 

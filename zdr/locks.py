@@ -36,6 +36,7 @@ from zdr.names import (
     LIVE_BATCH_LOCK,
     LIVE_RUNNER_LOCK,
     SETUP_LOCK,
+    partition_lock,
     pipeline_lock,
     replay_lock,
     waiting_for,
@@ -76,9 +77,17 @@ class Wait:
 
 @contextmanager
 def runner_lock(
-    conn: sa.Connection, name: str, *, busy_message: str, wait: Wait | None = None
+    conn: sa.Connection,
+    name: str,
+    *,
+    busy_message: str,
+    wait: Wait | None = None,
+    shared: bool = False,
 ) -> Iterator[None]:
     """Hold the session-level lock ``name`` on ``conn``, or raise RunnerBusy.
+
+    ``shared``: held beside other shared holders, never beside the exclusive one (the
+    partitions of a replay run at once; the replay's other runs wait for all of them).
 
     Without ``wait`` RunnerBusy comes at once. With it, the lock is asked for again
     every ``TAKE_OVER_POLL_S`` until it is free, so the runner takes over within
@@ -89,7 +98,7 @@ def runner_lock(
     started = time.monotonic()
     waiting = False
     try:
-        while not _try_lock(conn, name):
+        while not _advisory(conn, f"pg_try_advisory_lock{'_shared' if shared else ''}", name):
             if wait is None or wait.over():
                 raise RunnerBusy(f"{busy_message}{_holder(conn, name)}")
             if not waiting:
@@ -117,11 +126,7 @@ def runner_lock(
             if conn.in_transaction():
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
-                _advisory(conn, "pg_advisory_unlock", name)
-
-
-def _try_lock(conn: sa.Connection, name: str) -> bool:
-    return bool(_advisory(conn, "pg_try_advisory_lock", name))
+                _advisory(conn, f"pg_advisory_unlock{'_shared' if shared else ''}", name)
 
 
 def _advisory(conn: sa.Connection, function: str, name: str) -> Any:
@@ -216,12 +221,25 @@ def live_runner(conn: sa.Connection, wait: Wait | None = None) -> AbstractContex
     )
 
 
-def replay_runner(conn: sa.Connection, key: str) -> AbstractContextManager[None]:
-    """The one run of a replay at a time (replay, dual-write switch, promotion, removal)."""
+def replay_runner(
+    conn: sa.Connection, key: str, *, shared: bool = False
+) -> AbstractContextManager[None]:
+    """The one run of a replay at a time (replay, dual-write switch, promotion, removal);
+    ``shared``: a partition's run (the partitions run at once, nothing else does)."""
     return runner_lock(
         conn,
         replay_lock(key),
         busy_message=f"replay {key!r} is busy: another run holds it (one runner per replay)",
+        shared=shared,
+    )
+
+
+def partition_runner(conn: sa.Connection, key: str, index: int) -> AbstractContextManager[None]:
+    """The one run of one partition of a replay at a time."""
+    return runner_lock(
+        conn,
+        partition_lock(key, index),
+        busy_message=f"partition {index + 1} of replay {key!r} is busy: another run holds it",
     )
 
 

@@ -26,6 +26,7 @@ clear errors                           ``zdr.errors``; translated here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import functools
 import logging
@@ -46,6 +47,7 @@ from zdr.errors import (
     ConfigurationError,
     DuplicateReplay,
     InvalidState,
+    NotPartitionable,
     NotSetUp,
     ReplayLagging,
     ReplayNotFound,
@@ -66,7 +68,8 @@ from zdr.locks import (
     replay_runner,
     under_short_lock_timeout,
 )
-from zdr.names import replay_checkpoint, side_schema, validate_key
+from zdr.names import partition_checkpoint, replay_checkpoint, side_schema, validate_key
+from zdr.partitions import PartitionPlan, PartitionReader, PartitionRun, why_not_partitioned
 from zdr.projector import Projector
 from zdr.promotion import Promotion
 from zdr.registry import (
@@ -87,8 +90,8 @@ from zdr.replay import (
     require_state,
 )
 from zdr.runner import BatchRun, LiveRunner, replay_target
-from zdr.settings import DEFAULTS, Settings, seconds
-from zdr.store import Cursor, EventReader, EventStore, mark_runner_transaction
+from zdr.settings import DEFAULTS, Settings, seconds, whole
+from zdr.store import Cursor, EventReader, EventStore, Partition, mark_runner_transaction
 from zdr.verify import VerificationReport, verify
 
 T = TypeVar("T")
@@ -501,6 +504,9 @@ class ReplayManager:
                 if restart:
                     targets.truncate(conn, replay.schemas)
                     records.reset_checkpoint(conn, replay_checkpoint(key))
+                    records.delete_partition_plan(conn, key)
+                    replay = records.load_replay(conn, key)
+                elif self._join_partitions(conn, replay):
                     replay = records.load_replay(conn, key)
                 head = self.reader.horizon(conn)
                 total = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
@@ -527,6 +533,148 @@ class ReplayManager:
                 return records.load_replay(conn, key)
 
     @_translate_errors
+    def plan_partitions(self, key: str, partitions: int) -> PartitionPlan:
+        """Cut the rest of the replay's history into ``partitions`` partitions of streams
+        (``zdr.partitions``), to be replayed at once by ``replay_partition``, each in a
+        process of its own if you like; then ``start_replay`` brings them together.
+
+        Returns the existing plan if there is one of that many partitions (a pipeline run
+        again after a crash goes on with it). Refused (ConfigurationError) for a
+        projector without ``partition_by = "stream"``, a reader that reads in one order
+        only, or a plan of another count; RunnerBusy while the replay runs.
+        """
+        validate_key(key)
+        count = whole("partitions", partitions, minimum=2)
+        with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
+            cluster.require_same(conn, self.reader)
+            replay = records.load_replay(conn, key, lock=True)
+            require_state(replay, "start_replay")
+            plan = records.partition_plan(conn, key)
+            if plan is not None:
+                if plan.partitions != count:
+                    raise ConfigurationError(
+                        f"replay {key!r} is replayed in {plan.partitions} partitions already: "
+                        f"go on with {plan.partitions}, or start it again from zero "
+                        "(start_replay(restart=True), `zdr replay --restart`)"
+                    )
+                return plan
+            projectors = replay_target(self.registry, replay).projectors
+            reason = why_not_partitioned(self.reader, projectors)
+            if reason is not None:
+                raise NotPartitionable(f"replay {key!r} cannot run in partitions: {reason}")
+            start = Cursor(replay.txid, replay.position)
+            last = self.reader.last_cursor(conn)  # type: ignore[attr-defined]
+            until = last if last is not None and last > start else start
+            records.add_partition_plan(conn, key, count, start=start, until=until)
+            records.set_state(conn, key, ReplayState.REPLAYING)
+            plan = records.partition_plan(conn, key)
+            assert plan is not None
+            return plan
+
+    @_translate_errors
+    def replay_partition(
+        self,
+        key: str,
+        partition: int,
+        *,
+        batch_size: int | None = None,
+        max_events: int | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> PartitionRun:
+        """Replay partition ``partition`` (0-based) of the replay's plan, from its own
+        checkpoint up to the plan's point, or ``max_events`` of it.
+
+        Partitions run at once (each holds the replay's lock shared and its own
+        exclusively); a killed one resumes alone from its last committed batch.
+        Raises InvalidState without a plan, RunnerBusy if this partition runs
+        elsewhere, ProjectorError (the replay failed) if a projector raises.
+        """
+        validate_key(key)
+        size = self._batch_size(batch_size)
+        if max_events is not None and (isinstance(max_events, bool) or max_events < 1):
+            raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
+        with (
+            self.engine.connect() as conn,
+            replay_runner(conn, key, shared=True),
+            locks.partition_runner(conn, key, partition),
+        ):
+            with conn.begin():
+                cluster.require_same(conn, self.reader)
+                replay = records.load_replay(conn, key)
+                require_state(replay, "start_replay")
+                plan = records.partition_plan(conn, key)
+                if plan is None:
+                    raise InvalidState(
+                        f"replay {key!r} is not cut into partitions (plan_partitions first, "
+                        "or its partitions were brought together already)"
+                    )
+                if isinstance(partition, bool) or partition not in range(plan.partitions):
+                    raise ConfigurationError(
+                        f"replay {key!r} has partitions 0 to {plan.partitions - 1}, "
+                        f"not {partition!r}"
+                    )
+                part = Partition(partition, plan.partitions)
+                cursor = plan.cursors[partition]
+                if cursor == plan.until:
+                    return PartitionRun(key, part, events=0, done=True)
+                records.set_state(conn, key, ReplayState.REPLAYING)
+                run_id = records.start_run(conn, key, f"partition {part}", cursor.position)
+            target = dataclasses.replace(
+                replay_target(self.registry, replay),
+                checkpoint=partition_checkpoint(key, partition, plan.partitions),
+                cursor=cursor,
+                where=f"replay {key!r} (partition {part})",
+            )
+            run = BatchRun(
+                self.engine,
+                PartitionReader(self.reader, part),
+                target,
+                run_id=run_id,
+                batch_size=size,
+                sample_interval_s=self.settings.sample_interval_s,
+                samples=False,  # the replay's lag is the sum over its partitions
+            )
+            finished = run.run(
+                conn, until=plan.until, max_events=max_events, on_progress=on_progress
+            )
+            with conn.begin():
+                if finished and target.cursor != plan.until:
+                    # Nothing of this partition is left up to the point: it stands there.
+                    records.claim_checkpoint(
+                        conn, target.checkpoint, expected=target.cursor, to=plan.until, events=0
+                    )
+                records.finish_run(conn, run_id, "succeeded")
+                return PartitionRun(key, part, events=run.applied, done=finished)
+
+    def _join_partitions(self, conn: sa.Connection, replay: Replay) -> bool:
+        """Bring a replay's partitions together if it has a plan (in the caller's
+        transaction, under the replay's lock): its checkpoint moves to the plan's point,
+        the plan's rows go. True if it did; InvalidState while a partition is short."""
+        plan = records.partition_plan(conn, replay.key)
+        if plan is None:
+            return False
+        if plan.pending:
+            short = ", ".join(str(i) for i in plan.pending)
+            raise InvalidState(
+                f"replay {replay.key!r} is replayed in {plan.partitions} partitions, and "
+                f"partition{'s' if len(plan.pending) > 1 else ''} {short} (0-based) "
+                "have not replayed all their events yet: run them (replay_partition, or "
+                f"the pipeline with partitions={plan.partitions}), or start the replay "
+                "again from zero with restart"
+            )
+        moved = records.claim_checkpoint(
+            conn,
+            replay_checkpoint(replay.key),
+            expected=Cursor(replay.txid, replay.position),
+            to=plan.until,
+            events=plan.events_applied,
+        )
+        if not moved:
+            raise RunnerBusy(f"the checkpoint of replay {replay.key!r} moved under this runner")
+        records.delete_partition_plan(conn, replay.key)
+        return True
+
+    @_translate_errors
     def enable_dual_write(self, key: str, *, lag_threshold: int | None = None) -> Replay:
         """Switch dual write on: from now on the live runner also writes the replay's copy.
 
@@ -546,6 +694,13 @@ class ReplayManager:
             mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
             transition = require_state(replay, "enable_dual_write")
+            if records.partition_plan(conn, key) is not None:
+                raise ReplayLagging(
+                    f"replay {key!r} is replayed in partitions: replay it again "
+                    f"(`zdr replay {key}`, start_replay) to bring them together before "
+                    "switching dual write on",
+                    lag=self.reader.count_after(conn, Cursor(replay.txid, replay.position)),
+                )
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:
                 raise ReplayLagging(
@@ -702,7 +857,10 @@ class ReplayManager:
         validate_key(key)
         with self.engine.connect() as conn:
             cluster.require_same_log(conn, self.reader, record=False)
-            return self.reader.count_after(conn, records.replay_cursor(conn, key))
+            lag = self.reader.count_after(conn, records.replay_cursor(conn, key))
+            plan = records.partition_plan(conn, key)
+            # The partitions' events are events after the replay's own checkpoint.
+            return lag - (plan.events_applied if plan is not None else 0)
 
     @_translate_errors
     def live_lag(self) -> dict[str, int]:

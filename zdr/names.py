@@ -67,6 +67,18 @@ def replay_checkpoint(key: str) -> str:
     return REPLAY_CHECKPOINT_PREFIX + key
 
 
+def partition_checkpoints(key: str) -> str:
+    """The prefix of a replay's partition plan rows (``zdr.partitions``): one checkpoint per
+    partition, ``partition:<key>/<count>/<index>``, and the point they all replay up to,
+    ``partition:<key>/<count>/until``. Checkpoint rows, so that ``rebase`` moves them too."""
+    return f"partition:{key}/"
+
+
+def partition_checkpoint(key: str, index: int | str, count: int) -> str:
+    """The checkpoint row of partition ``index`` (0-based, or "until") of ``count``."""
+    return f"{partition_checkpoints(key)}{count}/{index}"
+
+
 def projection_of(checkpoint: str) -> str:
     """The projection a live checkpoint row belongs to."""
     return checkpoint.removeprefix(LIVE_CHECKPOINT_PREFIX)
@@ -104,6 +116,12 @@ def waiting_for(lock: str) -> str:
 def replay_lock(key: str) -> str:
     """The session lock one run of a replay holds (one runner per replay)."""
     return f"replay:{key}"
+
+
+def partition_lock(key: str, index: int) -> str:
+    """The session lock one run of one partition of a replay holds (beside the replay's
+    own lock, which partition runs hold shared)."""
+    return f"replay:{key}/partition/{index}"
 
 
 def pipeline_lock(key: str) -> str:

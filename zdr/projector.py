@@ -50,17 +50,28 @@ def handles(*event_types: str) -> Callable[[F], F]:
     return mark
 
 
+#: What ``Projector.partition_by`` may say.
+PARTITION_KINDS = (None, "stream")
+
+
 class Projector:
     """Base class of projectors.
 
     Subclasses set ``name`` and ``tables`` and either mark per-event handlers with
     ``@zdr.handles`` (simple) or override ``handle_batch`` and set
     ``event_types`` (fast: one call per batch of thousands of events).
+
+    ``partition_by = "stream"`` says that what the projector writes for one stream
+    depends on that stream's events alone (one row per account, say; not a total
+    over all accounts): a replay can then run in partitions of streams, each in a
+    process of its own (``ReplayManager.plan_partitions``).
     """
 
     name: ClassVar[str]
     tables: ClassVar[Sequence[sa.Table]] = ()
     event_types: ClassVar[frozenset[str]] = frozenset()
+    #: None, or "stream": the projector's state is keyed by stream (see above).
+    partition_by: ClassVar[str | None] = None
     _handlers: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -131,6 +142,10 @@ def check_projector(projector: object) -> Projector:
     for table in cls.tables:
         if not isinstance(table, sa.Table):
             raise ConfigurationError(f"projector {name!r}: {table!r} is not a sqlalchemy.Table")
+    if cls.partition_by not in PARTITION_KINDS:
+        raise ConfigurationError(
+            f"projector {name!r}: partition_by must be None or 'stream', got {cls.partition_by!r}"
+        )
     cls.check()
     cls.schemas()
     if not cls.event_types:

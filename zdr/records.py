@@ -16,7 +16,14 @@ import pandas as pd
 import sqlalchemy as sa
 
 from zdr.errors import ReplayNotFound
-from zdr.names import live_checkpoint, projection_of, replay_checkpoint
+from zdr.names import (
+    live_checkpoint,
+    partition_checkpoint,
+    partition_checkpoints,
+    projection_of,
+    replay_checkpoint,
+)
+from zdr.partitions import PartitionPlan
 from zdr.replay import TRANSITIONS, Replay, ReplayState, Run
 from zdr.store import Cursor
 
@@ -103,6 +110,56 @@ def all_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
     """Every checkpoint row by name (for operators and tests)."""
     rows = conn.exec_driver_sql("SELECT name, txid, position FROM zdr.checkpoints ORDER BY name")
     return {name: Cursor(txid, pos) for name, txid, pos in rows}
+
+
+def add_partition_plan(
+    conn: sa.Connection, key: str, partitions: int, *, start: Cursor, until: Cursor
+) -> None:
+    """The rows of a partition plan: each partition's checkpoint at ``start`` (where the
+    replay stands), and ``until``, the point they replay up to."""
+    conn.exec_driver_sql(
+        """INSERT INTO zdr.checkpoints (name, txid, position)
+           SELECT name, txid, position FROM unnest(%s::text[], %s::bigint[], %s::bigint[])
+                AS plan (name, txid, position)""",
+        (
+            [partition_checkpoint(key, i, partitions) for i in range(partitions)]
+            + [partition_checkpoint(key, "until", partitions)],
+            [start.txid] * partitions + [until.txid],
+            [start.position] * partitions + [until.position],
+        ),
+    )
+
+
+def partition_plan(conn: sa.Connection, key: str) -> PartitionPlan | None:
+    """The replay's partition plan, or None if it has none."""
+    prefix = partition_checkpoints(key)
+    rows = conn.exec_driver_sql(
+        """SELECT substr(name, length(%(prefix)s) + 1), txid, position, events_applied
+           FROM zdr.checkpoints WHERE starts_with(name, %(prefix)s)""",
+        {"prefix": prefix},
+    ).all()
+    if not rows:
+        return None
+    cursors: dict[int, Cursor] = {}
+    events: dict[int, int] = {}
+    until = None
+    count = 0
+    for name, txid, position, applied in rows:
+        count_text, _, index = name.partition("/")
+        count = int(count_text)
+        if index == "until":
+            until = Cursor(txid, position)
+        else:
+            cursors[int(index)] = Cursor(txid, position)
+            events[int(index)] = applied
+    assert until is not None, f"partition plan of {key!r} without its point"
+    return PartitionPlan(key, count, until, cursors, events)
+
+
+def delete_partition_plan(conn: sa.Connection, key: str) -> None:
+    conn.exec_driver_sql(
+        "DELETE FROM zdr.checkpoints WHERE starts_with(name, %s)", (partition_checkpoints(key),)
+    )
 
 
 # -- projections (the live copies) -----------------------------------------------
@@ -198,6 +255,7 @@ def delete_replay(conn: sa.Connection, key: str) -> None:
     )
     conn.exec_driver_sql("DELETE FROM zdr.replays WHERE key = %s", (key,))
     conn.exec_driver_sql("DELETE FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),))
+    delete_partition_plan(conn, key)
 
 
 def set_replay_projectors(conn: sa.Connection, key: str, projectors: dict[str, str]) -> None:
@@ -223,11 +281,15 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
     transaction. Raises ReplayNotFound."""
     row = conn.exec_driver_sql(
         f"""SELECT r.key, r.state, r.projectors, r.schemas, c.position, c.txid,
-                   c.events_applied, r.error, r.created_at, r.updated_at, r.caught_up_at,
+                   c.events_applied + coalesce(
+                       (SELECT sum(p.events_applied) FROM zdr.checkpoints p
+                        WHERE starts_with(p.name, %s || r.key || '/')), 0)::bigint
+                       AS events_applied,
+                   r.error, r.created_at, r.updated_at, r.caught_up_at,
                    r.dual_write_at, r.promoted_at, r.rolled_back_at, r.superseded_by
             FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = %s || r.key
             WHERE r.key = %s {"FOR UPDATE OF r" if lock else ""}""",
-        (replay_checkpoint(""), key),
+        (partition_checkpoints("").removesuffix("/"), replay_checkpoint(""), key),
     ).first()
     if row is None:
         raise ReplayNotFound(f"no replay with key {key!r}")

@@ -124,6 +124,7 @@ class BatchRun:
         batch_size: int,
         sample_interval_s: float,
         failed_state: ReplayState | None = ReplayState.FAILED,
+        samples: bool = True,
     ) -> None:
         self.engine = engine
         self.reader = reader
@@ -134,6 +135,10 @@ class BatchRun:
         #: The replay's state after a projector raised (None: its state stays, the error
         #: is recorded on it: a rollback's catch-up leaves the replay live).
         self.failed_state = failed_state
+        #: Whether it records the replay's lag now and then (not a partition's run).
+        self.samples = samples
+        #: Events applied by ``run`` so far.
+        self.applied = 0
 
     def run(
         self,
@@ -184,6 +189,7 @@ class BatchRun:
                         sampled = time.monotonic()
                 target.cursor = events[-1].cursor
                 done += len(events)
+                self.applied = done
                 if on_progress is not None:
                     on_progress(
                         Progress(
@@ -207,7 +213,7 @@ class BatchRun:
     def _sample(self, conn: sa.Connection, *, lag: int | None) -> None:
         """Record where the replay stands as of this transaction (lag None: count it)."""
         key = self.target.replay_key
-        if key is None:
+        if key is None or not self.samples:
             return
         if lag is None:
             lag = self.reader.count_after(conn, records.replay_cursor(conn, key))

@@ -43,6 +43,18 @@ class Cursor(NamedTuple):
 START = Cursor(0, 0)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """One of ``count`` partitions of the log's streams: the streams whose hash falls in
+    ``index`` (0 to count - 1), and their events."""
+
+    index: int
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index + 1}/{self.count}"
+
+
 @dataclass(frozen=True, slots=True)
 class RecordedEvent:
     """An event as stored: read-only, ordered by ``cursor``."""
@@ -211,7 +223,13 @@ class StampedReader:
         # The first ``limit`` events, cut where their stored size passes the budget (the
         # event that passes it is the last one; the first always comes). Payloads come
         # as text and are decoded by _event_row: cheaper than psycopg's jsonb loader.
-        self._read_statement = f"""
+        # The partition a stream falls in (``zdr.partitions``): PostgreSQL's own hash of
+        # text, the one hash partitioning uses, so stable across versions and servers.
+        in_partition = (
+            f"AND abs(mod(hashtextextended({stream_id}::text, 0), %(partitions)s)) = %(partition)s"
+        )
+        self._read_statement, self._read_partition = (
+            f"""
             SELECT position, txid, stream_id, type, data, metadata, recorded_at FROM (
                 SELECT *, sum(size) OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING)
                           AS upto
@@ -224,21 +242,32 @@ class StampedReader:
                       WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
                         AND ({txid}, {log.position}) <= (%(until_txid)s, %(until_position)s)
                         AND {txid} < LEAST({HORIZON}, %(below_txid)s)
+                        {partition}
                       ORDER BY {txid}, {log.position}
                       LIMIT %(limit)s) AS first
             ) AS sized
             WHERE upto - size < %(max_bytes)s
             ORDER BY txid, position
         """
-        self._count_statement = (
+            for partition in ("", in_partition)
+        )
+        count = (
             f"SELECT count(*) FROM {log.table} "
             f"WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)"
+        )
+        self._count_statement, self._count_partition = count, f"{count} {in_partition}"
+        self._last_statement = (
+            f"SELECT {txid}, {log.position} FROM {log.table} WHERE {txid} < {HORIZON} "
+            f"ORDER BY {txid} DESC, {log.position} DESC LIMIT 1"
         )
 
     @property
     def source(self) -> str:
         """The log this reader reads, as zdr records it beside the checkpoints."""
         return self.stamps.name
+
+    #: It reads one partition of streams at a time (``read(..., partition=)``).
+    reads_partitions = True
 
     def read(
         self,
@@ -248,6 +277,7 @@ class StampedReader:
         *,
         until: Cursor | None = None,
         below_txid: int | None = None,
+        partition: Partition | None = None,
     ) -> list[RecordedEvent]:
         until = until or Cursor(2**63 - 1, 2**63 - 1)
         params = {
@@ -260,8 +290,12 @@ class StampedReader:
             "max_bytes": self.max_batch_bytes,
             "event_table": self.stamps.name,
         }
+        statement = self._read_statement
+        if partition is not None:
+            statement = self._read_partition
+            params.update(partition=partition.index, partitions=partition.count)
         with driver_connection(conn).cursor(row_factory=self._row) as cur:
-            cur.execute(self._read_statement, params)
+            cur.execute(statement, params)
             events: list[RecordedEvent] = cur.fetchall()
             return events
 
@@ -269,9 +303,20 @@ class StampedReader:
         params = {"event_table": self.stamps.name}
         return int(conn.exec_driver_sql(f"SELECT {HORIZON}", params).scalar_one())
 
-    def count_after(self, conn: sa.Connection, after: Cursor) -> int:
-        params = {"txid": after.txid, "position": after.position}
-        return int(conn.exec_driver_sql(self._count_statement, params).scalar_one())
+    def count_after(
+        self, conn: sa.Connection, after: Cursor, *, partition: Partition | None = None
+    ) -> int:
+        params: dict[str, Any] = {"txid": after.txid, "position": after.position}
+        statement = self._count_statement
+        if partition is not None:
+            statement = self._count_partition
+            params.update(partition=partition.index, partitions=partition.count)
+        return int(conn.exec_driver_sql(statement, params).scalar_one())
+
+    def last_cursor(self, conn: sa.Connection) -> Cursor | None:
+        """The cursor of the last event below the safe horizon (None: no event yet)."""
+        row = conn.exec_driver_sql(self._last_statement, {"event_table": self.stamps.name}).first()
+        return None if row is None else Cursor(int(row[0]), int(row[1]))
 
 
 def iter_all(

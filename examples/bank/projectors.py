@@ -127,6 +127,7 @@ class Balances(zdr.RowProjector):
 
     name = "balances"
     table = balances_v1
+    partition_by = "stream"  # an account's row depends on its own stream's events only
 
     def key(self, event: zdr.RecordedEvent) -> str:
         return str(event.data["account_id"])
@@ -158,6 +159,7 @@ class BalancesV2(zdr.Projector):
     name = "balances"
     tables = [balances_v2]
     event_types = frozenset(EVENT_TYPES)
+    partition_by = "stream"
 
     upsert = _array_upsert(
         balances_v2,
@@ -276,6 +278,7 @@ class History(zdr.Projector):
     name = "history"
     tables = [history]
     event_types = frozenset({DEPOSITED, WITHDRAWN})
+    partition_by = "stream"  # a row per event
 
     def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
         raw = conn.connection.driver_connection
@@ -328,6 +331,7 @@ class Accounts(zdr.Projector):
 
     name = "accounts"
     tables = [accounts]
+    partition_by = "stream"
 
     @zdr.handles(OPENED)
     def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:

@@ -45,6 +45,7 @@ from zdr.locks import ZDR_LOCK_SPACE, under_short_lock_timeout
 from zdr.settings import DEFAULTS
 from zdr.store import (
     Cursor,
+    Partition,
     RecordedEvent,
     StampedLog,
     StampedReader,
@@ -371,14 +372,23 @@ class TableReader(StampedReader):
         *,
         until: Cursor | None = None,
         below_txid: int | None = None,
+        partition: Partition | None = None,
     ) -> list[RecordedEvent]:
         self.require_ready(conn)
-        return super().read(conn, after, limit, until=until, below_txid=below_txid)
+        return super().read(
+            conn, after, limit, until=until, below_txid=below_txid, partition=partition
+        )
 
     def horizon(self, conn: sa.Connection) -> int:
         self.require_ready(conn)
         return super().horizon(conn)
 
-    def count_after(self, conn: sa.Connection, after: Cursor) -> int:
+    def count_after(
+        self, conn: sa.Connection, after: Cursor, *, partition: Partition | None = None
+    ) -> int:
         self.require_ready(conn)
-        return super().count_after(conn, after)
+        return super().count_after(conn, after, partition=partition)
+
+    def last_cursor(self, conn: sa.Connection) -> Cursor | None:
+        self.require_ready(conn)
+        return super().last_cursor(conn)
