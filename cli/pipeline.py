@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Annotated
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
 from uuid import UUID
 
 import typer
@@ -28,6 +30,7 @@ from zdr.cli.app import (
     print_json,
     state,
 )
+from zdr.errors import ConfigurationError
 from zdr.names import validate_key
 from zdr.settings import DEFAULTS
 
@@ -56,6 +59,26 @@ def run(
     events_per_task: Annotated[
         int, typer.Option(min=1, help="Events one replay-batches task applies.")
     ] = DEFAULTS.events_per_task,
+    partitions: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Replay the history in this many partitions of streams at once (projectors "
+            "with partition_by = 'stream'), a task each.",
+        ),
+    ] = 1,
+    dask_workers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Run the partitions' tasks on a local Dask cluster of this many worker "
+            "processes (the dask extra); 0: threads of this process.",
+        ),
+    ] = 0,
+    dask_address: Annotated[
+        str | None,
+        typer.Option(help="Run the tasks on this running Dask scheduler (tcp://host:8786)."),
+    ] = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
     # Bad input fails here in a second, in one line, before Prefect starts a server:
@@ -69,29 +92,79 @@ def run(
         events_per_task=events_per_task,
     )
     manager_for(database_url, projectors, reader).list_replays()
+    runner = dask_runner(dask_workers, dask_address)
 
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     quiet_prefect_console()
 
-    summary = zero_downtime_replay(
-        replay_key=key,
-        projectors=paths(projectors),
-        database_url=database_url,
-        batch_size=batch_size,
-        lag_threshold=lag_threshold,
-        approval_timeout_s=approval_timeout,
-        auto_approve=auto_approve,
-        reader=reader,
-        max_catch_up_rounds=max_catch_up_rounds,
-        remove_on_reject=remove_on_reject,
-        events_per_task=events_per_task,
+    flow = (
+        zero_downtime_replay
+        if runner is None
+        else zero_downtime_replay.with_options(task_runner=runner)
     )
+    with one_api_for_workers(dask_workers):
+        summary = flow(
+            replay_key=key,
+            projectors=paths(projectors),
+            database_url=database_url,
+            batch_size=batch_size,
+            lag_threshold=lag_threshold,
+            approval_timeout_s=approval_timeout,
+            auto_approve=auto_approve,
+            reader=reader,
+            max_catch_up_rounds=max_catch_up_rounds,
+            remove_on_reject=remove_on_reject,
+            events_per_task=events_per_task,
+            partitions=partitions,
+        )
     if as_json:
         print_json(summary.model_dump())
     else:
         verdict = "promoted" if summary.promoted else "not promoted"
         err.print(f"replay [bold]{key}[/bold]: {summary.state}, {verdict}")
+
+
+def dask_runner(workers: int, address: str | None) -> Any:
+    """prefect-dask's task runner on a local cluster of ``workers`` processes or on the
+    scheduler at ``address``; None for neither (Prefect's default, threads)."""
+    if not workers and not address:
+        return None
+    if workers and address:
+        raise typer.BadParameter("give --dask-workers or --dask-address, not both")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigurationError(
+            "--dask-workers and --dask-address need prefect-dask: "
+            "pip install 'zero-downtime-replays[dask]'"
+        ) from None
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
+
+
+@contextmanager
+def one_api_for_workers(workers: int) -> Iterator[None]:
+    """A local Dask cluster's worker processes report their task runs to the run's own
+    Prefect API. With no server named (``PREFECT_API_URL``), Prefect starts a temporary one
+    in each process that needs one (7 s each, and a worker's task runs would not show in
+    the run's); start it here and name it in the environment the workers inherit."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if not workers or PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()  # stopped at exit, after Prefect has sent the run's last logs to it
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
 
 
 FlowRunId = Annotated[

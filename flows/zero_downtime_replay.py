@@ -47,15 +47,17 @@ from zdr.flows.approval import (
 from zdr.flows.parameters import ReplayKey, database
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
 from zdr.reports import ApprovalReport, ReplaySummary
-from zdr.settings import DEFAULTS
+from zdr.settings import DEFAULTS, whole
 from zdr.tasks.replay import (
     clone_schema,
     enable_dual_write,
     manager_for,
     measure_lag,
+    plan_partitions,
     promote,
     remove,
     replay_batches,
+    replay_partition,
     verify_replay,
 )
 
@@ -89,6 +91,7 @@ def zero_downtime_replay(
     events_per_task: int = DEFAULTS.events_per_task,
     reader: str | None = None,
     database_secret: str | None = None,
+    partitions: int = 1,
 ) -> ReplaySummary:
     """Rebuild projectors beside the live read model, wait for approval, promote with no gap.
 
@@ -116,6 +119,11 @@ def zero_downtime_replay(
             zdr's own zdr.events table.
         database_secret: The name of a Prefect Secret block holding the database URL,
             so no password shows in the run's parameters.
+        partitions: Replay the history in this many partitions of streams at once, a
+            replay-partition task each on the flow's task runner (with prefect-dask's
+            DaskTaskRunner: in processes or machines of their own). Needs projectors
+            that declare partition_by = "stream"; others replay with one reader (the
+            logs say so). 1: one reader.
     """
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
@@ -126,6 +134,7 @@ def zero_downtime_replay(
         approval_timeout_s=approval_timeout_s,
         events_per_task=events_per_task,
     )
+    whole("partitions", partitions, minimum=1)
     url = database(database_url, database_secret)
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
@@ -139,7 +148,9 @@ def zero_downtime_replay(
             logger.info("replay %r is already live: nothing to do", replay_key)
             return _summary(replay, lag=measure_lag(url, replay_key, reader=reader), promoted=True)
         if replay.state in REPLAYABLE:
-            replay = _replay_history(url, reader, replay, batch_size, events_per_task, artifacts)
+            replay = _replay_history(
+                url, reader, replay, batch_size, events_per_task, artifacts, partitions
+            )
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
                 url,
@@ -209,8 +220,11 @@ def _replay_history(
     batch_size: int,
     events_per_task: int,
     artifacts: str,
+    partitions: int = 1,
 ) -> Replay:
-    """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs."""
+    """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs:
+    first in partitions if asked (and the projectors can), then with one reader up to
+    the head (which brings the partitions together)."""
     logger = get_run_logger()
     key = replay.key
     done_before = replay.events_applied
@@ -221,10 +235,36 @@ def _replay_history(
         description=f"Replay {key!r}: events applied out of the log",
     )
     started = time.monotonic()
-    while True:
-        replay = replay_batches(
-            url, key, batch_size=batch_size, max_events=events_per_task, reader=reader
+    last_done = done_before
+    plan = None
+    if partitions > 1:
+        plan = plan_partitions(url, key, partitions, reader=reader)
+    pending = plan.pending if plan is not None else []
+    if plan is not None:
+        runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+        logger.info(
+            "replaying %r in %d partitions of streams up to position %s, a task each on "
+            "%s; then one reader goes on from there",
+            key,
+            plan.partitions,
+            f"{plan.until.position:,}",
+            type(runner).__name__,
         )
+    while True:
+        if pending:
+            futures = [
+                replay_partition.submit(
+                    url, key, i, batch_size=batch_size, max_events=events_per_task, reader=reader
+                )
+                for i in pending
+            ]
+            runs = [future.result() for future in futures]
+            pending = [run.partition.index for run in runs if not run.done]
+            replay = manager_for(url, reader).require_replay(key)
+        else:
+            replay = replay_batches(
+                url, key, batch_size=batch_size, max_events=events_per_task, reader=reader
+            )
         done = replay.events_applied
         total = max(total, done)
         elapsed = time.monotonic() - started
@@ -234,8 +274,9 @@ def _replay_history(
         update_progress_artifact(
             progress_id, _percent(done, total), description=f"Replay {key!r}: {line}"
         )
-        if replay.runs[-1].events:  # a task that found nothing new has nothing to say
+        if done > last_done:  # a task that found nothing new has nothing to say
             logger.info(line)
+        last_done = done
         if replay.state is ReplayState.CAUGHT_UP:
             update_progress_artifact(
                 progress_id,

@@ -20,7 +20,7 @@ lowest_venv() { # $1: the venv, $2: the extras
 }
 LOWEST="$ROOT/.venv-lowest"
 lowest_venv "$LOWEST" test
-"$LOWEST/bin/python" -m pytest -m "not browser and not real_server and not eventsourcing" \
+"$LOWEST/bin/python" -m pytest -m "not browser and not real_server and not eventsourcing and not dask" \
     --ignore=tests/test_packaging.py --ignore=tests/test_eventsourcing_reader.py "$@"
 lowest_venv "$LOWEST-eventsourcing" test,eventsourcing
 exec "$LOWEST-eventsourcing/bin/python" -m pytest -m eventsourcing "$@"

@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -93,6 +93,39 @@ def replay_batches(
     """
     return manager_for(database_url, reader).start_replay(
         replay_key, batch_size=batch_size, max_events=max_events
+    )
+
+
+@task(name="plan-partitions", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)
+def plan_partitions(
+    database_url: str, replay_key: str, partitions: int, *, reader: str | None = None
+) -> zdr.PartitionPlan | None:
+    """Cut the rest of the history into partitions of streams (or take up the plan there
+    is); None, with the reason in the logs, when the projectors or the reader cannot."""
+    try:
+        return manager_for(database_url, reader).plan_partitions(replay_key, partitions)
+    except zdr.NotPartitionable as exc:
+        get_run_logger().warning("%s: one reader replays it", exc)
+        return None
+
+
+#: No timeout: submitted beside the others, it runs in a worker thread (of this process or
+#: a Dask worker's), where Prefect cannot stop it (and warns on every run that it could
+#: not); each run is bounded by ``max_events`` instead.
+@task(name="replay-partition", task_run_name="replay-partition-{partition}", **RETRIES)
+def replay_partition(
+    database_url: str,
+    replay_key: str,
+    partition: int,
+    *,
+    batch_size: int,
+    max_events: int,
+    reader: str | None = None,
+) -> zdr.PartitionRun:
+    """Replay up to ``max_events`` more events of one partition (0-based); runs beside the
+    other partitions' tasks, wherever the flow's task runner puts it."""
+    return manager_for(database_url, reader).replay_partition(
+        replay_key, partition, batch_size=batch_size, max_events=max_events
     )
 
 

@@ -183,6 +183,12 @@ LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
         (["setup", "-p", ""], 2, "names no projector"),
         (["live", "-p", " , "], 2, "names no projector"),
         (["run", "k", "-p", "zdr.examples.bank.projectors:Nope"], 2, "has no projector 'Nope'"),
+        (
+            ["run", "k", "-p", V1, "--dask-workers", "2", "--dask-address", "tcp://h:1"],
+            2,
+            "not both",
+        ),
+        (["run", "k", "-p", V1, "--partitions", "0"], 2, "--partitions"),
     ],
 )
 def test_every_error_is_one_line_on_a_pipe_with_its_exit_code(

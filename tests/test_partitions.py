@@ -204,7 +204,9 @@ def test_what_cannot_run_in_partitions_is_refused_and_nothing_is_left_behind(man
     seed(manager.store, 500)
     manager.project_live()
     manager.create_replay("whole", ["balances", "daily_totals"])
-    with pytest.raises(zdr.NotPartitionable, match="'daily_totals' do not declare partition_by"):
+    with pytest.raises(
+        zdr.NotPartitionable, match="projector 'daily_totals' does not declare partition_by"
+    ):
         manager.plan_partitions("whole", 2)
     assert _plan_rows(engine, "whole") == []
     for bad in (1, 0, True, 2.0):

@@ -92,8 +92,13 @@ def why_not_partitioned(reader: EventReader, projectors: Sequence[Projector]) ->
         return f"{reader!r} reads the log in one order only (no partitions of streams)"
     whole = sorted(p.name for p in projectors if p.partition_by != "stream")
     if whole:
+        if len(whole) == 1:
+            return (
+                f"projector {whole[0]!r} does not declare partition_by = 'stream' (its state "
+                "is not keyed by stream)"
+            )
         return (
-            f"projector{'s' if len(whole) > 1 else ''} {', '.join(map(repr, whole))} "
-            "do not declare partition_by = 'stream' (their state is not keyed by stream)"
+            f"projectors {', '.join(map(repr, whole))} do not declare partition_by = 'stream' "
+            "(their state is not keyed by stream)"
         )
     return None

@@ -1,0 +1,112 @@
+"""The pipeline with ``partitions``: a replay-partition task per partition on the flow's
+task runner (the default one, and prefect-dask's with two local worker processes)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import zdr
+from tests.support import assert_balances_match_fold, assert_history_exactly_once, seed
+from tests.test_flows import LiveTraffic
+from zdr.flows.zero_downtime_replay import zero_downtime_replay
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+BALANCES = "zdr.examples.bank.projectors:BalancesV2"
+HISTORY = "zdr.examples.bank.projectors:History"
+TOTALS = "zdr.examples.bank.projectors:DailyTotals"
+
+
+@pytest.fixture()
+def logged(caplog):
+    """The run's log lines, as the flow's and tasks' loggers wrote them."""
+    caplog.set_level(logging.INFO, logger="prefect")
+    return lambda: [record.getMessage() for record in caplog.records]
+
+
+def _partition_runs(manager: zdr.ReplayManager, key: str) -> dict[str, int]:
+    runs = manager.require_replay(key).runs
+    found: dict[str, int] = {}
+    for run in runs:
+        if run.kind.startswith("partition"):
+            found[run.kind] = found.get(run.kind, 0) + run.events
+    return found
+
+
+def _pipeline(manager, database_url, key, projectors, flow=zero_downtime_replay, **more):
+    with LiveTraffic(manager):
+        state = flow(
+            replay_key=key,
+            projectors=projectors,
+            database_url=database_url,
+            batch_size=400,
+            events_per_task=1_000,
+            auto_approve=True,
+            partitions=2,
+            return_state=True,
+            **more,
+        )
+    manager.project_live()
+    return state
+
+
+def test_the_pipeline_replays_in_partitions_and_promotes_what_equals_the_fold(
+    manager, engine, database_url, logged
+):
+    seed(manager.store, 4_000, accounts=150)
+    manager.project_live()
+
+    state = _pipeline(manager, database_url, "split", [BALANCES, HISTORY])
+
+    summary = state.result()
+    assert summary.promoted and summary.state == "live"
+    runs = _partition_runs(manager, "split")
+    assert sorted(runs) == ["partition 1/2", "partition 2/2"]
+    assert all(events > 0 for events in runs.values())
+    assert sum(runs.values()) >= 4_000 - 1, "the history went through the partitions"
+    assert_balances_match_fold(engine, manager.reader)
+    assert_history_exactly_once(engine, manager.reader)
+    lines = [line for line in logged() if "in 2 partitions" in line]
+    assert lines and "a task each on ThreadPoolTaskRunner" in lines[0], logged()
+
+
+def test_projectors_that_cannot_be_partitioned_replay_with_one_reader_and_the_logs_say_so(
+    manager, engine, database_url, logged
+):
+    seed(manager.store, 2_000, accounts=100)
+    manager.project_live()
+
+    state = _pipeline(manager, database_url, "whole", [BALANCES, TOTALS])
+
+    assert state.result().promoted
+    assert _partition_runs(manager, "whole") == {}
+    assert_balances_match_fold(engine, manager.reader)
+    assert any(
+        "cannot run in partitions: projector 'daily_totals' does not declare partition_by" in line
+        and "one reader replays it" in line
+        for line in logged()
+    ), logged()
+
+
+@pytest.mark.dask
+def test_the_pipeline_on_a_dask_cluster_of_two_worker_processes(
+    manager, engine, database_url, logged
+):
+    from prefect_dask import DaskTaskRunner
+
+    seed(manager.store, 4_000, accounts=150)
+    manager.project_live()
+    runner = DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True}
+    )
+    on_dask = zero_downtime_replay.with_options(task_runner=runner)
+
+    state = _pipeline(manager, database_url, "dask", [BALANCES, HISTORY], flow=on_dask)
+
+    assert state.result().promoted
+    assert sorted(_partition_runs(manager, "dask")) == ["partition 1/2", "partition 2/2"]
+    assert_balances_match_fold(engine, manager.reader)
+    assert_history_exactly_once(engine, manager.reader)
+    assert any("a task each on DaskTaskRunner" in line for line in logged()), logged()
