@@ -5,7 +5,7 @@ Prints one JSON line (numbers only, no pass/fail):
 
     python bench/replay_bench.py [--events 1000000] [--database-url URL]
                                  [--readers own,eventsourcing,stored_events] [--writes 5000]
-                                 [--batch-sizes 10000,50000,100000]
+                                 [--batch-sizes 10000,50000,100000] [--partitions 1,2,4]
 
 * ``rowfold_events_per_s``: ``Balances``, a ``zdr.RowProjector`` (plain Python per
   event on the account's row), rebuilt from the whole log;
@@ -30,6 +30,10 @@ Prints one JSON line (numbers only, no pass/fail):
 * history_index: ``History`` (a row per deposit and withdrawal, one secondary
   index) replayed with its index maintained row by row, and replayed without it
   then built (seconds, replay and build);
+* partitions (with ``--partitions 1,2,4``): ``BalancesV2``'s whole replay in that
+  many partitions at once, per runner (threads of this process, as Prefect's default
+  task runner; processes, as a DaskTaskRunner's local cluster), and one partition's
+  reads alone (events of it per second);
 * batch_sizes (with ``--batch-sizes``): the row-fold and batch ways again at each
   size, and the peak RSS after each (sizes run in ascending order).
 
@@ -44,10 +48,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +79,9 @@ from zdr.examples.bank.projectors import (  # noqa: E402
     PerEventBalances,
     history,
 )
+from zdr.partitions import PartitionReader  # noqa: E402
 from zdr.readers import EventsourcingReader  # noqa: E402
-from zdr.store import iter_all  # noqa: E402
+from zdr.store import Partition, iter_all  # noqa: E402
 
 READERS = ("own", "eventsourcing", "stored_events")
 Pair = tuple[str, dict[str, Any]]
@@ -243,6 +250,70 @@ def index_after(url: str, batch_size: int) -> dict[str, float]:
     return found
 
 
+def partition_rates(manager: zdr.ReplayManager, counts: list[int]) -> dict[str, Any]:
+    """BalancesV2's whole replay in ``n`` partitions at once, events/s per runner: threads of
+    this process (what Prefect's default task runner does) and processes (what a
+    DaskTaskRunner's local cluster does), without Prefect's own cost per task (ms); and
+    reading one partition alone, events of it per second (each partition's reads scan the
+    whole log's index and keep the rows of its streams)."""
+    found: dict[str, Any] = {}
+    url = manager.engine.url.render_as_string(hide_password=False)
+    spawn = multiprocessing.get_context("spawn")  # no fork of this process's pools
+    for runner in ("threads", "processes"):
+        rates = {}
+        for n in counts:
+            if manager.get_replay("bench") is not None:
+                manager.remove_replay("bench")
+            manager.create_replay("bench", [BalancesV2()])
+            executor: Executor = (
+                ThreadPoolExecutor(n)
+                if runner == "threads"
+                else ProcessPoolExecutor(n, mp_context=spawn, initializer=_warm)
+            )
+            with executor:
+                list(executor.map(_warm_up, range(n)))  # processes started and importing
+                started = time.perf_counter()
+                if n > 1:
+                    manager.plan_partitions("bench", n)
+                    args = [(url, i, manager.batch_size) for i in range(n)]
+                    list(executor.map(_replay_partition, args))
+                replay = manager.start_replay("bench")
+                rates[str(n)] = round(replay.events_applied / (time.perf_counter() - started))
+        found[f"{runner}_events_per_s"] = rates
+    manager.remove_replay("bench")
+    reads = {}
+    for n in counts:
+        part = PartitionReader(manager.reader, Partition(0, n))
+        started = time.perf_counter()
+        read, cursor = 0, zdr.store.START
+        while True:
+            with manager.engine.begin() as conn:
+                batch = part.read(conn, cursor, manager.batch_size)
+            if not batch:
+                break
+            read, cursor = read + len(batch), batch[-1].cursor
+        reads[str(n)] = round(read / (time.perf_counter() - started))
+    found["read_one_partition_events_per_s"] = reads
+    return found
+
+
+def _warm() -> None:
+    import zdr.manager  # noqa: F401  (imported once per process, before the clock starts)
+
+
+def _warm_up(_: int) -> None:
+    time.sleep(0.1)  # every worker of the pool up before the clock starts
+
+
+def _replay_partition(args: tuple[str, int, int]) -> int:
+    url, index, batch_size = args
+    manager = _managers.get(url) or _managers.setdefault(url, zdr.ReplayManager(url))
+    return manager.replay_partition("bench", index, batch_size=batch_size).events
+
+
+_managers: dict[str, zdr.ReplayManager] = {}
+
+
 def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
@@ -276,6 +347,12 @@ def main() -> None:
     )
     parser.add_argument("--writes", type=int, default=5_000)
     parser.add_argument(
+        "--partitions",
+        default="",
+        help="comma-separated partition counts: BalancesV2's whole replay in that many "
+        "partitions at once, in threads and in processes (1: one reader)",
+    )
+    parser.add_argument(
         "--batch-sizes",
         default="",
         help="comma-separated batch sizes to compare the row-fold and batch ways at "
@@ -284,8 +361,9 @@ def main() -> None:
     args = parser.parse_args()
     try:
         sweep = sorted(int(size) for size in args.batch_sizes.split(",") if size.strip())
+        counts = [int(n) for n in args.partitions.split(",") if n.strip()]
     except ValueError:
-        parser.error(f"--batch-sizes takes whole numbers, got {args.batch_sizes!r}")
+        parser.error("--batch-sizes and --partitions take whole numbers")
     kinds = [k.strip() for k in args.readers.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(READERS))
     if unknown:
@@ -327,8 +405,9 @@ def main() -> None:
             "read_events_per_s": round(read_rate),
         }
     writers = writer_cost(beside(url, "writers"), args.writes) if args.writes else {}
+    peak = peak_rss_mb()  # before the partitions (in threads: n batches at once) and the sweep
     history_index = index_after(url, args.batch_size)
-    peak = peak_rss_mb()  # before the sweep's bigger batches
+    partitions = partition_rates(manager, counts) if counts else {}
     batch_sizes = {}
     for size in sweep:
         manager.batch_size = size
@@ -359,6 +438,7 @@ def main() -> None:
                 "readers": readers,
                 "writers": writers,
                 "history_index": history_index,
+                "partitions": partitions,
                 "batch_sizes": batch_sizes,
             }
         )

@@ -43,6 +43,7 @@ from zdr.flows.operations import (
     live_projection,
     promote_replay,
     remove_replay,
+    replay_partition,
     replay_status,
     rollback_replay,
 )
@@ -63,6 +64,8 @@ DESCRIPTIONS = {
     "promote-replay": "Put a replay live by itself (the pipeline promotes on approval).",
     "rollback-replay": "Make the copy a promotion replaced live again.",
     "remove-replay": "Drop a replay's copy and metadata; never a live table.",
+    "replay-partition": "One partition of a replay the pipeline cut into partitions, to its "
+    "end: the pipeline starts one per partition when its partition_deployment names this.",
 }
 
 
@@ -114,6 +117,7 @@ def deployments(
         deploy(promote_replay, "promote-replay"),
         deploy(rollback_replay, "rollback-replay"),
         deploy(remove_replay, "remove-replay"),
+        deploy(replay_partition, "replay-partition"),
     ]
 
 

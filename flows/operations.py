@@ -122,6 +122,55 @@ def promote_replay(
     return steps.promote(database(database_url, database_secret), replay_key, reader=reader)
 
 
+@flow(name="replay-partition")
+def replay_partition(
+    replay_key: ReplayKey,
+    partition: int,
+    database_url: str | None = None,
+    batch_size: int = DEFAULTS.batch_size,
+    events_per_task: int = DEFAULTS.events_per_task,
+    reader: str | None = None,
+    database_secret: str | None = None,
+) -> zdr.PartitionRun:
+    """Replay one partition of a replay that the pipeline cut into partitions, to its end.
+
+    The pipeline runs one of these per partition when its partition_deployment names
+    this flow's deployment: each on a worker of the deployment's work pool.
+
+    Args:
+        replay_key: The replay's name (balances_v2).
+        partition: Which partition, 0 to partitions - 1.
+        database_url: The database as a URL. Anyone who can read the run sees it: for
+            a password use database_secret. Empty: the worker's ZDR_DATABASE_URL,
+            else the embedded PostgreSQL.
+        batch_size: Events per transaction.
+        events_per_task: Events one replay-partition task applies (a progress step).
+        reader: The event log's reader as module:attr (see zdr.readers). Empty:
+            zdr's own zdr.events table.
+        database_secret: The name of a Prefect Secret block holding the database URL.
+    """
+    url = database(database_url, database_secret)
+    events = 0
+    while True:
+        run = steps.replay_partition(
+            url,
+            replay_key,
+            partition,
+            batch_size=batch_size,
+            max_events=events_per_task,
+            reader=reader,
+        )
+        events += run.events
+        if run.done:
+            get_run_logger().info(
+                "partition %s of replay %r: %s events, all up to the plan's point",
+                run.partition,
+                replay_key,
+                f"{events:,}",
+            )
+            return zdr.PartitionRun(run.key, run.partition, events=events, done=True)
+
+
 @flow(name="rollback-replay")
 def rollback_replay(
     replay_key: ReplayKey,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
+from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
@@ -28,6 +29,7 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
+from prefect.deployments import run_deployment
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.runtime import flow_run as this_run
@@ -92,6 +94,7 @@ def zero_downtime_replay(
     reader: str | None = None,
     database_secret: str | None = None,
     partitions: int = 1,
+    partition_deployment: str | None = None,
 ) -> ReplaySummary:
     """Rebuild projectors beside the live read model, wait for approval, promote with no gap.
 
@@ -124,6 +127,10 @@ def zero_downtime_replay(
             DaskTaskRunner: in processes or machines of their own). Needs projectors
             that declare partition_by = "stream"; others replay with one reader (the
             logs say so). 1: one reader.
+        partition_deployment: Run each partition as a flow run of this deployment of
+            the replay-partition flow (replay-partition/replay-partition), on its work
+            pool's workers, instead of as tasks of this run. Needs database_url or
+            database_secret (the workers must reach the same database).
     """
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
@@ -135,7 +142,20 @@ def zero_downtime_replay(
         events_per_task=events_per_task,
     )
     whole("partitions", partitions, minimum=1)
+    if partition_deployment and not (database_url or database_secret):
+        raise zdr.ConfigurationError(
+            "partition_deployment needs database_url or database_secret: its flow runs go "
+            "to other workers, which must reach this same database"
+        )
     url = database(database_url, database_secret)
+    # What a partition's flow run is given (never the URL read from a secret).
+    on_deployment = partition_deployment and {
+        "database_url": database_url,
+        "database_secret": database_secret,
+        "batch_size": batch_size,
+        "events_per_task": events_per_task,
+        "reader": reader,
+    }
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
     # `zdr approve` answers this database's runs only; the key and projections find a run.
@@ -149,7 +169,14 @@ def zero_downtime_replay(
             return _summary(replay, lag=measure_lag(url, replay_key, reader=reader), promoted=True)
         if replay.state in REPLAYABLE:
             replay = _replay_history(
-                url, reader, replay, batch_size, events_per_task, artifacts, partitions
+                url,
+                reader,
+                replay,
+                batch_size,
+                events_per_task,
+                artifacts,
+                partitions,
+                (partition_deployment, on_deployment) if on_deployment else None,
             )
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
@@ -221,6 +248,7 @@ def _replay_history(
     events_per_task: int,
     artifacts: str,
     partitions: int = 1,
+    deployment: tuple[str, dict[str, Any]] | None = None,
 ) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs:
     first in partitions if asked (and the projectors can), then with one reader up to
@@ -243,15 +271,22 @@ def _replay_history(
     if plan is not None:
         runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
         logger.info(
-            "replaying %r in %d partitions of streams up to position %s, a task each on "
-            "%s; then one reader goes on from there",
+            "replaying %r in %d partitions of streams up to position %s, %s; then one reader "
+            "goes on from there",
             key,
             plan.partitions,
             f"{plan.until.position:,}",
-            type(runner).__name__,
+            f"a flow run each of {deployment[0]}"
+            if deployment
+            else f"a task each on {type(runner).__name__}",
         )
     while True:
-        if pending:
+        if pending and deployment:
+            assert plan is not None
+            _partition_flow_runs(key, pending, plan.partitions, *deployment)
+            pending = []
+            replay = manager_for(url, reader).require_replay(key)
+        elif pending:
             futures = [
                 replay_partition.submit(
                     url, key, i, batch_size=batch_size, max_events=events_per_task, reader=reader
@@ -285,6 +320,44 @@ def _replay_history(
                 f"({rate:,.0f} events/s)",
             )
             return replay
+
+
+def _partition_flow_runs(
+    key: str, partitions: list[int], count: int, deployment: str, parameters: dict[str, Any]
+) -> None:
+    """One flow run of ``deployment`` (the replay-partition flow) per partition, started at
+    once and waited for; ZdrError naming those that did not complete."""
+    runs = [
+        run_deployment(
+            deployment,
+            parameters={**parameters, "replay_key": key, "partition": i},
+            flow_run_name=f"replay-{_dashed(key)}-partition-{i + 1}-of-{count}",
+            tags=[KEY_TAG.format(key)],
+            timeout=0,
+        )
+        for i in partitions
+    ]
+    get_run_logger().info(
+        "started %s on %s's work pool; waiting for them",
+        ", ".join(r.name for r in runs),
+        deployment,
+    )
+    with get_client(sync_client=True) as client:
+        while True:
+            states = [client.read_flow_run(run.id).state for run in runs]
+            if all(state is not None and state.is_final() for state in states):
+                break
+            time.sleep(2)
+    failed = [
+        f"{run.name} ({state.name if state else 'no state'})"
+        for run, state in zip(runs, states, strict=True)
+        if state is None or not state.is_completed()
+    ]
+    if failed:
+        raise zdr.ZdrError(
+            f"partition flow runs of replay {key!r} did not complete: {', '.join(failed)}; "
+            "run the pipeline again to resume them where they stopped"
+        )
 
 
 def _catch_up(

@@ -30,6 +30,7 @@ V2 = "zdr.examples.bank.projectors:BalancesV2"
 SAMPLE_RUN_PARAMETERS = {
     "replay_key": "balances_v2",
     "projectors": ["zdr.examples.bank.projectors:BalancesV2"],
+    "partition": 0,
 }
 
 
@@ -42,6 +43,7 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
         "promote-replay/promote-replay",
         "rollback-replay/rollback-replay",
         "remove-replay/remove-replay",
+        "replay-partition/replay-partition",
     }
     assert not served[PIPELINE].schedules, "the pipeline is started by a person"
     [schedule] = served[LIVE].schedules

@@ -8,7 +8,12 @@ import logging
 import pytest
 
 import zdr
-from tests.support import assert_balances_match_fold, assert_history_exactly_once, seed
+from tests.support import (
+    assert_balances_match_fold,
+    assert_history_exactly_once,
+    seed,
+    wait_for,
+)
 from tests.test_flows import LiveTraffic
 from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
@@ -110,3 +115,57 @@ def test_the_pipeline_on_a_dask_cluster_of_two_worker_processes(
     assert_balances_match_fold(engine, manager.reader)
     assert_history_exactly_once(engine, manager.reader)
     assert any("a task each on DaskTaskRunner" in line for line in logged()), logged()
+
+
+def test_partitions_as_flow_runs_of_the_replay_partition_deployment(manager, engine, database_url):
+    """partition_deployment: each partition a flow run of its own (a subflow of the
+    pipeline's run, on whatever runs the deployment: here `serve`, as a work pool's
+    workers would), named and tagged for the replay."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
+
+    from tests.test_deployments import PIPELINE, _final, served
+
+    seed(manager.store, 3_000, accounts=150)
+    manager.project_live()
+    with served(database_url, "--paused"), LiveTraffic(manager):
+        started = run_deployment(
+            PIPELINE,
+            parameters={
+                "replay_key": "subflows",
+                "projectors": [BALANCES, HISTORY],
+                "database_url": database_url,
+                "partitions": 2,
+                "partition_deployment": "replay-partition/replay-partition",
+                "auto_approve": True,
+                "batch_size": 400,
+            },
+            timeout=0,
+        )
+        ended = wait_for(lambda: _final(started.id), timeout=240)
+    manager.project_live()
+    assert ended.state.name == "Promoted", (ended.state.name, ended.state.message)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["replay:subflows"]))
+        )
+    partitions = {run.name: run for run in runs if "-partition-" in run.name}
+    assert sorted(partitions) == [
+        "replay-subflows-partition-1-of-2",
+        "replay-subflows-partition-2-of-2",
+    ]
+    assert all(run.state.is_completed() and run.parent_task_run_id for run in partitions.values())
+    assert sorted(_partition_runs(manager, "subflows")) == ["partition 1/2", "partition 2/2"]
+    assert_balances_match_fold(engine, manager.reader)
+    assert_history_exactly_once(engine, manager.reader)
+
+
+def test_a_partition_deployment_needs_a_database_the_workers_can_reach(manager, database_url):
+    with pytest.raises(zdr.ConfigurationError, match="needs database_url or database_secret"):
+        zero_downtime_replay(
+            replay_key="nowhere",
+            projectors=[BALANCES],
+            partitions=2,
+            partition_deployment="replay-partition/replay-partition",
+        )
