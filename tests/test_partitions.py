@@ -162,6 +162,12 @@ def test_a_partition_killed_mid_batch_resumes_alone(manager, engine, database_ur
             child.kill()
     before = _partition_events(engine, "killed")
     assert 0 < before["1"] < 4_000 // 2, before
+    replay = manager.get_replay("killed")
+    assert (replay.partitions, replay.partitions_left) == (3, 1)
+    [row] = wait_for(lambda: [r for r in manager.status("killed") if not r["running"]])
+    assert row["last_run"] == "partition 2/3 interrupted", row
+    assert row["next"].startswith("not running: 1 of its 3 partitions left"), row
+    assert row["events_applied"] + row["lag"] == 4_000, row
 
     again = [manager.replay_partition("killed", i, batch_size=300) for i in range(3)]
 

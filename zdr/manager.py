@@ -658,9 +658,10 @@ class ReplayManager:
             raise InvalidState(
                 f"replay {replay.key!r} is replayed in {plan.partitions} partitions, and "
                 f"partition{'s' if len(plan.pending) > 1 else ''} {short} (0-based) "
-                "have not replayed all their events yet: run them (replay_partition, or "
-                f"the pipeline with partitions={plan.partitions}), or start the replay "
-                "again from zero with restart"
+                "have not replayed all their events yet: run them (the pipeline again with "
+                f"partitions={plan.partitions}, `zdr run KEY -p ... --partitions "
+                f"{plan.partitions}`, or replay_partition), or start the replay again from "
+                "zero with one reader (`zdr replay KEY --restart`, restart=True)"
             )
         moved = records.claim_checkpoint(
             conn,

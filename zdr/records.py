@@ -306,6 +306,9 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
         ]
     fields = dict(row._mapping)
     fields["state"] = ReplayState(fields["state"])
+    plan = partition_plan(conn, key)
+    if plan is not None:
+        fields.update(partitions=plan.partitions, partitions_left=len(plan.pending))
     return Replay(**fields, runs=history)
 
 

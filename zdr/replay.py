@@ -142,6 +142,10 @@ class Replay:
     #: The replay whose promotion took over this one's projections (state superseded).
     superseded_by: str | None = None
     runs: list[Run] = field(default_factory=list)
+    #: Cut into partitions (``ReplayManager.plan_partitions``): how many, and how many of
+    #: them have not replayed all their events yet (1 and 0 when it is not).
+    partitions: int = 1
+    partitions_left: int = 0
 
     @property
     def projections(self) -> list[str]:

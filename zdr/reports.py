@@ -142,6 +142,13 @@ def _next_step(replay: Replay, state: str, runners: Runners) -> str | None:
         return None
     if state == "caught_up":
         return f"caught up: `zdr enable-dual-write {key}` next (with `zdr live` running)"
+    if replay.partitions_left:
+        n = replay.partitions
+        return (
+            f"not running: {replay.partitions_left} of its {n} partitions left; the "
+            f"pipeline with partitions={n} (`zdr run {key} -p ... --partitions {n}`) "
+            "resumes them"
+        )
     if state in _MOVED_BY_REPLAY_RUN:
         verb = "starts it" if state == "created" else "resumes it"
         return f"not running: `zdr replay {key}` {verb} from position {replay.position:,}"
