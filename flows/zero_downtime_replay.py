@@ -264,9 +264,7 @@ def _replay_history(
     )
     started = time.monotonic()
     last_done = done_before
-    plan = None
-    if partitions > 1:
-        plan = plan_partitions(url, key, partitions, reader=reader)
+    plan = plan_partitions(url, key, partitions, reader=reader)
     pending = plan.pending if plan is not None else []
     if plan is not None:
         runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]

@@ -100,10 +100,25 @@ def replay_batches(
 def plan_partitions(
     database_url: str, replay_key: str, partitions: int, *, reader: str | None = None
 ) -> zdr.PartitionPlan | None:
-    """Cut the rest of the history into partitions of streams (or take up the plan there
-    is); None, with the reason in the logs, when the projectors or the reader cannot."""
+    """Cut the rest of the history into partitions of streams, or take up the plan an
+    earlier run made (whatever ``partitions`` says: its partitions must finish); None for
+    one reader, with the reason in the logs when the projectors or the reader cannot."""
+    manager = manager_for(database_url, reader)
+    existing = manager.partition_plan(replay_key)
+    if existing is not None:
+        if existing.partitions != partitions:
+            get_run_logger().warning(
+                "replay %r was cut into %d partitions by an earlier run: going on with them "
+                "(partitions=%d applies to a replay not cut yet)",
+                replay_key,
+                existing.partitions,
+                partitions,
+            )
+        return existing
+    if partitions == 1:
+        return None
     try:
-        return manager_for(database_url, reader).plan_partitions(replay_key, partitions)
+        return manager.plan_partitions(replay_key, partitions)
     except zdr.NotPartitionable as exc:
         get_run_logger().warning("%s: one reader replays it", exc)
         return None

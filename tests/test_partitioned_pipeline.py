@@ -49,9 +49,8 @@ def _pipeline(manager, database_url, key, projectors, flow=zero_downtime_replay,
             batch_size=400,
             events_per_task=1_000,
             auto_approve=True,
-            partitions=2,
             return_state=True,
-            **more,
+            **{"partitions": 2, **more},
         )
     manager.project_live()
     return state
@@ -169,3 +168,29 @@ def test_a_partition_deployment_needs_a_database_the_workers_can_reach(manager, 
             partitions=2,
             partition_deployment="replay-partition/replay-partition",
         )
+
+
+def test_a_run_after_a_crash_goes_on_with_the_partitions_an_earlier_run_made(
+    manager, engine, database_url, logged
+):
+    """An earlier run cut the replay in 3 and stopped; this run asks for one reader: it
+    finishes the 3 partitions first (they must), says so, and promotes."""
+    seed(manager.store, 2_000, accounts=100)
+    manager.project_live()
+    manager.create_replay("again", [BALANCES])
+    manager.plan_partitions("again", 3)
+    manager.replay_partition("again", 1)
+
+    state = _pipeline(manager, database_url, "again", [BALANCES], partitions=1)
+
+    assert state.result().promoted
+    assert sorted(_partition_runs(manager, "again")) == [
+        "partition 1/3",
+        "partition 2/3",
+        "partition 3/3",
+    ]
+    assert any(
+        "replay 'again' was cut into 3 partitions by an earlier run: going on with them" in line
+        for line in logged()
+    ), logged()
+    assert_balances_match_fold(engine, manager.reader)

@@ -226,10 +226,15 @@ def test_what_cannot_run_in_partitions_is_refused_and_nothing_is_left_behind(man
     assert manager.plan_partitions("cut", 2).partitions == 2, "the same plan, taken up again"
     with pytest.raises(zdr.ConfigurationError, match="in 2 partitions already"):
         manager.plan_partitions("cut", 3)
-    with pytest.raises(zdr.ConfigurationError, match="partitions 0 to 1, not 2"):
+    with pytest.raises(zdr.ConfigurationError, match=r"partitions 0 to 1 \(0-based: 1/2 to 2/2\)"):
         manager.replay_partition("cut", 2)
+    for bad in (1.0, "1", -1, True):
+        with pytest.raises(zdr.ConfigurationError, match="partition must be a whole number"):
+            manager.replay_partition("cut", bad)
+    with pytest.raises(zdr.ConfigurationError, match="at most 256"):
+        manager.plan_partitions("whole", 257)
     manager.replay_partition("cut", 0)
-    with pytest.raises(zdr.InvalidState, match=r"partition 1 \(0-based\) ha"):
+    with pytest.raises(zdr.InvalidState, match="partition 2/2 has not replayed"):
         manager.start_replay("cut")
     assert manager.get_replay_lag("cut") + manager.get_replay("cut").events_applied == 500
 
@@ -256,7 +261,9 @@ def test_partitions_run_at_once_and_nothing_else_runs_beside_them(manager, engin
     )
     try:
         wait_for(lambda: _partition_events(engine, "busy")["0"] > 0, timeout=60)
-        with pytest.raises(zdr.RunnerBusy, match="partition 1 of replay 'busy' is busy"):
+        with pytest.raises(
+            zdr.RunnerBusy, match=r"partition 0 \(0-based\) of replay 'busy' is busy"
+        ):
             manager.replay_partition("busy", 0)
         for refused in (manager.start_replay, manager.remove_replay):
             with pytest.raises(zdr.RunnerBusy, match="replay 'busy' is busy"):
@@ -267,3 +274,64 @@ def test_partitions_run_at_once_and_nothing_else_runs_beside_them(manager, engin
         if child.poll() is None:
             child.kill()
     assert manager.start_replay("busy").events_applied == 2_000
+
+
+def test_events_without_a_stream_are_replayed_in_partitions_too(engine):
+    """An application's table whose stream column is nullable (a Laravel stored_events):
+    its events without a stream are in partition 0, not in none."""
+    from zdr.examples.bank import stored_events
+    from zdr.examples.bank.projectors import History
+
+    stored_events.create(engine)
+    reader = stored_events.table_reader()
+    reader.prepare(engine)
+    manager = zdr.ReplayManager(engine, projectors=[History()], batch_size=300, reader=reader)
+    manager.setup()
+    stored_events.StoredEventsLog(engine).append(BankSimulator(accounts=80, seed=4).events(2_000))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f"UPDATE {stored_events.TABLE} SET aggregate_uuid = NULL WHERE id %% 10 = 0"
+        )
+    manager.project_live()
+    manager.create_replay("nulls", ["history"])
+    manager.plan_partitions("nulls", 3)
+    for index in range(3):
+        manager.replay_partition("nulls", index)
+
+    replay = manager.start_replay("nulls")
+
+    assert replay.events_applied == 2_000
+    assert_history_exactly_once(engine, reader, "zdr_nulls_1")
+
+
+def test_a_partition_s_failure_stays_on_the_replay_while_the_others_run(
+    manager, engine, monkeypatch
+):
+    """A projector raises in one partition: the replay is failed, and the other
+    partitions' runs after it do not hide that; fixed, the partition resumes alone."""
+    from tests.support import ExplodingBalancesV2
+
+    seed(manager.store, 2_000, accounts=100)
+    manager.project_live()
+    manager.create_replay("broken", ["tests.support:ExplodingBalancesV2"])
+    manager.plan_partitions("broken", 3)
+    with engine.connect() as conn:
+        failing = conn.exec_driver_sql(
+            "SELECT abs(mod(hashtextextended(stream_id, 0), 3)) FROM zdr.events "
+            "WHERE position = 700"
+        ).scalar_one()
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 700)
+    with pytest.raises(zdr.ProjectorError, match="event 700"):
+        manager.replay_partition("broken", failing, batch_size=100)
+    for index in {0, 1, 2} - {failing}:
+        assert manager.replay_partition("broken", index).done
+    replay = manager.get_replay("broken")
+    assert replay.state is zdr.ReplayState.FAILED and "event 700" in replay.error
+    assert replay.partitions_left == 1
+
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 0)  # the fix
+    assert manager.replay_partition("broken", failing).done
+    replay = manager.start_replay("broken")
+    assert replay.state is zdr.ReplayState.CAUGHT_UP and replay.error is None
+    assert replay.events_applied == 2_000
+    assert_balances_match_fold(engine, manager.reader, "zdr_broken_1")

@@ -239,7 +239,7 @@ def partition_runner(conn: sa.Connection, key: str, index: int) -> AbstractConte
     return runner_lock(
         conn,
         partition_lock(key, index),
-        busy_message=f"partition {index + 1} of replay {key!r} is busy: another run holds it",
+        busy_message=f"partition {index} (0-based) of replay {key!r} is busy: another run holds it",
     )
 
 

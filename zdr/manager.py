@@ -97,6 +97,9 @@ from zdr.verify import VerificationReport, verify
 T = TypeVar("T")
 log = logging.getLogger("zdr")
 
+#: At most this many partitions per replay (``plan_partitions``).
+MAX_PARTITIONS = 256
+
 #: A live runner that lost its connection tries again after this long, doubling up to
 #: RECONNECT_MAX_S, and waits up to RECONNECT_TAKE_OVER_S for the server to let go of
 #: the lock its lost session held.
@@ -545,6 +548,12 @@ class ReplayManager:
         """
         validate_key(key)
         count = whole("partitions", partitions, minimum=2)
+        if count > MAX_PARTITIONS:
+            raise ConfigurationError(
+                f"partitions must be at most {MAX_PARTITIONS}, got {count:,}: each partition "
+                "reads through the whole log, and partitions beyond the cores that run them "
+                "gain nothing"
+            )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
             cluster.require_same(conn, self.reader)
             replay = records.load_replay(conn, key, lock=True)
@@ -572,6 +581,14 @@ class ReplayManager:
             return plan
 
     @_translate_errors
+    def partition_plan(self, key: str) -> PartitionPlan | None:
+        """The replay's partition plan (where each partition stands), None if it has none."""
+        validate_key(key)
+        with self.engine.connect() as conn:
+            records.replay_cursor(conn, key)  # ReplayNotFound for an unknown key
+            return records.partition_plan(conn, key)
+
+    @_translate_errors
     def replay_partition(
         self,
         key: str,
@@ -590,13 +607,14 @@ class ReplayManager:
         elsewhere, ProjectorError (the replay failed) if a projector raises.
         """
         validate_key(key)
+        index = whole("partition", partition, minimum=0)
         size = self._batch_size(batch_size)
         if max_events is not None and (isinstance(max_events, bool) or max_events < 1):
             raise ConfigurationError(f"max_events must be at least 1, got {max_events!r}")
         with (
             self.engine.connect() as conn,
             replay_runner(conn, key, shared=True),
-            locks.partition_runner(conn, key, partition),
+            locks.partition_runner(conn, key, index),
         ):
             with conn.begin():
                 cluster.require_same(conn, self.reader)
@@ -608,20 +626,24 @@ class ReplayManager:
                         f"replay {key!r} is not cut into partitions (plan_partitions first, "
                         "or its partitions were brought together already)"
                     )
-                if isinstance(partition, bool) or partition not in range(plan.partitions):
+                if index >= plan.partitions:
                     raise ConfigurationError(
-                        f"replay {key!r} has partitions 0 to {plan.partitions - 1}, "
-                        f"not {partition!r}"
+                        f"replay {key!r} has partitions 0 to {plan.partitions - 1} (0-based: "
+                        f"1/{plan.partitions} to {plan.partitions}/{plan.partitions}), "
+                        f"not {index}"
                     )
-                part = Partition(partition, plan.partitions)
-                cursor = plan.cursors[partition]
+                part = Partition(index, plan.partitions)
+                cursor = plan.cursors[index]
                 if cursor == plan.until:
                     return PartitionRun(key, part, events=0, done=True)
-                records.set_state(conn, key, ReplayState.REPLAYING)
+                if replay.state is not ReplayState.FAILED:
+                    # A failure stays on the replay until the partitions are brought
+                    # together (the others' runs must not hide it).
+                    records.set_state(conn, key, ReplayState.REPLAYING)
                 run_id = records.start_run(conn, key, f"partition {part}", cursor.position)
             target = dataclasses.replace(
                 replay_target(self.registry, replay),
-                checkpoint=partition_checkpoint(key, partition, plan.partitions),
+                checkpoint=partition_checkpoint(key, index, plan.partitions),
                 cursor=cursor,
                 where=f"replay {key!r} (partition {part})",
             )
@@ -654,11 +676,12 @@ class ReplayManager:
         if plan is None:
             return False
         if plan.pending:
-            short = ", ".join(str(i) for i in plan.pending)
+            short = ", ".join(str(Partition(i, plan.partitions)) for i in plan.pending)
+            many = len(plan.pending) > 1
             raise InvalidState(
                 f"replay {replay.key!r} is replayed in {plan.partitions} partitions, and "
-                f"partition{'s' if len(plan.pending) > 1 else ''} {short} (0-based) "
-                "have not replayed all their events yet: run them (the pipeline again with "
+                f"partition{'s' if many else ''} {short} {'have' if many else 'has'} not "
+                "replayed all their events yet: run them (the pipeline again with "
                 f"partitions={plan.partitions}, `zdr run KEY -p ... --partitions "
                 f"{plan.partitions}`, or replay_partition), or start the replay again from "
                 "zero with one reader (`zdr replay KEY --restart`, restart=True)"
@@ -695,12 +718,14 @@ class ReplayManager:
             mark_runner_transaction(conn)  # it holds a transaction id while it counts
             replay = records.load_replay(conn, key, lock=True)
             transition = require_state(replay, "enable_dual_write")
-            if records.partition_plan(conn, key) is not None:
+            plan = records.partition_plan(conn, key)
+            if plan is not None:
                 raise ReplayLagging(
                     f"replay {key!r} is replayed in partitions: replay it again "
                     f"(`zdr replay {key}`, start_replay) to bring them together before "
                     "switching dual write on",
-                    lag=self.reader.count_after(conn, Cursor(replay.txid, replay.position)),
+                    lag=self.reader.count_after(conn, Cursor(replay.txid, replay.position))
+                    - plan.events_applied,
                 )
             lag = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
             if lag > threshold:

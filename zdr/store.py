@@ -225,8 +225,11 @@ class StampedReader:
         # as text and are decoded by _event_row: cheaper than psycopg's jsonb loader.
         # The partition a stream falls in (``zdr.partitions``): PostgreSQL's own hash of
         # text, the one hash partitioning uses, so stable across versions and servers.
+        # Events without a stream (a nullable column of an application's table) are all
+        # in partition 0: NULL would be in none, and skipped by every partition.
         in_partition = (
-            f"AND abs(mod(hashtextextended({stream_id}::text, 0), %(partitions)s)) = %(partition)s"
+            "AND coalesce(abs(mod(hashtextextended("
+            f"{stream_id}::text, 0), %(partitions)s)), 0) = %(partition)s"
         )
         self._read_statement, self._read_partition = (
             f"""
