@@ -618,7 +618,8 @@ class ReplayManager:
         ):
             with conn.begin():
                 cluster.require_same(conn, self.reader)
-                replay = records.load_replay(conn, key)
+                # Its row locked: a failure another partition records meanwhile is seen.
+                replay = records.load_replay(conn, key, lock=True)
                 require_state(replay, "start_replay")
                 plan = records.partition_plan(conn, key)
                 if plan is None:
