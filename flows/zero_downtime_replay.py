@@ -28,9 +28,10 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext
 from prefect.deployments import run_deployment
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, PrefectHTTPStatusError
 from prefect.flow_runs import pause_flow_run, suspend_flow_run
 from prefect.runtime import flow_run as this_run
 from prefect.states import Completed, Running
@@ -325,16 +326,35 @@ def _partition_flow_runs(
 ) -> None:
     """One flow run of ``deployment`` (the replay-partition flow) per partition, started at
     once and waited for; ZdrError naming those that did not complete."""
-    runs = [
-        run_deployment(
+
+    def start(i: int, as_subflow: bool) -> FlowRun:
+        return run_deployment(  # type: ignore[no-any-return]
             deployment,
             parameters={**parameters, "replay_key": key, "partition": i},
             flow_run_name=f"replay-{_dashed(key)}-partition-{i + 1}-of-{count}",
             tags=[KEY_TAG.format(key)],
             timeout=0,
+            as_subflow=as_subflow,
         )
-        for i in partitions
-    ]
+
+    try:
+        runs = [start(partitions[0], as_subflow=True)]
+    except PrefectHTTPStatusError as exc:
+        # Older Prefect servers with a newer FastAPI refuse the request that links a
+        # subflow to this run (422): the runs are then runs of their own, tagged alike.
+        if exc.response.status_code != 422:
+            raise
+        get_run_logger().warning(
+            "the Prefect server refused to link the partitions' runs to this one (%s): "
+            "they run unlinked, tagged %s",
+            exc.response.status_code,
+            KEY_TAG.format(key),
+        )
+        runs = [start(partitions[0], as_subflow=False)]
+        linked = False
+    else:
+        linked = True
+    runs += [start(i, as_subflow=linked) for i in partitions[1:]]
     get_run_logger().info(
         "started %s on %s's work pool; waiting for them",
         ", ".join(r.name for r in runs),
