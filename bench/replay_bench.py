@@ -62,9 +62,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unindexed import UnindexedHistory  # noqa: E402  (bench/: importable by its path)
-
 import zdr  # noqa: E402
+from bench.unindexed import UnindexedHistory  # noqa: E402
 from zdr.config import embedded_url, to_libpq_url, to_sqlalchemy_url  # noqa: E402
 from zdr.examples.bank.domain import (  # noqa: E402
     CLOSED,

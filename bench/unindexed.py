@@ -1,5 +1,5 @@
 """A projector of the benchmark's: defined in a module of its own so that zdr can record
-it by import path (``unindexed:UnindexedHistory``, with bench/ on ``sys.path``)."""
+it by import path (``bench.unindexed:UnindexedHistory``)."""
 
 import sqlalchemy as sa
 

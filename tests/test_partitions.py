@@ -74,6 +74,20 @@ def _plan_rows(engine: sa.Engine, key: str) -> list[str]:
         )
 
 
+def _partition_in_a_process(
+    database_url: str, key: str, index: int, *, slow_batch_s: float
+) -> subprocess.Popen[bytes]:
+    """``replay_partition(key, index)`` in a child process, batches of 100 events, each
+    sleeping ``slow_batch_s`` after its writes (SlowBalancesV2)."""
+    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": str(slow_batch_s), "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", PARTITION_SCRIPT, database_url, key, str(index), "100"],
+        env=env,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+    )
+
+
 def _events(manager: zdr.ReplayManager) -> int:
     return sum(1 for _ in iter_all(manager.reader, manager.engine))
 
@@ -142,13 +156,7 @@ def test_a_partition_killed_mid_batch_resumes_alone(manager, engine, database_ur
     manager.plan_partitions("killed", 3)
     for index in (0, 2):
         assert manager.replay_partition("killed", index, batch_size=300).done
-    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": "0.15", "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", PARTITION_SCRIPT, database_url, "killed", "1", "100"],
-        env=env,
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
+    child = _partition_in_a_process(database_url, "killed", 1, slow_batch_s=0.15)
     try:
         wait_for(
             lambda: _partition_events(engine, "killed")["1"] >= 300 or child.poll() is not None,
@@ -252,13 +260,7 @@ def test_partitions_run_at_once_and_nothing_else_runs_beside_them(manager, engin
     manager.project_live()
     manager.create_replay("busy", ["tests.support:SlowBalancesV2"])
     manager.plan_partitions("busy", 2)
-    env = {**os.environ, "ZDR_TEST_SLOW_BATCH": "0.3", "PYTHONPATH": str(ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, "-c", PARTITION_SCRIPT, database_url, "busy", "0", "100"],
-        env=env,
-        cwd=ROOT,
-        stderr=subprocess.PIPE,
-    )
+    child = _partition_in_a_process(database_url, "busy", 0, slow_batch_s=0.3)
     try:
         wait_for(lambda: _partition_events(engine, "busy")["0"] > 0, timeout=60)
         with pytest.raises(

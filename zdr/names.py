@@ -55,6 +55,7 @@ def validate_live_schema(schema: object, *, table: str) -> str:
 
 LIVE_CHECKPOINT_PREFIX = "live:"
 REPLAY_CHECKPOINT_PREFIX = "replay:"
+PARTITION_CHECKPOINT_PREFIX = "partition:"
 
 
 def live_checkpoint(projection: str) -> str:
@@ -71,7 +72,7 @@ def partition_checkpoints(key: str) -> str:
     """The prefix of a replay's partition plan rows (``zdr.partitions``): one checkpoint per
     partition, ``partition:<key>/<count>/<index>``, and the point they all replay up to,
     ``partition:<key>/<count>/until``. Checkpoint rows, so that ``rebase`` moves them too."""
-    return f"partition:{key}/"
+    return f"{PARTITION_CHECKPOINT_PREFIX}{key}/"
 
 
 def partition_checkpoint(key: str, index: int | str, count: int) -> str:

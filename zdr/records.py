@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from zdr.errors import ReplayNotFound
 from zdr.names import (
+    PARTITION_CHECKPOINT_PREFIX,
     live_checkpoint,
     partition_checkpoint,
     partition_checkpoints,
@@ -289,7 +290,7 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
                    r.dual_write_at, r.promoted_at, r.rolled_back_at, r.superseded_by
             FROM zdr.replays r JOIN zdr.checkpoints c ON c.name = %s || r.key
             WHERE r.key = %s {"FOR UPDATE OF r" if lock else ""}""",
-        (partition_checkpoints("").removesuffix("/"), replay_checkpoint(""), key),
+        (PARTITION_CHECKPOINT_PREFIX, replay_checkpoint(""), key),
     ).first()
     if row is None:
         raise ReplayNotFound(f"no replay with key {key!r}")
