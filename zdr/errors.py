@@ -264,7 +264,26 @@ def is_transient(exc: BaseException) -> bool:
     state = exc.sqlstate
     if state is None:  # libpq's own: no connection, or it broke
         return isinstance(exc, psycopg.OperationalError)
-    return state.startswith("08") or state in _TRANSIENT_STATES
+    return state.startswith("08") or state in _TRANSIENT_STATES or is_stale_plan(exc)
+
+
+def is_stale_plan(exc: BaseException) -> bool:
+    """A statement prepared on this connection before a promotion or rollback swapped its
+    table for another shape ("cached plan must not change result type"). The rollback of
+    the failed (sub)transaction makes psycopg drop its prepared statements, so the next
+    try prepares them again and succeeds."""
+    import psycopg
+    import sqlalchemy.exc
+
+    while isinstance(exc, sqlalchemy.exc.DBAPIError | ZdrError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    return (
+        isinstance(exc, psycopg.Error)
+        and exc.sqlstate == "0A000"
+        and "cached plan must not change result type" in str(exc)
+    )
 
 
 #: SQLSTATEs that passing time can clear (besides class 08, connection exceptions).

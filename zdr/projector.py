@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import importlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
@@ -25,13 +26,16 @@ from zdr.errors import (
     ProjectorError,
     UnknownProjector,
     interrupted,
+    is_stale_plan,
     is_transient,
     one_line,
 )
 from zdr.names import validate_key, validate_live_schema
-from zdr.store import RecordedEvent
+from zdr.store import RecordedEvent, forget_prepared_statements
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+log = logging.getLogger("zdr")
 
 #: Whether the default handle_batch runs the per-event handlers in pipeline mode (off
 #: while a failed batch is run again to name the event it fails on).
@@ -72,6 +76,12 @@ class Projector:
     event_types: ClassVar[frozenset[str]] = frozenset()
     #: None, or "stream": the projector's state is keyed by stream (see above).
     partition_by: ClassVar[str | None] = None
+    #: Whether the default ``handle_batch`` may send the handlers' statements in
+    #: psycopg's pipeline mode. A handler that reads a statement's result (a generated
+    #: key, ``RETURNING``, a SELECT) works either way: zdr sees the pipelined batch
+    #: fail where it would not unpipelined, runs it unpipelined and keeps doing so for
+    #: the class. False skips that first try.
+    pipelined: ClassVar[bool] = True
     _handlers: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -96,7 +106,12 @@ class Projector:
         once, for example by folding it in Python and writing one upsert per table.
         """
         raw = conn.connection.driver_connection
-        if not _PIPELINING.get() or not psycopg.Pipeline.is_supported():
+        if (
+            not _PIPELINING.get()
+            or not self.pipelined
+            or type(self) in _UNPIPELINED
+            or not psycopg.Pipeline.is_supported()
+        ):
             for event in events:
                 getattr(self, self._handlers[event.type])(event, conn)
             return
@@ -104,10 +119,11 @@ class Projector:
             with raw.pipeline():  # type: ignore[union-attr]
                 for event in events:
                     getattr(self, self._handlers[event.type])(event, conn)
-        except (psycopg.Error, sa.exc.DBAPIError) as exc:
+        except Exception as exc:
             # The database reports a statement's error at a later sync: the handler
-            # running then is not the one that failed (apply_events finds it).
-            exc._zdr_pipelined = True  # type: ignore[union-attr]
+            # running then is not the one that failed; and a handler that reads what a
+            # statement returned finds nothing yet (apply_events runs it unpipelined).
+            exc._zdr_pipelined = True  # type: ignore[attr-defined]
             raise
 
     # -- helpers -------------------------------------------------------------
@@ -203,19 +219,44 @@ def apply_events(
         return
     if own_copy:
         relevant = [copy_event(e) for e in relevant]
+    first = relevant
+    if _may_pipeline(projector):  # a second, unpipelined try gets the events untouched
+        first = [copy_event(e) for e in relevant]
     try:
         # In a savepoint (two statements a batch): if the batch fails, it can be tried
         # again event by event to name the event that fails.
         with conn.begin_nested():
-            projector.handle_batch(relevant, conn)
+            projector.handle_batch(first, conn)
     except ProjectorError:
         raise
     except Exception as exc:
         if is_transient(exc):  # the database's failure, not the projector's
+            if is_stale_plan(exc):  # a swap changed a table's shape: prepare again
+                forget_prepared_statements(conn)
             span = f"events {relevant[0].position}..{relevant[-1].position}"
             raise interrupted(f"projecting {span} to {where}", exc) from exc
         if getattr(exc, "_zdr_pipelined", False):
-            culprit = _failing_unpipelined(projector, relevant, conn)
+            try:
+                _unpipelined(projector, relevant, conn)
+            except Exception as again:
+                if is_transient(again):
+                    span = f"events {relevant[0].position}..{relevant[-1].position}"
+                    raise interrupted(f"projecting {span} to {where}", again) from again
+                culprit = _failing_event(again)
+                if culprit is not None:  # the handler's own error, where its statement failed
+                    exc = again
+            else:
+                # Only pipeline mode failed it: a handler reads a statement's result
+                # (a generated key, RETURNING). The batch is applied, unpipelined.
+                _UNPIPELINED.add(type(projector))
+                log.info(
+                    "projector %r reads what its statements return (%s): its handlers run "
+                    "one statement at a time from now on (set pipelined = False on the "
+                    "class to say so)",
+                    projector.name,
+                    one_line(exc),
+                )
+                return
         else:
             culprit = _failing_event(exc)
         culprit = culprit or _first_failing(projector, relevant, conn)
@@ -310,23 +351,32 @@ def _first_failing(
         return None
 
 
-def _failing_unpipelined(
+#: Projector classes whose batches failed in pipeline mode and applied without it.
+_UNPIPELINED: set[type[Projector]] = set()
+
+
+def _may_pipeline(projector: Projector) -> bool:
+    """Whether the projector's batch goes through the default, pipelined ``handle_batch``."""
+    cls = type(projector)
+    return (
+        cls.handle_batch is Projector.handle_batch
+        and cls.pipelined
+        and cls not in _UNPIPELINED
+        and _PIPELINING.get()
+    )
+
+
+def _unpipelined(
     projector: Projector, events: Sequence[RecordedEvent], conn: sa.Connection
-) -> RecordedEvent | None:
-    """The event a pipelined batch failed on: the batch run again one statement at a
-    time, in a savepoint rolled back, so the error comes from its own handler."""
+) -> None:
+    """Apply a batch that failed in pipeline mode again, one statement at a time, in a
+    savepoint of its own: kept if it applies; if it fails, the error comes from the
+    handler whose statement failed (in pipeline mode the database reports it at a later
+    sync, in whichever handler runs then)."""
     token = _PIPELINING.set(False)
     try:
-        attempt = conn.begin_nested()
-        try:
-            projector.handle_batch([copy_event(e) for e in events], conn)
-            return None
-        except Exception as exc:
-            return _failing_event(exc)
-        finally:
-            attempt.rollback()
-    except Exception:  # the transaction cannot take a savepoint any more
-        return None
+        with conn.begin_nested():
+            projector.handle_batch(events, conn)
     finally:
         _PIPELINING.reset(token)
 

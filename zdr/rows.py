@@ -12,13 +12,22 @@ with no SQL; zdr does the database work once per batch instead of once per event
 So a batch of 10,000 events over 500 accounts costs four statements, not 10,000.
 It runs inside the batch's transaction like any projector: exactly once, rolled
 back with its checkpoint.
+
+A row holds, after each event, what its columns can hold: a value of a column that
+keeps less than Python does (``numeric(12,2)``, ``varchar(n)``, ``char(n)``,
+``timestamp(p)``, ``real``) is stored the way PostgreSQL would store it before the
+next event sees it. So the rows do not depend on where batches are cut: one event
+per batch (live) and 50,000 (a replay) give the same rows.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import operator
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -120,6 +129,7 @@ class RowProjector(Projector):
     ) -> dict[Any, Row]:
         """Apply every event to its row, in order (``event`` names the failing one)."""
         handlers = {t: getattr(self, m) for t, m in self._handlers.items()}
+        stores = plan.stores
         rows: dict[Any, Row] = {}
         for event, key in zip(events, keys, strict=True):
             row = rows.get(key)
@@ -128,6 +138,12 @@ class RowProjector(Projector):
                 row = rows[key] = plan.row(key, values)
             handlers[event.type](row, event)
             row.new = False  # the next event of this key finds the row there
+            if stores and not row.deleted:
+                # What the columns keep, as the next batch would load it.
+                for name, store in stores:
+                    value = row.get(name)
+                    if value is not None:
+                        row[name] = store(value)
         return rows
 
 
@@ -158,6 +174,14 @@ class _Plan:
             i for i, c in enumerate(table.columns) if isinstance(c.type, sa.JSON | sa.ARRAY)
         ]
         self.types = {c.name: c.type.compile(dialect=_DIALECT) for c in table.columns}
+        #: The table's columns and their types: the scratch table is made for one shape.
+        self.shape = ", ".join(f"{name} {kind}" for name, kind in self.types.items())
+        #: Columns that keep less than a Python value holds, with what they keep of one.
+        self.stores = [
+            (c.name, store)
+            for c in table.columns
+            if (store := _storing(c, f"{self.where}: column {table.name}.{c.name}")) is not None
+        ]
 
     def row(self, key: Any, values: tuple[Any, ...] | None) -> Row:
         if values is not None:
@@ -274,11 +298,14 @@ class _Plan:
         return match, [[k[i] for k in keys] for i in range(len(self.key_columns))]
 
     def _upsert(self, cur: Any, target: sql.Composable, changed: list[tuple[Any, ...]]) -> None:
-        # A temporary table of the target's shape, one per session and target copy; its
-        # rows go at commit, and the upsert empties it so that a second batch in one
+        # A temporary table of the target's shape, one per session, target copy and
+        # shape: after a promotion or a rollback the same name holds another version of
+        # the table, which must not be written through the old one's columns. Its rows
+        # go at commit, and the upsert empties it so that a second batch in one
         # transaction starts empty too.
         scratch = sql.Identifier(
-            "zdr_rows_" + hashlib.sha1(target.as_string(cur).encode()).hexdigest()[:20]
+            "zdr_rows_"
+            + hashlib.sha1(f"{target.as_string(cur)} {self.shape}".encode()).hexdigest()[:20]
         )
         cols = sql.SQL(", ").join(map(sql.Identifier, self.columns))
         # Its columns' types without their constraints: a NOT NULL a handler left unset
@@ -317,6 +344,116 @@ class _Plan:
                 update,
             )
         )
+
+
+def _storing(column: sa.Column[Any], where: str) -> Callable[[Any], Any] | None:
+    """What the column keeps of a value, as a function (None: all of it).
+
+    PostgreSQL's own rules: numeric rounds half away from zero to its scale and
+    refuses what overflows its precision; varchar(n) and char(n) refuse a longer
+    value unless the rest is spaces (cut), char(n) pads; timestamp(p) rounds to p
+    digits; real keeps a float's nearest single-precision value (read back as its
+    shortest text). Values of another Python type than the column's are left alone.
+    """
+    kind = column.type
+    if isinstance(kind, sa.Float):
+        precision = kind.precision
+        if isinstance(kind, sa.REAL) or (precision is not None and precision <= 24):
+            return _real
+        return None
+    if isinstance(kind, sa.Numeric):
+        if kind.precision is None:
+            return None
+        return _numeric(kind.precision, kind.scale or 0, where)
+    if isinstance(kind, sa.String) and not isinstance(kind, sa.Enum):
+        if kind.length is None:
+            return None
+        return _characters(kind.length, pad=isinstance(kind, sa.CHAR), where=where)
+    precision = getattr(kind, "precision", None)
+    if isinstance(kind, sa.DateTime) and isinstance(precision, int) and 0 <= precision < 6:
+        return _timestamp(precision)
+    return None
+
+
+def _numeric(precision: int, scale: int, where: str) -> Callable[[Any], Any]:
+    exponent = Decimal(1).scaleb(-scale)
+    digits = precision - scale
+
+    def store(value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, Decimal | int | float):
+            return value
+        number = value if isinstance(value, Decimal) else Decimal(repr(value))
+        if not number.is_finite():
+            return number
+        kept = number.quantize(exponent, rounding=ROUND_HALF_UP)
+        if kept and kept.adjusted() >= digits:
+            raise ValueError(
+                f"{where}: {value} overflows numeric({precision},{scale}) (numeric field "
+                f"overflow: its absolute value must be below 10^{digits})"
+            )
+        return kept
+
+    return store
+
+
+def _characters(length: int, *, pad: bool, where: str) -> Callable[[Any], Any]:
+    kind = f"character({length})" if pad else f"character varying({length})"
+
+    def store(value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if len(value) > length:
+            if value[length:].strip(" "):
+                raise ValueError(
+                    f"{where}: value too long for type {kind} ({len(value)} characters: "
+                    f"{value[:20]!r}...)"
+                )
+            value = value[:length]
+        return value.ljust(length) if pad else value
+
+    return store
+
+
+#: PostgreSQL's timestamps count from here; it rounds a tie away from it.
+_PG_EPOCH = dt.datetime(2000, 1, 1)
+_PG_EPOCH_UTC = _PG_EPOCH.replace(tzinfo=dt.UTC)
+
+
+def _timestamp(precision: int) -> Callable[[Any], Any]:
+    unit = 10 ** (6 - precision)
+
+    def store(value: Any) -> Any:
+        if not isinstance(value, dt.datetime):
+            return value
+        extra = value.microsecond % unit
+        if not extra:
+            return value
+        down = value - dt.timedelta(microseconds=extra)
+        if extra * 2 < unit:
+            return down
+        if extra * 2 == unit and value < (_PG_EPOCH_UTC if value.tzinfo else _PG_EPOCH):
+            return down
+        return down + dt.timedelta(microseconds=unit)
+
+    return store
+
+
+_FLOAT4 = struct.Struct("f")
+
+
+def _real(value: Any) -> Any:
+    """A float as a real column gives it back: the nearest single-precision value, read
+    from its shortest text (as PostgreSQL prints it)."""
+    if isinstance(value, bool) or not isinstance(value, float | int | Decimal):
+        return value
+    single = _FLOAT4.unpack(_FLOAT4.pack(float(value)))[0]
+    if single != single or single in (float("inf"), float("-inf")):
+        return single
+    for digits in range(1, 10):
+        text = f"{single:.{digits}g}"
+        if _FLOAT4.unpack(_FLOAT4.pack(float(text)))[0] == single:
+            return float(text)
+    return single
 
 
 def _scalar_default(column: sa.Column[Any]) -> Any:

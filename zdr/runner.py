@@ -47,7 +47,13 @@ from zdr.projector import Projector, apply_events
 from zdr.registry import Registry
 from zdr.replay import Progress, Replay, ReplayState
 from zdr.settings import DEFAULTS, Settings, lock_timeout_setting
-from zdr.store import Cursor, EventReader, RecordedEvent, mark_runner_transaction
+from zdr.store import (
+    Cursor,
+    EventReader,
+    RecordedEvent,
+    forget_prepared_statements,
+    mark_runner_transaction,
+)
 
 log = logging.getLogger("zdr")
 
@@ -266,6 +272,8 @@ class LiveRunner:
         self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
         self._unloadable: set[str] = set()  # live projectors said to be unloadable
+        #: The live copies and their projectors' paths at the last batch (a swap changes them).
+        self._versions: frozenset[tuple[str, tuple[str, ...]]] | None = None
         #: Projector errors of live read models, collected while ``until_idle`` runs
         #: (None otherwise: ``follow`` logs them and keeps nothing).
         self._failed: list[ProjectorError] | None = None
@@ -376,7 +384,9 @@ class LiveRunner:
             # Held for this batch only; a swap waits for it and we wait for a swap.
             lock_live_batch(conn)
             now = time.monotonic()
-            found = [t for t in self.targets(conn) if self._resting.get(t.checkpoint, 0.0) <= now]
+            every = self.targets(conn)
+            self._forget_plans_after_swap(conn, every)
+            found = [t for t in every if self._resting.get(t.checkpoint, 0.0) <= now]
             if not found:
                 return 0, 0
             live = [t for t in found if t.replay_key is None]
@@ -412,6 +422,23 @@ class LiveRunner:
                     )
                     work += done
             return live_applied, work
+
+    def _forget_plans_after_swap(self, conn: sa.Connection, targets: list[Target]) -> None:
+        """After a promotion or rollback put another projector version live, drop the
+        statements this connection prepared on the tables it replaced.
+
+        The live tables keep their names across a swap but may change shape (a column
+        added, a type changed): a statement prepared on the old shape would fail with
+        "cached plan must not change result type".
+        """
+        versions = frozenset(
+            (t.checkpoint, tuple(p.import_path() for p in t.projectors))
+            for t in targets
+            if t.replay_key is None
+        )
+        if self._versions is not None and versions != self._versions:
+            forget_prepared_statements(conn)
+        self._versions = versions
 
     def _apply_live(
         self, conn: sa.Connection, target: Target, events: Sequence[RecordedEvent], *, shared: bool

@@ -14,6 +14,7 @@ or above the horizon the reader used, so it sorts after everything read so far.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import math
 import re
@@ -620,6 +621,26 @@ def _bounded_int(digits: str) -> int:
 def driver_connection(conn: sa.Connection) -> Any:
     """The psycopg connection under a SQLAlchemy one (same transaction)."""
     return conn.connection.driver_connection
+
+
+#: Names of the savepoints ``forget_prepared_statements`` rolls back, each new.
+_FORGETTING = itertools.count(1)
+
+
+def forget_prepared_statements(conn: sa.Connection) -> None:
+    """Make psycopg drop the statements it prepared on this connection (in the server
+    too), inside the connection's open transaction, which goes on unchanged.
+
+    After a promotion or rollback a table keeps its name but may change shape; a
+    statement prepared on the old shape fails ("cached plan must not change result
+    type"). psycopg drops every prepared statement when it sees a rollback it has
+    not seen before: an empty savepoint of a new name, rolled back, is one.
+    """
+    name = f"zdr_forget_{next(_FORGETTING)}"
+    with driver_connection(conn).cursor() as cur:
+        cur.execute(f"SAVEPOINT {name}")
+        cur.execute(f"ROLLBACK TO SAVEPOINT {name}")
+        cur.execute(f"RELEASE SAVEPOINT {name}")
 
 
 def _positions(conn: sa.Connection, statement: str, params: tuple[Any, ...]) -> list[int]:
