@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+import zdr
 from zdr import reports
 from zdr.cli.app import (
     AsJson,
@@ -41,7 +42,8 @@ def status(
     with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
     if as_json:
-        print_json(rows)
+        # Replays, then (without KEY) the live read models, told apart by "kind".
+        print_json([{"kind": "replay", **row} for row in rows] + live_rows(manager, key))
         return
     if rows:
         table = Table(*reports.STATUS_COLUMNS)
@@ -54,12 +56,29 @@ def status(
     else:
         err.print("no replays")
     if key is None:
-        live = manager.live_lag()
+        live = manager.live_status()
         if live:
-            table = Table("live projection", "lag")
-            for name, value in live.items():
-                table.add_row(name, f"{value:,}")
+            table = Table("live projection", "projector", "lag", "state")
+            for row in live:
+                failing = row["state"] == "failing"
+                table.add_row(
+                    row["projection"],
+                    row["projector"],
+                    f"{row['lag']:,}",
+                    "[red]failing[/red]" if failing else row["state"],
+                )
             out.print(table)
+            for row in live:
+                if row["state"] == "failing":
+                    name = escape(repr(row["projection"]))
+                    err.print(
+                        f"[red]live projection {name} stands still[/red] "
+                        f"since {row['failing_since']:%Y-%m-%d %H:%M:%S %Z}: "
+                        f"{escape(row['error'])}. Fix the projector and restart `zdr live`: "
+                        "it goes on from its checkpoint",
+                        highlight=False,
+                        soft_wrap=True,
+                    )
             pid = manager.live_runner_pid()
             if pid is None:
                 err.print(
@@ -78,6 +97,11 @@ def status(
             highlight=False,
             soft_wrap=True,
         )
+
+
+def live_rows(manager: zdr.ReplayManager, key: str | None) -> list[dict[str, Any]]:
+    """The live read models' rows of `zdr status --json` (none for one replay's status)."""
+    return [] if key is not None else manager.live_status()
 
 
 @app.command()

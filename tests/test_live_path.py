@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -417,6 +418,39 @@ def test_a_live_read_model_that_breaks_on_a_new_event_stays_behind_and_the_other
     with pytest.raises(zdr.ProjectorError, match="event 102 .*acc-poison"):
         manager.project_live()
     assert "acc-one-off" in balances(engine)
+
+
+def test_status_shows_a_live_read_model_that_stands_still_until_it_is_written_again(
+    engine, zdr_cli, monkeypatch
+):
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
+    manager.setup()
+    seed(manager.store, 20)
+    manager.project_live()
+    _open_and_deposit(manager, "acc-poison")
+    with pytest.raises(zdr.ProjectorError):
+        manager.project_live()
+
+    code, out, err = zdr_cli("status")
+    assert code == 0, err
+    assert "failing" in out
+    assert "live projection 'history' stands still since" in err and "acc-poison" in err
+    code, out, err = zdr_cli("status", "--json")
+    live = {row["projection"]: row for row in json.loads(out) if row["kind"] == "live"}
+    assert live["history"]["state"] == "failing"
+    # The deposit; the opening (21) is not History's event.
+    assert live["history"]["error_position"] == 22
+    assert "cannot project acc-poison" in live["history"]["error"]
+    assert live["history"]["lag"] == 2 and live["balances"]["lag"] == 0
+    assert live["balances"]["state"] == "following" and live["balances"]["error"] is None
+
+    # The projector fixed (its module, as a restart would load it): written, and said so.
+    monkeypatch.setattr(PoisonedHistory, "handle_batch", History.handle_batch)
+    manager.project_live()
+    code, out, err = zdr_cli("status", "--json")
+    live = {row["projection"]: row for row in json.loads(out) if row["kind"] == "live"}
+    assert live["history"]["state"] == "following" and live["history"]["error"] is None
+    assert "stands still" not in zdr_cli("status")[2]
 
 
 def test_a_broken_live_read_model_costs_the_runner_no_memory_and_no_false_alarm(engine, caplog):

@@ -65,6 +65,14 @@ CREATE_STATEMENTS = [
         "zdr.replays(superseded_by)",
         "ALTER TABLE zdr.replays ADD COLUMN IF NOT EXISTS superseded_by text",
     ),
+    # Added later: why a live read model stands still (its projector raised on an event
+    # or cannot be loaded), for `zdr status`; empty while it is written.
+    (
+        "zdr.projections(error)",
+        """ALTER TABLE zdr.projections ADD COLUMN IF NOT EXISTS error text,
+           ADD COLUMN IF NOT EXISTS error_position bigint,
+           ADD COLUMN IF NOT EXISTS failing_since timestamptz""",
+    ),
     (
         "zdr.runs",
         """CREATE TABLE IF NOT EXISTS zdr.runs (

@@ -897,6 +897,28 @@ class ReplayManager:
             cursors = records.live_checkpoints(conn)
             return {name: self.reader.count_after(conn, c) for name, c in cursors.items()}
 
+    @_translate_errors
+    def live_status(self) -> list[dict[str, Any]]:
+        """Every live read model: its projector, position and lag, and whether the live
+        runner writes it (``state`` "following") or it stands still (``"failing"``, with
+        the error, the event it failed on, and since when)."""
+        with self.engine.connect() as conn, conn.begin():
+            cluster.require_same_log(conn, self.reader, record=False)
+            return [
+                {
+                    "kind": "live",
+                    "projection": live.name,
+                    "projector": live.projector,
+                    "position": live.cursor.position,
+                    "lag": self.reader.count_after(conn, live.cursor),
+                    "state": "following" if live.error is None else "failing",
+                    "error": live.error,
+                    "error_position": live.error_position,
+                    "failing_since": live.failing_since,
+                }
+                for live in records.live_projections(conn)
+            ]
+
     def horizon(self) -> Horizon:
         """The safe horizon the runners read under and, when an open transaction anywhere
         in the cluster holds it back, that transaction: pid, database, user, application,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import sqlalchemy as sa
@@ -203,14 +204,58 @@ def add_projection(conn: sa.Connection, name: str, path: str, schemas: Sequence[
     add_checkpoint(conn, live_checkpoint(name))
 
 
-def live_targets(conn: sa.Connection) -> list[tuple[str, str, Cursor]]:
-    """(projection, projector path, checkpoint) of every live copy, by name."""
+@dataclass(frozen=True)
+class LiveProjection:
+    """A live copy as zdr's records hold it: who writes it, where it stands, and why it
+    stands still if it does (``error``: its projector raised on the event at
+    ``error_position``, or cannot be loaded)."""
+
+    name: str
+    projector: str
+    cursor: Cursor
+    error: str | None = None
+    error_position: int | None = None
+    failing_since: dt.datetime | None = None
+
+
+def live_projections(conn: sa.Connection) -> list[LiveProjection]:
+    """Every live copy, by name (an install from before the error columns reads none)."""
     rows = conn.exec_driver_sql(
-        """SELECT p.name, p.projector, c.txid, c.position FROM zdr.projections p
+        """SELECT p.name, p.projector, c.txid, c.position, to_jsonb(p) ->> 'error',
+                  (to_jsonb(p) ->> 'error_position')::bigint,
+                  (to_jsonb(p) ->> 'failing_since')::timestamptz
+           FROM zdr.projections p
            JOIN zdr.checkpoints c ON c.name = %s || p.name ORDER BY p.name""",
         (live_checkpoint(""),),
     )
-    return [(name, path, Cursor(txid, position)) for name, path, txid, position in rows]
+    return [
+        LiveProjection(name, path, Cursor(txid, position), error, at, since)
+        for name, path, txid, position, error, at, since in rows
+    ]
+
+
+def live_targets(conn: sa.Connection) -> list[tuple[str, str, Cursor]]:
+    """(projection, projector path, checkpoint) of every live copy, by name."""
+    return [(p.name, p.projector, p.cursor) for p in live_projections(conn)]
+
+
+def set_live_error(conn: sa.Connection, projection: str, error: str, position: int | None) -> None:
+    """Record why a live read model stands still (kept from the first failure on)."""
+    conn.exec_driver_sql(
+        """UPDATE zdr.projections SET error = %s, error_position = %s,
+                  failing_since = coalesce(failing_since, now())
+           WHERE name = %s""",
+        (error, position, projection),
+    )
+
+
+def clear_live_error(conn: sa.Connection, projection: str) -> None:
+    """The live read model is written again."""
+    conn.exec_driver_sql(
+        """UPDATE zdr.projections SET error = NULL, error_position = NULL, failing_since = NULL
+           WHERE name = %s AND error IS NOT NULL""",
+        (projection,),
+    )
 
 
 def set_live_projector(conn: sa.Connection, projection: str, path: str) -> str:

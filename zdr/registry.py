@@ -142,9 +142,12 @@ def register_live(conn: sa.Connection, projector: Projector) -> None:
         records.add_projection(conn, projector.name, path, projector.schemas())
         log.info("projection %r is live with %s", projector.name, path)
     elif live_path != path:
+        # The database's record wins: a restart with an older command line must not
+        # undo a promotion (only a rollback does).
         log.warning(
-            "projection %r is live with %s; %s is registered and will be used by "
-            "replays until one of them is promoted",
+            "projection %r is live with %s (its promoted version): live runners apply "
+            "that one; %s, given here, is only used by a replay created with the "
+            "projection's name",
             projector.name,
             live_path,
             path,

@@ -72,6 +72,9 @@ class Target:
     where: str
     cursor: Cursor
     replay_key: str | None = None
+    #: A live copy's projection, and why it stood still when last written (or None).
+    projection: str | None = None
+    error: str | None = None
 
 
 def replay_target(registry: Registry, replay: Replay, *, where: str | None = None) -> Target:
@@ -460,7 +463,15 @@ class LiveRunner:
                 self._stay_behind(target, exc)
                 return False
             raise
+        self._written(conn, target)
         return True
+
+    def _written(self, conn: sa.Connection, target: Target) -> None:
+        """A live copy that stood still moved again: its recorded error goes."""
+        if target.projection is not None and target.error is not None:
+            records.clear_live_error(conn, target.projection)
+            log.info("%s is written again", target.where)
+            target.error = None
 
     def _slice(self, target: Target, most: int) -> int:
         """How many events ``target`` can apply in about ``settings.slice_budget_s``: from
@@ -517,8 +528,9 @@ class LiveRunner:
         took = (time.perf_counter() - started) / len(events)
         old = self._cost.get(name)
         self._cost[name] = took if old is None else (old + took) / 2
-        if self._resting.pop(name, None) is not None:
+        if self._resting.pop(name, None) is not None and target.error is None:
             log.info("%s is written again", target.where)
+        self._written(conn, target)
         return len(events), own_setting
 
     def _stay_behind(self, target: Target, exc: Exception) -> None:
@@ -541,6 +553,8 @@ class LiveRunner:
             records.set_state(conn, target.replay_key, ReplayState.FAILED, error=str(exc))
             self._resting.pop(target.checkpoint, None)
             return
+        if target.projection is not None:  # `zdr status` shows it until it is written
+            records.set_live_error(conn, target.projection, str(exc), exc.position)
         if self._failed is not None:
             self._failed.append(exc)
         log.error(
@@ -561,20 +575,21 @@ class LiveRunner:
         error names the path). Either way the other read models go on.
         """
         found = []
-        for name, path, cursor in records.live_targets(conn):
+        for live in records.live_projections(conn):
+            name, path = live.name, live.projector
             try:
                 projector = self.registry.for_path(path)
             except Exception as exc:  # an import runs arbitrary code: anything may come out
                 if path not in self._unloadable:
                     self._unloadable.add(path)
-                    log.error(
-                        "live projection %r stands still: its projector %s cannot be loaded "
-                        "by this live runner (%s); the other read models go on. Give the "
-                        "live runner that projector (zdr live -p ...) or make it importable",
-                        name,
-                        path,
-                        one_line(exc),
+                    message = (
+                        f"live projection {name!r} stands still: its projector {path} cannot "
+                        f"be loaded by this live runner ({one_line(exc)}); the other read "
+                        "models go on. Give the live runner that projector (zdr live -p "
+                        "...) or make it importable"
                     )
+                    log.error("%s", message)
+                    records.set_live_error(conn, name, message, None)
                 continue
             found.append(
                 Target(
@@ -582,7 +597,9 @@ class LiveRunner:
                     projectors=[projector],
                     schema_map=None,
                     where=f"live projection {name!r}",
-                    cursor=cursor,
+                    cursor=live.cursor,
+                    projection=name,
+                    error=live.error,
                 )
             )
         for key in records.replay_keys(conn, ReplayState.DUAL_WRITING):

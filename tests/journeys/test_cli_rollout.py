@@ -42,6 +42,13 @@ def test_new_versions_go_live_roll_back_and_go_live_again_under_one_running_live
 
     roll_out(2)  # a column added
     journey.assert_live_is(2)
+    # Restarted with yesterday's command line: the promotion holds, and it says so.
+    journey.stop_live()
+    journey.start_live(paths(1))
+    journey.assert_live_is(2)
+    assert "is live with tests.journeys.wallets:WalletsV2 (its promoted version)" in (
+        journey.live_log.read_text()
+    )
     _ok(zdr_cli("rollback", "v2", "--yes"))
     journey.assert_live_is(1)
     _ok(zdr_cli("enable-dual-write", "v2"))
@@ -60,4 +67,5 @@ def test_new_versions_go_live_roll_back_and_go_live_again_under_one_running_live
     assert journey.appending.appended > 100
     assert journey.live is not None and journey.live.poll() is None
     log = journey.live_log.read_text()
-    assert " ERROR " not in log and " WARNING " not in log, log
+    warnings = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert all("(its promoted version)" in line for line in warnings), log
