@@ -379,3 +379,54 @@ def test_verification_takes_no_transaction_id_and_makes_no_live_write_wait(
     assert report.equal
     assert seen["modes"] == {"AccessShareLock"} and seen["xid"] is None
     assert report.snapshot_seconds is not None and report.snapshot_seconds > 0
+
+
+def _retyped(engine, live_columns: str, replay_columns: str, live_rows, replay_rows):
+    """A table `retyped` in the live schema and the replay's, each with its own columns."""
+    with engine.begin() as conn:
+        for schema, columns, rows in (
+            ("bank_balances", live_columns, live_rows),
+            ("zdr_same_1", replay_columns, replay_rows),
+        ):
+            conn.exec_driver_sql(f"CREATE TABLE {schema}.retyped ({columns})")
+            for row in rows:
+                marks = ", ".join(["%s"] * len(row))
+                conn.exec_driver_sql(f"INSERT INTO {schema}.retyped VALUES ({marks})", row)
+
+
+def test_columns_a_new_version_retyped_are_compared_by_value(same_version, engine):
+    """integer -> bigint, varchar -> text, numeric(12,2) -> numeric(14,4), real -> double
+    precision: the values are compared as readers see them, however wrong."""
+    live_columns = (
+        "id integer PRIMARY KEY, n integer, name varchar(20), amount numeric(12, 2), ratio real"
+    )
+    replay_columns = (
+        "id bigint PRIMARY KEY, n bigint, name text, amount numeric(14, 4), ratio float8"
+    )
+    rows = [(1, 10, "a", "1.50", 0.5), (2, None, "b", "2.00", 0.25)]
+    _retyped(engine, live_columns, replay_columns, rows, rows)
+    [table] = [t for t in same_version.verify("same").tables if t.table.endswith("retyped")]
+    assert table.equal and table.compared_columns == ["id", "n", "name", "amount", "ratio"]
+    assert table.primary_key == ["id"] and not table.uncomparable_columns
+
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE zdr_same_1.retyped SET n = 11, name = 'B' WHERE id IN (1, 2)")
+    report = same_version.verify("same")
+    assert not report.equal
+    changed = {d.key["id"]: d.columns for d in report.differences if d.table.endswith("retyped")}
+    assert changed == {1: ["n", "name"], 2: ["n", "name"]}
+
+
+def test_a_column_whose_types_cannot_be_compared_makes_the_report_not_equal(same_version, engine):
+    _retyped(
+        engine,
+        "id integer PRIMARY KEY, doc text",
+        "id integer PRIMARY KEY, doc jsonb",
+        [(1, '{"a": 1}')],
+        [(1, '{"a": 1}')],
+    )
+    report = same_version.verify("same")
+    [table] = [t for t in report.tables if t.table.endswith("retyped")]
+    assert table.uncomparable_columns == ["doc"] and table.compared_columns == ["id"]
+    assert not table.equal and not report.equal
+    assert "types not comparable: doc" in report.to_markdown()

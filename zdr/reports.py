@@ -252,7 +252,8 @@ def verification_cells(report: VerificationReport) -> list[list[str]]:
 
 
 def differing(table: TableReport) -> str:
-    """The columns that differ and the count of rows that do; ``-`` when nothing does."""
+    """The columns that differ, those whose types cannot be compared, and the count of
+    rows that differ; ``-`` when nothing does."""
     rows = ", ".join(
         f"{n:,} {what}"
         for n, what in (
@@ -262,7 +263,12 @@ def differing(table: TableReport) -> str:
         )
         if n
     )
-    parts = [", ".join(table.differing_columns), f"rows: {rows}" if rows else ""]
+    uncomparable = ", ".join(table.uncomparable_columns)
+    parts = [
+        ", ".join(table.differing_columns),
+        f"types not comparable: {uncomparable}" if uncomparable else "",
+        f"rows: {rows}" if rows else "",
+    ]
     return "; ".join(p for p in parts if p) or "-"
 
 

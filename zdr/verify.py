@@ -33,9 +33,13 @@ count, the sum of row hashes and, when those differ, rows only live has and rows
 only the replay has (``EXCEPT ALL``), counted, not listed (there is no key to
 name them by); its differing columns are those whose multiset of values differs.
 
-Columns are compared when both copies have them with the same type (as
-information_schema names it: numeric(12, 4) and numeric are one); when the
-replay is a new shape, per-column summaries of both sides are reported too.
+Columns are compared when both copies have them with types whose values compare
+as readers see them: the same type (as information_schema names it: numeric(12, 4)
+and numeric are one, so are timestamps of any precision), integers of any width and
+numerics (1 = 1.00), text and varchar, real and double precision. A column both
+copies have with types that cannot be compared so (text and jsonb, say) is named in
+``uncomparable_columns`` and makes the table not equal. When the replay is a new
+shape, per-column summaries of both sides are reported too.
 """
 
 from __future__ import annotations
@@ -105,6 +109,8 @@ class TableReport:
     missing_rows: int = 0
     extra_rows: int = 0
     changed_rows: int = 0
+    #: Columns both copies have, with types whose values cannot be compared.
+    uncomparable_columns: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -112,6 +118,7 @@ class TableReport:
             self.live_rows is not None
             and self.live_rows == self.replay_rows
             and not self.differing_columns
+            and not self.uncomparable_columns
             and not (self.missing_rows or self.extra_rows or self.changed_rows)
         )
 
@@ -224,13 +231,21 @@ def _compare_table(
 ) -> tuple[TableReport, list[Difference], bool]:
     live_cols = _columns(conn, live, table)
     side_cols = _columns(conn, side, table)
-    shared = {c: t for c, t in live_cols.items() if side_cols.get(c) == t}
+    both = [c for c in live_cols if c in side_cols]
+    shared = [c for c in both if _family(live_cols[c]) == _family(side_cols[c])]
     key = _primary_key(conn, live, table)
     if key != _primary_key(conn, side, table) or not set(key) <= set(shared):
         key = []
     outcome = _Outcome()
     if live_cols and side_cols and shared:
-        pair = _Pair(live, side, table, shared, key)
+        pair = _Pair(
+            live,
+            side,
+            table,
+            {c: live_cols[c] for c in shared},
+            {c: side_cols[c] for c in shared},
+            key,
+        )
         if key:
             outcome = pair.by_key(conn, budget=budget, chunk_rows=chunk_rows)
         else:
@@ -244,8 +259,9 @@ def _compare_table(
         replay_rows=outcome.replay_rows,
         compared_columns=list(shared),
         differing_columns=[c for c in shared if c in outcome.differing_columns],
-        only_live_columns=[c for c in live_cols if c not in shared],
-        only_replay_columns=[c for c in side_cols if c not in shared],
+        only_live_columns=[c for c in live_cols if c not in side_cols],
+        only_replay_columns=[c for c in side_cols if c not in live_cols],
+        uncomparable_columns=[c for c in both if c not in shared],
         primary_key=key,
         summary=_summaries(conn, live, side, table, live_cols, side_cols)
         if list(live_cols.items()) != list(side_cols.items())
@@ -284,30 +300,25 @@ class _Pair:
     """
 
     def __init__(
-        self, live: str, side: str, table: str, columns: dict[str, str], key: list[str]
+        self,
+        live: str,
+        side: str,
+        table: str,
+        live_types: dict[str, str],
+        side_types: dict[str, str],
+        key: list[str],
     ) -> None:
         self.name = f"{live}.{table}"
-        self.columns = list(columns)
+        self.columns = list(live_types)
         self.key = key
         self.live = sql.Identifier(live, table)
         self.side = sql.Identifier(side, table)
-        texts = [
-            sql.SQL('quote_nullable({}) COLLATE "C"').format(_canonical(c, t))
-            for c, t in columns.items()
-        ]
-        self.row_text = sql.SQL(" || ',' || ").join(texts)
-        self.row_hash = sql.SQL("hashtextextended({}, 0)").format(self.row_text)
-        self.column_hashes = sql.SQL(", ").join(
-            sql.SQL("coalesce(sum(hashtextextended({}, 0)), 0)").format(t) for t in texts
-        )
+        #: Each copy's expressions, from its own column types (a new version may have
+        #: changed them).
+        self.live_texts, self.side_texts = _Texts(live_types), _Texts(side_types)
         self.keys = sql.SQL(", ").join(map(sql.Identifier, key))
         n = len(self.columns)
         at = [self.columns.index(k) for k in key]
-        # The row's values and its per-column texts, under names no column can clash with.
-        self.values_and_texts = sql.SQL(", ").join(
-            [sql.SQL("{} AS {}").format(sql.Identifier(c), _v(i)) for i, c in enumerate(columns)]
-            + [sql.SQL("{} AS {}").format(t, _t(i)) for i, t in enumerate(texts)]
-        )
         differs = [sql.SQL("l.{0} IS DISTINCT FROM r.{0}").format(_t(i)) for i in range(n)]
         self.pairs = sql.SQL(
             """d AS (
@@ -356,9 +367,15 @@ class _Pair:
             upto = self._boundary(conn, after, chunk_rows)
             where, params = self._range(after, upto)
             statement = sql.SQL(
-                """SELECT 0, count(*), coalesce(sum({h}), 0) FROM {live} {where}
-                   UNION ALL SELECT 1, count(*), coalesce(sum({h}), 0) FROM {side} {where}"""
-            ).format(h=self.row_hash, live=self.live, side=self.side, where=where)
+                """SELECT 0, count(*), coalesce(sum({lh}), 0) FROM {live} {where}
+                   UNION ALL SELECT 1, count(*), coalesce(sum({rh}), 0) FROM {side} {where}"""
+            ).format(
+                lh=self.live_texts.row_hash,
+                rh=self.side_texts.row_hash,
+                live=self.live,
+                side=self.side,
+                where=where,
+            )
             sums = {side: (rows, total) for side, rows, total in _rows(conn, statement, params * 2)}
             live_rows += sums[0][0]
             replay_rows += sums[1][0]
@@ -407,11 +424,16 @@ class _Pair:
     ) -> None:
         """Join the two copies on the key inside one range: count, and list what fits."""
         pairs = sql.SQL(
-            """WITH l AS (SELECT {vt} FROM {live} {where}),
-                    r AS (SELECT {vt} FROM {side} {where}),
+            """WITH l AS (SELECT {lvt} FROM {live} {where}),
+                    r AS (SELECT {rvt} FROM {side} {where}),
                     {pairs}"""
         ).format(
-            vt=self.values_and_texts, live=self.live, side=self.side, where=where, pairs=self.pairs
+            lvt=self.live_texts.values_and_texts,
+            rvt=self.side_texts.values_and_texts,
+            live=self.live,
+            side=self.side,
+            where=where,
+            pairs=self.pairs,
         )
         both = params + params
         [(missing, extra, changed, *columns)] = _rows(
@@ -456,10 +478,18 @@ class _Pair:
     # -- without a primary key: the whole table as a multiset of rows -----------------
 
     def as_multiset(self, conn: sa.Connection) -> _Outcome:
+        lt, rt = self.live_texts, self.side_texts
         statement = sql.SQL(
-            """SELECT 0, count(*), coalesce(sum({h}), 0), {c} FROM {live}
-               UNION ALL SELECT 1, count(*), coalesce(sum({h}), 0), {c} FROM {side}"""
-        ).format(h=self.row_hash, c=self.column_hashes, live=self.live, side=self.side)
+            """SELECT 0, count(*), coalesce(sum({lh}), 0), {lc} FROM {live}
+               UNION ALL SELECT 1, count(*), coalesce(sum({rh}), 0), {rc} FROM {side}"""
+        ).format(
+            lh=lt.row_hash,
+            lc=lt.column_hashes,
+            rh=rt.row_hash,
+            rc=rt.column_hashes,
+            live=self.live,
+            side=self.side,
+        )
         sums = {row[0]: row[1:] for row in _rows(conn, statement, [])}
         live, replay = sums[0], sums[1]
         found = _Outcome(live_rows=live[0], replay_rows=replay[0])
@@ -468,13 +498,52 @@ class _Pair:
         }
         if live[:2] != replay[:2]:
             only = sql.SQL(
-                """SELECT (SELECT count(*) FROM (SELECT {t} FROM {live}
-                                                 EXCEPT ALL SELECT {t} FROM {side}) o),
-                          (SELECT count(*) FROM (SELECT {t} FROM {side}
-                                                 EXCEPT ALL SELECT {t} FROM {live}) o)"""
-            ).format(t=self.row_text, live=self.live, side=self.side)
+                """SELECT (SELECT count(*) FROM (SELECT {lt} FROM {live}
+                                                 EXCEPT ALL SELECT {rt} FROM {side}) o),
+                          (SELECT count(*) FROM (SELECT {rt} FROM {side}
+                                                 EXCEPT ALL SELECT {lt} FROM {live}) o)"""
+            ).format(lt=lt.row_text, rt=rt.row_text, live=self.live, side=self.side)
             [(found.missing, found.extra)] = _rows(conn, only, [])
         return found
+
+
+class _Texts:
+    """One copy's expressions of a row as compared: per column the text that decides
+    equality, the row's text and hash, per-column hashes, and the row's values and
+    texts under names no column can clash with (``v0``..., ``t0``...)."""
+
+    def __init__(self, types: dict[str, str]) -> None:
+        texts = [
+            sql.SQL('quote_nullable({}) COLLATE "C"').format(_canonical(c, t))
+            for c, t in types.items()
+        ]
+        self.row_text = sql.SQL(" || ',' || ").join(texts)
+        self.row_hash = sql.SQL("hashtextextended({}, 0)").format(self.row_text)
+        self.column_hashes = sql.SQL(", ").join(
+            sql.SQL("coalesce(sum(hashtextextended({}, 0)), 0)").format(t) for t in texts
+        )
+        self.values_and_texts = sql.SQL(", ").join(
+            [sql.SQL("{} AS {}").format(sql.Identifier(c), _v(i)) for i, c in enumerate(types)]
+            + [sql.SQL("{} AS {}").format(t, _t(i)) for i, t in enumerate(texts)]
+        )
+
+
+#: Types whose values compare across each other by the text readers see (numerics
+#: without their scale, floats without -0); any other type compares only with itself.
+_FAMILIES = {
+    "smallint": "number",
+    "integer": "number",
+    "bigint": "number",
+    "numeric": "number",
+    "real": "float",
+    "double precision": "float",
+    "text": "text",
+    "character varying": "text",
+}
+
+
+def _family(kind: str) -> str:
+    return _FAMILIES.get(kind, kind)
 
 
 def _canonical(column: str, kind: str) -> sql.Composable:
