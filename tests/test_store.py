@@ -91,3 +91,19 @@ def test_a_read_is_bounded_by_bytes_as_well_as_by_count(engine):
     assert manager.store.max_batch_bytes == 1_000
     with engine.begin() as conn:
         assert len(manager.store.read(conn, zdr.store.START, 10_000)) == 1  # one at least
+
+
+def test_the_byte_bound_counts_what_is_decoded_not_the_compressed_bytes_stored(engine):
+    """Payloads that compress well (1 MB of one letter is ~12 kB stored) are counted at
+    the size they are decoded to: 4 MB reads 4 of them (the one that passes included)."""
+    store = zdr.EventStore(engine)
+    store.setup()
+    store.import_events(
+        ("big", {"type": "Blob", "data": {"blob": "a" * 1_000_000}}) for _ in range(30)
+    )
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql("SELECT max(pg_column_size(data)) FROM zdr.events").scalar()
+    assert stored < 100_000  # compressed: counting these would read all 30 (30 MB) at once
+    store.max_batch_bytes = 4_000_000
+    with engine.begin() as conn:
+        assert len(store.read(conn, zdr.store.START, 10_000)) == 4

@@ -28,8 +28,9 @@ class Settings:
     #: --batch-sizes`` (README "Benchmarks"): 50,000 replayed 1.4x to 1.8x faster than
     #: 10,000 for about 65 MB more memory, 100,000 only 1.1x more for another 75 MB.
     batch_size: int = 50_000
-    #: Bytes of stored payload per batch, beside ``batch_size``: a batch ends at whichever
-    #: comes first (one event at least), so a history of big events does not fill memory.
+    #: Bytes of payload per batch, beside ``batch_size``, counted as read (the JSON text
+    #: that is decoded, not the compressed bytes stored): a batch ends at whichever comes
+    #: first (one event at least), so a history of big events does not fill memory.
     batch_max_bytes: int = 16_000_000
     #: Dual write may be switched on when at most this many events are left to replay.
     lag_threshold: int = 1_000

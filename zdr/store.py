@@ -212,18 +212,18 @@ class StampedReader:
         recorded_at: str | None,
     ) -> None:
         self.stamps = log
-        #: Stored payload bytes per read, beside its count (``Settings.batch_max_bytes``).
+        #: Payload bytes per read (as text), beside its count (``Settings.batch_max_bytes``).
         self.max_batch_bytes = DEFAULTS.batch_max_bytes
         self._row = _event_row_of(log.name)
         txid = log.txid
         # coalesce: a NULL payload has no size, and the row must still be read (a NULL
         # metadata is none; a NULL data stops the reader, naming the event).
-        meta_size = "0" if metadata is None else f"coalesce(pg_column_size({metadata}), 0)"
         meta = "NULL::text" if metadata is None else f"{metadata}::text"
         recorded = "NULL::timestamptz" if recorded_at is None else recorded_at
-        # The first ``limit`` events, cut where their stored size passes the budget (the
-        # event that passes it is the last one; the first always comes). Payloads come
-        # as text and are decoded by _event_row: cheaper than psycopg's jsonb loader.
+        # The first ``limit`` events, cut where the size of their payloads as read (the
+        # JSON text that is decoded, not the compressed bytes stored) passes the budget
+        # (the event that passes it is the last one; the first always comes). Payloads
+        # come as text and are decoded by _event_row: cheaper than psycopg's jsonb loader.
         # The partition a stream falls in (``zdr.partitions``): PostgreSQL's own hash of
         # text, the one hash partitioning uses, so stable across versions and servers.
         # Events without a stream (a nullable column of an application's table) are all
@@ -237,18 +237,21 @@ class StampedReader:
             SELECT position, txid, stream_id, type, data, metadata, recorded_at FROM (
                 SELECT *, sum(size) OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING)
                           AS upto
-                FROM (SELECT {log.position} AS position, {txid} AS txid,
-                             {stream_id}::text AS stream_id, {type_}::text AS type,
-                             {data}::text AS data, {meta} AS metadata,
-                             {recorded} AS recorded_at,
-                             coalesce(pg_column_size({data}), 0) + {meta_size} AS size
-                      FROM {log.table}
-                      WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
-                        AND ({txid}, {log.position}) <= (%(until_txid)s, %(until_position)s)
-                        AND {txid} < LEAST({HORIZON}, %(below_txid)s)
-                        {partition}
-                      ORDER BY {txid}, {log.position}
-                      LIMIT %(limit)s) AS first
+                FROM (SELECT *, coalesce(octet_length(data), 0)
+                                + coalesce(octet_length(metadata), 0) AS size
+                      FROM (SELECT {log.position} AS position, {txid} AS txid,
+                                   {stream_id}::text AS stream_id, {type_}::text AS type,
+                                   {data}::text AS data, {meta} AS metadata,
+                                   {recorded} AS recorded_at
+                            FROM {log.table}
+                            WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
+                              AND ({txid}, {log.position})
+                                  <= (%(until_txid)s, %(until_position)s)
+                              AND {txid} < LEAST({HORIZON}, %(below_txid)s)
+                              {partition}
+                            ORDER BY {txid}, {log.position}
+                            LIMIT %(limit)s) AS first
+                     ) AS measured
             ) AS sized
             WHERE upto - size < %(max_bytes)s
             ORDER BY txid, position
