@@ -5,11 +5,23 @@ leaves the replay live, to be tried again."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 import zdr
-from tests.support import append, assert_balances_match_fold, balances, seed, zdr_state
-from zdr.examples.bank.projectors import Balances, BalancesV2
+from tests.support import (
+    append,
+    assert_balances_match_fold,
+    assert_history_exactly_once,
+    balances,
+    following,
+    seed,
+    wait_for,
+    zdr_state,
+)
+from zdr.examples.bank.projectors import Balances, BalancesV2, History
 from zdr.runner import BatchRun
 
 S = zdr.ReplayState
@@ -194,3 +206,65 @@ def test_a_projector_error_while_rolling_back_leaves_the_replay_live_and_rollbac
     assert manager.get_replay("v2").error is None
     assert "deposits" not in next(iter(balances(engine).values()))
     assert_balances_match_fold(engine, manager.store)
+
+
+def _deposit(account: str) -> dict:
+    return {"type": "MoneyDeposited", "data": {"account_id": account, "amount": 1}}
+
+
+class SlowHistory5ms(History):
+    """History at 5 ms an event: a previous version whose catch-up takes seconds."""
+
+    def handle_batch(self, events, conn):
+        super().handle_batch(events, conn)
+        time.sleep(len(events) * 0.005)
+
+
+def test_a_rollback_catches_up_outside_the_swap_lock_so_live_waits_a_moment_at_most(engine):
+    """What arrives while the previous copy catches up is caught up in further rounds
+    outside the lock, not under it: the live runner never waits for the old projector's
+    whole catch-up (2-3 s here when everything that came meanwhile was applied locked:
+    the application appends about half as fast as the old projector applies)."""
+    manager = zdr.ReplayManager(engine, projectors=[SlowHistory5ms()], batch_size=500)
+    manager.settings = manager.settings.replace(lag_threshold=50)
+    manager.setup()
+    sim = seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("fast", [History()])
+    manager.start_replay("fast")
+    manager.promote("fast")
+    append(manager.store, sim.events(1_000))  # the previous copy catches these up: 5 s
+    manager.project_live()
+
+    appending, watching = threading.Event(), threading.Event()
+    appended: list[tuple[int, float]] = []
+    seen: list[tuple[int, float]] = []
+
+    def application() -> None:
+        while not appending.wait(0.01):
+            [position] = manager.store.append("acc-live", [_deposit("acc-live")])
+            appended.append((position, time.monotonic()))
+
+    def watch() -> None:
+        while not watching.wait(0.005):
+            seen.append((manager.checkpoints()["live:history"].position, time.monotonic()))
+
+    threads = [threading.Thread(target=application), threading.Thread(target=watch)]
+    with following(manager, poll_interval=0.005):
+        for thread in threads:
+            thread.start()
+        try:
+            report = manager.rollback("fast")
+            time.sleep(0.5)
+        finally:
+            appending.set()
+            wait_for(lambda: manager.live_lag()["history"] == 0, timeout=30)
+            watching.set()
+            for thread in threads:
+                thread.join(10)
+    assert report.state is S.ROLLED_BACK
+    # From each append to the first moment the live checkpoint was seen past it.
+    waits = [next(t for p, t in seen if p >= position) - at for position, at in appended]
+    assert len(appended) > 100
+    assert max(waits) < 1.0, sorted(waits)[-5:]
+    assert_history_exactly_once(engine, manager.store)

@@ -137,7 +137,7 @@ class Promotion:
             live_at = self.common_live_position(conn, replay)
             run_id = records.start_run(conn, key, "rollback catch-up", replay.position)
         target = replay_target(self.registry, replay, where=f"previous live copy of replay {key!r}")
-        BatchRun(
+        catch_up = BatchRun(
             self.engine,
             self.reader,
             target,
@@ -145,7 +145,19 @@ class Promotion:
             batch_size=batch_size,
             sample_interval_s=self.settings.sample_interval_s,
             failed_state=None,  # still live: the swap has not happened
-        ).run(conn, until=live_at)
+        )
+        # Rounds outside the swap lock until what is left is small (at most
+        # lag_threshold events, as for dual write): whatever arrived during a long round
+        # would otherwise be applied under the lock, and live batches wait for it.
+        for _ in range(self.settings.catch_up_rounds):
+            catch_up.run(conn, until=live_at)
+            with conn.begin():
+                live_at = self.common_live_position(conn, replay)
+                left = self.reader.count_after(conn, target.cursor) - self.reader.count_after(
+                    conn, live_at
+                )
+            if left <= self.settings.lag_threshold:
+                break
         with conn.begin():
             records.finish_run(conn, run_id, "succeeded")
 
