@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import BalancesWithLedger, seed
+from tests.support import BalancesWithLedger, seed, zdr_state
 from zdr.examples.bank.projectors import Balances, BalancesV2
 
 DBA_SETUP = [
@@ -423,3 +423,27 @@ def test_the_whole_life_cycle_runs_as_an_ordinary_role_that_owns_its_read_models
         manager.remove_replay("v2")
     finally:
         app.dispose()
+
+
+def test_a_policy_reading_another_projection_of_the_same_replay_refuses_promotion(manager, engine):
+    """A policy on history's table that reads balances' table, both rebuilt by one replay:
+    re-created from its text on the new copy before the swap, it would read the old
+    balances afterwards (a stream blocked after the promotion would stay visible)."""
+    seed(manager.store, 300)
+    manager.project_live()
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """CREATE POLICY open_accounts ON bank_history.transactions USING (account_id IN
+               (SELECT account_id FROM bank_balances.balances WHERE NOT closed))"""
+        )
+    manager.create_replay("both", ["balances", "history"])
+    manager.start_replay("both")
+    manager.enable_dual_write("both")
+    before = zdr_state(engine)
+    with pytest.raises(zdr.DependentObjects) as refused:
+        manager.promote("both")
+    assert (
+        "policy open_accounts on bank_history.transactions uses table bank_balances.balances"
+        in str(refused.value)
+    )
+    assert zdr_state(engine) == before

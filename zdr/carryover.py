@@ -36,7 +36,7 @@ table, is a change of the projector's, not something dropped.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psycopg.errors
@@ -452,7 +452,7 @@ def refusals(
                 else:
                     problems.append(f"{kind} {live}.{name} was not created by zdr: {advice}")
         problems += _publications(conn, live)
-        problems += _policies_reading_other_tables(conn, live)
+        problems += _policies_reading_other_tables(conn, live, list(schema_map))
     if problems:
         raise DependentObjects(f"{what} refused: " + "; ".join(problems))
     return measured
@@ -698,10 +698,13 @@ def _invalid_index(conn: sa.Connection, schema: str, index: str) -> bool:
     )
 
 
-def _policies_reading_other_tables(conn: sa.Connection, live: str) -> list[str]:
+def _policies_reading_other_tables(
+    conn: sa.Connection, live: str, swapped: Sequence[str]
+) -> list[str]:
     """Policies on the live tables whose expression uses another relation, a type or a
-    function of the live schema: carried, they would name it by OID and use the old
-    copy's after the swap."""
+    function of a live schema this swap replaces (their own, or another projection's of
+    the same replay): carried, they would name it by OID and use the old copy's after
+    the swap."""
     rows = conn.exec_driver_sql(
         """SELECT DISTINCT format('policy %%I on %%I.%%I uses %%s', p.polname, n.nspname,
                                   pt.relname, pg_describe_object(d.refclassid, d.refobjid, 0))
@@ -709,16 +712,16 @@ def _policies_reading_other_tables(conn: sa.Connection, live: str) -> list[str]:
            JOIN pg_policy p ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
            JOIN pg_class pt ON pt.oid = p.polrelid
            JOIN pg_namespace n ON n.oid = pt.relnamespace
-           WHERE n.nspname = %s AND d.refobjid <> pt.oid AND CASE d.refclassid
+           WHERE n.nspname = %(live)s AND d.refobjid <> pt.oid AND (CASE d.refclassid
                WHEN 'pg_class'::regclass THEN (SELECT relnamespace FROM pg_class
-                                               WHERE oid = d.refobjid) = n.oid
+                                               WHERE oid = d.refobjid)
                WHEN 'pg_type'::regclass THEN (SELECT typnamespace FROM pg_type
-                                              WHERE oid = d.refobjid) = n.oid
+                                              WHERE oid = d.refobjid)
                WHEN 'pg_proc'::regclass THEN (SELECT pronamespace FROM pg_proc
-                                              WHERE oid = d.refobjid) = n.oid
-               ELSE false END
+                                              WHERE oid = d.refobjid)
+               END) IN (SELECT oid FROM pg_namespace WHERE nspname = ANY(%(swapped)s))
            ORDER BY 1""",
-        (live,),
+        {"live": live, "swapped": list(swapped)},
     ).scalars()
     return [
         f"{row}: carried to the new copy it would still use the old one's; drop it, promote, "
