@@ -171,7 +171,9 @@ def verify_replay(
     return ApprovalReport(
         replay=manager.require_replay(replay_key),
         lag=manager.get_replay_lag(replay_key),
-        verification=manager.verify(replay_key),
+        # Copies not level (dual write just started) give no verdict an answer can hold
+        # for: wait for the live runner to level them first.
+        verification=manager.verify(replay_key, wait_level_s=manager.settings.promotion_wait_s),
         lag_history=reports.lag_samples(manager.lag_history(replay_key)),
     )
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import zdr
-from tests.support import seed
+from tests.support import append, following, seed
 from zdr.examples.bank.projectors import BalancesV2
 
 
@@ -430,3 +430,20 @@ def test_a_column_whose_types_cannot_be_compared_makes_the_report_not_equal(same
     assert table.uncomparable_columns == ["doc"] and table.compared_columns == ["id"]
     assert not table.equal and not report.equal
     assert "types not comparable: doc" in report.to_markdown()
+
+
+def test_verify_can_wait_for_dual_write_to_level_the_copies_before_its_verdict(manager):
+    """Right after dual write starts the replay is behind: a report then says "not level",
+    no verdict an approver's answer can hold for. Asked to wait, verify waits for the
+    live runner to bring the copies to one position and verifies them there."""
+    sim = seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("late", ["balances", "history"])
+    manager.start_replay("late")
+    append(manager.store, sim.events(200))
+    manager.project_live()  # live is 200 events ahead of the replay
+    manager.enable_dual_write("late")
+    assert not manager.verify("late").level
+    with following(manager):
+        report = manager.verify("late", wait_level_s=30)
+    assert report.level and report.equal, report.to_markdown()

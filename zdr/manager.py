@@ -936,16 +936,46 @@ class ReplayManager:
 
     @_translate_errors
     def verify(
-        self, key: str, *, max_differences: int = 20, chunk_rows: int = 50_000
+        self,
+        key: str,
+        *,
+        max_differences: int = 20,
+        chunk_rows: int = 50_000,
+        wait_level_s: float = 0.0,
     ) -> VerificationReport:
-        """Compare the replay's copy with the live copy in one snapshot (see zdr.verify)."""
+        """Compare the replay's copy with the live copy in one snapshot (see zdr.verify).
+
+        With ``wait_level_s``: a report of copies that are not level (right after dual
+        write starts, the replay is up to ``lag_threshold`` events behind) is no
+        verdict: wait until the live runner has brought them to one position, and
+        verify again, for at most that long (then the report says not level)."""
         validate_key(key)
-        with self.engine.connect() as conn:
+        wait_level_s = seconds("wait_level_s", wait_level_s)
+        deadline = time.monotonic() + wait_level_s
+        while True:
+            with self.engine.connect() as conn:
+                replay = records.load_replay(conn, key, runs=False)
+                live = records.live_projector_paths(conn)
+            report = verify(
+                self.engine, replay, live, max_differences=max_differences, chunk_rows=chunk_rows
+            )
+            if (
+                report.level
+                or replay.state is not ReplayState.DUAL_WRITING
+                or self.live_runner_pid() is None  # nothing would level them
+            ):
+                return report
+            while not self._level(key):
+                if time.monotonic() >= deadline:
+                    return report
+                time.sleep(0.1)
+
+    def _level(self, key: str) -> bool:
+        """Whether the replay and every live copy of its projections are at one position."""
+        with self.engine.connect() as conn, conn.begin():
+            at = records.replay_cursor(conn, key)
             replay = records.load_replay(conn, key, runs=False)
-            live = records.live_projector_paths(conn)
-        return verify(
-            self.engine, replay, live, max_differences=max_differences, chunk_rows=chunk_rows
-        )
+            return set(records.live_cursors(conn, replay.projections).values()) == {at}
 
     @_translate_errors
     def lag_history(self, key: str, *, since: dt.datetime | None = None) -> pd.DataFrame:

@@ -327,8 +327,11 @@ def _compared_how(report: VerificationReport) -> list[str]:
         how += f", in one snapshot open {report.snapshot_seconds:.1f} s"
     unkeyed = [t.table for t in report.tables if t.compared_columns and not t.primary_key]
     if unkeyed:
-        how += "; without a primary key, as multisets of rows (counted, not listed): "
-        how += ", ".join(unkeyed)
+        how += "; without a primary key (or with a generated one), as multisets of rows "
+        how += "(counted, not listed): " + ", ".join(unkeyed)
+    generated = [f"{t.table}.{c}" for t in report.tables for c in t.generated_columns]
+    if generated:
+        how += "; not compared, numbered by the database in each copy: " + ", ".join(generated)
     return [how]
 
 

@@ -28,6 +28,11 @@ their scale (1.0 = 1.00) and floating point -0 = 0. Other types whose text
 differs while ``=`` holds (an interval of '1 day' and one of '24 hours', jsonb
 numbers of different scale) count as different: readers see them differently.
 
+Columns the database generates (identity or serial columns whose sequence has given
+out values) are not compared: they number rows in the order each copy wrote them,
+which says nothing about the events; a table whose primary key is generated is
+compared as a multiset of its other columns.
+
 A table without a primary key is compared as a multiset of whole rows: row
 count, the sum of row hashes and, when those differ, rows only live has and rows
 only the replay has (``EXCEPT ALL``), counted, not listed (there is no key to
@@ -111,6 +116,9 @@ class TableReport:
     changed_rows: int = 0
     #: Columns both copies have, with types whose values cannot be compared.
     uncomparable_columns: list[str] = field(default_factory=list)
+    #: Columns whose values the database generates (identity, serial): not compared; a
+    #: primary key of them makes the table compared as a multiset of the other columns.
+    generated_columns: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -232,7 +240,12 @@ def _compare_table(
     live_cols = _columns(conn, live, table)
     side_cols = _columns(conn, side, table)
     both = [c for c in live_cols if c in side_cols]
-    shared = [c for c in both if _family(live_cols[c]) == _family(side_cols[c])]
+    # A key the database generates (identity, serial) numbers rows in the order each
+    # copy wrote them, not from the events: the copies' numbers differ and say nothing.
+    generated = _generated(conn, live, table) | _generated(conn, side, table)
+    shared = [
+        c for c in both if c not in generated and _family(live_cols[c]) == _family(side_cols[c])
+    ]
     key = _primary_key(conn, live, table)
     if key != _primary_key(conn, side, table) or not set(key) <= set(shared):
         key = []
@@ -261,7 +274,8 @@ def _compare_table(
         differing_columns=[c for c in shared if c in outcome.differing_columns],
         only_live_columns=[c for c in live_cols if c not in side_cols],
         only_replay_columns=[c for c in side_cols if c not in live_cols],
-        uncomparable_columns=[c for c in both if c not in shared],
+        uncomparable_columns=[c for c in both if c not in shared and c not in generated],
+        generated_columns=[c for c in both if c in generated],
         primary_key=key,
         summary=_summaries(conn, live, side, table, live_cols, side_cols)
         if list(live_cols.items()) != list(side_cols.items())
@@ -628,6 +642,24 @@ def _columns(conn: sa.Connection, schema: str, table: str) -> dict[str, str]:
         (schema, table),
     ).all()
     return dict(rows)
+
+
+def _generated(conn: sa.Connection, schema: str, table: str) -> set[str]:
+    """Columns the database numbers itself: identity or serial columns whose sequence has
+    given out a value (a serial key the projector always fills, as SQLAlchemy makes an
+    integer primary key, is no generated one)."""
+    rows = conn.exec_driver_sql(
+        """SELECT a.attname FROM pg_attribute a,
+                  LATERAL pg_get_serial_sequence(format('%%I.%%I', %s::text, %s::text),
+                                                 a.attname) AS s(sequence)
+           WHERE a.attrelid = to_regclass(format('%%I.%%I', %s::text, %s::text))
+             AND a.attnum > 0 AND NOT a.attisdropped AND s.sequence IS NOT NULL
+             AND CASE WHEN has_sequence_privilege(s.sequence, 'SELECT, USAGE')
+                      THEN pg_sequence_last_value(s.sequence::regclass) IS NOT NULL
+                      ELSE false END""",
+        (schema, table, schema, table),
+    ).scalars()
+    return set(rows)
 
 
 def _primary_key(conn: sa.Connection, schema: str, table: str) -> list[str]:
