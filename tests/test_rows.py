@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
@@ -270,3 +271,49 @@ def test_a_table_without_a_primary_key_is_refused(engine):
     NoKey.table = table
     with pytest.raises(zdr.ConfigurationError, match="has no primary key"):
         zdr.ReplayManager(engine, projectors=[NoKey()])
+
+
+wide = sa.Table(
+    "wide",
+    sa.MetaData(),
+    sa.Column("code", sa.CHAR(4), primary_key=True),
+    sa.Column("amount", sa.Numeric(38, 18), nullable=False, default=0),
+    sa.Column("total", sa.Numeric(), nullable=False, default=0),
+    schema="rows_wide",
+)
+
+
+class Wide(zdr.RowProjector):
+    """A char(4) key, a numeric wider than Python's default decimal context (28 digits)
+    and an unconstrained numeric a handler adds integers to."""
+
+    name = "wide"
+    table = wide
+
+    def key(self, event):
+        return event.data["code"]
+
+    @zdr.handles("Paid")
+    def paid(self, row, event):
+        row["amount"] += Decimal(event.data["amount"])
+        row["total"] += 1
+
+
+def test_wide_numerics_char_keys_and_bare_numerics_give_the_same_rows_live_and_replayed(engine):
+    store = zdr.EventStore(engine)
+    store.setup()
+    for code in ("ab", "xyz", "ab", "ab", "xyz"):
+        store.append(code, [{"type": "Paid", "data": {"code": code, "amount": "12345678901.5"}}])
+    manager = zdr.ReplayManager(engine, projectors=[Wide()])
+    manager.setup()
+    manager.project_live(batch_size=1)
+    manager.create_replay("wide", ["wide"])
+    manager.start_replay("wide")
+    want = {
+        "ab  ": (Decimal("37037036704.5"), Decimal(3)),
+        "xyz ": (Decimal("24691357803.0"), Decimal(2)),
+    }
+    for schema in ("rows_wide", manager.get_replay("wide").schemas["rows_wide"]):
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(f'SELECT code, amount, total FROM "{schema}".wide').all()
+        assert {code: (amount, total) for code, amount, total in rows} == want, schema

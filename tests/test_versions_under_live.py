@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import sqlalchemy as sa
 
 import zdr
 from tests.journeys.wallets import (
@@ -73,12 +74,69 @@ def test_a_running_live_runner_writes_a_promoted_version_and_a_rolled_back_one_i
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+hits = sa.Table(
+    "hits",
+    sa.MetaData(schema="versions_hits"),
+    sa.Column("stream", sa.Text, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+)
+
+
+class SelectThenWrite(zdr.Projector):
+    """Reads the row it is about to change: SELECT, then UPDATE or INSERT."""
+
+    name = "hits"
+    tables = [hits]
+
+    @zdr.handles("Hit")
+    def hit(self, event, conn):
+        n = conn.execute(sa.select(hits.c.n).where(hits.c.stream == event.stream_id)).scalar()
+        if n is None:
+            conn.execute(sa.insert(hits).values(stream=event.stream_id, n=1))
+        else:
+            conn.execute(sa.update(hits).where(hits.c.stream == event.stream_id).values(n=n + 1))
+
+
+class RowcountUpsert(SelectThenWrite):
+    """UPDATE, and INSERT when it changed no row (its rowcount)."""
+
+    @zdr.handles("Hit")
+    def hit(self, event, conn):
+        changed = conn.execute(
+            sa.update(hits).where(hits.c.stream == event.stream_id).values(n=hits.c.n + 1)
+        )
+        if changed.rowcount == 0:
+            conn.execute(sa.insert(hits).values(stream=event.stream_id, n=1))
+
+
+@pytest.mark.parametrize("projector", [SelectThenWrite, RowcountUpsert])
+def test_per_event_handlers_read_what_their_statements_return(engine, projector):
+    """By default a handler's statement waits for its result: in pipeline mode the SELECT
+    read as no rows and the rowcount as -1, and the rows came out wrong, silently."""
+    store = zdr.EventStore(engine)
+    store.setup()
+    for stream in ("a", "a", "b", "a", "b"):
+        store.append(stream, [{"type": "Hit", "data": {}}])
+    manager = zdr.ReplayManager(engine, projectors=[projector()])
+    manager.setup()
+    manager.project_live()
+    with engine.connect() as conn:
+        rows = dict(conn.exec_driver_sql("SELECT stream, n FROM versions_hits.hits").all())
+    assert rows == {"a": 3, "b": 2}
+
+
+class PipelinedEntries(EntriesV1):
+    """EntriesV1 claiming to only write: its generated keys fail in pipeline mode."""
+
+    pipelined = True
+
+
 def test_per_event_handlers_insert_rows_with_a_generated_key_live_and_in_a_replay(engine, caplog):
     store = zdr.EventStore(engine)
     store.setup()
     app = Application(seed=9, wallets=8)
     store.import_events(app.events(200))
-    manager = zdr.ReplayManager(engine, projectors=[EntriesV1()], batch_size=50)
+    manager = zdr.ReplayManager(engine, projectors=[PipelinedEntries()], batch_size=50)
     manager.setup()
     with caplog.at_level(logging.INFO, logger="zdr"):
         manager.project_live()

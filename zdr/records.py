@@ -240,7 +240,15 @@ def live_targets(conn: sa.Connection) -> list[tuple[str, str, Cursor]]:
 
 
 def set_live_error(conn: sa.Connection, projection: str, error: str, position: int | None) -> None:
-    """Record why a live read model stands still (kept from the first failure on)."""
+    """Record why a live read model stands still (kept from the first failure on); on an
+    install set up before these columns existed, only the log says it (``setup`` adds
+    them)."""
+    has_columns = conn.exec_driver_sql(
+        """SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'zdr.projections'::regclass
+                          AND attname = 'failing_since' AND NOT attisdropped)"""
+    ).scalar_one()
+    if not has_columns:
+        return
     conn.exec_driver_sql(
         """UPDATE zdr.projections SET error = %s, error_position = %s,
                   failing_since = coalesce(failing_since, now())

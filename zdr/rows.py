@@ -27,7 +27,7 @@ import hashlib
 import operator
 import struct
 from collections.abc import Callable, Sequence
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -117,6 +117,8 @@ class RowProjector(Projector):
     def handle_batch(self, events: Sequence[RecordedEvent], conn: sa.Connection) -> None:
         plan = _plan(type(self))
         keys = [self.key(event) for event in events]  # `event` names a failing one
+        if plan.key_stores:  # a char(n) key is padded: the row is found by what is stored
+            keys = [plan.stored_key(key) for key in keys]
         stored = plan.load(conn, keys)
         plan.write(conn, self._fold(plan, events, keys, stored), stored)
 
@@ -182,6 +184,22 @@ class _Plan:
             for c in table.columns
             if (store := _storing(c, f"{self.where}: column {table.name}.{c.name}")) is not None
         ]
+        #: What the key columns keep of a key (a char(n) pads it), where they change it.
+        stores = dict(self.stores)
+        self.key_stores = [stores.get(c) for c in self.key_columns]
+        if not any(self.key_stores):
+            self.key_stores = []
+
+    def stored_key(self, key: Any) -> Any:
+        """The key as its columns store it (a tuple of several columns' values)."""
+        if self.single:
+            [store] = self.key_stores
+            return key if store is None else store(key)
+        if not isinstance(key, tuple) or len(key) != len(self.key_columns):
+            return key  # row() says what is wrong with it
+        return tuple(
+            v if store is None else store(v) for v, store in zip(key, self.key_stores, strict=True)
+        )
 
     def row(self, key: Any, values: tuple[Any, ...] | None) -> Row:
         if values is not None:
@@ -363,7 +381,7 @@ def _storing(column: sa.Column[Any], where: str) -> Callable[[Any], Any] | None:
         return None
     if isinstance(kind, sa.Numeric):
         if kind.precision is None:
-            return None
+            return _decimal  # any number as a Decimal, as it is read back
         return _numeric(kind.precision, kind.scale or 0, where)
     if isinstance(kind, sa.String) and not isinstance(kind, sa.Enum):
         if kind.length is None:
@@ -373,6 +391,12 @@ def _storing(column: sa.Column[Any], where: str) -> Callable[[Any], Any] | None:
     if isinstance(kind, sa.DateTime) and isinstance(precision, int) and 0 <= precision < 6:
         return _timestamp(precision)
     return None
+
+
+def _decimal(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    return Decimal(repr(value))
 
 
 def _numeric(precision: int, scale: int, where: str) -> Callable[[Any], Any]:
@@ -385,7 +409,10 @@ def _numeric(precision: int, scale: int, where: str) -> Callable[[Any], Any]:
         number = value if isinstance(value, Decimal) else Decimal(repr(value))
         if not number.is_finite():
             return number
-        kept = number.quantize(exponent, rounding=ROUND_HALF_UP)
+        # Digits enough for the value at the column's scale, whatever the thread's
+        # decimal context says (28 by default: numeric(38,18) would not fit).
+        room = Context(prec=max(number.adjusted(), 0) + scale + 2, rounding=ROUND_HALF_UP)
+        kept = number.quantize(exponent, context=room)
         if kept and kept.adjusted() >= digits:
             raise ValueError(
                 f"{where}: {value} overflows numeric({precision},{scale}) (numeric field "

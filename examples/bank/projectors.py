@@ -194,6 +194,7 @@ class PerEventBalances(zdr.Projector):
 
     name = "balances"
     tables = [balances_v1]
+    pipelined = True  # its handlers only write: their statements need not wait
 
     @zdr.handles(OPENED)
     def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
@@ -332,6 +333,7 @@ class Accounts(zdr.Projector):
     name = "accounts"
     tables = [accounts]
     partition_by = "stream"
+    pipelined = True  # its handlers only write: their statements need not wait
 
     @zdr.handles(OPENED)
     def opened(self, event: zdr.RecordedEvent, conn: sa.Connection) -> None:
