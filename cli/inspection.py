@@ -32,6 +32,14 @@ def status(
         str | None, typer.Argument(metavar="KEY", help="One replay (default: all).")
     ] = None,
     as_json: AsJson = False,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help='With --json: the live read models too, as rows of "kind": "live" after '
+            "the replays' (without it the list holds the replays alone, as before).",
+        ),
+    ] = False,
     horizon_warning: HorizonWarning = None,
     database_url: DatabaseUrl = None,
     reader: ReaderPath = None,
@@ -42,6 +50,9 @@ def status(
     with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
     if as_json:
+        if not live:  # the list scripts read since the first release
+            print_json(rows)
+            return
         # Replays, then (without KEY) the live read models, told apart by "kind".
         print_json([{"kind": "replay", **row} for row in rows] + live_rows(manager, key))
         return

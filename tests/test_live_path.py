@@ -435,7 +435,7 @@ def test_status_shows_a_live_read_model_that_stands_still_until_it_is_written_ag
     assert code == 0, err
     assert "failing" in out
     assert "live projection 'history' stands still since" in err and "acc-poison" in err
-    code, out, err = zdr_cli("status", "--json")
+    code, out, err = zdr_cli("status", "--json", "--live")
     live = {row["projection"]: row for row in json.loads(out) if row["kind"] == "live"}
     assert live["history"]["state"] == "failing"
     # The deposit; the opening (21) is not History's event.
@@ -447,7 +447,7 @@ def test_status_shows_a_live_read_model_that_stands_still_until_it_is_written_ag
     # The projector fixed (its module, as a restart would load it): written, and said so.
     monkeypatch.setattr(PoisonedHistory, "handle_batch", History.handle_batch)
     manager.project_live()
-    code, out, err = zdr_cli("status", "--json")
+    code, out, err = zdr_cli("status", "--json", "--live")
     live = {row["projection"]: row for row in json.loads(out) if row["kind"] == "live"}
     assert live["history"]["state"] == "following" and live["history"]["error"] is None
     assert "stands still" not in zdr_cli("status")[2]

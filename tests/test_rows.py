@@ -317,3 +317,21 @@ def test_wide_numerics_char_keys_and_bare_numerics_give_the_same_rows_live_and_r
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(f'SELECT code, amount, total FROM "{schema}".wide').all()
         assert {code: (amount, total) for code, amount, total in rows} == want, schema
+
+
+def test_a_real_column_is_kept_as_postgresql_reads_it_back(engine):
+    """What a row holds of a float in a real column is what PostgreSQL prints for it (its
+    shortest text), ties between two shortest candidates included (451705202.89...)."""
+    from zdr.rows import _real
+
+    picks = random.Random(5)
+    values = [picks.uniform(-1e9, 1e9) for _ in range(2_000)]
+    values += [picks.uniform(-1, 1) for _ in range(2_000)] + [451705202.89303035, 1e-40]
+    with engine.connect() as conn:
+        printed = conn.exec_driver_sql(
+            "SELECT (x::float4)::text FROM unnest(%s::float8[]) WITH ORDINALITY AS t(x, i) "
+            "ORDER BY i",
+            (values,),
+        ).scalars()
+        want = [float(text) for text in printed]
+    assert [_real(v) for v in values] == want

@@ -466,20 +466,28 @@ def _timestamp(precision: int) -> Callable[[Any], Any]:
 
 
 _FLOAT4 = struct.Struct("f")
+_BITS = struct.Struct("I")
 
 
 def _real(value: Any) -> Any:
     """A float as a real column gives it back: the nearest single-precision value, read
-    from its shortest text (as PostgreSQL prints it)."""
+    from the shortest text PostgreSQL prints for it (the shortest decimal strictly
+    nearer to it than to either neighbour: a tie is not taken)."""
     if isinstance(value, bool) or not isinstance(value, float | int | Decimal):
         return value
     single = _FLOAT4.unpack(_FLOAT4.pack(float(value)))[0]
-    if single != single or single in (float("inf"), float("-inf")):
+    if single != single or single in (float("inf"), float("-inf")) or single == 0:
         return single
+    size = abs(single)
+    bits = _BITS.unpack(_FLOAT4.pack(size))[0]
+    below = Decimal(_FLOAT4.unpack(_BITS.pack(bits - 1))[0])
+    above = Decimal(_FLOAT4.unpack(_BITS.pack(bits + 1))[0])
+    exact = Decimal(size)
+    low, high = (exact + below) / 2, (exact + above) / 2
     for digits in range(1, 10):
-        text = f"{single:.{digits}g}"
-        if _FLOAT4.unpack(_FLOAT4.pack(float(text)))[0] == single:
-            return float(text)
+        text = f"{size:.{digits}g}"
+        if low < Decimal(text) < high:
+            return float(text) if single > 0 else -float(text)
     return single
 
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,15 +32,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Appending:
     """The application: a transaction of a few events every ``interval`` seconds, until
-    stopped; ``level()`` holds it while the read models are compared with the folds."""
+    stopped; ``paused()`` holds it while the read models are compared with the folds.
+    ``append`` appends one transaction's worth (default: three wallet events)."""
 
-    def __init__(self, store: zdr.EventStore, app: Application, interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        store: zdr.EventStore | None = None,
+        app: Application | None = None,
+        interval: float = 0.02,
+        append: Callable[[], int] | None = None,
+    ) -> None:
         self.store = store
         self.app = app
         self.interval = interval
+        self.append = append or self._wallet_events
         self.stop = threading.Event()
         self.running = threading.Event()
         self.running.set()
+        self.busy = threading.Lock()
         self.appended = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="application", daemon=True)
@@ -48,17 +57,24 @@ class Appending:
     def _run(self) -> None:
         try:
             while not self.stop.wait(self.interval):
-                if not self.running.is_set():
-                    continue
-                for stream, event in self.app.events(3):
-                    self.store.append(stream, [event])
-                    self.appended += 1
+                with self.busy:  # paused() waits for a transaction in flight
+                    if not self.running.is_set():
+                        continue
+                    self.appended += self.append()
         except BaseException as exc:  # the test says so at its end
             self.error = exc
+
+    def _wallet_events(self) -> int:
+        assert self.store is not None and self.app is not None
+        for stream, event in self.app.events(3):
+            self.store.append(stream, [event])
+        return 3
 
     @contextmanager
     def paused(self) -> Iterator[None]:
         self.running.clear()
+        with self.busy:  # the transaction in flight, if any, has committed
+            pass
         try:
             yield
         finally:
@@ -79,12 +95,20 @@ class Journey:
         self.live_log = tmp_path / "live.log"
         self.live: subprocess.Popen[bytes] | None = None
 
-    def start_live(self, projectors: list[str]) -> None:
-        """`zdr live -p ...` in a process of its own, logging to ``live_log``."""
+    def start_live(self, projectors: list[str], *options: str) -> None:
+        """`zdr live -p ... [options]` in a process of its own, logging to ``live_log``."""
         env = {**os.environ, "ZDR_DATABASE_URL": self.database_url, "PYTHONPATH": str(ROOT)}
         with self.live_log.open("ab") as log:
             self.live = subprocess.Popen(
-                [sys.executable, "-m", "zdr.cli.main", "live", "-p", ",".join(projectors)],
+                [
+                    sys.executable,
+                    "-m",
+                    "zdr.cli.main",
+                    "live",
+                    "-p",
+                    ",".join(projectors),
+                    *options,
+                ],
                 env=env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
@@ -102,17 +126,19 @@ class Journey:
             self.live.terminate()
             self.live.wait(30)
 
-    def level(self, timeout: float = 60) -> None:
+    def level(self, timeout: float = 60, manager: zdr.ReplayManager | None = None) -> None:
         """Wait (the application held) until every live read model is at the head."""
+
+        manager = manager or self.manager
 
         def caught_up() -> bool:
             assert self.live is not None and self.live.poll() is None, self.live_log.read_text()
-            return not any(self.manager.live_lag().values())
+            return not any(manager.live_lag().values())
 
         wait_for(
             caught_up,
             timeout=timeout,
-            message=lambda: f"live lag {self.manager.live_lag()}\n{self.live_log.read_text()}",
+            message=lambda: f"live lag {manager.live_lag()}\n{self.live_log.read_text()}",
         )
 
     def assert_live_is(self, version: int) -> None:
