@@ -7,10 +7,14 @@ fold of the application's log."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 import zdr
-from tests.journeys.conftest import Appending, Journey
+from tests.journeys.conftest import ROOT, Appending, Journey
 from tests.logs import make_log
 from tests.support import assert_balances_match_fold, assert_history_exactly_once, wait_for
 
@@ -18,15 +22,25 @@ READER = "zdr.examples.bank.eventsourced:reader"
 P = "zdr.examples.bank.projectors"
 
 
-def _ok(result: tuple[int, str, str]) -> None:
-    code, _, err = result
-    assert code == 0, err
+def _zdr(database_url: str, *arguments: str) -> None:
+    """`zdr ARGS... --reader READER` in a process of its own, as the operator types it
+    (each one opens the application's reader, and closes it when it ends)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "zdr.cli.main", *arguments, "--reader", READER],
+        cwd=ROOT,
+        env={**os.environ, "ZDR_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+    )
+    assert done.returncode == 0, (arguments, done.stderr[-2000:])
 
 
 @pytest.mark.eventsourcing
 @pytest.mark.timeout(600)
 def test_an_eventsourcing_application_read_where_it_is_gets_a_new_version_live(
-    journey: Journey, engine, database_url, zdr_cli
+    journey: Journey, engine, database_url
 ) -> None:
     log = make_log("eventsourcing", engine, database_url)
     try:
@@ -39,7 +53,7 @@ def test_an_eventsourcing_application_read_where_it_is_gets_a_new_version_live(
         journey.appending = Appending(append=appended)
 
         def cli(*arguments: str) -> None:
-            _ok(zdr_cli(*arguments, "--reader", READER))
+            _zdr(database_url, *arguments)
 
         def level_and_folded() -> None:
             with journey.appending.paused():
