@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-import zdr
 from zdr import reports
 from zdr.cli.app import (
     AsJson,
@@ -32,7 +31,7 @@ def status(
         str | None, typer.Argument(metavar="KEY", help="One replay (default: all).")
     ] = None,
     as_json: AsJson = False,
-    live: Annotated[
+    with_live: Annotated[
         bool,
         typer.Option(
             "--live",
@@ -50,11 +49,12 @@ def status(
     with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
     if as_json:
-        if not live:  # the list scripts read since the first release
+        if not with_live:  # the list scripts read since the first release
             print_json(rows)
             return
         # Replays, then (without KEY) the live read models, told apart by "kind".
-        print_json([{"kind": "replay", **row} for row in rows] + live_rows(manager, key))
+        live_rows = [] if key is not None else manager.live_status()
+        print_json([{"kind": "replay", **row} for row in rows] + live_rows)
         return
     if rows:
         table = Table(*reports.STATUS_COLUMNS)
@@ -108,11 +108,6 @@ def status(
             highlight=False,
             soft_wrap=True,
         )
-
-
-def live_rows(manager: zdr.ReplayManager, key: str | None) -> list[dict[str, Any]]:
-    """The live read models' rows of `zdr status --json` (none for one replay's status)."""
-    return [] if key is not None else manager.live_status()
 
 
 @app.command()

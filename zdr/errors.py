@@ -269,20 +269,12 @@ def is_transient(exc: BaseException) -> bool:
 
 def is_stale_plan(exc: BaseException) -> bool:
     """A statement prepared on this connection before a promotion or rollback swapped its
-    table for another shape ("cached plan must not change result type"). The rollback of
-    the failed (sub)transaction makes psycopg drop its prepared statements, so the next
-    try prepares them again and succeeds."""
-    import psycopg
-    import sqlalchemy.exc
-
-    while isinstance(exc, sqlalchemy.exc.DBAPIError | ZdrError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
-        exc = exc.orig
-    return (
-        isinstance(exc, psycopg.Error)
-        and exc.sqlstate == "0A000"
-        and "cached plan must not change result type" in str(exc)
+    table for another shape ("cached plan must not change result type"): the next try
+    succeeds once the connection has forgotten its prepared statements
+    (``zdr.store.forget_prepared_statements``, which ``apply_events`` calls)."""
+    cause = root_cause(exc)
+    return getattr(cause, "sqlstate", None) == "0A000" and (
+        "cached plan must not change result type" in str(cause)
     )
 
 

@@ -965,17 +965,16 @@ class ReplayManager:
                 or self.live_runner_pid() is None  # nothing would level them
             ):
                 return report
-            while not self._level(key):
+            while not self._level(key, replay.projections):
                 if time.monotonic() >= deadline:
                     return report
                 time.sleep(0.1)
 
-    def _level(self, key: str) -> bool:
+    def _level(self, key: str, projections: Sequence[str]) -> bool:
         """Whether the replay and every live copy of its projections are at one position."""
         with self.engine.connect() as conn, conn.begin():
             at = records.replay_cursor(conn, key)
-            replay = records.load_replay(conn, key, runs=False)
-            return set(records.live_cursors(conn, replay.projections).values()) == {at}
+            return set(records.live_cursors(conn, projections).values()) == {at}
 
     @_translate_errors
     def lag_history(self, key: str, *, since: dt.datetime | None = None) -> pd.DataFrame:

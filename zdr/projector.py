@@ -107,12 +107,7 @@ class Projector:
         in Python and writing one upsert per table.
         """
         raw = conn.connection.driver_connection
-        if (
-            not _PIPELINING.get()
-            or not self.pipelined
-            or type(self) in _UNPIPELINED
-            or not psycopg.Pipeline.is_supported()
-        ):
+        if not _pipelines(type(self)) or not psycopg.Pipeline.is_supported():
             for event in events:
                 getattr(self, self._handlers[event.type])(event, conn)
             return
@@ -356,15 +351,15 @@ def _first_failing(
 _UNPIPELINED: set[type[Projector]] = set()
 
 
+def _pipelines(cls: type[Projector]) -> bool:
+    """Whether the default ``handle_batch`` sends this class's statements pipelined now."""
+    return cls.pipelined and cls not in _UNPIPELINED and _PIPELINING.get()
+
+
 def _may_pipeline(projector: Projector) -> bool:
     """Whether the projector's batch goes through the default, pipelined ``handle_batch``."""
     cls = type(projector)
-    return (
-        cls.handle_batch is Projector.handle_batch
-        and cls.pipelined
-        and cls not in _UNPIPELINED
-        and _PIPELINING.get()
-    )
+    return cls.handle_batch is Projector.handle_batch and _pipelines(cls)
 
 
 def _unpipelined(

@@ -234,11 +234,6 @@ def live_projections(conn: sa.Connection) -> list[LiveProjection]:
     ]
 
 
-def live_targets(conn: sa.Connection) -> list[tuple[str, str, Cursor]]:
-    """(projection, projector path, checkpoint) of every live copy, by name."""
-    return [(p.name, p.projector, p.cursor) for p in live_projections(conn)]
-
-
 def set_live_error(conn: sa.Connection, projection: str, error: str, position: int | None) -> None:
     """Record why a live read model stands still (kept from the first failure on); on an
     install set up before these columns existed, only the log says it (``setup`` adds
