@@ -82,6 +82,28 @@ def test_the_wheel_installs_one_name_and_runs_the_demo_outside_the_checkout(tmp_
         where = run(python, "-c", "import zdr.cli; print(zdr.cli.__file__)", cwd=outside, env=env)
         assert Path(where.stdout.strip()).is_relative_to(site)
         assert "demo" in run(zdr, "--help", cwd=outside, env=env).stdout
+        # In the checkout, the checkout's zdr/ comes first on sys.path (prefect deploy, a
+        # worker whose working directory is the checkout): every entrypoint of
+        # prefect.yaml still loads, from the checkout's own folders.
+        entrypoints = [
+            line.split("entrypoint:")[1].strip()
+            for line in (ROOT / "prefect.yaml").read_text().splitlines()
+            if "entrypoint:" in line
+        ]
+        assert len(entrypoints) >= 7
+        loaded = run(
+            python,
+            "-c",
+            "import sys\nfrom prefect.flows import load_flow_from_entrypoint\n"
+            "for e in sys.argv[1:]:\n"
+            "    f = load_flow_from_entrypoint(e)\n"
+            "    print(f.name, sys.modules[f.fn.__module__].__file__)",
+            *entrypoints,
+            cwd=ROOT,
+            env=env,
+        ).stdout.splitlines()
+        assert len(loaded) == len(entrypoints)
+        assert all(Path(line.split()[1]).is_relative_to(ROOT) for line in loaded), loaded
         demo = run(zdr, "demo", "--events", "2000", "--json", "--yes", cwd=outside, env=env)
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
         assert summary["lost"] == 0 and summary["promoted"] is True

@@ -27,6 +27,7 @@ from zdr.errors import (
     is_transient,
 )
 from zdr.horizon import Horizon, HorizonHolder
+from zdr.layout import find_pipeline_in_checkout as _find_pipeline_in_checkout
 from zdr.manager import ReplayManager
 from zdr.partitions import PartitionPlan, PartitionRun
 from zdr.projector import Projector, handles
@@ -81,3 +82,6 @@ __all__ = [
     "handles",
     "is_transient",
 ]
+
+# From a checkout, zdr.flows and its siblings are the top-level folders (zdr/layout.py).
+_find_pipeline_in_checkout()
