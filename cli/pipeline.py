@@ -30,6 +30,7 @@ from zdr.cli.app import (
     print_json,
     state,
 )
+from zdr.config import DATABASE_URL_ENV
 from zdr.errors import ConfigurationError
 from zdr.names import validate_key
 from zdr.settings import DEFAULTS
@@ -39,6 +40,7 @@ Comment = Annotated[str, typer.Option(help="Why.")]
 
 @app.command()
 def run(
+    ctx: typer.Context,
     key: Key,
     projectors: Projectors,
     auto_approve: Annotated[bool, typer.Option(help="Promote without asking.")] = False,
@@ -79,11 +81,21 @@ def run(
         str | None,
         typer.Option(help="Run the tasks on this running Dask scheduler (tcp://host:8786)."),
     ] = None,
+    database_secret: Annotated[
+        str | None,
+        typer.Option(
+            metavar="BLOCK",
+            help="The name of a Prefect Secret block holding the database URL (instead of "
+            "--database-url / ZDR_DATABASE_URL).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline (Prefect flow); approve with `zdr approve KEY` or in the UI."""
     # Bad input fails here in a second, in one line, before Prefect starts a server:
     # the key, the numbers, the projectors, the reader, the URL and the database.
     validate_key(key)
+    database_url = _url_or_secret(ctx, database_url, database_secret)
     DEFAULTS.replace(
         batch_size=batch_size,
         lag_threshold=lag_threshold,
@@ -103,11 +115,11 @@ def run(
         if runner is None
         else zero_downtime_replay.with_options(task_runner=runner)
     )
-    with one_api_for_workers(dask_workers):
+    with one_api_for_workers(dask_workers), database_by_reference(database_url):
         summary = flow(
             replay_key=key,
             projectors=paths(projectors),
-            database_url=database_url,
+            database_secret=database_secret,
             batch_size=batch_size,
             lag_threshold=lag_threshold,
             approval_timeout_s=approval_timeout,
@@ -123,6 +135,43 @@ def run(
     else:
         verdict = "promoted" if summary.promoted else "not promoted"
         err.print(f"replay [bold]{key}[/bold]: {summary.state}, {verdict}")
+
+
+def _url_or_secret(
+    ctx: typer.Context, database_url: str | None, database_secret: str | None
+) -> str | None:
+    """The URL to check the database with before the run starts. ``--database-secret``
+    wins over ZDR_DATABASE_URL (a default of the shell), not over ``--database-url``."""
+    if not database_secret:
+        return database_url
+    source = ctx.get_parameter_source("database_url")
+    if database_url and getattr(source, "name", "") != "ENVIRONMENT":
+        raise typer.BadParameter(
+            "give --database-url or --database-secret, not both: which database was meant "
+            "cannot be told"
+        )
+    from zdr.flows.parameters import database
+
+    return database(None, database_secret)
+
+
+@contextmanager
+def database_by_reference(url: str | None) -> Iterator[None]:
+    """The run reads its database URL from this process's ZDR_DATABASE_URL, never from a
+    parameter: a parameter shows in the UI and the API (password included) to anyone who
+    can read the run. Its tag ``zdr-db-...`` names the database there instead."""
+    if url is None:
+        yield
+        return
+    before = os.environ.get(DATABASE_URL_ENV)
+    os.environ[DATABASE_URL_ENV] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[DATABASE_URL_ENV]
+        else:
+            os.environ[DATABASE_URL_ENV] = before
 
 
 def dask_runner(workers: int, address: str | None) -> Any:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import os
 from typing import Annotated
 
+import sqlalchemy as sa
 from pydantic import Field
 
-from zdr.config import resolve_url
+from zdr.config import resolve_url, to_sqlalchemy_url
 from zdr.errors import ConfigurationError
 from zdr.names import KEY_PATTERN
 
@@ -35,8 +36,23 @@ def database(url: str | None, secret: str | None) -> str:
             "cannot be told"
         )
     if secret:
-        url = _secret_value(secret)
+        return resolve_url(_secret_value(secret))
+    if url and _has_password(url):
+        from prefect import get_run_logger
+
+        get_run_logger().warning(
+            "database_url holds a password, and a parameter shows in the UI and the API to "
+            "anyone who can read this run: name a Prefect Secret block in database_secret "
+            "instead, or leave both empty for the worker's ZDR_DATABASE_URL"
+        )
     return resolve_url(url or None)
+
+
+def _has_password(url: str) -> bool:
+    try:
+        return bool(sa.make_url(to_sqlalchemy_url(url)).password)
+    except Exception:  # not a URL: the engine says so, in zdr's words
+        return False
 
 
 def _secret_value(name: str) -> str:
