@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 from uuid import UUID
 
 import typer
+from rich.markup import escape
 from rich.prompt import Confirm
 from rich.table import Table
 
@@ -103,8 +105,17 @@ def run(
         catch_up_rounds=max_catch_up_rounds,
         events_per_task=events_per_task,
     )
-    manager_for(database_url, projectors, reader).list_replays()
+    manager = manager_for(database_url, projectors, reader)
+    manager.list_replays()
     runner = dask_runner(dask_workers, dask_address)
+    ask_here = not auto_approve and not _prefect_server_named()
+    if ask_here and not sys.stdin.isatty():
+        raise ConfigurationError(
+            "zdr run waits for approval, and with no Prefect server configured "
+            "(PREFECT_API_URL) it can only ask on its own terminal, and there is none: pass "
+            "--auto-approve, or start a server (`prefect server start`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api for the run and `zdr approve`"
+        )
 
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
@@ -115,21 +126,30 @@ def run(
         if runner is None
         else zero_downtime_replay.with_options(task_runner=runner)
     )
-    with one_api_for_workers(dask_workers), database_by_reference(database_url):
-        summary = flow(
-            replay_key=key,
-            projectors=paths(projectors),
-            database_secret=database_secret,
-            batch_size=batch_size,
-            lag_threshold=lag_threshold,
-            approval_timeout_s=approval_timeout,
-            auto_approve=auto_approve,
-            reader=reader,
-            max_catch_up_rounds=max_catch_up_rounds,
-            remove_on_reject=remove_on_reject,
-            events_per_task=events_per_task,
-            partitions=partitions,
-        )
+    run_done = threading.Event()
+    if ask_here:
+        from zdr.flows.approval import answer_when_asked
+
+        asking = (key, manager.database_tag(), _ask_on_terminal, run_done)
+        threading.Thread(target=answer_when_asked, args=asking, daemon=True).start()
+    try:
+        with one_api_for_workers(dask_workers), database_by_reference(database_url):
+            summary = flow(
+                replay_key=key,
+                projectors=paths(projectors),
+                database_secret=database_secret,
+                batch_size=batch_size,
+                lag_threshold=lag_threshold,
+                approval_timeout_s=approval_timeout,
+                auto_approve=auto_approve,
+                reader=reader,
+                max_catch_up_rounds=max_catch_up_rounds,
+                remove_on_reject=remove_on_reject,
+                events_per_task=events_per_task,
+                partitions=partitions,
+            )
+    finally:
+        run_done.set()
     if as_json:
         print_json(summary.model_dump())
     else:
@@ -216,6 +236,13 @@ def one_api_for_workers(workers: int) -> Iterator[None]:
         del os.environ["PREFECT_API_URL"]
 
 
+Wait = Annotated[
+    float,
+    typer.Option(
+        min=0,
+        help="Seconds to wait for what the run does with the answer (0: do not wait).",
+    ),
+]
 FlowRunId = Annotated[
     UUID | None,
     typer.Option(help="The paused run to answer, if not the newest of this key and database."),
@@ -229,9 +256,10 @@ def approve(
     comment: Comment = "",
     flow_run_id: FlowRunId = None,
     database_url: DatabaseUrl = None,
+    wait: Wait = 300,
 ) -> None:
     """Approve the paused pipeline run of a replay on this database: it goes on and promotes."""
-    _answer(key, True, approver, comment, flow_run_id, database_url)
+    _answer(key, True, approver, comment, flow_run_id, database_url, wait)
 
 
 @app.command()
@@ -241,9 +269,10 @@ def reject(
     comment: Comment = "",
     flow_run_id: FlowRunId = None,
     database_url: DatabaseUrl = None,
+    wait: Wait = 300,
 ) -> None:
     """Reject the paused pipeline run of a replay on this database: live stays as it is."""
-    _answer(key, False, approver, comment, flow_run_id, database_url)
+    _answer(key, False, approver, comment, flow_run_id, database_url, wait)
 
 
 @app.command()
@@ -325,25 +354,66 @@ def _answer(
     comment: str,
     flow_run_id: UUID | None,
     database_url: str | None,
+    wait: float,
 ) -> None:
     """Answer only a run of the database named here: two environments may share a
-    Prefect server, and a run of the other one must never be resumed."""
+    Prefect server, and a run of the other one must never be resumed. Then wait for
+    what the run does with the answer: an answer it does not take must not look taken."""
     manager = manager_for(database_url)
     manager.require_replay(key)  # a key that names nothing is bad input, said first
+    require_a_prefect_server(f"`zdr {'approve' if approve_it else 'reject'}`")
 
-    from zdr.flows.approval import answer  # Prefect: imported once there is a question
+    from zdr.flows.approval import answer, find_paused_run, outcome, paused_state
 
     who = approver or os.environ.get("USER") or "zdr-cli"
-    run_id = answer(
-        key,
-        approve=approve_it,
-        approver=who,
-        comment=comment,
-        database_tag=manager.database_tag(),
-        flow_run_id=flow_run_id,
-    )
+    tag = manager.database_tag()
+    run_id = find_paused_run(key, database_tag=tag, flow_run_id=flow_run_id)
+    asked = paused_state(run_id)
+    answer(
+        key, approve=approve_it, approver=who, comment=comment, database_tag=tag,
+        flow_run_id=run_id,
+    )  # fmt: skip
     verb = "approved" if approve_it else "rejected"
     err.print(f"{verb} replay [bold]{key}[/bold] (flow run {run_id}) as {who}")
+    if not wait:
+        return
+    done = outcome(run_id, asked, wait)
+    if done.kind == "asked_again":
+        err.print(
+            "[red]the run did not take the answer:[/red] "
+            f"{escape(done.message or 'it asks again')} (read its new report, then answer "
+            "again)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
+    if done.kind == "running":
+        err.print(
+            f"the run is {done.state} after {wait:g}s and goes on: follow it with "
+            f"`prefect flow-run inspect {run_id}`"
+        )
+        return
+    err.print(f"the run took the answer and ended {done.state}: {escape(done.message)}")
+    if not done.completed:
+        raise typer.Exit(1)
+
+
+def _prefect_server_named() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+def require_a_prefect_server(what: str) -> None:
+    """A paused run waits on a Prefect server; with none named, every process starts a
+    temporary one of its own (20 s and more) and nothing outside the run's process can
+    answer it reliably: say so at once."""
+    if not _prefect_server_named():
+        raise ConfigurationError(
+            f"{what} needs a Prefect server, and none is configured (PREFECT_API_URL): a "
+            "run waits for approval on a server. Start one (`prefect server start`) and "
+            "set PREFECT_API_URL=http://127.0.0.1:4200/api for the run and for this "
+            "command; with no server, `zdr run` asks on its own terminal"
+        )
 
 
 def _ask_on_terminal(replay_key: str) -> tuple[bool, str, str]:

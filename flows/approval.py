@@ -4,6 +4,10 @@ the paused pipeline run of a replay key so nobody has to look up a flow-run id."
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
 
@@ -14,8 +18,12 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterLevel,
+    LogFilterTimestamp,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import State, StateType
 from prefect.flow_runs import resume_flow_run
 from prefect.input import RunInput
 from pydantic import Field, model_validator
@@ -60,6 +68,42 @@ DATABASE_TAG = "zdr-db-{}"
 #: (the runs list filters by tag).
 KEY_TAG = "replay:{}"
 PROJECTION_TAG = "projection:{}"
+
+
+#: The words of a pause key's verdict.
+VERDICTS = {True: "equal", False: "differences"}
+
+
+def pause_key(replay_key: str, *, equal: bool, replay_digest: str) -> str:
+    """The key a run's question is asked under: the replay key, the verification's
+    verdict and a digest of the replay's making (when, which projectors). Lower-case
+    letters, digits and dashes only (Prefect's rule for keys)."""
+    return f"approve-{replay_key.replace('_', '-')}-{VERDICTS[equal]}-{replay_digest}"
+
+
+def answers_given(current_key: str) -> dict[str, Approval]:
+    """The answers this run was given, by the pause key of the question each answered:
+    the current question's (a suspended run started again) and any earlier one's."""
+    from prefect.input.actions import filter_flow_run_input
+
+    prefix = current_key.rsplit("-", 2)[0] + "-"
+    given = {}
+    # Prefect keeps an answer under "<paused|suspended>-<pause key>-response".
+    for state_name in ("paused-", "suspended-"):
+        for item in filter_flow_run_input(key_prefix=state_name + prefix, limit=100):
+            if item.key.endswith("-response"):
+                key = item.key.removeprefix(state_name).removesuffix("-response")
+                given[key] = Approval.model_validate(item.decoded_value)
+    return given
+
+
+def what_changed(earlier_key: str, current_key: str) -> str:
+    """Why an answer to ``earlier_key`` does not answer ``current_key``, in words."""
+    then = earlier_key.rsplit("-", 2)[1]
+    now = current_key.rsplit("-", 2)[1]
+    if then != now:
+        return f"the verification said {then!r} then and says {now!r} now"
+    return "the replay was made again or its projectors changed since"
 
 
 def find_paused_run(
@@ -126,3 +170,90 @@ def answer(
         run_id, run_input=decision.model_dump(include={"decision", "approver", "comment"})
     )
     return run_id
+
+
+#: The words a run logs when an answer does not answer its question (the flow's).
+NOT_TAKEN = "is not taken"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a run did with an answer: ``ended`` (it took the answer; ``state`` and
+    ``message`` say how it ended), ``asked_again`` (it did not take it: ``message`` is
+    why, from its log) or ``running`` (neither yet)."""
+
+    kind: Literal["ended", "asked_again", "running"]
+    state: str
+    message: str
+    completed: bool = False
+
+
+def paused_state(run_id: UUID) -> State | None:
+    """The run's state now: read it before answering, for ``outcome``."""
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).state
+
+
+def outcome(run_id: UUID, asked: State | None, timeout_s: float, *, poll_s: float = 0.5) -> Outcome:
+    """Wait up to ``timeout_s`` for the run ``run_id``, answered in its paused state
+    ``asked``, to end or to ask again (a paused state other than ``asked``)."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            state = client.read_flow_run(run_id).state
+            if state is None:
+                return Outcome("running", "unknown", "")
+            if state.is_final():
+                return Outcome("ended", state.name or "", state.message or "", state.is_completed())
+            if state.is_paused() and asked is not None and state.id != asked.id:
+                why = _why_asked_again(client, run_id, asked, timeout_s=10)
+                return Outcome("asked_again", state.name or "", why)
+            if time.monotonic() >= deadline:
+                return Outcome("running", state.name or "", "")
+            time.sleep(poll_s)
+
+
+def _why_asked_again(client: Any, run_id: UUID, asked: State, *, timeout_s: float) -> str:
+    """The run's log line saying why it did not take the answer. A run sends its logs
+    in batches (every 2 s by default): wait for the line a little."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        logs = client.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[run_id]),
+                level=LogFilterLevel(ge_=30),
+                timestamp=LogFilterTimestamp(after_=asked.timestamp),
+            )
+        )
+        why = [log.message for log in logs if NOT_TAKEN in log.message]
+        if why or time.monotonic() >= deadline:
+            return why[-1] if why else ""
+        time.sleep(0.5)
+
+
+def answer_when_asked(
+    replay_key: str,
+    database_tag: str,
+    ask: Callable[[str], tuple[bool, str, str]],
+    run_done: threading.Event,
+) -> None:
+    """Wait for the run of ``replay_key`` to pause, ``ask`` (given the key, it returns
+    approve, approver, comment) and answer it: the question of a run started from a
+    terminal with no server to answer it from elsewhere (the demo, ``zdr run``). Run it
+    in a thread beside the run; ``run_done`` set: the run ended without asking."""
+    while not run_done.is_set():
+        try:
+            find_paused_run(replay_key, database_tag=database_tag)
+            break
+        except NoPausedRun:
+            run_done.wait(0.5)
+    else:
+        return
+    approve, approver, comment = ask(replay_key)
+    answer(
+        replay_key,
+        approve=approve,
+        approver=approver,
+        comment=comment,
+        database_tag=database_tag,
+    )

@@ -42,10 +42,14 @@ from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import (
     DATABASE_TAG,
     KEY_TAG,
+    NOT_TAKEN,
     PROJECTION_TAG,
     Approval,
     NoPausedRun,
+    answers_given,
     find_paused_run,
+    pause_key,
+    what_changed,
 )
 from zdr.flows.parameters import ReplayKey, database
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
@@ -218,7 +222,9 @@ def zero_downtime_replay(
                 logger.info("replay %r left intact in dual write; live is unchanged", replay_key)
             summary = _summary(
                 report.replay, lag=report.lag, promoted=False, decision=decision
-            ).model_copy(update={"removed": removed})
+            ).model_copy(
+                update={"removed": removed} | ({"state": ReplayState.REMOVED} if removed else {})
+            )
             # A state named for the outcome: the runs list tells a rejection from a promotion.
             return Completed(  # type: ignore[return-value]
                 name="Rejected",
@@ -427,15 +433,28 @@ def _approval(
         description=report.to_form_markdown(full_report=f"artifact `{artifacts}-report`"),
         comment="",
     )
-    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout_s)
-    logger.info(
-        "waiting until %s UTC for approval (Prefect UI, or `zdr approve %s`); unanswered, "
-        "the run fails and the replay stays intact in dual write, live unchanged",
-        f"{deadline:%Y-%m-%d %H:%M:%S}",
-        key,
-    )
-    _refuse_a_second_question(key, database_tag)
     pause_key = _pause_key(report)
+    given = answers_given(pause_key)
+    if pause_key in given:  # a suspended run started again: the answer is there
+        logger.info("taking the answer given while the run was suspended")
+    else:
+        for earlier, answer in given.items():
+            logger.warning(
+                "the answer %r by %s " + NOT_TAKEN + ": it was given to another question "
+                "(%s); asking again",
+                answer.decision,
+                answer.approver,
+                what_changed(earlier, pause_key),
+            )
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout_s)
+        logger.info(
+            "waiting until %s UTC for approval (Prefect UI, or `zdr approve %s`); "
+            "unanswered, the run fails and the replay stays intact in dual write, live "
+            "unchanged",
+            f"{deadline:%Y-%m-%d %H:%M:%S}",
+            key,
+        )
+        _refuse_a_second_question(key, database_tag)
     if _deployed():
         return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=pause_key)
     try:
@@ -460,20 +479,18 @@ def _deployed() -> bool:
 
 def _pause_key(report: ApprovalReport) -> str:
     """An answer holds for what the run showed. The key names the replay (its key and
-    when it was made), its projectors and the verification's verdict: a run started
+    when it was made, its projectors) and the verification's verdict: a run started
     again after the answer finds the same key and takes the answer (Prefect hands back
     the answer given under a key already used); if meanwhile the replay was removed and
     made again, its projectors changed, or the verification now says otherwise, the key
-    is new and the run asks again."""
+    is new, the run says in its log why the answer is not taken, and asks again."""
     replay = report.replay
-    shown = "|".join(
-        [
-            replay.created_at.isoformat(),
-            *sorted(replay.projectors.values()),
-            "equal" if report.verification.equal else "differences",
-        ]
+    made = "|".join([replay.created_at.isoformat(), *sorted(replay.projectors.values())])
+    return pause_key(
+        replay.key,
+        equal=report.verification.equal,
+        replay_digest=hashlib.sha256(made.encode()).hexdigest()[:12],
     )
-    return f"approve-{_dashed(replay.key)}-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
 
 
 def _refuse_a_second_question(key: str, database_tag: str) -> None:

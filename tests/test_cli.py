@@ -336,6 +336,8 @@ def test_approve_and_reject_resume_the_paused_run_with_the_right_input(
         wait_for(paused, timeout=60)
         code, _, err = cli(decision, "gate", "--approver", "ops-carol", "--comment", "checked")
         assert code == 0 and f"{decision.rstrip('e')}ed replay gate" in err
+        ended = "Promoted: promoted, approved" if decision == "approve" else "Rejected: rejected"
+        assert f"the run took the answer and ended {ended} by ops-carol" in err
         flow.join(60)
     finally:
         stop.set()

@@ -511,6 +511,7 @@ def test_a_rejection_with_remove_on_reject_removes_the_replay(manager, engine, d
     answer("unwanted", approve=False, approver="ops", comment="not needed")
     thread.join(60)
     assert outcome["result"].removed and not outcome["result"].promoted
+    assert outcome["result"].state is zdr.ReplayState.REMOVED  # not what it was when asked
     assert manager.get_replay("unwanted") is None
     assert "deposits" not in next(iter(balances(engine).values()))
 

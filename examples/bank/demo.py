@@ -289,7 +289,7 @@ def run_demo(
     ``ask`` (given the replay key, returns approve, approver, comment) answers the
     approval the way a person would; without it the run is auto-approved.
     """
-    from zdr.flows.approval import answer
+    from zdr.flows.approval import answer_when_asked
     from zdr.flows.zero_downtime_replay import zero_downtime_replay
 
     started = time.monotonic()
@@ -321,8 +321,8 @@ def run_demo(
         flow_done = threading.Event()
         if ask is not None:
             threading.Thread(
-                target=_answer_when_paused,
-                args=(ask, answer, flow_done, manager.database_tag()),
+                target=answer_when_asked,
+                args=(REPLAY_KEY, manager.database_tag(), ask, flow_done),
                 name="zdr-demo-approver",
                 daemon=True,
             ).start()
@@ -386,32 +386,6 @@ def seed_events(
         engine.dispose()
     where = {"zdr": "zdr.events", "eventsourcing": "bank_es.bank_events"}
     return count, where.get(source, "bank_laravel.stored_events")
-
-
-def _answer_when_paused(
-    ask: Callable[[str], tuple[bool, str, str]],
-    answer: Callable[..., Any],
-    flow_done: threading.Event,
-    database_tag: str,
-) -> None:
-    from zdr.flows.approval import NoPausedRun, find_paused_run
-
-    while not flow_done.is_set():
-        try:
-            find_paused_run(REPLAY_KEY, database_tag=database_tag)
-            break
-        except NoPausedRun:
-            flow_done.wait(0.5)
-    else:
-        return  # the flow ended without asking (it failed, or was auto-approved)
-    approve, approver, comment = ask(REPLAY_KEY)
-    answer(
-        REPLAY_KEY,
-        approve=approve,
-        approver=approver,
-        comment=comment,
-        database_tag=database_tag,
-    )
 
 
 def _promotion_window(replay: zdr.Replay) -> tuple[float, float] | None:
