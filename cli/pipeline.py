@@ -132,8 +132,16 @@ def run(
 
         asking = (key, manager.database_tag(), _ask_on_terminal, run_done)
         threading.Thread(target=answer_when_asked, args=asking, daemon=True).start()
+    from prefect import tags
+
+    from zdr.flows.approval import run_tags
+
     try:
-        with one_api_for_workers(dask_workers), database_by_reference(database_url):
+        with (
+            one_api_for_workers(dask_workers),
+            database_by_reference(database_url),
+            tags(*run_tags(key, manager.database_tag())),  # the run has them from its creation
+        ):
             summary = flow(
                 replay_key=key,
                 projectors=paths(projectors),

@@ -4,6 +4,7 @@ the paused pipeline run of a replay key so nobody has to look up a flow-run id."
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from prefect.input import RunInput
 from pydantic import Field, model_validator
 
 import zdr
+from zdr.config import DATABASE_URL_ENV
 from zdr.errors import NoPausedRun
 
 PIPELINE_FLOW_NAME = "zero-downtime-replay"
@@ -106,14 +108,28 @@ def what_changed(earlier_key: str, current_key: str) -> str:
     return "the replay was made again or its projectors changed since"
 
 
+def run_tags(replay_key: str, database_tag: str) -> list[str]:
+    """The tags a pipeline run of ``replay_key`` carries from its creation: give them to
+    ``run_deployment`` (``zdr.flows.approval.run_tags(key, manager.database_tag())``),
+    and the runs list finds the run by key and database before it starts."""
+    return [KEY_TAG.format(replay_key), DATABASE_TAG.format(database_tag)]
+
+
 def find_paused_run(
-    replay_key: str, *, database_tag: str | None = None, flow_run_id: UUID | None = None
+    replay_key: str,
+    *,
+    database_tag: str | None = None,
+    flow_run_id: UUID | None = None,
+    database_url: str | None = None,
 ) -> UUID:
     """The id of the paused pipeline run for ``replay_key`` on the database tagged
     ``database_tag`` (the newest if several), or the paused run ``flow_run_id`` if it is
     one for that key (and database). Two environments can share a Prefect server: a
-    run of another database is never picked."""
+    run of another database is never picked. The database, as the CLI takes it:
+    ``database_tag``, else ``database_url``'s, else ZDR_DATABASE_URL's; with none of
+    them, a run of any database."""
     zdr.names.validate_key(replay_key)
+    database_tag = _database_tag(database_tag, database_url)
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[PIPELINE_FLOW_NAME])),
@@ -146,6 +162,18 @@ def find_paused_run(
     return waiting[0].id
 
 
+def _database_tag(tag: str | None, url: str | None) -> str | None:
+    """The tag of the database named: never the embedded one's, which nobody named."""
+    url = url or os.environ.get(DATABASE_URL_ENV)
+    if tag is not None or not url:
+        return tag
+    manager = zdr.ReplayManager(url)
+    try:
+        return manager.database_tag()
+    finally:
+        manager.engine.dispose()
+
+
 def _expired(run: Any, now: dt.datetime) -> bool:
     """A pause past its timeout can no longer be answered (a server that fails expired
     pauses has not got to it yet, or the process that paused died): it waits for nobody."""
@@ -161,11 +189,15 @@ def answer(
     comment: str = "",
     database_tag: str | None = None,
     flow_run_id: UUID | None = None,
+    database_url: str | None = None,
 ) -> UUID:
-    """Resume the paused pipeline run of ``replay_key`` (on the database tagged
-    ``database_tag``, or the run ``flow_run_id``) with a decision; return its id."""
+    """Resume the paused pipeline run of ``replay_key`` (on the database named as
+    ``find_paused_run`` takes it, or the run ``flow_run_id``) with a decision; return
+    its id."""
     decision = Approval(approve=approve, approver=approver, comment=comment)
-    run_id = find_paused_run(replay_key, database_tag=database_tag, flow_run_id=flow_run_id)
+    run_id = find_paused_run(
+        replay_key, database_tag=database_tag, flow_run_id=flow_run_id, database_url=database_url
+    )
     resume_flow_run(
         run_id, run_input=decision.model_dump(include={"decision", "approver", "comment"})
     )

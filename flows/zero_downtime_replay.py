@@ -40,8 +40,6 @@ import zdr
 from zdr import reports
 from zdr.errors import ApprovalTimedOut, NotConverged
 from zdr.flows.approval import (
-    DATABASE_TAG,
-    KEY_TAG,
     NOT_TAKEN,
     PROJECTION_TAG,
     Approval,
@@ -49,6 +47,7 @@ from zdr.flows.approval import (
     answers_given,
     find_paused_run,
     pause_key,
+    run_tags,
     what_changed,
 )
 from zdr.flows.parameters import ReplayKey, database
@@ -164,7 +163,7 @@ def zero_downtime_replay(
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
     # `zdr approve` answers this database's runs only; the key and projections find a run.
-    _tag_this_run(DATABASE_TAG.format(tag), KEY_TAG.format(replay_key))
+    _tag_this_run(*run_tags(replay_key, tag))
     artifacts = f"zdr-{tag}-{_dashed(replay_key)}"
     with manager.pipeline_lock(replay_key) as lock:
         replay = clone_schema(url, replay_key, projectors, reader=reader)
@@ -182,6 +181,7 @@ def zero_downtime_replay(
                 artifacts,
                 partitions,
                 (partition_deployment, on_deployment) if on_deployment else None,
+                run_tags(replay_key, tag),
             )
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
@@ -256,6 +256,7 @@ def _replay_history(
     artifacts: str,
     partitions: int = 1,
     deployment: tuple[str, dict[str, Any]] | None = None,
+    tags: list[str] | None = None,
 ) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs:
     first in partitions if asked (and the projectors can), then with one reader up to
@@ -271,6 +272,7 @@ def _replay_history(
     )
     started = time.monotonic()
     last_done = done_before
+    rounds = 0
     plan = plan_partitions(url, key, partitions, reader=reader)
     pending = plan.pending if plan is not None else []
     if plan is not None:
@@ -288,12 +290,16 @@ def _replay_history(
     while True:
         if pending and deployment:
             assert plan is not None
-            _partition_flow_runs(key, pending, plan.partitions, *deployment)
+            _partition_flow_runs(key, pending, plan.partitions, *deployment, tags or [])
             pending = []
             replay = manager_for(url, reader).require_replay(key)
         elif pending:
+            assert plan is not None
+            rounds += 1
             futures = [
-                replay_partition.submit(
+                replay_partition.with_options(
+                    task_run_name=f"replay-partition-{i + 1}-of-{plan.partitions}-round-{rounds}"
+                ).submit(
                     url, key, i, batch_size=batch_size, max_events=events_per_task, reader=reader
                 )
                 for i in pending
@@ -328,7 +334,12 @@ def _replay_history(
 
 
 def _partition_flow_runs(
-    key: str, partitions: list[int], count: int, deployment: str, parameters: dict[str, Any]
+    key: str,
+    partitions: list[int],
+    count: int,
+    deployment: str,
+    parameters: dict[str, Any],
+    tags: list[str],
 ) -> None:
     """One flow run of ``deployment`` (the replay-partition flow) per partition, started at
     once and waited for; ZdrError naming those that did not complete."""
@@ -338,7 +349,7 @@ def _partition_flow_runs(
             deployment,
             parameters={**parameters, "replay_key": key, "partition": i},
             flow_run_name=f"replay-{_dashed(key)}-partition-{i + 1}-of-{count}",
-            tags=[KEY_TAG.format(key)],
+            tags=tags,
             timeout=0,
             as_subflow=as_subflow,
         )
@@ -354,7 +365,7 @@ def _partition_flow_runs(
             "the Prefect server refused to link the partitions' runs to this one (%s): "
             "they run unlinked, tagged %s",
             exc.response.status_code,
-            KEY_TAG.format(key),
+            ", ".join(tags),
         )
         runs = [start(partitions[0], as_subflow=False)]
         linked = False

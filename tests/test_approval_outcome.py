@@ -99,14 +99,18 @@ def test_an_answer_to_a_question_that_changed_is_not_taken_and_zdr_approve_says_
     thread = threading.Thread(target=run)
     thread.start()
 
-    def paused() -> bool:
+    def paused():
         try:
-            return bool(find_paused_run("asked", database_tag=tag))
+            return find_paused_run("asked", database_tag=tag)
         except NoPausedRun:
-            return False
+            return None
 
     try:
-        wait_for(paused, timeout=60)
+        run_id = wait_for(paused, timeout=60)
+        # From Python, the database named as the CLI names it: a URL finds its runs only.
+        assert find_paused_run("asked", database_url=database_url) == run_id
+        with pytest.raises(NoPausedRun):
+            find_paused_run("asked", database_tag="00000000")
         code, _, err = cli("approve", "asked", "--approver", "ops-dana", "--wait", "60")
         assert code == 1, err
         assert "the run did not take the answer" in err

@@ -74,6 +74,19 @@ def test_the_pipeline_replays_in_partitions_and_promotes_what_equals_the_fold(
     assert_history_exactly_once(engine, manager.reader)
     lines = [line for line in logged() if "in 2 partitions" in line]
     assert lines and "a task each on ThreadPoolTaskRunner" in lines[0], logged()
+    # Each partition's task run is named for its partition and round (4,000 events at
+    # 1,000 a task: more than one round), so the runs list tells them apart.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter
+
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [state.state_details.flow_run_id]})
+        )
+    names = sorted(t.name for t in task_runs if t.name.startswith("replay-partition"))
+    assert "replay-partition-1-of-2-round-1" in names, names
+    assert "replay-partition-2-of-2-round-2" in names, names
+    assert len(names) == len(set(names)), names
 
 
 def test_projectors_that_cannot_be_partitioned_replay_with_one_reader_and_the_logs_say_so(
@@ -155,6 +168,8 @@ def test_partitions_as_flow_runs_of_the_replay_partition_deployment(manager, eng
         "replay-subflows-partition-2-of-2",
     ]
     assert all(run.state.is_completed() for run in partitions.values())
+    database_tag = f"zdr-db-{manager.database_tag()}"
+    assert all(database_tag in run.tags for run in partitions.values())
     assert sorted(_partition_runs(manager, "subflows")) == ["partition 1/2", "partition 2/2"]
     assert_balances_match_fold(engine, manager.reader)
     assert_history_exactly_once(engine, manager.reader)
