@@ -203,22 +203,12 @@ def database_by_reference(url: str | None) -> Iterator[None]:
 
 
 def dask_runner(workers: int, address: str | None) -> Any:
-    """prefect-dask's task runner on a local cluster of ``workers`` processes or on the
-    scheduler at ``address``; None for neither (Prefect's default, threads)."""
-    if not workers and not address:
-        return None
+    """The flow's Dask task runner for --dask-workers / --dask-address."""
     if workers and address:
         raise typer.BadParameter("give --dask-workers or --dask-address, not both")
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise ConfigurationError(
-            "--dask-workers and --dask-address need prefect-dask: "
-            "pip install 'zero-downtime-replays[dask]'"
-        ) from None
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
+    from zdr.flows.parameters import dask_task_runner
+
+    return dask_task_runner(workers, address)
 
 
 @contextmanager

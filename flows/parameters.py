@@ -13,7 +13,7 @@ both empty (the worker's ``ZDR_DATABASE_URL``). A plain URL stays for local use.
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -46,6 +46,25 @@ def database(url: str | None, secret: str | None) -> str:
             "instead, or leave both empty for the worker's ZDR_DATABASE_URL"
         )
     return resolve_url(url or None)
+
+
+def dask_task_runner(workers: int, address: str | None) -> Any:
+    """prefect-dask's task runner on a local cluster of ``workers`` processes or on the
+    scheduler at ``address``; None for neither (the flow's own, threads)."""
+    if not workers and not address:
+        return None
+    if workers and address:
+        raise ConfigurationError("give dask workers or a dask address, not both")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigurationError(
+            "running tasks on Dask needs prefect-dask where the flow runs: "
+            "pip install 'zero-downtime-replays[dask]'"
+        ) from None
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
 
 
 def _has_password(url: str) -> bool:

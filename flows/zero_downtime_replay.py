@@ -21,6 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect import flow, get_run_logger
+from prefect import tags as prefect_tags
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -50,7 +51,7 @@ from zdr.flows.approval import (
     run_tags,
     what_changed,
 )
-from zdr.flows.parameters import ReplayKey, database
+from zdr.flows.parameters import ReplayKey, dask_task_runner, database
 from zdr.replay import REPLAYABLE, Replay, ReplayState, SwapReport
 from zdr.reports import ApprovalReport, ReplaySummary
 from zdr.settings import DEFAULTS, whole
@@ -99,6 +100,7 @@ def zero_downtime_replay(
     database_secret: str | None = None,
     partitions: int = 1,
     partition_deployment: str | None = None,
+    dask_address: str | None = None,
 ) -> ReplaySummary:
     """Rebuild projectors beside the live read model, wait for approval, promote with no gap.
 
@@ -135,6 +137,10 @@ def zero_downtime_replay(
             the replay-partition flow (replay-partition/replay-partition), on its work
             pool's workers, instead of as tasks of this run. Needs database_url or
             database_secret (the workers must reach the same database).
+        dask_address: Run the partitions' tasks on the Dask cluster whose scheduler
+            is at this address (tcp://host:8786), each round a subflow run on
+            prefect-dask's DaskTaskRunner (the dask extra, on the worker). Its workers
+            must reach the database and the Prefect API.
     """
     logger = get_run_logger()
     zdr.names.validate_key(replay_key)
@@ -146,6 +152,12 @@ def zero_downtime_replay(
         events_per_task=events_per_task,
     )
     whole("partitions", partitions, minimum=1)
+    on_dask = dask_task_runner(0, dask_address)  # refused here without prefect-dask
+    if on_dask is not None and partition_deployment:
+        raise zdr.ConfigurationError(
+            "give partition_deployment or dask_address, not both: the partitions run "
+            "either as flow runs of a deployment or as tasks on a Dask cluster"
+        )
     if partition_deployment and not (database_url or database_secret):
         raise zdr.ConfigurationError(
             "partition_deployment needs database_url or database_secret: its flow runs go "
@@ -182,6 +194,7 @@ def zero_downtime_replay(
                 partitions,
                 (partition_deployment, on_deployment) if on_deployment else None,
                 run_tags(replay_key, tag),
+                on_dask,
             )
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
@@ -257,6 +270,7 @@ def _replay_history(
     partitions: int = 1,
     deployment: tuple[str, dict[str, Any]] | None = None,
     tags: list[str] | None = None,
+    task_runner: Any = None,
 ) -> Replay:
     """Replay in task-sized pieces, with a progress artifact, rate and ETA in the logs:
     first in partitions if asked (and the projectors can), then with one reader up to
@@ -276,7 +290,7 @@ def _replay_history(
     plan = plan_partitions(url, key, partitions, reader=reader)
     pending = plan.pending if plan is not None else []
     if plan is not None:
-        runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+        runner = task_runner or FlowRunContext.get().task_runner  # type: ignore[union-attr]
         logger.info(
             "replaying %r in %d partitions of streams up to position %s, %s; then one reader "
             "goes on from there",
@@ -296,15 +310,14 @@ def _replay_history(
         elif pending:
             assert plan is not None
             rounds += 1
-            futures = [
-                replay_partition.with_options(
-                    task_run_name=f"replay-partition-{i + 1}-of-{plan.partitions}-round-{rounds}"
-                ).submit(
-                    url, key, i, batch_size=batch_size, max_events=events_per_task, reader=reader
-                )
-                for i in pending
-            ]
-            runs = [future.result() for future in futures]
+            a_round = (url, key, pending, plan.partitions, rounds, batch_size, events_per_task)
+            if task_runner is None:
+                runs = _partition_round(*a_round, reader=reader)
+            else:  # a flow's task runner is its own: a subflow runs the round on it
+                with prefect_tags(*(tags or [])):
+                    runs = partition_round.with_options(task_runner=task_runner)(
+                        *a_round, reader=reader
+                    )
             pending = [run.partition.index for run in runs if not run.done]
             replay = manager_for(url, reader).require_replay(key)
         else:
@@ -331,6 +344,49 @@ def _replay_history(
                 f"({rate:,.0f} events/s)",
             )
             return replay
+
+
+def _partition_round(
+    url: str,
+    key: str,
+    pending: list[int],
+    count: int,
+    round_number: int,
+    batch_size: int,
+    events_per_task: int,
+    *,
+    reader: str | None,
+) -> list[zdr.PartitionRun]:
+    """One replay-partition task per pending partition, at once, on the run's task runner."""
+    futures = [
+        replay_partition.with_options(
+            task_run_name=f"replay-partition-{i + 1}-of-{count}-round-{round_number}"
+        ).submit(url, key, i, batch_size=batch_size, max_events=events_per_task, reader=reader)
+        for i in pending
+    ]
+    return [future.result() for future in futures]
+
+
+@flow(
+    name="replay-partitions",
+    flow_run_name="replay-{key}-partitions-round-{round_number}",
+    validate_parameters=False,
+)
+def partition_round(
+    url: str,
+    key: str,
+    pending: list[int],
+    count: int,
+    round_number: int,
+    batch_size: int,
+    events_per_task: int,
+    *,
+    reader: str | None,
+) -> list[zdr.PartitionRun]:
+    """A round of partition tasks as a subflow, on a task runner of its own (Dask)."""
+    return _partition_round(
+        url, key, pending, count, round_number, batch_size, events_per_task, reader=reader
+    )
 
 
 def _partition_flow_runs(

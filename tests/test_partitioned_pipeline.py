@@ -209,3 +209,53 @@ def test_a_run_after_a_crash_goes_on_with_the_partitions_an_earlier_run_made(
         for line in logged()
     ), logged()
     assert_balances_match_fold(engine, manager.reader)
+
+
+@pytest.mark.dask
+def test_a_deployed_pipeline_runs_its_partitions_on_a_dask_cluster_it_is_given(
+    manager, engine, database_url, monkeypatch
+):
+    """dask_address: a run of the deployment (not `zdr run`, not Python) sends its
+    partitions' tasks to a running Dask scheduler, a subflow per round."""
+    from distributed import LocalCluster
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.deployments import run_deployment
+    from prefect.settings import get_current_settings
+
+    from tests.test_deployments import PIPELINE, _final, served
+
+    seed(manager.store, 3_000, accounts=150)
+    manager.project_live()
+    # The cluster's worker processes report their task runs to the same Prefect API.
+    monkeypatch.setenv("PREFECT_API_URL", str(get_current_settings().api.url))
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster,
+        served(database_url, "--paused"),
+        LiveTraffic(manager),
+    ):
+        started = run_deployment(
+            PIPELINE,
+            parameters={
+                "replay_key": "on_dask",
+                "projectors": [BALANCES, HISTORY],
+                "database_url": database_url,
+                "partitions": 2,
+                "dask_address": cluster.scheduler_address,
+                "auto_approve": True,
+                "batch_size": 400,
+            },
+            timeout=0,
+        )
+        ended = wait_for(lambda: _final(started.id), timeout=240)
+        with get_client(sync_client=True) as client:
+            workers_ran = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["replay:on_dask"]))
+            )
+    manager.project_live()
+    assert ended.state.name == "Promoted", (ended.state.name, ended.state.message)
+    rounds = [run.name for run in workers_ran if "-partitions-round-" in run.name]
+    assert rounds and all(name.startswith("replay-on_dask-partitions-round-") for name in rounds)
+    assert sorted(_partition_runs(manager, "on_dask")) == ["partition 1/2", "partition 2/2"]
+    assert_balances_match_fold(engine, manager.reader)
+    assert_history_exactly_once(engine, manager.reader)
