@@ -367,26 +367,12 @@ def _partition_round(
     return [future.result() for future in futures]
 
 
-@flow(
+#: A round of partition tasks as a subflow, on a task runner of its own (Dask).
+partition_round = flow(
     name="replay-partitions",
     flow_run_name="replay-{key}-partitions-round-{round_number}",
     validate_parameters=False,
-)
-def partition_round(
-    url: str,
-    key: str,
-    pending: list[int],
-    count: int,
-    round_number: int,
-    batch_size: int,
-    events_per_task: int,
-    *,
-    reader: str | None,
-) -> list[zdr.PartitionRun]:
-    """A round of partition tasks as a subflow, on a task runner of its own (Dask)."""
-    return _partition_round(
-        url, key, pending, count, round_number, batch_size, events_per_task, reader=reader
-    )
+)(_partition_round)
 
 
 def _partition_flow_runs(
