@@ -9,13 +9,14 @@ Deployments (name "<flow>/<deployment>"):
 
 * ``zero-downtime-replay/zero-downtime-replay``: the pipeline; no schedule,
   started from the UI with its parameters (key, projectors, ...).
-* ``live-projection/live-projection``: the live runner, started every minute and
-  running 90 s from its scheduled start: each run waits for the one before it to
-  end and takes over within 50 ms, and a run goes on past its time until the
-  next one waits, so the live read models never stand still between runs, and
-  no run is cancelled. A run whose process dies lets go of the lock with its
-  database session: the next run takes over at once. ``--live-interval`` and
-  ``--live-run`` change the two numbers.
+* ``live-projection/live-projection``: the live runner as an active run and a
+  standby run (``keep_standby``, see ``zdr.flows.standby``): the active run applies
+  events for six hours and hands over to the standby, which takes over within 50 ms
+  of the active run's end, whatever ended it; the active run starts a new standby
+  when none waits. The schedule (every six hours) is a safety net. With
+  ``--live-interval S --live-run S``: the earlier way instead, a run every S
+  seconds lasting S seconds, each taking over from the one before (1,440 runs a day
+  at 60 and 90).
 * ``replay-status/replay-status``, ``promote-replay/...``, ``rollback-replay/...``,
   ``remove-replay/...``: the operator's single steps, no schedule.
 
@@ -38,8 +39,8 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from zdr.errors import ConfigurationError
 from zdr.flows.operations import (
-    LIVE_RUN_INTERVAL_S,
-    LIVE_RUN_SECONDS,
+    STANDBY_INTERVAL_S,
+    STANDBY_RUN_SECONDS,
     live_projection,
     promote_replay,
     remove_replay,
@@ -57,9 +58,10 @@ READER_ENV = "ZDR_READER"
 DESCRIPTIONS = {
     "zero-downtime-replay": "Rebuild projectors beside the live read model, wait for "
     "approval, promote with no gap. Give replay_key and projectors in Custom run.",
-    "live-projection": "The live runner, started every minute and running 90 s: each run "
-    "waits for the one before it to end and takes over, so there is no gap between runs. "
-    "No concurrency limit: it would cancel the run that waits to take over.",
+    "live-projection": "The live runner as an active run and a standby run on another "
+    "worker: the standby takes over within 50 ms of the active run's end, whatever ended "
+    "it; a run is active for six hours, then hands over. The schedule is a safety net. "
+    "No concurrency limit: it would cancel the standby.",
     "replay-status": "The replays, their states, positions and lags.",
     "promote-replay": "Put a replay live by itself (the pipeline promotes on approval).",
     "rollback-replay": "Make the copy a promotion replaced live again.",
@@ -72,8 +74,8 @@ DESCRIPTIONS = {
 def deployments(
     *,
     paused: bool = False,
-    live_interval_s: float = LIVE_RUN_INTERVAL_S,
-    live_run_s: float = LIVE_RUN_SECONDS,
+    live_interval_s: float | None = None,
+    live_run_s: float | None = None,
     reader: str | None = None,
 ) -> list[RunnerDeployment]:
     """Every deployment, with its schedule (``paused`` turns the schedules off).
@@ -85,8 +87,16 @@ def deployments(
     rebuild. The live runner's projectors are the worker's ``ZDR_LIVE_PROJECTORS``,
     read when each run starts.
     """
-    if not live_interval_s < live_run_s < 2 * live_interval_s:
+    if live_interval_s is None and live_run_s is None:
+        interval: float = STANDBY_INTERVAL_S
+        live = {"max_seconds": STANDBY_RUN_SECONDS, "keep_standby": True}
+    elif live_interval_s is None or live_run_s is None:
+        raise ValueError("give --live-interval and --live-run together, or neither")
+    elif not live_interval_s < live_run_s < 2 * live_interval_s:
         raise ValueError("a live run must last longer than the interval and under twice it")
+    else:  # the earlier way: overlapping runs, each taking over from the one before
+        interval = live_interval_s
+        live = {"max_seconds": live_run_s, "take_over": True}
     reader = reader or os.environ.get(READER_ENV) or None
     if reader is not None:
         load_reader(reader)  # a bad path is refused now, not at each run
@@ -109,9 +119,9 @@ def deployments(
         deploy(
             live_projection,
             "live-projection",
-            interval=live_interval_s,
+            interval=interval,
             paused=paused,
-            parameters={"max_seconds": live_run_s, "take_over": True},
+            parameters=live,
         ),
         deploy(replay_status, "replay-status"),
         deploy(promote_replay, "promote-replay"),
@@ -129,15 +139,16 @@ def main() -> None:
     parser.add_argument(
         "--live-interval",
         type=float,
-        default=LIVE_RUN_INTERVAL_S,
-        help="seconds between live-projection runs (default %(default)s)",
+        default=None,
+        help="the earlier way of running the live runner: seconds between overlapping "
+        "live-projection runs (with --live-run; default: an active run and a standby)",
     )
     parser.add_argument(
         "--live-run",
         type=float,
-        default=LIVE_RUN_SECONDS,
-        help="seconds each live-projection run lasts from its scheduled start, more than "
-        "the interval and under twice it (default %(default)s)",
+        default=None,
+        help="seconds each overlapping live-projection run lasts from its scheduled start, "
+        "more than the interval and under twice it (with --live-interval)",
     )
     parser.add_argument(
         "--reader",

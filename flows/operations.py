@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -13,6 +14,7 @@ import zdr
 from zdr import reports
 from zdr.flows.logs import zdr_logs_in_run
 from zdr.flows.parameters import ReplayKey, database, live_projectors
+from zdr.flows.standby import Duty
 from zdr.settings import DEFAULTS
 from zdr.tasks import replay as steps
 
@@ -20,6 +22,11 @@ from zdr.tasks import replay as steps
 #: 60 s interval, so the next run has started and waits to take over when it ends.
 LIVE_RUN_SECONDS = 90.0
 LIVE_RUN_INTERVAL_S = 60
+#: With a standby (``keep_standby``): each run is active for six hours, and the
+#: schedule (a safety net: a run that finds an active run and a standby ends at once)
+#: starts one every six hours. A few runs a day.
+STANDBY_RUN_SECONDS = 6 * 3600.0
+STANDBY_INTERVAL_S = 6 * 3600
 
 
 @flow(name="live-projection")
@@ -31,6 +38,7 @@ def live_projection(
     take_over: bool = True,
     reader: str | None = None,
     database_secret: str | None = None,
+    keep_standby: bool = False,
 ) -> dict[str, Any]:
     """Apply new events to the live read models (and dual-writing replays) for a while.
 
@@ -56,10 +64,16 @@ def live_projection(
         reader: The event log's reader as module:attr (see zdr.readers). Empty:
             zdr's own zdr.events table.
         database_secret: The name of a Prefect Secret block holding the database URL.
+        keep_standby: Host the live runner as an active run and a standby run (another
+            run of this deployment, waiting to take over): the run waits as long as it
+            takes, is active for max_seconds, then hands over; while active it keeps
+            a standby and sends zdr.live.heartbeat events (see zdr.flows.standby).
     """
     logger = get_run_logger()
     url = database(database_url, database_secret)
     projectors = projectors or live_projectors()
+    if keep_standby:
+        return _with_a_standby(url, projectors, max_seconds, batch_size, reader)
     window = _window(max_seconds)
     if window is None:
         message = (
@@ -84,7 +98,58 @@ def live_projection(
         logger.info("nothing to do: %s", exc)
         return {"applied": 0, "skipped": str(exc)}
     logger.info("applied %s events", f"{applied:,}")
+    _fail_if_failing(steps.manager_for(url, reader))
     return {"applied": applied, "skipped": None}
+
+
+def _with_a_standby(
+    url: str, projectors: list[str], max_seconds: float, batch_size: int, reader: str | None
+) -> dict[str, Any]:
+    logger = get_run_logger()
+    manager = steps.manager_for(url, reader)
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if manager.live_runner_pid() is not None and manager.live_runner_has_standby():
+        message = "a live runner and a standby run already: this run is not needed"
+        logger.info("nothing to do: %s", message)
+        return {"applied": 0, "skipped": message}
+    stop = threading.Event()
+    duty = Duty(
+        manager.engine,
+        manager.database_tag(),
+        max_seconds=max_seconds,
+        stop=stop,
+        flow_run_id=run.id if run is not None else None,
+        deployment_id=run.deployment_id if run is not None else None,
+        parameters=dict(run.parameters) if run is not None else {},
+    )
+    with zdr_logs_in_run(), duty:
+        applied = steps.project_live(
+            url,
+            projectors,
+            max_seconds=None,
+            batch_size=batch_size,
+            take_over=True,
+            reader=reader,
+            stop=stop,
+            on_tick=duty.tick,
+        )
+    logger.info("applied %s events", f"{applied:,}")
+    _fail_if_failing(manager)
+    return {"applied": applied, "skipped": None, "standbys_started": duty.standbys_started}
+
+
+def _fail_if_failing(manager: zdr.ReplayManager) -> None:
+    """A run whose read models stood still must not end green."""
+    failing = [live for live in manager.live_status() if live["state"] == "failing"]
+    if failing:
+        raise zdr.ZdrError(
+            "live read model(s) standing still: "
+            + "; ".join(
+                f"{live['projection']} at event {live['error_position']}: {live['error']}"
+                for live in failing
+            )
+        )
 
 
 def _window(max_seconds: float) -> tuple[float, float] | None:

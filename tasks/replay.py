@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -221,11 +222,13 @@ def project_live(
     database_url: str,
     projectors: list[str],
     *,
-    max_seconds: float,
+    max_seconds: float | None,
     batch_size: int,
     take_over: bool = False,
     overtime_s: float = 0.0,
     reader: str | None = None,
+    stop: threading.Event | None = None,
+    on_tick: Callable[[], None] | None = None,
 ) -> int:
     """Apply new events to the live read models and dual-writing replays for a while
     (``take_over``, ``overtime_s``: see ``ReplayManager.follow``)."""
@@ -237,7 +240,13 @@ def project_live(
         reader=shared.reader,
     )
     manager.setup()
-    return manager.follow(max_seconds=max_seconds, take_over=take_over, overtime_s=overtime_s)
+    return manager.follow(
+        max_seconds=max_seconds,
+        take_over=take_over,
+        overtime_s=overtime_s,
+        stop=stop,
+        on_tick=on_tick,
+    )
 
 
 @task(name="replay-status", timeout_seconds=SHORT_STEP_TIMEOUT_S, **RETRIES)

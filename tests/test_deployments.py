@@ -47,11 +47,18 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
     }
     assert not served[PIPELINE].schedules, "the pipeline is started by a person"
     [schedule] = served[LIVE].schedules
-    assert schedule.schedule.interval == dt.timedelta(seconds=60)
-    # Runs overlap and take over from each other; a concurrency limit would cancel them.
-    assert 60 < served[LIVE].parameters["max_seconds"] < 120
-    assert served[LIVE].parameters["take_over"] is True
-    assert served[LIVE].concurrency_limit is None
+    # An active run and a standby, a run every six hours: a few runs a day.
+    assert schedule.schedule.interval == dt.timedelta(hours=6)
+    assert served[LIVE].parameters == {"max_seconds": 6 * 3600.0, "keep_standby": True}
+    assert served[LIVE].concurrency_limit is None  # it would cancel the standby
+    # The earlier way, overlapping runs each taking over from the one before.
+    [overlapping] = [
+        d for d in deployments(live_interval_s=60, live_run_s=90) if d.name == "live-projection"
+    ]
+    assert overlapping.schedules[0].schedule.interval == dt.timedelta(seconds=60)
+    assert overlapping.parameters == {"max_seconds": 90, "take_over": True}
+    with pytest.raises(ValueError, match="together"):
+        deployments(live_interval_s=60)
     for deployment in served.values():
         flow = load_flow_from_entrypoint(deployment.entrypoint)
         # What a person fills in the UI's run form, plus the deployment's defaults.
@@ -93,7 +100,10 @@ def test_prefect_yaml_declares_the_served_deployments():
         assert deployment["tags"] == served[name].tags, name
         intervals = [s["interval"] for s in deployment.get("schedules", [])]
         assert intervals == [s.schedule.interval.total_seconds() for s in served[name].schedules]
-        assert deployment["work_pool"]["name"] == "zdr"
+        # The live runner's pool is its own: workers with --limit 1 keep the active run
+        # and its standby apart.
+        pool = "zdr-live" if name == "live-projection" else "zdr"
+        assert deployment["work_pool"]["name"] == pool, name
         assert "concurrency_limit" not in deployment
     # A Quick run starts no rebuild: the pipeline has no replay key or projectors to use.
     assert not {"replay_key", "projectors"} & set(

@@ -538,7 +538,9 @@ def test_the_small_flows_promote_roll_back_report_and_remove(manager, engine, da
     assert replay_status(database_url=database_url) == []
 
 
-def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, database_url):
+def test_an_approval_answers_only_a_run_of_its_own_database(
+    manager, engine, database_url, monkeypatch
+):
     """Two environments share a Prefect server: a run of the other database's replay of
     the same key, paused later, is never the one answered, and artifacts are apart."""
     from prefect.states import Paused
@@ -565,7 +567,11 @@ def test_an_approval_answers_only_a_run_of_its_own_database(manager, engine, dat
                 )
             )
         assert artifacts, "the report's artifact key names the database"
-        assert find_paused_run("twin") == other.id  # the newest, of any database
+        monkeypatch.delenv("ZDR_DATABASE_URL", raising=False)
+        assert find_paused_run("twin") == other.id  # no database named: the newest of any
+        monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
+        assert find_paused_run("twin") == mine  # ZDR_DATABASE_URL's, as the CLI takes it
+        assert find_paused_run("twin", database_url=database_url) == mine
         assert find_paused_run("twin", database_tag=tag) == mine
         with pytest.raises(NoPausedRun, match=r"on this database \(ffffffff\)"):
             find_paused_run("twin", database_tag="ffffffff")

@@ -299,6 +299,7 @@ class ReplayManager:
         on_batch: Callable[[int], None] | None = None,
         take_over: bool = False,
         overtime_s: float = 0.0,
+        on_tick: Callable[[], None] | None = None,
     ) -> int:
         """Keep tailing the log until ``stop`` is set or ``max_seconds`` pass; return the count.
 
@@ -307,7 +308,9 @@ class ReplayManager:
         and with ``overtime_s`` too, this runner goes on past ``max_seconds`` until
         another one waits to take over from it (at most ``overtime_s`` longer). Runs
         that overlap thus hand over with no gap even when the next one is late: the
-        scheduled live-projection flow works this way.
+        scheduled live-projection flow works this way. ``on_tick``: called in this
+        thread after every round while this runner holds the lock (about every
+        ``poll_interval``); it must return at once.
         """
         overtime_s = seconds("overtime_s", overtime_s)
         if max_seconds is not None:
@@ -376,6 +379,7 @@ class ReplayManager:
                         on_batch=count,
                         hand_over_by=hand_over_by,
                         horizon_warning_s=self.settings.horizon_warning_s,
+                        on_tick=on_tick,
                     )
                     return applied
             except Exception as exc:
@@ -774,6 +778,11 @@ class ReplayManager:
             return self._promotion.rollback(conn, key, batch_size=self._batch_size(batch_size))
 
     @_translate_errors
+    def live_runner_has_standby(self) -> bool:
+        """Whether a live runner waits to take over from the running one."""
+        with self.engine.connect() as conn:
+            return locks.live_runner_wanted(conn)
+
     def database_tag(self) -> str:
         """Eight hex digits naming this database, the same from any URL (its cluster's
         system identifier and its name): pipeline runs and artifacts carry it."""

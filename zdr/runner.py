@@ -318,8 +318,13 @@ class LiveRunner:
         on_batch: Callable[[int], None] | None = None,
         horizon_warning_s: float | None = None,
         hand_over_by: float | None = None,
+        on_tick: Callable[[], None] | None = None,
     ) -> int:
         """Keep applying until ``stop`` is set or the monotonic ``deadline`` passes.
+
+        ``on_tick`` is called after every round (a batch, or a look that found none:
+        about every ``poll_interval_s``), in this thread: it says the runner is at work
+        (a heartbeat); it must return at once, or live waits for it.
 
         With ``hand_over_by`` (a later monotonic time): past the deadline, go on until
         another live runner waits to take over, or that time passes, so the live read
@@ -355,6 +360,8 @@ class LiveRunner:
             total += applied
             if on_batch is not None and applied:
                 on_batch(applied)
+            if on_tick is not None:
+                on_tick()
             if watch is not None:
                 if applied:
                     watch.progressed()
