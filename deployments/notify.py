@@ -39,9 +39,9 @@ from zdr.flows.approval import PIPELINE_FLOW_NAME
 AUTOMATION_NAME = "zdr: a replay waits for approval"
 LIVE_AUTOMATION_NAME = "zdr: no live runner at work"
 LIVE_DEPLOYMENT = "live-projection/live-projection"
-LIVE_SUBJECT = "No zdr live runner at work on {{ event.resource.id }}"
+LIVE_SUBJECT = "No zdr live runner at work"
 LIVE_BODY = (
-    "No zdr live runner has sent a heartbeat ({{ event.resource.id }}) for a while: "
+    "No zdr live runner has sent a heartbeat (zdr.live.<database tag>) for a while: "
     "the live read models and dual-writing replays stand still; the application's "
     "events are not lost (they wait in the log). Check the live-projection runs and "
     "the workers of their pool; `zdr status` shows the live read models and whether "
@@ -88,6 +88,9 @@ def notify_on_approval(block: str, *, name: str = AUTOMATION_NAME) -> Automation
 def silence_trigger(after_s: float) -> EventTrigger:
     """No ``zdr.live.heartbeat`` of a database's live runner for ``after_s`` seconds."""
     return EventTrigger(
+        # Each heartbeat opens a window in which the next one is expected (for each
+        # database's live runner), as Prefect's own missing-heartbeat automation does.
+        after={"zdr.live.heartbeat"},
         expect={"zdr.live.heartbeat"},
         match={"prefect.resource.id": "zdr.live.*"},
         for_each={"prefect.resource.id"},

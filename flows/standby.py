@@ -26,6 +26,8 @@ batch wait.
 
 from __future__ import annotations
 
+import contextvars
+import datetime as dt
 import logging
 import threading
 import time
@@ -77,7 +79,12 @@ class Duty:
         self.nobody_waiting_since: float | None = None
         self.standbys_started: list[str] = []
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="zdr-live-duty", daemon=True)
+        # In the run's context (its Prefect settings and API), which a thread does not
+        # inherit by itself.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="zdr-live-duty", daemon=True
+        )
 
     def tick(self) -> None:
         """Called by the live runner after each round: cheap, never blocks."""
@@ -149,19 +156,23 @@ class Duty:
             DeploymentFilter,
             DeploymentFilterId,
             FlowRunFilter,
+            FlowRunFilterExpectedStartTime,
             FlowRunFilterState,
             FlowRunFilterStateType,
         )
         from prefect.client.schemas.objects import StateType
 
         coming = [StateType.SCHEDULED, StateType.PENDING]
+        # Not the schedule's runs hours ahead: only what starts within the grace time.
+        soon = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=STANDBY_GRACE_S)
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 deployment_filter=DeploymentFilter(
                     id=DeploymentFilterId(any_=[self.deployment_id])
                 ),
                 flow_run_filter=FlowRunFilter(
-                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=coming))
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=coming)),
+                    expected_start_time=FlowRunFilterExpectedStartTime(before_=soon),
                 ),
                 limit=5,
             )

@@ -420,6 +420,56 @@ def test_a_pipeline_waiting_for_approval_sends_a_notification(
     assert "/runs/flow-run/" in message["body"], message["body"]
 
 
+@pytest.mark.real_server
+@pytest.mark.timeout(300)
+def test_no_live_runner_at_work_sends_a_notification(prefect_server, manager, database_url):
+    """`notify --live-silent-after S`: a live runner with a standby sends heartbeats
+    while active; once none has been at work for S seconds, the server notifies."""
+    import contextvars
+    import threading
+
+    from prefect.automations import Automation
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from zdr.deployments.notify import LIVE_AUTOMATION_NAME, notify_when_live_is_silent
+    from zdr.flows.operations import live_projection
+
+    received: list[dict] = []
+    hook = _webhook(received)
+    seed(manager.store, 100)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        CustomWebhookNotificationBlock(
+            name="zdr-test-live",
+            url=f"http://127.0.0.1:{hook.server_port}/hook",
+            json_data={"subject": "{{subject}}", "body": "{{body}}"},
+        ).save("zdr-test-live-hook", overwrite=True)
+        with pytest.raises(zdr.ConfigurationError, match="30 s or more"):
+            notify_when_live_is_silent("custom-webhook/zdr-test-live-hook", 5)
+        notify_when_live_is_silent("custom-webhook/zdr-test-live-hook", 30)
+        try:
+            # Active with a standby for 12 s (heartbeats), handed over to a plain run
+            # that ends 20 s later: then no live runner is at work.
+            active = threading.Thread(  # in this context: its Prefect settings, the API
+                target=contextvars.copy_context().run,
+                args=(live_projection,),
+                kwargs={"database_url": database_url, "max_seconds": 12.0, "keep_standby": True},
+            )
+            active.start()
+            wait_for(lambda: manager.live_runner_pid() is not None, timeout=60)
+            live_projection(database_url=database_url, max_seconds=40.0, take_over=True)
+            active.join(30)
+            silent_since = time.monotonic()
+            assert not received, "a notification while a live runner was at work"
+            wait_for(lambda: received, timeout=150, interval=1, message=lambda: "none came")
+            print(f"notified {time.monotonic() - silent_since:.0f} s after the last runner")
+        finally:
+            Automation.read(name=LIVE_AUTOMATION_NAME).delete()
+            hook.shutdown()
+    message = received[0]
+    assert message["subject"] == "No zdr live runner at work"
+    assert "stand still" in message["body"], message["body"]
+
+
 def test_the_notification_command_names_a_missing_or_unreachable_server_in_one_line():
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     command = [sys.executable, "-m", "zdr.deployments.notify", "--block", "slack-webhook/x"]
