@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from prefect import serve
@@ -166,7 +167,32 @@ def main() -> None:
         )
     except (ValueError, ConfigurationError) as exc:
         parser.error(str(exc))
+    for line in on_work_pools([d.name for d in served]):
+        print(f"warning: {line}", file=sys.stderr)
     serve(*served)
+
+
+def on_work_pools(names: list[str]) -> list[str]:
+    """The deployments of these names that `prefect deploy` put on a work pool: serving
+    takes them over, and stopping `serve` then pauses their schedules (the live
+    runner's too), so the two ways must not be mixed on one server: say so."""
+    from prefect.client.orchestration import get_client
+
+    said = []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                # Each deployment is named after its flow.
+                found = client.read_deployment_by_name(f"{name}/{name}")
+            except Exception:  # not deployed yet
+                continue
+            if found.work_pool_name:
+                said.append(
+                    f"deployment {name!r} is on work pool {found.work_pool_name!r} (prefect "
+                    "deploy): serve takes it over, and stopping serve pauses its schedule; use "
+                    "one way or the other on one Prefect server"
+                )
+    return said
 
 
 if __name__ == "__main__":

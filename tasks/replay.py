@@ -25,16 +25,26 @@ from prefect.states import State
 
 import zdr
 from zdr import reports
-from zdr.errors import is_transient
+from zdr.errors import is_transient, one_line
 from zdr.projector import load_projector
 from zdr.readers import load as load_reader
 from zdr.reports import ApprovalReport
 
 
 def retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Prefect's retry condition: retry only what may succeed the next time."""
+    """Prefect's retry condition: retry only what may succeed the next time. Prefect
+    says a retry only at INFO, without its count: say it at WARNING, with it."""
     exc = state.result(raise_on_failure=False)
-    return isinstance(exc, BaseException) and is_transient(exc)
+    retry = isinstance(exc, BaseException) and is_transient(exc)
+    if retry and task_run.run_count <= (task.retries or 0):
+        get_run_logger().warning(
+            "%s failed with a transient error (%s): retry %d of %d",
+            task.name,
+            one_line(exc),
+            task_run.run_count,
+            task.retries,
+        )
+    return retry
 
 
 RETRIES: dict[str, Any] = {

@@ -68,6 +68,22 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
     assert served[PIPELINE]._parameter_openapi_schema.required == ["replay_key", "projectors"]
 
 
+@pytest.mark.usefixtures("prefect_harness")
+def test_serve_warns_when_prefect_deploy_put_its_deployments_on_a_work_pool():
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from zdr.deployments.serve import on_work_pools
+    from zdr.flows.operations import replay_status
+
+    assert on_work_pools(["replay-status"]) == []
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="zdr-test-pool", type="process"))
+    replay_status.to_deployment(name="replay-status").apply(work_pool_name="zdr-test-pool")
+    [warning] = on_work_pools(["replay-status", "remove-replay"])
+    assert "'replay-status' is on work pool 'zdr-test-pool'" in warning
+    assert "stopping serve pauses its schedule" in warning
+
+
 def test_every_served_deployment_reads_the_log_its_reader_names(monkeypatch, database_url):
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
     reader = "zdr.examples.bank.stored_events:table_reader"

@@ -193,7 +193,9 @@ def test_a_run_is_named_and_tagged_for_its_replay_key_and_projections(manager, d
     assert re.search(r"caught up, 300 events applied \([\d,]+ events/s\)", progress.description)
 
 
-def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_url, monkeypatch):
+def test_a_transient_failure_is_retried_and_the_run_completes(
+    manager, database_url, monkeypatch, caplog
+):
     seed(manager.store, 500)
     manager.project_live()
     calls = []
@@ -212,6 +214,13 @@ def test_a_transient_failure_is_retried_and_the_run_completes(manager, database_
         )
     assert len(calls) == 2
     assert summary.promoted
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "enable-dual-write failed with a transient error" in m
+        and "the locks were busy (injected)" in m
+        and m.endswith("retry 1 of 3")
+        for m in warned
+    ), warned
 
 
 def test_a_pipeline_that_lost_its_lock_stops_before_promoting(
