@@ -22,24 +22,12 @@ from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.journeys.conftest import ROOT
+from tests.journeys.test_deployed_rollout import _prefect
 from tests.support import balances, seed, wait_for
 from zdr.examples.bank.domain import OPENED
 from zdr.locks import live_runner_pid
 
 LIVE = "live-projection/live-projection"
-
-
-def _prefect(env: dict[str, str], *arguments: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", *arguments],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        stdin=subprocess.DEVNULL,
-        timeout=180,
-    )
-    assert done.returncode == 0, (arguments, done.stdout[-2000:], done.stderr[-2000:])
 
 
 @contextmanager
