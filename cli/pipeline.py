@@ -390,9 +390,10 @@ def _answer(
             f"`prefect flow-run inspect {run_id}`"
         )
         return
-    err.print(f"the run took the answer and ended {done.state}: {escape(done.message)}")
     if not done.completed:
+        err.print(f"[red]the run ended {done.state}:[/red] {escape(done.message)}")
         raise typer.Exit(1)
+    err.print(f"the run took the answer and ended {done.state}: {escape(done.message)}")
 
 
 def _prefect_server_named() -> bool:
@@ -420,7 +421,7 @@ def _ask_on_terminal(replay_key: str) -> tuple[bool, str, str]:
         "(its report is in the flow run's artifacts)."
     )
     approve_it = Confirm.ask("Promote it to live?", console=err, default=False)
-    return approve_it, os.environ.get("USER") or "terminal", "answered on the demo's terminal"
+    return approve_it, os.environ.get("USER") or "terminal", "answered on the terminal"
 
 
 def _cell(value: object) -> str:

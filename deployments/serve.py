@@ -40,6 +40,8 @@ from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from zdr.errors import ConfigurationError
 from zdr.flows.operations import (
+    LIVE_RUN_INTERVAL_S,
+    LIVE_RUN_SECONDS,
     STANDBY_INTERVAL_S,
     STANDBY_RUN_SECONDS,
     live_projection,
@@ -81,23 +83,24 @@ def deployments(
 ) -> list[RunnerDeployment]:
     """Every deployment, with its schedule (``paused`` turns the schedules off).
 
-    The live runner's runs overlap on purpose (``live_run_s`` over ``live_interval_s``)
-    and take over from each other; a Prefect concurrency limit would cancel the
-    waiting run instead, and a worker that died would keep its slot for minutes.
+    The live runner: an active run and a standby (``keep_standby``), or, given
+    ``live_interval_s`` / ``live_run_s``, the earlier overlapping runs that take over
+    from each other. Either way no concurrency limit: it would cancel the waiting run,
+    and a worker that died would keep its slot for minutes.
     No deployment has a replay key or projectors as defaults: a Quick run starts no
     rebuild. The live runner's projectors are the worker's ``ZDR_LIVE_PROJECTORS``,
     read when each run starts.
     """
-    if live_interval_s is None and live_run_s is None:
-        interval: float = STANDBY_INTERVAL_S
-        live = {"max_seconds": STANDBY_RUN_SECONDS, "keep_standby": True}
-    elif live_interval_s is None or live_run_s is None:
-        raise ValueError("give --live-interval and --live-run together, or neither")
-    elif not live_interval_s < live_run_s < 2 * live_interval_s:
-        raise ValueError("a live run must last longer than the interval and under twice it")
-    else:  # the earlier way: overlapping runs, each taking over from the one before
-        interval = live_interval_s
-        live = {"max_seconds": live_run_s, "take_over": True}
+    interval: float = STANDBY_INTERVAL_S
+    live: dict[str, Any] = {"max_seconds": STANDBY_RUN_SECONDS, "keep_standby": True}
+    if live_interval_s is not None or live_run_s is not None:
+        # The earlier way, overlapping runs each taking over from the one before; one of
+        # the two numbers alone takes the earlier default for the other.
+        interval = LIVE_RUN_INTERVAL_S if live_interval_s is None else live_interval_s
+        run_s = LIVE_RUN_SECONDS if live_run_s is None else live_run_s
+        if not interval < run_s < 2 * interval:
+            raise ValueError("a live run must last longer than the interval and under twice it")
+        live = {"max_seconds": run_s, "take_over": True}
     reader = reader or os.environ.get(READER_ENV) or None
     if reader is not None:
         load_reader(reader)  # a bad path is refused now, not at each run

@@ -83,26 +83,61 @@ def pause_key(replay_key: str, *, equal: bool, replay_digest: str) -> str:
     return f"approve-{replay_key.replace('_', '-')}-{VERDICTS[equal]}-{replay_digest}"
 
 
-def answers_given(current_key: str) -> dict[str, Approval]:
-    """The answers this run was given, by the pause key of the question each answered:
-    the current question's (a suspended run started again) and any earlier one's."""
+EARLIEST = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class Given:
+    """An answer a run was given, and the pause key of the question it answered."""
+
+    key: str
+    approval: Approval
+
+
+def answers_given(current_key: str) -> list[Given]:
+    """The answers this run was given for this replay key, oldest first."""
     from prefect.input.actions import filter_flow_run_input
 
     prefix = current_key.rsplit("-", 2)[0] + "-"
-    given = {}
+    found = []
     # Prefect keeps an answer under "<paused|suspended>-<pause key>-response".
     for state_name in ("paused-", "suspended-"):
         for item in filter_flow_run_input(key_prefix=state_name + prefix, limit=100):
             if item.key.endswith("-response"):
                 key = item.key.removeprefix(state_name).removesuffix("-response")
-                given[key] = Approval.model_validate(item.decoded_value)
-    return given
+                found.append(
+                    (item.created, Given(key, Approval.model_validate(item.decoded_value)))
+                )
+    return [given for _, given in sorted(found, key=lambda pair: pair[0] or dt.datetime.min)]
+
+
+def _question(key: str) -> tuple[str, str]:
+    """(verdict, digest) of a pause key; a key asked again carries "n<count>" after it."""
+    _, verdict, digest = key.rsplit("-", 2)
+    return verdict, digest.split("n")[0]
+
+
+def same_question(answered_key: str, current_key: str) -> bool:
+    return _question(answered_key) == _question(current_key)
+
+
+def unused_key(base: str, used: set[str]) -> str:
+    """``base``, or ``base`` with a count when a question of that key was answered
+    already (Prefect refuses a pause key used once; the answer given then is not the
+    run's latest)."""
+    key, count = base, 0
+    while key in used:
+        count += 1
+        key = f"{base}n{count}"
+    return key
 
 
 def what_changed(earlier_key: str, current_key: str) -> str:
     """Why an answer to ``earlier_key`` does not answer ``current_key``, in words."""
-    then = earlier_key.rsplit("-", 2)[1]
-    now = current_key.rsplit("-", 2)[1]
+    then, made_then = _question(earlier_key)
+    now, made_now = _question(current_key)
+    if then not in VERDICTS.values():
+        return "it was asked by an earlier version of zdr"
     if then != now:
         return f"the verification said {then!r} then and says {now!r} now"
     return "the replay was made again or its projectors changed since"
@@ -272,13 +307,20 @@ def answer_when_asked(
     """Wait for the run of ``replay_key`` to pause, ``ask`` (given the key, it returns
     approve, approver, comment) and answer it: the question of a run started from a
     terminal with no server to answer it from elsewhere (the demo, ``zdr run``). Run it
-    in a thread beside the run; ``run_done`` set: the run ended without asking."""
+    in a thread beside the run; ``run_done`` set: the run ended without asking. Only a
+    run created after this call is asked about: a paused run an earlier, killed process
+    left behind is not this one."""
+    since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     while not run_done.is_set():
         try:
-            find_paused_run(replay_key, database_tag=database_tag)
-            break
+            run_id = find_paused_run(replay_key, database_tag=database_tag)
+            with get_client(sync_client=True) as client:
+                created = client.read_flow_run(run_id).created
+            if created is not None and created >= since:
+                break
         except NoPausedRun:
-            run_done.wait(0.5)
+            pass
+        run_done.wait(0.5)
     else:
         return
     approve, approver, comment = ask(replay_key)
@@ -288,4 +330,5 @@ def answer_when_asked(
         approver=approver,
         comment=comment,
         database_tag=database_tag,
+        flow_run_id=run_id,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -113,12 +112,9 @@ def _with_a_standby(
         message = "a live runner and a standby run already: this run is not needed"
         logger.info("nothing to do: %s", message)
         return {"applied": 0, "skipped": message}
-    stop = threading.Event()
     duty = Duty(
         manager.engine,
         manager.database_tag(),
-        max_seconds=max_seconds,
-        stop=stop,
         flow_run_id=run.id if run is not None else None,
         deployment_id=run.deployment_id if run is not None else None,
         parameters=dict(run.parameters) if run is not None else {},
@@ -131,8 +127,8 @@ def _with_a_standby(
             batch_size=batch_size,
             take_over=True,
             reader=reader,
-            stop=stop,
             on_tick=duty.tick,
+            hand_over_after_s=max_seconds,
         )
     logger.info("applied %s events", f"{applied:,}")
     _fail_if_failing(manager)

@@ -16,8 +16,10 @@ While it is active, a run:
 * makes sure a standby exists: when nobody has waited for the lock for
   ``STANDBY_GRACE_S`` and no run of its deployment is scheduled or pending, it starts
   one (``run_deployment``, same parameters);
-* after ``max_seconds`` hands over to the standby that waits (so a run lasts hours,
-  and the runs list shows a few runs a day).
+* after ``max_seconds`` hands over to the standby that waits (the live runner
+  itself does, ``ReplayManager.follow(hand_over_after_s=...)``, checking for the
+  waiter on its own connection just before it lets go; so a run lasts hours, and the
+  runs list shows a few runs a day).
 
 Everything here runs in a thread of its own beside the live runner: the live runner
 only notes the time of its latest round (``tick``), so no Prefect call ever makes a
@@ -44,8 +46,10 @@ HEARTBEAT_S = 10.0
 #: How long nobody may wait for the lock before the active run starts a standby: a
 #: run just started needs a few seconds to come to wait.
 STANDBY_GRACE_S = 30.0
-#: A round within this is "at work" (rounds come every poll interval, 0.2 s).
-AT_WORK_S = 5.0
+#: A run whose live runner has taken the lock is at work while its rounds keep
+#: coming (every poll interval, 0.2 s; one batch can take minutes): a run whose
+#: rounds stopped for longer lost its lock (it reconnects) or is stuck.
+AT_WORK_S = 300.0
 EVENT = "zdr.live.heartbeat"
 RESOURCE = "zdr.live.{}"
 
@@ -58,8 +62,6 @@ class Duty:
         engine: sa.Engine,
         database_tag: str,
         *,
-        max_seconds: float,
-        stop: threading.Event,
         flow_run_id: UUID | None,
         deployment_id: UUID | None,
         parameters: dict[str, Any],
@@ -67,8 +69,6 @@ class Duty:
     ) -> None:
         self.engine = engine
         self.database_tag = database_tag
-        self.max_seconds = max_seconds
-        self.stop = stop
         self.flow_run_id = flow_run_id
         self.deployment_id = deployment_id
         self.parameters = parameters
@@ -118,9 +118,6 @@ class Duty:
             waiting = live_runner_wanted(conn)
         if waiting:
             self.nobody_waiting_since = None
-            if now - self.active_since >= self.max_seconds and not self.stop.is_set():
-                log.info("this run's %g s are over: handing over to the standby", self.max_seconds)
-                self.stop.set()
             return
         if self.nobody_waiting_since is None:
             self.nobody_waiting_since = now

@@ -49,6 +49,8 @@ from zdr.flows.approval import (
     find_paused_run,
     pause_key,
     run_tags,
+    same_question,
+    unused_key,
     what_changed,
 )
 from zdr.flows.parameters import ReplayKey, dask_task_runner, database
@@ -194,7 +196,9 @@ def zero_downtime_replay(
                 partitions,
                 (partition_deployment, on_deployment) if on_deployment else None,
                 run_tags(replay_key, tag),
-                on_dask,
+                (on_dask, {"database_url": database_url, "database_secret": database_secret})
+                if on_dask is not None
+                else None,
             )
         if replay.state is ReplayState.CAUGHT_UP:
             _catch_up(
@@ -310,13 +314,14 @@ def _replay_history(
         elif pending:
             assert plan is not None
             rounds += 1
-            a_round = (url, key, pending, plan.partitions, rounds, batch_size, events_per_task)
+            a_round = (key, pending, plan.partitions, rounds, batch_size, events_per_task)
             if task_runner is None:
-                runs = _partition_round(*a_round, reader=reader)
+                runs = _partition_round(url, *a_round, reader=reader)
             else:  # a flow's task runner is its own: a subflow runs the round on it
+                runner, named = task_runner
                 with prefect_tags(*(tags or [])):
-                    runs = partition_round.with_options(task_runner=task_runner)(
-                        *a_round, reader=reader
+                    runs = partition_round.with_options(task_runner=runner)(
+                        named["database_url"], named["database_secret"], *a_round, reader=reader
                     )
             pending = [run.partition.index for run in runs if not run.done]
             replay = manager_for(url, reader).require_replay(key)
@@ -367,12 +372,30 @@ def _partition_round(
     return [future.result() for future in futures]
 
 
-#: A round of partition tasks as a subflow, on a task runner of its own (Dask).
-partition_round = flow(
+@flow(
     name="replay-partitions",
     flow_run_name="replay-{key}-partitions-round-{round_number}",
     validate_parameters=False,
-)(_partition_round)
+)
+def partition_round(
+    database_url: str | None,
+    database_secret: str | None,
+    key: str,
+    pending: list[int],
+    count: int,
+    round_number: int,
+    batch_size: int,
+    events_per_task: int,
+    *,
+    reader: str | None,
+) -> list[zdr.PartitionRun]:
+    """A round of partition tasks as a subflow, on a task runner of its own (Dask). It
+    is given the database as the pipeline was (a subflow's arguments show in the UI:
+    never the URL read from a secret or the environment) and finds the URL itself."""
+    url = database(database_url, database_secret)
+    return _partition_round(
+        url, key, pending, count, round_number, batch_size, events_per_task, reader=reader
+    )
 
 
 def _partition_flow_runs(
@@ -486,19 +509,23 @@ def _approval(
         description=report.to_form_markdown(full_report=f"artifact `{artifacts}-report`"),
         comment="",
     )
-    pause_key = _pause_key(report)
-    given = answers_given(pause_key)
-    if pause_key in given:  # a suspended run started again: the answer is there
+    asked = _pause_key(report)
+    given = answers_given(asked)
+    newest = given[-1] if given else None
+    if newest is not None and same_question(newest.key, asked):
+        # A suspended run started again: its latest answer is to this very question.
         logger.info("taking the answer given while the run was suspended")
+        question_key = newest.key
     else:
-        for earlier, answer in given.items():
+        if newest is not None:
             logger.warning(
                 "the answer %r by %s " + NOT_TAKEN + ": it was given to another question "
                 "(%s); asking again",
-                answer.decision,
-                answer.approver,
-                what_changed(earlier, pause_key),
+                newest.approval.decision,
+                newest.approval.approver,
+                what_changed(newest.key, asked),
             )
+        question_key = unused_key(asked, {g.key for g in given})
         deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=timeout_s)
         logger.info(
             "waiting until %s UTC for approval (Prefect UI, or `zdr approve %s`); "
@@ -509,10 +536,10 @@ def _approval(
         )
         _refuse_a_second_question(key, database_tag)
     if _deployed():
-        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=pause_key)
+        return suspend_flow_run(wait_for_input=form, timeout=timeout_s, key=question_key)
     try:
         return pause_flow_run(
-            wait_for_input=form, timeout=timeout_s, poll_interval=1, key=pause_key
+            wait_for_input=form, timeout=timeout_s, poll_interval=1, key=question_key
         )
     except FlowPauseTimeout as exc:
         # Prefect would end the run with its own words ("paused and never resumed"):

@@ -239,6 +239,7 @@ def project_live(
     reader: str | None = None,
     stop: threading.Event | None = None,
     on_tick: Callable[[], None] | None = None,
+    hand_over_after_s: float | None = None,
 ) -> int:
     """Apply new events to the live read models and dual-writing replays for a while
     (``take_over``, ``overtime_s``: see ``ReplayManager.follow``)."""
@@ -256,6 +257,7 @@ def project_live(
         overtime_s=overtime_s,
         stop=stop,
         on_tick=on_tick,
+        hand_over_after_s=hand_over_after_s,
     )
 
 

@@ -88,7 +88,10 @@ def test_an_answer_to_a_question_that_changed_is_not_taken_and_zdr_approve_says_
         second = _approval(
             dataclasses.replace(report, verification=behind), False, 120, "asked-artifacts", tag
         )
-        return [first.decision, second.decision]
+        # Equal again: the first question's approval is older than the rejection given
+        # since, so it is not taken either; the run asks again.
+        third = _approval(report, False, 120, "asked-artifacts", tag)
+        return [first.decision, second.decision, third.decision]
 
     result: dict = {}
 
@@ -117,9 +120,14 @@ def test_an_answer_to_a_question_that_changed_is_not_taken_and_zdr_approve_says_
         assert "the answer 'approve' by ops-dana is not taken" in err
         assert "the verification said 'equal' then and says 'differences' now" in err
 
-        code, _, err = cli("reject", "asked", "--approver", "ops-dana", "--wait", "60")
+        code, _, err = cli("reject", "asked", "--approver", "ops-erin", "--wait", "60")
+        assert code == 1, err
+        assert "the answer 'reject' by ops-erin is not taken" in err
+        assert "the verification said 'differences' then and says 'equal' now" in err
+
+        code, _, err = cli("approve", "asked", "--approver", "ops-dana", "--wait", "60")
         assert code == 0, err
         assert "the run took the answer and ended Completed" in err
     finally:
         thread.join(60)
-    assert result["decisions"] == ["approve", "reject"]
+    assert result["decisions"] == ["approve", "reject", "approve"]

@@ -57,8 +57,8 @@ def test_the_served_deployments_have_their_flows_parameters_and_schedules():
     ]
     assert overlapping.schedules[0].schedule.interval == dt.timedelta(seconds=60)
     assert overlapping.parameters == {"max_seconds": 90, "take_over": True}
-    with pytest.raises(ValueError, match="together"):
-        deployments(live_interval_s=60)
+    [alone] = [d for d in deployments(live_run_s=100) if d.name == "live-projection"]
+    assert alone.parameters == {"max_seconds": 100, "take_over": True}  # as before
     for deployment in served.values():
         flow = load_flow_from_entrypoint(deployment.entrypoint)
         # What a person fills in the UI's run form, plus the deployment's defaults.

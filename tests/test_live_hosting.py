@@ -96,4 +96,4 @@ def test_an_active_run_hands_over_to_its_standby_after_its_time(manager, databas
     last.join(60)
     assert not second.is_alive() and not last.is_alive()
     assert results["last"]["skipped"] is None
-    assert any("handing over to the standby" in r.getMessage() for r in caplog.records)
+    assert any("handing over to the one that waits" in r.getMessage() for r in caplog.records)

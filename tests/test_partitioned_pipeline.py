@@ -239,8 +239,7 @@ def test_a_deployed_pipeline_runs_its_partitions_on_a_dask_cluster_it_is_given(
             parameters={
                 "replay_key": "on_dask",
                 "projectors": [BALANCES, HISTORY],
-                "database_url": database_url,
-                "partitions": 2,
+                "partitions": 2,  # the database: the worker's ZDR_DATABASE_URL
                 "dask_address": cluster.scheduler_address,
                 "auto_approve": True,
                 "batch_size": 400,
@@ -254,8 +253,12 @@ def test_a_deployed_pipeline_runs_its_partitions_on_a_dask_cluster_it_is_given(
             )
     manager.project_live()
     assert ended.state.name == "Promoted", (ended.state.name, ended.state.message)
-    rounds = [run.name for run in workers_ran if "-partitions-round-" in run.name]
-    assert rounds and all(name.startswith("replay-on_dask-partitions-round-") for name in rounds)
+    rounds = [run for run in workers_ran if "-partitions-round-" in run.name]
+    assert rounds and all(r.name.startswith("replay-on_dask-partitions-round-") for r in rounds)
+    # A subflow's arguments show in the UI: the database as the run was given it (here
+    # none: the worker's environment), never the URL it found.
+    assert all(r.parameters["database_url"] is None for r in rounds)
+    assert not any(database_url in str(r.parameters) for r in rounds)
     assert sorted(_partition_runs(manager, "on_dask")) == ["partition 1/2", "partition 2/2"]
     assert_balances_match_fold(engine, manager.reader)
     assert_history_exactly_once(engine, manager.reader)

@@ -117,8 +117,8 @@ def runner_lock(
                 _advisory(conn, "pg_advisory_unlock_shared", waiting_for(name))
     if waiting:
         log.info("took over after waiting %.1f s", time.monotonic() - started)
-    _notice_a_lost_client(conn)
     try:
+        _notice_a_lost_client(conn)
         yield
     finally:
         # A session that died took its lock with it: nothing to release, and the error

@@ -300,6 +300,7 @@ class ReplayManager:
         take_over: bool = False,
         overtime_s: float = 0.0,
         on_tick: Callable[[], None] | None = None,
+        hand_over_after_s: float | None = None,
     ) -> int:
         """Keep tailing the log until ``stop`` is set or ``max_seconds`` pass; return the count.
 
@@ -310,7 +311,10 @@ class ReplayManager:
         that overlap thus hand over with no gap even when the next one is late: the
         scheduled live-projection flow works this way. ``on_tick``: called in this
         thread after every round while this runner holds the lock (about every
-        ``poll_interval``); it must return at once.
+        ``poll_interval``); it must return at once. ``hand_over_after_s``: that long
+        after taking the lock, hand over to a runner that waits for it (checked on
+        this runner's own connection just before it lets go), and go on while none
+        waits: a standby's way.
         """
         overtime_s = seconds("overtime_s", overtime_s)
         if max_seconds is not None:
@@ -380,6 +384,7 @@ class ReplayManager:
                         hand_over_by=hand_over_by,
                         horizon_warning_s=self.settings.horizon_warning_s,
                         on_tick=on_tick,
+                        hand_over_after_s=hand_over_after_s,
                     )
                     return applied
             except Exception as exc:
@@ -783,6 +788,7 @@ class ReplayManager:
         with self.engine.connect() as conn:
             return locks.live_runner_wanted(conn)
 
+    @_translate_errors
     def database_tag(self) -> str:
         """Eight hex digits naming this database, the same from any URL (its cluster's
         system identifier and its name): pipeline runs and artifacts carry it."""

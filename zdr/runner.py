@@ -319,8 +319,12 @@ class LiveRunner:
         horizon_warning_s: float | None = None,
         hand_over_by: float | None = None,
         on_tick: Callable[[], None] | None = None,
+        hand_over_after_s: float | None = None,
     ) -> int:
         """Keep applying until ``stop`` is set or the monotonic ``deadline`` passes.
+
+        With ``hand_over_after_s``: that long after this call (the lock just taken),
+        end as soon as another live runner waits to take over, and not before.
 
         ``on_tick`` is called after every round (a batch, or a look that found none:
         about every ``poll_interval_s``), in this thread: it says the runner is at work
@@ -340,9 +344,22 @@ class LiveRunner:
         total = 0
         overtime = False
 
+        began = time.monotonic()
+
         def done() -> bool:
             nonlocal overtime
             now = time.monotonic()
+            if (
+                not stop.is_set()
+                and hand_over_after_s is not None
+                and now - began >= hand_over_after_s
+                and live_runner_wanted(conn)
+            ):
+                log.info(
+                    "this live runner's %g s are over: handing over to the one that waits",
+                    hand_over_after_s,
+                )
+                return True
             if stop.is_set() or deadline is None or now < deadline:
                 return stop.is_set()
             if hand_over_by is None or now >= hand_over_by:
