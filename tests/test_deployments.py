@@ -441,14 +441,10 @@ def test_a_pipeline_waiting_for_approval_sends_a_notification(
 def test_no_live_runner_at_work_sends_a_notification(prefect_server, manager, database_url):
     """`notify --live-silent-after S`: a live runner with a standby sends heartbeats
     while active; once none has been at work for S seconds, the server notifies."""
-    import contextvars
-    import threading
-
     from prefect.automations import Automation
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     from zdr.deployments.notify import LIVE_AUTOMATION_NAME, notify_when_live_is_silent
-    from zdr.flows.operations import live_projection
 
     received: list[dict] = []
     hook = _webhook(received)
@@ -464,16 +460,24 @@ def test_no_live_runner_at_work_sends_a_notification(prefect_server, manager, da
         notify_when_live_is_silent("custom-webhook/zdr-test-live-hook", 30)
         try:
             # Active with a standby for 12 s (heartbeats), handed over to a plain run
-            # that ends 20 s later: then no live runner is at work.
-            active = threading.Thread(  # in this context: its Prefect settings, the API
-                target=contextvars.copy_context().run,
-                args=(live_projection,),
-                kwargs={"database_url": database_url, "max_seconds": 12.0, "keep_standby": True},
-            )
-            active.start()
+            # that ends 20 s after it started: then no live runner is at work. Each run
+            # in a process of its own, as a worker starts it.
+            env = {**os.environ, "PREFECT_API_URL": prefect_server, "PYTHONPATH": str(ROOT)}
+            run = "from zdr.flows.operations import live_projection as f; f({})"
+            active = subprocess.Popen(
+                [sys.executable, "-c", run.format(
+                    f"database_url={database_url!r}, max_seconds=12.0, keep_standby=True"
+                )],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
             wait_for(lambda: manager.live_runner_pid() is not None, timeout=60)
-            live_projection(database_url=database_url, max_seconds=40.0, take_over=True)
-            active.join(30)
+            subprocess.run(
+                [sys.executable, "-c", run.format(
+                    f"database_url={database_url!r}, max_seconds=20.0, take_over=True"
+                )],
+                cwd=ROOT, env=env, check=True, capture_output=True, timeout=120,
+            )  # fmt: skip
+            active.wait(30)
             silent_since = time.monotonic()
             assert not received, "a notification while a live runner was at work"
             wait_for(lambda: received, timeout=150, interval=1, message=lambda: "none came")
