@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import subprocess
@@ -76,8 +77,12 @@ def test_serve_warns_when_prefect_deploy_put_its_deployments_on_a_work_pool():
     from zdr.flows.operations import replay_status
 
     assert on_work_pools(["replay-status"]) == []
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="zdr-test-pool", type="process"))
+
+    async def create_pool() -> None:  # Prefect 3.1's sync client has no create_work_pool
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="zdr-test-pool", type="process"))
+
+    asyncio.run(create_pool())
     replay_status.to_deployment(name="replay-status").apply(work_pool_name="zdr-test-pool")
     [warning] = on_work_pools(["replay-status", "remove-replay"])
     assert "'replay-status' is on work pool 'zdr-test-pool'" in warning

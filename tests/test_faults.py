@@ -49,6 +49,28 @@ def test_a_lost_connection_mid_batch_leaves_the_replay_resumable_not_failed(mana
     assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])
 
 
+def test_a_live_runner_whose_connection_is_killed_right_after_it_took_its_lock_goes_on(
+    manager, engine, monkeypatch
+):
+    """Between taking the lock and its first batch (a DBA's kill, a failover): the runner
+    holds the lock, so it reconnects as it would mid-batch, instead of dying."""
+    seed(manager.store, 50)
+    checked = zdr.manager._require_same_cluster
+    killed: list[int] = []
+
+    def killed_once(conn: sa.Connection, reader: object) -> None:
+        if not killed:
+            killed.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+            conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        checked(conn, reader)
+
+    monkeypatch.setattr(zdr.manager, "_require_same_cluster", killed_once)
+    monkeypatch.setattr(zdr.manager, "RECONNECT_FIRST_S", 0.05)
+    assert manager.follow(max_seconds=3, poll_interval=0.02) == 50
+    assert killed, "the connection was not killed"
+    assert_balances_match_fold(engine, manager.store)
+
+
 def test_the_live_runner_reconnects_when_its_connection_is_killed(manager, engine):
     seed(manager.store, 200)
     manager.project_live()

@@ -367,13 +367,14 @@ class ReplayManager:
                                 )
                             return applied
                         raise
-                    _require_same_cluster(conn, self.reader)
-                    session = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-                    conn.commit()
+                    # From here on this runner holds the lock: a connection lost from
+                    # now on (even before its first batch) is reconnected, not raised.
                     if running:
                         log.warning("the live runner is connected again and goes on")
                     running = True
                     connected = time.monotonic()
+                    session = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+                    _require_same_cluster(conn, self.reader)
                     self._live.follow(
                         conn,
                         stop=stop,
