@@ -45,3 +45,17 @@ def test_the_pipeline_lives_under_the_one_name_zdr():
         "zdr.examples.bank.projectors:BalancesV2"
     )
     assert zdr.flows.zero_downtime_replay.zero_downtime_replay.name == "zero-downtime-replay"
+
+
+def test_the_command_line_starts_without_prefect_or_pandas():
+    """Every `zdr` command pays its imports before it does anything: Prefect (seconds)
+    comes only with the commands that run a flow, pandas only where a lag history is
+    shown."""
+    code = (
+        "import sys\nimport zdr.cli.main\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect', 'pandas'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

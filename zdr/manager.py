@@ -35,9 +35,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import pandas as pd
 import psycopg.errors
 import sqlalchemy as sa
 
@@ -93,6 +92,9 @@ from zdr.runner import BatchRun, LiveRunner, replay_target
 from zdr.settings import DEFAULTS, Settings, seconds, whole
 from zdr.store import Cursor, EventReader, EventStore, Partition, mark_runner_transaction
 from zdr.verify import VerificationReport, verify
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 T = TypeVar("T")
 log = logging.getLogger("zdr")
@@ -1002,6 +1004,8 @@ class ReplayManager:
         with self.engine.connect() as conn:
             records.load_replay(conn, key, runs=False)
             history = records.samples(conn, key, since)
+        import pandas as pd  # records.samples imported it already
+
         history["at"] = pd.to_datetime(history["at"], utc=True)
         seconds = history["at"].diff().dt.total_seconds()
         history["events_per_s"] = (history["events_applied"].diff() / seconds).fillna(0.0)

@@ -12,8 +12,8 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import sqlalchemy as sa
 
 from zdr.errors import ReplayNotFound
@@ -28,6 +28,9 @@ from zdr.names import (
 from zdr.partitions import PartitionPlan
 from zdr.replay import TRANSITIONS, Replay, ReplayState, Run
 from zdr.store import Cursor
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: Columns stamped when a replay reaches a state; our own names, never user input.
 STAMPS = frozenset({"caught_up_at", "dual_write_at", "promoted_at", "rolled_back_at"})
@@ -472,4 +475,6 @@ def samples(conn: sa.Connection, key: str, since: dt.datetime | None) -> pd.Data
            WHERE replay_key = %s AND at >= %s ORDER BY at""",
         (key, since or dt.datetime.min.replace(tzinfo=dt.UTC)),
     ).all()
+    import pandas as pd  # only here: every zdr command would pay its import otherwise
+
     return pd.DataFrame(rows, columns=["at", "position", "events_applied", "lag"])

@@ -15,7 +15,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 from pydantic import BaseModel
 
 from zdr.horizon import age
@@ -23,6 +22,8 @@ from zdr.replay import FOLLOWING, MOVING, ReplayState, eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from zdr.horizon import Horizon
     from zdr.replay import Replay
     from zdr.verify import Difference, TableReport, VerificationReport
@@ -367,6 +368,8 @@ def lag_samples(history: pd.DataFrame, rows: int = 12) -> list[dict[str, Any]]:
         return []
     positions = sorted({round(i) for i in _spread(len(history) - 1, min(rows, len(history)))})
     picked = history.iloc[positions].to_dict("records")
+    import pandas as pd  # here, not at import: a command that shows no history skips it
+
     records = [
         {
             "at": pd.Timestamp(row["at"]).strftime("%H:%M:%S"),
@@ -552,6 +555,8 @@ def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
         if values[0] == values[1]:
             return "-" if values[0] is None else str(values[0])
         return " / ".join("-" if v is None else str(v) for v in values)
+
+    import pandas as pd
 
     fields = ("type", "non_null", "distinct", "min", "max")
     return pd.DataFrame(
