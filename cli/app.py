@@ -103,9 +103,13 @@ Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmat
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
 ) -> None:
     state["debug"] = debug
+    # The command's sessions say which command they are (pg_stat_activity), unless the
+    # URL or the environment names another.
+    zdr.config.APPLICATION_NAME = f"zdr {ctx.invoked_subcommand or ''}".strip()
     if debug:  # otherwise Prefect's console handler formats flow logs its own way
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 

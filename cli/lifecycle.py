@@ -158,7 +158,8 @@ def promote(
     report = manager.promote(key)
     err.print(
         f"replay [bold]{key}[/bold] is live at position {report.position:,} "
-        f"(lock wait {report.lock_wait_ms:.1f} ms, swap {report.duration_ms:.1f} ms)"
+        f"(lock wait {report.lock_wait_ms:.1f} ms, swap {report.duration_ms:.1f} ms; "
+        f"planner statistics fresh: {len(report.analyzed)} tables analyzed before the swap)"
     )
 
 

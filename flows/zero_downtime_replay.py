@@ -634,6 +634,7 @@ def _publish_promotion(promotion: SwapReport, artifacts: str) -> None:
             lock_wait_ms=promotion.lock_wait_ms,
             duration_ms=promotion.duration_ms,
             attempts=promotion.attempts,
+            analyzed=promotion.analyzed,
         ),
         key=f"{artifacts}-promotion",
         description=f"Replay {promotion.key!r}: the promotion",

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 import zdr
 from tests.logs import KINDS, Log, make_log
-from tests.support import wait_for
+from tests.support import ROLE, wait_for
 from zdr.config import to_sqlalchemy_url
 from zdr.examples.bank.projectors import LIVE
 
@@ -73,8 +73,8 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
         ).scalars()
         for schema in schemas.all():
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
-        roles = conn.exec_driver_sql(
-            "SELECT rolname FROM pg_roles WHERE rolname LIKE 'zdr_test_%%'"
+        roles = conn.exec_driver_sql(  # this run's roles only: a server may be shared
+            "SELECT rolname FROM pg_roles WHERE starts_with(rolname, %s)", (ROLE,)
         )
         for role in roles.scalars().all():
             conn.exec_driver_sql(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')

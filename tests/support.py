@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,11 @@ import zdr
 from zdr.examples.bank.domain import DEPOSITED, WITHDRAWN, BankSimulator, fold_balances
 from zdr.examples.bank.projectors import Balances, BalancesV2, History
 from zdr.store import iter_all
+
+#: Roles belong to the server, not to a database: a test run names its roles with this
+#: prefix (its processes share it through the environment) and drops only those, so
+#: runs that share a server never touch each other's roles.
+ROLE = os.environ.setdefault("ZDR_TEST_ROLE_PREFIX", f"zdr_test_{uuid.uuid4().hex[:6]}_")
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:

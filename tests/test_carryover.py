@@ -10,25 +10,25 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import BalancesWithLedger, seed, zdr_state
+from tests.support import ROLE, BalancesWithLedger, seed, zdr_state
 from zdr.examples.bank.projectors import Balances, BalancesV2
 
 DBA_SETUP = [
-    "CREATE ROLE zdr_test_owner",
-    "CREATE ROLE zdr_test_reader",
-    "CREATE ROLE zdr_test_restricted",
-    "CREATE ROLE zdr_test_writer",
-    "ALTER SCHEMA bank_balances OWNER TO zdr_test_owner",
-    "ALTER TABLE bank_balances.balances OWNER TO zdr_test_owner",
+    f"CREATE ROLE {ROLE}owner",
+    f"CREATE ROLE {ROLE}reader",
+    f"CREATE ROLE {ROLE}restricted",
+    f"CREATE ROLE {ROLE}writer",
+    f"ALTER SCHEMA bank_balances OWNER TO {ROLE}owner",
+    f"ALTER TABLE bank_balances.balances OWNER TO {ROLE}owner",
     "GRANT USAGE ON SCHEMA bank_balances TO PUBLIC",
     "GRANT SELECT ON bank_balances.balances TO PUBLIC",
-    "GRANT UPDATE (owner) ON bank_balances.balances TO zdr_test_writer",
+    f"GRANT UPDATE (owner) ON bank_balances.balances TO {ROLE}writer",
     "ALTER TABLE bank_balances.balances ENABLE ROW LEVEL SECURITY",
-    "CREATE POLICY everything ON bank_balances.balances FOR SELECT TO zdr_test_reader USING (true)",
-    """CREATE POLICY not_secret ON bank_balances.balances FOR SELECT TO zdr_test_restricted
+    f"CREATE POLICY everything ON bank_balances.balances FOR SELECT TO {ROLE}reader USING (true)",
+    f"""CREATE POLICY not_secret ON bank_balances.balances FOR SELECT TO {ROLE}restricted
        USING (account_id < 'acc-000020')""",
     "CREATE INDEX balances_by_owner ON bank_balances.balances (owner)",
-    "ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES TO zdr_test_reader",
+    f"ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES TO {ROLE}reader",
     "COMMENT ON TABLE bank_balances.balances IS 'balances per account (DBA note)'",
     "ALTER TABLE bank_balances.balances SET (fillfactor = 80)",
 ]
@@ -53,9 +53,9 @@ def _facts(engine) -> dict:
     count = "SELECT count(*) FROM bank_balances.balances"
     with engine.connect() as conn:
         catalog = conn.exec_driver_sql(
-            """SELECT n.nspowner::regrole::text, c.relowner::regrole::text, c.relrowsecurity,
-                      has_column_privilege('zdr_test_writer', c.oid, 'owner', 'UPDATE'),
-                      has_column_privilege('zdr_test_writer', c.oid, 'balance', 'UPDATE'),
+            f"""SELECT n.nspowner::regrole::text, c.relowner::regrole::text, c.relrowsecurity,
+                      has_column_privilege('{ROLE}writer', c.oid, 'owner', 'UPDATE'),
+                      has_column_privilege('{ROLE}writer', c.oid, 'balance', 'UPDATE'),
                       (SELECT count(*) FROM pg_policy WHERE polrelid = c.oid),
                       to_regclass('bank_balances.balances_by_owner') IS NOT NULL,
                       obj_description(c.oid, 'pg_class'), c.reloptions,
@@ -65,9 +65,9 @@ def _facts(engine) -> dict:
         ).one()
     return {
         "catalog": tuple(catalog),
-        "reader": _as(engine, "zdr_test_reader", count),
-        "restricted": _as(engine, "zdr_test_restricted", count),
-        "public": _as(engine, "zdr_test_writer", count),  # PUBLIC's SELECT, no policy: 0 rows
+        "reader": _as(engine, f"{ROLE}reader", count),
+        "restricted": _as(engine, f"{ROLE}restricted", count),
+        "public": _as(engine, f"{ROLE}writer", count),  # PUBLIC's SELECT, no policy: 0 rows
     }
 
 
@@ -343,10 +343,10 @@ def test_rollback_does_not_bring_back_what_a_dba_removed_after_promotion(manager
     with engine.begin() as conn:  # the DBA changes their mind on the new live copy
         for statement in [
             "ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances"
-            " REVOKE SELECT ON TABLES FROM zdr_test_reader",
+            f" REVOKE SELECT ON TABLES FROM {ROLE}reader",
             "COMMENT ON TABLE bank_balances.balances IS NULL",
             "ALTER TABLE bank_balances.balances RESET (fillfactor)",
-            "REVOKE UPDATE (owner) ON bank_balances.balances FROM zdr_test_writer",
+            f"REVOKE UPDATE (owner) ON bank_balances.balances FROM {ROLE}writer",
             "DROP POLICY everything ON bank_balances.balances",
         ]:
             conn.exec_driver_sql(statement)
@@ -361,17 +361,17 @@ def test_grants_keep_their_grantor_and_the_owners_own_revokes(manager, engine):
     _dual_writing(manager)
     with engine.begin() as conn:
         for statement in [
-            "CREATE ROLE zdr_test_owner",
-            "CREATE ROLE zdr_test_lead",
-            "CREATE ROLE zdr_test_reader",
-            "ALTER SCHEMA bank_balances OWNER TO zdr_test_owner",
-            "ALTER TABLE bank_balances.balances OWNER TO zdr_test_owner",
-            "GRANT USAGE ON SCHEMA bank_balances TO zdr_test_lead, zdr_test_reader",
-            "GRANT SELECT ON bank_balances.balances TO zdr_test_lead WITH GRANT OPTION",
-            "SET ROLE zdr_test_lead",
-            "GRANT SELECT ON bank_balances.balances TO zdr_test_reader",
+            f"CREATE ROLE {ROLE}owner",
+            f"CREATE ROLE {ROLE}lead",
+            f"CREATE ROLE {ROLE}reader",
+            f"ALTER SCHEMA bank_balances OWNER TO {ROLE}owner",
+            f"ALTER TABLE bank_balances.balances OWNER TO {ROLE}owner",
+            f"GRANT USAGE ON SCHEMA bank_balances TO {ROLE}lead, {ROLE}reader",
+            f"GRANT SELECT ON bank_balances.balances TO {ROLE}lead WITH GRANT OPTION",
+            f"SET ROLE {ROLE}lead",
+            f"GRANT SELECT ON bank_balances.balances TO {ROLE}reader",
             "RESET ROLE",
-            "REVOKE UPDATE ON bank_balances.balances FROM zdr_test_owner",
+            f"REVOKE UPDATE ON bank_balances.balances FROM {ROLE}owner",
         ]:
             conn.exec_driver_sql(statement)
     acl = """SELECT array_agg(a::text ORDER BY a::text) FROM pg_class, unnest(relacl) a
@@ -382,11 +382,11 @@ def test_grants_keep_their_grantor_and_the_owners_own_revokes(manager, engine):
     with engine.connect() as conn:
         assert conn.exec_driver_sql(acl).scalar_one() == before
     with engine.begin() as conn:  # the lead's revoke takes the reader's access away
-        conn.exec_driver_sql("SET LOCAL ROLE zdr_test_lead")
-        conn.exec_driver_sql("REVOKE SELECT ON bank_balances.balances FROM zdr_test_reader")
+        conn.exec_driver_sql(f"SET LOCAL ROLE {ROLE}lead")
+        conn.exec_driver_sql(f"REVOKE SELECT ON bank_balances.balances FROM {ROLE}reader")
     with engine.connect() as conn:
         assert not conn.exec_driver_sql(
-            "SELECT has_table_privilege('zdr_test_reader', 'bank_balances.balances', 'SELECT')"
+            f"SELECT has_table_privilege('{ROLE}reader', 'bank_balances.balances', 'SELECT')"
         ).scalar_one()
 
 
@@ -397,29 +397,29 @@ def test_the_whole_life_cycle_runs_as_an_ordinary_role_that_owns_its_read_models
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
         for statement in [
-            "CREATE ROLE zdr_test_app LOGIN",
-            "CREATE ROLE zdr_test_reader",
-            f'GRANT CREATE ON DATABASE "{database}" TO zdr_test_app',
+            f"CREATE ROLE {ROLE}app LOGIN",
+            f"CREATE ROLE {ROLE}reader",
+            f'GRANT CREATE ON DATABASE "{database}" TO {ROLE}app',
         ]:
             conn.exec_driver_sql(statement)
-    app = sa.create_engine(engine.url.set(username="zdr_test_app", password=None))
+    app = sa.create_engine(engine.url.set(username=f"{ROLE}app", password=None))
     try:
         manager = zdr.ReplayManager(app, projectors=[Balances()], batch_size=500)
         manager.setup()
         seed(manager.store, 1_000)
         manager.project_live()
         with app.begin() as conn:
-            conn.exec_driver_sql("GRANT USAGE ON SCHEMA bank_balances TO zdr_test_reader")
-            conn.exec_driver_sql("GRANT SELECT ON bank_balances.balances TO zdr_test_reader")
+            conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA bank_balances TO {ROLE}reader")
+            conn.exec_driver_sql(f"GRANT SELECT ON bank_balances.balances TO {ROLE}reader")
         count = "SELECT count(*) FROM bank_balances.balances"
-        before = _as(engine, "zdr_test_reader", count)
+        before = _as(engine, f"{ROLE}reader", count)
         manager.create_replay("v2", [BalancesV2()])
         manager.start_replay("v2")
         manager.enable_dual_write("v2")
         manager.promote("v2")
-        assert _as(engine, "zdr_test_reader", count) == before
+        assert _as(engine, f"{ROLE}reader", count) == before
         manager.rollback("v2")
-        assert _as(engine, "zdr_test_reader", count) == before
+        assert _as(engine, f"{ROLE}reader", count) == before
         manager.remove_replay("v2")
     finally:
         app.dispose()

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import BalancesWithLedger, seed
+from tests.support import ROLE, BalancesWithLedger, seed
 from tests.test_carryover import _dual_writing
 from zdr.examples.bank.domain import EVENT_TYPES
 
@@ -31,22 +31,21 @@ def test_column_grant_lost_on_rollback_when_table_grant_changed(manager, engine)
     _dual_writing(manager)
     _run(
         engine,
-        "CREATE ROLE zdr_test_writer",
-        "GRANT USAGE ON SCHEMA bank_balances TO zdr_test_writer",
-        "GRANT SELECT ON bank_balances.balances TO zdr_test_writer",
-        "GRANT UPDATE (owner) ON bank_balances.balances TO zdr_test_writer",
+        f"CREATE ROLE {ROLE}writer",
+        f"GRANT USAGE ON SCHEMA bank_balances TO {ROLE}writer",
+        f"GRANT SELECT ON bank_balances.balances TO {ROLE}writer",
+        f"GRANT UPDATE (owner) ON bank_balances.balances TO {ROLE}writer",
     )
     manager.promote("v2")
     has = (
-        "SELECT has_column_privilege('zdr_test_writer', 'bank_balances.balances',"
-        " 'owner', 'UPDATE')"
+        f"SELECT has_column_privilege('{ROLE}writer', 'bank_balances.balances', 'owner', 'UPDATE')"
     )
     assert _q(engine, has)
     # after promotion the DBA gives the writer one more table privilege
-    _run(engine, "GRANT INSERT ON bank_balances.balances TO zdr_test_writer")
+    _run(engine, f"GRANT INSERT ON bank_balances.balances TO {ROLE}writer")
     manager.rollback("v2")
     assert _q(
-        engine, "SELECT has_table_privilege('zdr_test_writer', 'bank_balances.balances', 'INSERT')"
+        engine, f"SELECT has_table_privilege('{ROLE}writer', 'bank_balances.balances', 'INSERT')"
     )
     assert _q(engine, has), "UPDATE (owner) silently lost"
 
@@ -55,9 +54,9 @@ def test_column_grant_lost_when_promote_is_retried(manager, engine):
     _dual_writing(manager)
     _run(
         engine,
-        "CREATE ROLE zdr_test_writer",
-        "GRANT SELECT ON bank_balances.balances TO zdr_test_writer",
-        "GRANT UPDATE (owner) ON bank_balances.balances TO zdr_test_writer",
+        f"CREATE ROLE {ROLE}writer",
+        f"GRANT SELECT ON bank_balances.balances TO {ROLE}writer",
+        f"GRANT UPDATE (owner) ON bank_balances.balances TO {ROLE}writer",
         'CREATE SCHEMA "zdr-swap-v2_1"',
     )  # any refusal raised after prepare()
     with pytest.raises(zdr.DependentObjects):
@@ -65,13 +64,12 @@ def test_column_grant_lost_when_promote_is_retried(manager, engine):
     _run(
         engine,
         'DROP SCHEMA "zdr-swap-v2_1"',
-        "GRANT INSERT ON bank_balances.balances TO zdr_test_writer",
+        f"GRANT INSERT ON bank_balances.balances TO {ROLE}writer",
     )
     manager.promote("v2")
     assert _q(
         engine,
-        "SELECT has_column_privilege('zdr_test_writer', 'bank_balances.balances',"
-        " 'owner', 'UPDATE')",
+        f"SELECT has_column_privilege('{ROLE}writer', 'bank_balances.balances', 'owner', 'UPDATE')",
     ), "UPDATE (owner) silently lost"
 
 
@@ -84,26 +82,25 @@ def test_column_grant_lost_when_table_grant_changes_between_prepare_and_swap(
     _dual_writing(manager)
     _run(
         engine,
-        "CREATE ROLE zdr_test_writer",
-        "GRANT SELECT ON bank_balances.balances TO zdr_test_writer",
-        "GRANT UPDATE (owner) ON bank_balances.balances TO zdr_test_writer",
+        f"CREATE ROLE {ROLE}writer",
+        f"GRANT SELECT ON bank_balances.balances TO {ROLE}writer",
+        f"GRANT UPDATE (owner) ON bank_balances.balances TO {ROLE}writer",
     )
     prepare = Promotion.prepare
 
     def racing(self, conn, replay, what):
         base = prepare(self, conn, replay, what)
-        _run(engine, "GRANT INSERT ON bank_balances.balances TO zdr_test_writer")
+        _run(engine, f"GRANT INSERT ON bank_balances.balances TO {ROLE}writer")
         return base
 
     monkeypatch.setattr(Promotion, "prepare", racing)
     manager.promote("v2")
     assert _q(
-        engine, "SELECT has_table_privilege('zdr_test_writer', 'bank_balances.balances', 'INSERT')"
+        engine, f"SELECT has_table_privilege('{ROLE}writer', 'bank_balances.balances', 'INSERT')"
     )
     assert _q(
         engine,
-        "SELECT has_column_privilege('zdr_test_writer', 'bank_balances.balances',"
-        " 'owner', 'UPDATE')",
+        f"SELECT has_column_privilege('{ROLE}writer', 'bank_balances.balances', 'owner', 'UPDATE')",
     ), "UPDATE (owner) silently lost"
 
 
@@ -478,9 +475,9 @@ def test_rollback_after_dba_changes_owner_identity_and_cluster_post_promotion(ma
     manager.promote("v2")
     _run(
         engine,
-        "CREATE ROLE zdr_test_owner",
-        "ALTER TABLE bank_balances.balances OWNER TO zdr_test_owner",
-        "ALTER SCHEMA bank_balances OWNER TO zdr_test_owner",
+        f"CREATE ROLE {ROLE}owner",
+        f"ALTER TABLE bank_balances.balances OWNER TO {ROLE}owner",
+        f"ALTER SCHEMA bank_balances OWNER TO {ROLE}owner",
         "CREATE UNIQUE INDEX by_acc ON bank_balances.balances (account_id)",
         "ALTER TABLE bank_balances.balances REPLICA IDENTITY USING INDEX by_acc",
         "ALTER TABLE bank_balances.balances CLUSTER ON by_acc",
@@ -506,9 +503,9 @@ def test_a_policy_comparing_a_projector_enum_column(engine):
     manager = _dual_writing_versions(engine, ExoticV1(), ExoticV2())
     _run(
         engine,
-        "CREATE ROLE zdr_test_reader",
+        f"CREATE ROLE {ROLE}reader",
         'ALTER TABLE edge_x."Parent Table" ENABLE ROW LEVEL SECURITY',
-        "CREATE POLICY gold ON edge_x.\"Parent Table\" TO zdr_test_reader USING (tier = 'gold')",
+        f"CREATE POLICY gold ON edge_x.\"Parent Table\" TO {ROLE}reader USING (tier = 'gold')",
     )
     with pytest.raises(zdr.DependentObjects, match='policy gold .* uses type edge_x."Tier Type"'):
         manager.promote("v2")
@@ -522,14 +519,14 @@ def _as_app(engine, setup):
         conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         database = conn.exec_driver_sql("SELECT current_database()").scalar_one()
         for statement in [
-            "CREATE ROLE zdr_test_app LOGIN",
-            "CREATE ROLE zdr_test_reader",
-            "CREATE ROLE zdr_test_owner",
-            f'GRANT CREATE ON DATABASE "{database}" TO zdr_test_app',
-            "GRANT zdr_test_owner TO zdr_test_app",
+            f"CREATE ROLE {ROLE}app LOGIN",
+            f"CREATE ROLE {ROLE}reader",
+            f"CREATE ROLE {ROLE}owner",
+            f'GRANT CREATE ON DATABASE "{database}" TO {ROLE}app',
+            f"GRANT {ROLE}owner TO {ROLE}app",
         ]:
             conn.exec_driver_sql(statement)
-    app = sa.create_engine(engine.url.set(username="zdr_test_app", password=None))
+    app = sa.create_engine(engine.url.set(username=f"{ROLE}app", password=None))
     from zdr.examples.bank.projectors import Balances, BalancesV2
 
     manager = zdr.ReplayManager(app, projectors=[Balances()], batch_size=500)
@@ -547,8 +544,8 @@ def test_non_superuser_table_owned_by_a_role_zdr_is_member_of(engine):
     app, manager = _as_app(
         engine,
         [
-            "GRANT CREATE, USAGE ON SCHEMA bank_balances TO zdr_test_owner",
-            "ALTER TABLE bank_balances.balances OWNER TO zdr_test_owner",
+            f"GRANT CREATE, USAGE ON SCHEMA bank_balances TO {ROLE}owner",
+            f"ALTER TABLE bank_balances.balances OWNER TO {ROLE}owner",
         ],
     )
     try:
@@ -559,7 +556,7 @@ def test_non_superuser_table_owned_by_a_role_zdr_is_member_of(engine):
                 "SELECT relowner::regrole::text FROM pg_class"
                 " WHERE oid = 'bank_balances.balances'::regclass",
             )
-            == "zdr_test_owner"
+            == f"{ROLE}owner"
         )
     finally:
         app.dispose()
@@ -569,8 +566,8 @@ def test_non_superuser_dba_default_privileges_for_own_role(engine):
     app, manager = _as_app(
         engine,
         [
-            "ALTER DEFAULT PRIVILEGES FOR ROLE zdr_test_owner IN SCHEMA bank_balances"
-            " GRANT SELECT ON TABLES TO zdr_test_reader"
+            f"ALTER DEFAULT PRIVILEGES FOR ROLE {ROLE}owner IN SCHEMA bank_balances"
+            f" GRANT SELECT ON TABLES TO {ROLE}reader"
         ],
     )
     try:
@@ -616,11 +613,10 @@ def test_default_privileges_apply_to_a_table_the_new_version_adds(manager, engin
     manager.project_live()
     _run(
         engine,
-        "CREATE ROLE zdr_test_reader",
-        "GRANT USAGE ON SCHEMA bank_balances TO zdr_test_reader",
-        "GRANT SELECT ON ALL TABLES IN SCHEMA bank_balances TO zdr_test_reader",
-        "ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES"
-        " TO zdr_test_reader",
+        f"CREATE ROLE {ROLE}reader",
+        f"GRANT USAGE ON SCHEMA bank_balances TO {ROLE}reader",
+        f"GRANT SELECT ON ALL TABLES IN SCHEMA bank_balances TO {ROLE}reader",
+        f"ALTER DEFAULT PRIVILEGES IN SCHEMA bank_balances GRANT SELECT ON TABLES TO {ROLE}reader",
     )
     manager.create_replay("ledger", [BalancesWithLedger()])
     manager.start_replay("ledger")
@@ -629,7 +625,7 @@ def test_default_privileges_apply_to_a_table_the_new_version_adds(manager, engin
     # every table in bank_balances is readable by the reader, as the DBA arranged
     assert _q(
         engine,
-        "SELECT has_table_privilege('zdr_test_reader', 'bank_balances.ledger', 'SELECT')",
+        f"SELECT has_table_privilege('{ROLE}reader', 'bank_balances.ledger', 'SELECT')",
     )
 
 

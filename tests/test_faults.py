@@ -15,7 +15,7 @@ from tests.support import assert_balances_match_fold, balances, seed, wait_for
 from tests.test_live_path import _live_runner_pid, _opened
 from zdr.errors import is_transient
 from zdr.examples.bank.domain import BankSimulator
-from zdr.examples.bank.projectors import Balances, BalancesV2
+from zdr.examples.bank.projectors import LIVE, Balances, BalancesV2
 
 
 class KilledOnce(BalancesV2):
@@ -319,3 +319,37 @@ def test_events_appended_after_a_move_in_a_savepoint_or_behind_an_open_transacti
     manager.project_live()
     assert {"acc-savepoint", "acc-behind"} <= set(balances(engine))
     assert_balances_match_fold(engine, manager.store)
+
+
+class SlowPerEvent(BalancesV2):
+    """BalancesV2 with 0.4 ms of Python per event before it writes (a slow projector's
+    fold): the batch's transaction is idle meanwhile."""
+
+    def handle_batch(self, events: Sequence[zdr.RecordedEvent], conn: sa.Connection) -> None:
+        time.sleep(0.0004 * len(events))
+        super().handle_batch(events, conn)
+
+
+def test_a_slow_projector_under_an_idle_transaction_timeout_replays_in_batches_that_fit(
+    manager, engine, database_url
+):
+    """A DBA's idle_in_transaction_session_timeout (1 s here) would end a 6,000-event
+    batch of this projector (2.4 s idle) every time: zdr measures a short first batch
+    and sizes the next ones to half the timeout."""
+    seed(manager.store, 6_000)
+    manager.project_live()
+    timed_url = sa.make_url(database_url).update_query_dict(
+        {"options": "-c idle_in_transaction_session_timeout=1000"}
+    )
+    timed = zdr.ReplayManager(
+        timed_url.render_as_string(hide_password=False),
+        projectors=[cls() for cls in LIVE],
+        batch_size=50_000,
+    )
+    timed.create_replay("v2", [SlowPerEvent()])
+    replay = timed.start_replay("v2")
+    assert replay.state is zdr.ReplayState.CAUGHT_UP
+    assert replay.events_applied == 6_000
+    timed.enable_dual_write("v2")
+    timed.engine.dispose()
+    assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])

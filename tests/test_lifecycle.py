@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import zdr
 from tests.support import (
+    ROLE,
     append,
     assert_balances_match_fold,
     assert_history_exactly_once,
@@ -170,14 +171,14 @@ def test_grants_on_the_live_copy_follow_the_promotion(manager, engine):
     seed(manager.store, 100)
     manager.project_live()
     with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE ROLE zdr_test_reader")
-        conn.exec_driver_sql("GRANT USAGE ON SCHEMA bank_balances TO zdr_test_reader")
-        conn.exec_driver_sql("GRANT SELECT ON bank_balances.balances TO zdr_test_reader")
+        conn.exec_driver_sql(f"CREATE ROLE {ROLE}reader")
+        conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA bank_balances TO {ROLE}reader")
+        conn.exec_driver_sql(f"GRANT SELECT ON bank_balances.balances TO {ROLE}reader")
     manager.create_replay("v2", [BalancesV2()])
     manager.start_replay("v2")
     manager.put_replay_live("v2")
     with engine.begin() as conn:
-        conn.exec_driver_sql("SET LOCAL ROLE zdr_test_reader")
+        conn.exec_driver_sql(f"SET LOCAL ROLE {ROLE}reader")
         assert conn.exec_driver_sql("SELECT count(*) FROM bank_balances.balances").scalar() > 0
 
 

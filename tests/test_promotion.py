@@ -333,3 +333,50 @@ def test_a_dual_writing_replay_is_removed_while_the_live_runner_runs(manager, en
     assert manager.get_replay("going") is None
     manager.project_live()
     assert_balances_match_fold(engine, manager.store)
+
+
+def test_the_promoted_copy_has_planner_statistics_at_once(manager, engine):
+    """A replay's copy was filled by inserts: without an ANALYZE before the swap its tables
+    go live with no statistics (reltuples -1, nothing in pg_stats) until autovacuum comes,
+    and the first queries are planned blind."""
+    seed(manager.store, 3_000)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    with engine.begin() as conn:  # autovacuum must not do it for us meanwhile
+        schema = manager.get_replay("v2").schemas["bank_balances"]
+        conn.exec_driver_sql(f'ALTER TABLE "{schema}".balances SET (autovacuum_enabled = false)')
+    manager.start_replay("v2")
+    manager.enable_dual_write("v2")
+    report = manager.promote("v2")
+    assert f"{schema}.balances" in report.analyzed  # named as it was before the swap
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT count(*) FROM bank_balances.balances").scalar_one()
+        tuples = conn.exec_driver_sql(
+            "SELECT reltuples FROM pg_class WHERE oid = 'bank_balances.balances'::regclass"
+        ).scalar_one()
+        stats = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stats WHERE schemaname = 'bank_balances' "
+            "AND tablename = 'balances'"
+        ).scalar_one()
+    assert tuples == rows > 0
+    assert stats > 0
+
+
+def test_a_remove_that_cannot_get_its_locks_names_who_holds_them(manager, engine):
+    """A report reading the replay's copy in a long transaction: the remove gives up
+    after its attempts, changing nothing, and names that session so a DBA can act."""
+    _dual_writing_replay(manager)
+    schema = manager.get_replay("v2").schemas["bank_balances"]
+    impatient = zdr.ReplayManager(engine, lock_timeout=0.2, swap_attempts=2)
+    with engine.connect() as report:
+        report.exec_driver_sql("SET application_name = 'nightly-report'")
+        report.exec_driver_sql(f'SELECT count(*) FROM "{schema}".balances')  # stays open
+        pid = report.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        with pytest.raises(zdr.LockTimeout) as refused:
+            impatient.remove_replay("v2")
+        report.rollback()
+    message = str(refused.value)
+    assert f"held by pid {pid} (user " in message
+    assert "application nightly-report, idle in transaction" in message
+    assert "nothing was changed" in message
+    assert manager.get_replay("v2").state is zdr.ReplayState.DUAL_WRITING

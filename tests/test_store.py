@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+
+import sqlalchemy as sa
 
 import zdr
 
@@ -107,3 +111,25 @@ def test_the_byte_bound_counts_what_is_decoded_not_the_compressed_bytes_stored(e
     store.max_batch_bytes = 4_000_000
     with engine.begin() as conn:
         assert len(store.read(conn, zdr.store.START, 10_000)) == 4
+
+
+def test_an_import_is_cut_into_copies_that_a_statement_timeout_bounds_one_by_one(
+    database_url, engine, monkeypatch
+):
+    """An import from a slow source (a generator reading another system) under a DBA's
+    statement_timeout of 1 s: one COPY for all of it would be cancelled; one COPY per
+    chunk is not, and the import stays one transaction."""
+    monkeypatch.setattr(zdr.store, "IMPORT_CHUNK", 300)
+    url = sa.make_url(database_url).update_query_dict({"options": "-c statement_timeout=1000"})
+    store = zdr.EventStore(url.render_as_string(hide_password=False))
+    store.setup()
+
+    def slowly() -> Iterator[tuple[str, dict]]:
+        for i in range(1_500):
+            time.sleep(0.001)  # 1.5 s in all, about 0.3 s a chunk
+            yield f"acc-{i % 10}", {"type": "AccountOpened", "data": {"account_id": str(i)}}
+
+    assert store.import_events(slowly()) == 1_500
+    store.engine.dispose()
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM zdr.events").scalar_one() == 1_500

@@ -44,8 +44,8 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from zdr import privileges, targets
-from zdr.errors import DependentObjects, is_transient
-from zdr.projector import Projector
+from zdr.errors import DependentObjects, PrivilegeMissing, is_transient
+from zdr.projector import Projector, session_role
 
 #: The scratch schema of ``baseline``: a name no replay or projection can have.
 BASELINE_SCHEMA = "zdr$baseline"
@@ -490,11 +490,18 @@ def carry(
                 raise
             reason = getattr(exc.orig, "diag", None)
             detail = reason.message_primary if reason is not None else str(exc.orig)
+            if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+                role = session_role(conn)
+                found = re.search(r'member of role "?([^"]+)"?', detail)
+                owner = found.group(1) if found else "<owner>"
+                raise PrivilegeMissing(
+                    f"{what} refused: role {role!r} cannot give the new copy ({side}) what "
+                    f"the live copy ({live}) has: {detail} (in: {_statement_of(exc)}); a "
+                    f'DBA makes it a member of the read models\' owner: GRANT {owner} TO "{role}" '
+                    "(or zdr runs as that owner); nothing was changed"
+                ) from exc
             advice = (
-                "make zdr's role a member of the live schema's and tables' owners (GRANT "
-                "owner TO zdr_role) or run zdr as their owner"
-                if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege)
-                else "change it on the live copy so that it fits the new version, or drop "
+                "change it on the live copy so that it fits the new version, or drop "
                 "it, then promote again"
             )
             raise DependentObjects(

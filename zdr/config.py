@@ -127,10 +127,32 @@ def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
             f"give the URL as postgresql://... (the database URL {_redact(typed)})"
         )
     try:
-        engine = sa.create_engine(parsed, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        engine = sa.create_engine(
+            parsed,
+            pool_size=10,
+            max_overflow=20,
+            pool_pre_ping=True,
+            connect_args=_connect_args(parsed),
+        )
     except Exception as exc:
         raise ConfigurationError(f"invalid database URL {_redact(typed)}: {exc}") from exc
     return engine
+
+
+#: A DBA tells zdr's sessions apart from the application's by this (pg_stat_activity),
+#: unless the URL or PGAPPNAME names another; each `zdr` command names itself.
+APPLICATION_NAME = "zdr"
+
+
+def _connect_args(url: sa.URL) -> dict[str, Any]:
+    """psycopg's settings for zdr's connections. No prepared statements: through a
+    transaction pooler (PgBouncer's pool_mode = transaction) a statement prepared in one
+    server session is looked for in another ("prepared statement ... does not exist");
+    zdr's statements are short or run once per batch, and gain little from them."""
+    args: dict[str, Any] = {"prepare_threshold": None}
+    if "application_name" not in url.query and not os.environ.get("PGAPPNAME"):
+        args["application_name"] = APPLICATION_NAME  # read now: a command sets its own
+    return args
 
 
 def _redact(url: str) -> str:

@@ -26,6 +26,13 @@ class ConfigurationError(ZdrError):
     """Raised when projectors or settings cannot work together (raised before anything runs)."""
 
 
+class PrivilegeMissing(ConfigurationError):
+    """Raised when the database refused zdr's role a privilege it needs (SQLSTATE 42501):
+    a grant is missing, not a projector's bug. The message names the privilege, the
+    object and the role, and the GRANT that gives it; nothing was changed, and the same
+    call goes on from its checkpoint once granted (a live runner tries again by itself)."""
+
+
 class NotPartitionable(ConfigurationError):
     """Raised when a replay is asked to run in partitions and its projectors (or its reader)
     cannot: it runs with one reader instead."""
@@ -138,6 +145,11 @@ _TRANSIENT_REASONS = {
     "40001": "a serialization failure",
     "55P03": "a lock wait timed out (lock_timeout)",
     "57014": "a statement was cancelled or timed out (statement_timeout)",
+    "25P03": "the server ended a transaction left idle longer than its "
+    "idle_in_transaction_session_timeout (a projector working between two statements); "
+    "zdr sizes a run's batches to half the server's timeouts from its first, short batch on",
+    "25P04": "the server ended a transaction that ran longer than its transaction_timeout; "
+    "zdr sizes a run's batches to half the server's timeouts from its first, short batch on",
 }
 
 
@@ -236,6 +248,56 @@ def interrupted(what: str, exc: BaseException) -> TransientError:
     )
 
 
+#: What PostgreSQL says when it refuses a privilege -> (the privilege, what it is on).
+_REFUSALS = (
+    (
+        r'permission denied to create temporary tables in database "?([^"]+)"?',
+        "TEMPORARY",
+        "DATABASE",
+    ),
+    (r"permission denied for schema (\S+)", "USAGE", "SCHEMA"),
+    (r"permission denied for sequence (\S+)", "USAGE", "SEQUENCE"),
+    (r"permission denied for (?:table|relation|view) (\S+)", None, "TABLE"),
+    (r"must be (?:the )?owner of (?:table|relation|index|schema|sequence) (\S+)", "OWNER", None),
+    (r"permission denied for database (\S+)", "CREATE", "DATABASE"),
+)
+
+
+def privilege_missing(exc: BaseException, role: str | None) -> PrivilegeMissing | None:
+    """The PrivilegeMissing for a refusal of the database's (``role``: the session's
+    role), naming the privilege, on what and for whom, with the GRANT that gives it;
+    None for any other error."""
+    import re
+
+    import psycopg.errors
+
+    cause = root_cause(exc)
+    if not isinstance(cause, psycopg.errors.InsufficientPrivilege):
+        return None
+    said = (str(cause).strip().splitlines() or [""])[0]
+    who = f"role {role!r}" if role else "zdr's role"
+    grantee = f'"{role}"' if role else "<role>"
+    for pattern, privilege, kind in _REFUSALS:
+        found = re.search(pattern, said)
+        if found is None:
+            continue
+        target = found.group(1)
+        if privilege == "OWNER":
+            return PrivilegeMissing(
+                f"{who} is not the owner of {target} ({said}): zdr changes the tables of "
+                f"the read models it rebuilds; a DBA makes {grantee} a member of the role "
+                f"that owns them (GRANT <owner> TO {grantee})"
+            )
+        wanted = privilege or "SELECT, INSERT, UPDATE, DELETE"
+        on = f"{(kind or 'object').lower()} {target}"
+        return PrivilegeMissing(
+            f"{who} lacks {privilege or 'a privilege'} on {on} ({said}): "
+            f"a DBA grants it with GRANT {wanted} ON {kind} {target} TO {grantee} "
+            "(what zdr needs: docs/operations.md, Privileges)"
+        )
+    return PrivilegeMissing(f"{who} lacks a privilege ({said}): see docs/operations.md, Privileges")
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that trying again may not meet: a lost connection, a
     serialization failure or deadlock, a lock timeout, a database starting up.
@@ -287,6 +349,8 @@ _TRANSIENT_STATES = frozenset(
         "40P01",  # deadlock detected
         "55P03",  # lock not available (lock_timeout)
         "57014",  # query canceled (statement_timeout)
+        "25P03",  # idle_in_transaction_session_timeout (the session was ended)
+        "25P04",  # transaction_timeout (PostgreSQL 17; the session was ended)
         "57P01",  # admin shutdown (pg_terminate_backend, a server stop)
         "57P02",  # crash shutdown
         "57P03",  # cannot connect now (the server is starting)

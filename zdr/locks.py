@@ -23,6 +23,7 @@ import logging
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from typing import Any, TypeVar
 import psycopg.errors
 import sqlalchemy as sa
 
-from zdr.errors import LockLost, LockTimeout, RunnerBusy
+from zdr.errors import ConfigurationError, LockLost, LockTimeout, RunnerBusy
 from zdr.names import (
     LIVE_BATCH_LOCK,
     LIVE_RUNNER_LOCK,
@@ -95,6 +96,7 @@ def runner_lock(
     no snapshot (a blocking ``pg_advisory_lock`` would hold one the whole wait).
     The message names the holder's pid and application.
     """
+    require_a_session_of_its_own(conn)
     started = time.monotonic()
     waiting = False
     try:
@@ -117,6 +119,9 @@ def runner_lock(
                 _advisory(conn, "pg_advisory_unlock_shared", waiting_for(name))
     if waiting:
         log.info("took over after waiting %.1f s", time.monotonic() - started)
+    if not _held_here(conn, name):  # the next transaction ran in another session
+        _let_go_where_held(conn, name, shared=shared)
+        raise ConfigurationError(SHARED_SESSIONS)
     try:
         _notice_a_lost_client(conn)
         yield
@@ -128,6 +133,76 @@ def runner_lock(
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
                 _advisory(conn, f"pg_advisory_unlock{'_shared' if shared else ''}", name)
+
+
+#: Why a runner refuses to run through a transaction pooler.
+SHARED_SESSIONS = (
+    "zdr's runners need a database session of their own (they hold a session lock for "
+    "as long as they run), and this connection goes through a pooler that hands each "
+    "transaction to any server session (PgBouncer's pool_mode = transaction or "
+    "statement): give zdr a direct connection to PostgreSQL, or one through session "
+    "pooling; the application's own appends may stay on the transaction pooler"
+)
+
+#: Engines whose connections were seen to keep their session (checked once per engine).
+_OWN_SESSIONS: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def _backend_pid(conn: sa.Connection) -> int:
+    pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    conn.commit()
+    return int(pid)
+
+
+def require_a_session_of_its_own(conn: sa.Connection) -> None:
+    """Refuse (ConfigurationError) a connection whose transactions may run in different
+    server sessions, before a session lock is taken on it: there, the lock would stay
+    in a pooled session after the runner ends, and another client in that session would
+    hold it too (two runners on one target).
+
+    Two connections of one client never share a server session unless a pooler hands
+    out sessions per transaction: then the session a transaction of ``conn`` just left
+    is the one the next client gets (PgBouncer reuses the last one freed), and it sees
+    the same backend pid. A connection whose own pid changes between two transactions
+    is refused too. Session pooling and direct connections pass; once per engine.
+    """
+    if conn.engine in _OWN_SESSIONS:
+        return
+    first = _backend_pid(conn)
+    with conn.engine.connect() as other:
+        beside = _backend_pid(other)
+    if beside == first or _backend_pid(conn) != first:
+        raise ConfigurationError(SHARED_SESSIONS)
+    _OWN_SESSIONS.add(conn.engine)
+
+
+def _held_here(conn: sa.Connection, name: str) -> bool:
+    """Whether this session (the one running the next transaction) holds the lock."""
+    held = conn.exec_driver_sql(
+        f"SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = pg_backend_pid() AND {_HELD})",
+        (ZDR_LOCK_SPACE, name),
+    ).scalar_one()
+    conn.commit()
+    return bool(held)
+
+
+def _let_go_where_held(conn: sa.Connection, name: str, *, shared: bool) -> None:
+    """A lock taken in a pooled session stays there: unlock it in the transaction that
+    lands in that session again (a pooler hands it out again soon), for a few tries."""
+    unlock = f"pg_advisory_unlock{'_shared' if shared else ''}"
+    for _ in range(50):
+        released = conn.exec_driver_sql(
+            f"""SELECT {unlock}(%s, hashtext(%s)) FROM pg_locks
+                WHERE pid = pg_backend_pid() AND {_HELD}""",
+            (ZDR_LOCK_SPACE, name, ZDR_LOCK_SPACE, name),
+        ).scalar()
+        conn.commit()
+        if released:
+            return
+        time.sleep(0.01)
+    log.warning(
+        "a session lock (%s) stays behind in a pooled server session%s", name, _holder(conn, name)
+    )
 
 
 #: How soon the server notices that a runner's machine is gone (its TCP connection
@@ -286,14 +361,8 @@ class PipelineLock:
 
     def require(self) -> None:
         """Raise LockLost unless this session is alive and still holds the lock."""
-        name = pipeline_lock(self.key)
         try:
-            held = self.conn.exec_driver_sql(
-                f"""SELECT EXISTS (SELECT 1 FROM pg_locks
-                    WHERE pid = pg_backend_pid() AND {_HELD})""",
-                (ZDR_LOCK_SPACE, name),
-            ).scalar_one()
-            self.conn.commit()
+            held = _held_here(self.conn, pipeline_lock(self.key))
         except sa.exc.DBAPIError as exc:
             raise LockLost(
                 f"the pipeline run of replay {self.key!r} lost its lock (its connection "
@@ -327,7 +396,14 @@ def under_short_lock_timeout(
     """
     timeout = lock_timeout_setting(lock_timeout_s)
     last: Exception | None = None
+    blockers: list[str] = []
     for attempt in range(1, attempts + 1):
+        # Who makes this transaction wait, looked up from another session while it waits:
+        # once the wait has timed out, the server no longer knows.
+        pid = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+        watch = threading.Timer(lock_timeout_s * 0.7, _note_blockers, (conn.engine, pid, blockers))
+        watch.daemon = True
+        watch.start()
         try:
             with conn.begin():
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (timeout,))
@@ -339,10 +415,36 @@ def under_short_lock_timeout(
             pause = min(0.05 * 2**attempt, 2.0) * random.uniform(0.5, 1.0)
             log.info("%s: locks busy (attempt %d), retrying in %.2fs", what, attempt, pause)
             time.sleep(pause)
+        finally:
+            watch.cancel()
+            watch.join()
+    held = f"; held by {blockers[-1]}" if blockers else ""
     raise LockTimeout(
         f"could not {what}: the locks were busy for {attempts} attempts of "
-        f"{lock_timeout_s}s each; nothing was changed"
+        f"{lock_timeout_s}s each{held}; nothing was changed"
     ) from last
+
+
+def _note_blockers(engine: sa.Engine, pid: int, found: list[str]) -> None:
+    """Append who blocks session ``pid`` now (``pid N (user U, application A, state S:
+    query)``), if anyone does."""
+    try:
+        with engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                """SELECT a.pid, a.usename, a.application_name, a.state,
+                          left(regexp_replace(a.query, '\s+', ' ', 'g'), 80)
+                   FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(%s))
+                   ORDER BY a.pid""",
+                (pid,),
+            ).all()
+    except Exception:  # only a message is at stake
+        return
+    if rows:
+        found.append(
+            ", ".join(
+                f"pid {p} (user {u}, application {a or '-'}, {s}: {q})" for p, u, a, s, q in rows
+            )
+        )
 
 
 def lock_setup(conn: sa.Connection) -> None:

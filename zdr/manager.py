@@ -55,6 +55,7 @@ from zdr.errors import (
     interrupted,
     is_transient,
     one_line,
+    privilege_missing,
 )
 from zdr.horizon import Horizon, inspect_horizon
 from zdr.locks import (
@@ -142,6 +143,9 @@ def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
                     "zdr is not set up in this database: call ReplayManager.setup() "
                     "(or run `zdr setup`) first"
                 ) from exc
+            missing = privilege_missing(exc, self.engine.url.username)
+            if missing is not None:
+                raise missing from exc
             if not is_transient(exc):
                 raise
             subject = f" {args[0]!r}" if args and isinstance(args[0], str) else ""

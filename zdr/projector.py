@@ -29,6 +29,7 @@ from zdr.errors import (
     is_stale_plan,
     is_transient,
     one_line,
+    privilege_missing,
 )
 from zdr.names import validate_key, validate_live_schema
 from zdr.store import RecordedEvent, forget_prepared_statements
@@ -226,6 +227,9 @@ def apply_events(
     except ProjectorError:
         raise
     except Exception as exc:
+        missing = privilege_missing(exc, session_role(conn))
+        if missing is not None:  # a grant is missing: configuration, not the projector
+            raise missing from exc
         if is_transient(exc):  # the database's failure, not the projector's
             if is_stale_plan(exc):  # a swap changed a table's shape: prepare again
                 forget_prepared_statements(conn)
@@ -392,6 +396,14 @@ def _failing_event(exc: BaseException) -> RecordedEvent | None:
             found = candidate
         tb = tb.tb_next
     return found
+
+
+def session_role(conn: sa.Connection) -> str | None:
+    """The role a connection logged in as (for messages; no round trip)."""
+    try:
+        return str(conn.connection.driver_connection.info.user)  # type: ignore[union-attr]
+    except Exception:  # a closed connection: the message goes without the name
+        return None
 
 
 def physical_name(conn: sa.Connection, table: sa.Table) -> sql.Identifier:

@@ -22,7 +22,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import psycopg.errors
 import sqlalchemy as sa
+from psycopg import sql
 
 from zdr import carryover, records, targets
 from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging
@@ -31,7 +33,7 @@ from zdr.names import swap_schema
 from zdr.registry import Registry
 from zdr.replay import Replay, ReplayState, SwapReport, Transition, require_state
 from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
-from zdr.settings import Settings
+from zdr.settings import Settings, lock_timeout_setting
 from zdr.store import Cursor, EventReader
 
 log = logging.getLogger("zdr")
@@ -73,6 +75,7 @@ class Promotion:
             replay = records.load_replay(conn, key, runs=False)
             require_state(replay, "promote")
         base = self.prepare(conn, replay, "promotion")
+        analyzed = analyze(conn, replay.schemas.values(), self.settings.lock_timeout_s)
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
@@ -83,7 +86,8 @@ class Promotion:
             records.supersede(conn, [r.key for r in superseded], by=key)
             return self._swap(conn, replay, transition.to, "promoted_at", "promotion", base)
 
-        return self.with_swap_lock(conn, key, "promote", body).report
+        report = self.with_swap_lock(conn, key, "promote", body).report
+        return dataclasses.replace(report, analyzed=analyzed)
 
     def prepare(self, conn: sa.Connection, replay: Replay, what: str) -> carryover.Baselines:
         """Before a swap, outside its lock: measure what zdr creates for the live
@@ -373,6 +377,40 @@ class Promotion:
 
 
 _EPOCH = dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+def analyze(conn: sa.Connection, schemas: Iterable[str], lock_timeout_s: float) -> tuple[str, ...]:
+    """ANALYZE every table of ``schemas``, one transaction each, before a swap and outside
+    its lock: a copy filled by a replay has no planner statistics until autovacuum comes
+    (a minute or more after the swap). ANALYZE's lock lets dual write go on; a table
+    whose lock it cannot get at once (autovacuum is on it) is left to autovacuum, with a
+    line in the log. Returns the tables analyzed, as ``schema.table``."""
+    with conn.begin():
+        tables = conn.exec_driver_sql(
+            """SELECT n.nspname, c.relname FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p', 'm')
+               ORDER BY 1, 2""",
+            (list(schemas),),
+        ).all()
+    done = []
+    for schema, table in tables:
+        try:
+            with conn.begin():
+                conn.exec_driver_sql(
+                    "SELECT set_config('lock_timeout', %s, true)",
+                    (lock_timeout_setting(lock_timeout_s),),
+                )
+                statement = sql.SQL("ANALYZE {}.{}").format(
+                    sql.Identifier(schema), sql.Identifier(table)
+                )
+                conn.exec_driver_sql(statement.as_string(conn.connection.driver_connection))
+            done.append(f"{schema}.{table}")
+        except sa.exc.OperationalError as exc:
+            if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                raise
+            log.info("%s.%s is being vacuumed or analyzed: left to autovacuum", schema, table)
+    return tuple(done)
 
 
 def _projections(names: Iterable[str]) -> str:

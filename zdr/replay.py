@@ -202,6 +202,9 @@ class SwapReport:
     duration_ms: float
     attempts: int
     schemas: dict[str, str]
+    #: The copy's tables that got fresh planner statistics (ANALYZE) just before the
+    #: swap, outside its lock, so the first queries after it are not planned blind.
+    analyzed: tuple[str, ...] = ()
 
     @classmethod
     def unchanged(cls, replay: Replay) -> SwapReport:

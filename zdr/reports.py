@@ -520,9 +520,16 @@ class ReplaySummary(BaseModel):
 
 
 def promotion_markdown(
-    key: str, *, position: int | None, lock_wait_ms: float, duration_ms: float, attempts: int
+    key: str,
+    *,
+    position: int | None,
+    lock_wait_ms: float,
+    duration_ms: float,
+    attempts: int,
+    analyzed: Sequence[str] = (),
 ) -> str:
-    """What a promotion did: the position and how long readers could have waited."""
+    """What a promotion did: the position, how long readers could have waited, and which
+    tables got fresh planner statistics before the swap."""
     return (
         f"### Replay `{key}` is live\n\n"
         f"| | |\n|---|---|\n"
@@ -530,6 +537,7 @@ def promotion_markdown(
         f"| lock wait | {lock_wait_ms:.1f} ms |\n"
         f"| swap transaction | {duration_ms:.1f} ms |\n"
         f"| attempts | {attempts} |\n"
+        f"| analyzed before the swap | {', '.join(analyzed) or '-'} |\n"
     )
 
 

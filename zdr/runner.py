@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from zdr import records, targets
-from zdr.errors import ProjectorError, RunnerBusy, is_transient, one_line
+from zdr.errors import PrivilegeMissing, ProjectorError, RunnerBusy, is_transient, one_line
 from zdr.locks import live_runner_wanted, lock_live_batch
 from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
@@ -119,6 +119,47 @@ def apply_batch(
             apply_events(projector, events, conn, where=target.where, own_copy=own_copy)
 
 
+#: A run's first batch where the server ends long transactions: short, to measure what
+#: an event costs before the batches grow to what fits.
+FIRST_TIMED_BATCH = 500
+
+
+def server_time_limit(conn: sa.Connection) -> float | None:
+    """Seconds a batch's transaction may take before the server ends it: half the
+    shortest of idle_in_transaction_session_timeout (a projector working between two
+    statements leaves the transaction idle), statement_timeout and transaction_timeout
+    (PostgreSQL 17) as this session has them; None when none is set."""
+    with conn.begin():
+        limits = (
+            conn.exec_driver_sql(
+                """SELECT setting::bigint FROM pg_settings
+               WHERE name IN ('idle_in_transaction_session_timeout', 'statement_timeout',
+                              'transaction_timeout') AND setting::bigint > 0"""
+            )
+            .scalars()
+            .all()
+        )
+    return min(limits) / 1000 / 2 if limits else None
+
+
+class BatchSizes:
+    """How many events the next batch reads: ``batch_size``, or, under a server time
+    limit, as many as fit in it at the cost per event measured so far (a short first
+    batch measures it), so that a slow projector's batches are never cut by the server."""
+
+    def __init__(self, batch_size: int, time_limit_s: float | None) -> None:
+        self.batch_size = batch_size
+        self.time_limit_s = time_limit_s
+        self.next = batch_size if time_limit_s is None else min(batch_size, FIRST_TIMED_BATCH)
+
+    def took(self, events: int, seconds: float) -> None:
+        if self.time_limit_s is None or events == 0:
+            return
+        per_event = max(seconds / events, 1e-7)
+        fits = int(self.time_limit_s / per_event)
+        self.next = max(1, min(self.batch_size, fits))
+
+
 class BatchRun:
     """Batches of short transactions into one target, each committing writes and checkpoint
     together, with the next batch read ahead and the replay's lag sampled now and then."""
@@ -168,25 +209,25 @@ class BatchRun:
         """
         target = self.target
 
-        def read_after(cursor: Cursor) -> list[RecordedEvent]:
+        def read_after(cursor: Cursor, size: int) -> list[RecordedEvent]:
             with self.engine.connect() as reader, reader.begin():
-                return self.reader.read(
-                    reader, cursor, self.batch_size, until=until, below_txid=below_txid
-                )
+                return self.reader.read(reader, cursor, size, until=until, below_txid=below_txid)
 
         started = time.monotonic()
         sampled = 0.0
         done = 0
+        sizes = BatchSizes(self.batch_size, server_time_limit(conn))
         read_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdr-read-ahead")
         try:
-            upcoming = read_ahead.submit(read_after, target.cursor)
+            upcoming = read_ahead.submit(read_after, target.cursor, sizes.next)
             while max_events is None or done < max_events:
                 events = upcoming.result()
                 if not events:
                     with conn.begin():
                         self._sample(conn, lag=None)
                     return True
-                upcoming = read_ahead.submit(read_after, events[-1].cursor)
+                upcoming = read_ahead.submit(read_after, events[-1].cursor, sizes.next)
+                batch_started = time.monotonic()
                 with conn.begin():
                     mark_runner_transaction(conn)  # the live runner's horizon passes it
                     apply_batch(conn, target, events)
@@ -196,6 +237,7 @@ class BatchRun:
                         # a count per sample would cost as much as a batch.
                         self._sample(conn, lag=max(total - done - len(events), 0))
                         sampled = time.monotonic()
+                sizes.took(len(events), time.monotonic() - batch_started)
                 target.cursor = events[-1].cursor
                 done += len(events)
                 self.applied = done
@@ -480,6 +522,9 @@ class LiveRunner:
         except Exception as exc:
             if conn.invalidated or not conn.in_transaction():
                 raise  # a lost connection fails the whole live batch (and is retried)
+            if isinstance(exc, PrivilegeMissing):
+                self._not_granted(conn, target, exc)
+                return False
             if isinstance(exc, ProjectorError) and not is_transient(exc):
                 self._broken(conn, target, exc)
                 return False
@@ -542,6 +587,9 @@ class LiveRunner:
                 # it): the rest of the live batch gets its own setting back.
                 conn.exec_driver_sql("SELECT set_config('lock_timeout', %s, true)", (own_setting,))
         except Exception as exc:
+            if isinstance(exc, PrivilegeMissing) and conn.in_transaction():
+                self._not_granted(conn, target, exc)
+                return 0, own_setting
             if isinstance(exc, ProjectorError) and not is_transient(exc):
                 self._broken(conn, target, exc)
                 return 0, own_setting
@@ -569,6 +617,24 @@ class LiveRunner:
                 self.settings.dual_write_retry_s,
             )
         self._resting[target.checkpoint] = time.monotonic() + self.settings.dual_write_retry_s
+
+    def _not_granted(self, conn: sa.Connection, target: Target, exc: PrivilegeMissing) -> None:
+        """A grant is missing for ``target`` (its savepoint is rolled back): it stays
+        behind, a replay in dual write too (nothing is wrong with its copy), and is
+        tried again after ``settings.failed_retry_s``: once granted it catches up from
+        its own checkpoint, with no restart."""
+        if target.projection is not None:  # `zdr status` shows it until it is written
+            records.set_live_error(conn, target.projection, str(exc), None)
+        if target.checkpoint not in self._resting or target.error != str(exc):
+            log.error(
+                "%s stays behind: %s; the other read models go on, and it is tried again "
+                "every %.0f s",
+                target.where,
+                exc,
+                self.settings.failed_retry_s,
+            )
+        target.error = str(exc)
+        self._resting[target.checkpoint] = time.monotonic() + self.settings.failed_retry_s
 
     def _broken(self, conn: sa.Connection, target: Target, exc: ProjectorError) -> None:
         """A projector raised on an event of ``target`` (its savepoint is rolled back)."""
