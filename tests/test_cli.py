@@ -464,3 +464,31 @@ def test_tables_on_a_pipe_keep_whole_names(manager, database_url):
     assert key in done.stdout + done.stderr and "bank_balances.balances " in done.stdout, (
         done.stdout + done.stderr
     )
+
+
+def test_each_command_names_itself_to_the_database(cli, engine, database_url):
+    """A DBA tells zdr's sessions apart in pg_stat_activity: `zdr live` says so."""
+    import subprocess
+    import sys
+
+    live = subprocess.Popen(
+        [sys.executable, "-m", "zdr.cli.main", "live", "-p", LIVE, "--max-seconds", "8"],
+        env={**os.environ, "ZDR_DATABASE_URL": database_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def names() -> set[str]:
+            with engine.connect() as conn:
+                return set(
+                    conn.exec_driver_sql(
+                        "SELECT application_name FROM pg_stat_activity "
+                        "WHERE datname = current_database()"
+                    ).scalars()
+                )
+
+        wait_for(lambda: "zdr live" in names(), timeout=15)
+    finally:
+        live.terminate()
+        live.wait(20)

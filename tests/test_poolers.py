@@ -10,6 +10,7 @@ a pooled session. Through session pooling everything works.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -73,11 +74,14 @@ pidfile = {folder}/pgbouncer.pid
         )
         for path in Path(folder).iterdir():
             path.chmod(0o644)
-        # PgBouncer will not run as root: as root, it runs as the server's owner.
-        switch = ["-u", "postgres"] if os.geteuid() == 0 else []
+        # PgBouncer will not run as root: as root, it runs as the user that owns the
+        # server's socket folder (the embedded server's runs as a user of its own).
+        owner = pwd.getpwuid(os.stat(host).st_uid).pw_name if host.startswith("/") else None
+        switch = ["-u", owner or "postgres"] if os.geteuid() == 0 else []
         process = subprocess.Popen([str(PGBOUNCER), *switch, str(config)])
         started.append((process, folder))
         url = server.set(host="127.0.0.1", port=port, username=user, password=None)
+        url = url.difference_update_query(["host"])  # the embedded server's socket folder
         pooled = url.render_as_string(hide_password=False)
         probe_engine = sa.create_engine(pooled, poolclass=sa.NullPool)
 
@@ -197,3 +201,17 @@ def test_the_whole_life_cycle_works_through_session_pooling(manager, engine, pgb
     assert replay.state is zdr.ReplayState.LIVE
     assert_balances_match_fold(engine, manager.store)
     pooled.engine.dispose()
+
+
+def test_zdr_live_through_a_transaction_pooler_exits_with_the_one_sentence(
+    manager, engine, pgbouncer, zdr_cli
+):
+    pooled = pgbouncer("transaction")
+    projectors = ",".join(cls.import_path() for cls in LIVE)
+    code, out, err = zdr_cli(
+        "live", "-p", projectors, "--max-seconds", "2", "--database-url", pooled
+    )
+    assert code != 0
+    assert "need a database session of their own" in " ".join(err.split())
+    assert "Traceback" not in err
+    assert _zdr_locks(engine) == []

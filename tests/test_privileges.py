@@ -61,7 +61,7 @@ def test_without_temporary_the_live_read_model_waits_for_the_grant_named(engine,
     on, and once granted it catches up with no restart."""
     db = _database(engine)
     owner_url = as_role("owner")
-    owner = owner_url.split("://")[1].split("@")[0]
+    owner = _role_of(owner_url)
     _grant(
         engine,
         f'GRANT CREATE ON DATABASE "{db}" TO {owner}',
@@ -104,7 +104,7 @@ def test_without_temporary_the_live_read_model_waits_for_the_grant_named(engine,
 def test_without_temporary_a_replay_stays_resumable_and_names_the_grant(engine, as_role):
     db = _database(engine)
     owner_url = as_role("owner")
-    owner = owner_url.split("://")[1].split("@")[0]
+    owner = _role_of(owner_url)
     _grant(engine, f'GRANT CREATE ON DATABASE "{db}" TO {owner}')
     manager = zdr.ReplayManager(owner_url, projectors=[cls() for cls in LIVE], batch_size=100)
     manager.setup()
@@ -129,7 +129,7 @@ def test_a_read_model_whose_schema_the_runner_cannot_use_is_named(engine, as_rol
     the schema and the GRANT named; the others go on."""
     db = _database(engine)
     owner_url = as_role("owner")
-    owner = owner_url.split("://")[1].split("@")[0]
+    owner = _role_of(owner_url)
     _grant(engine, f'GRANT CREATE ON DATABASE "{db}" TO {owner}')
     setup = zdr.ReplayManager(owner_url, projectors=[cls() for cls in LIVE])
     setup.setup()
@@ -137,7 +137,7 @@ def test_a_read_model_whose_schema_the_runner_cannot_use_is_named(engine, as_rol
     setup.project_live()
     setup.engine.dispose()
     runner_url = as_role("runner")
-    runner = runner_url.split("://")[1].split("@")[0]
+    runner = _role_of(runner_url)
     _grant(
         engine,
         f"GRANT USAGE ON SCHEMA zdr TO {runner}",

@@ -492,7 +492,8 @@ def carry(
             detail = reason.message_primary if reason is not None else str(exc.orig)
             if isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
                 role = session_role(conn)
-                found = re.search(r'member of role "?([^"]+)"?', detail)
+                # "must be member of role" (up to 15), "must be able to SET ROLE" (16 on)
+                found = re.search(r'(?:member of role|SET ROLE) "?([^"]+)"?', detail)
                 owner = found.group(1) if found else "<owner>"
                 raise PrivilegeMissing(
                     f"{what} refused: role {role!r} cannot give the new copy ({side}) what "
