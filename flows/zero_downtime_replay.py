@@ -176,12 +176,14 @@ def zero_downtime_replay(
     }
     manager = manager_for(url, reader)  # loads the reader: a bad path fails here
     tag = manager.database_tag()
-    # `zdr approve` answers this database's runs only; the key and projections find a run.
-    _tag_this_run(*run_tags(replay_key, tag))
     artifacts = f"zdr-{tag}-{_dashed(replay_key)}"
     with manager.pipeline_lock(replay_key) as lock:
         replay = clone_schema(url, replay_key, projectors, reader=reader)
-        _tag_this_run(*(PROJECTION_TAG.format(name) for name in replay.projectors))
+        # `zdr approve` answers this database's runs only; the key and projections find a
+        # run (`zdr run` and run_deployment give the first two when they create it).
+        _tag_this_run(
+            *run_tags(replay_key, tag), *(PROJECTION_TAG.format(n) for n in replay.projectors)
+        )
         if replay.state is ReplayState.LIVE:
             logger.info("replay %r is already live: nothing to do", replay_key)
             return _summary(replay, lag=measure_lag(url, replay_key, reader=reader), promoted=True)
@@ -334,10 +336,6 @@ def _replay_history(
         elapsed = time.monotonic() - started
         rate = (done - done_before) / elapsed if elapsed > 0 else 0.0
         line = reports.replay_progress(done, total, rate)
-        # The artifact's description says what the bar alone does not: rate and ETA.
-        update_progress_artifact(
-            progress_id, _percent(done, total), description=f"Replay {key!r}: {line}"
-        )
         if done > last_done:  # a task that found nothing new has nothing to say
             logger.info(line)
         last_done = done
@@ -349,6 +347,10 @@ def _replay_history(
                 f"({rate:,.0f} events/s)",
             )
             return replay
+        # The artifact's description says what the bar alone does not: rate and ETA.
+        update_progress_artifact(
+            progress_id, _percent(done, total), description=f"Replay {key!r}: {line}"
+        )
 
 
 def _partition_round(

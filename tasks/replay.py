@@ -185,7 +185,7 @@ def verify_replay(
         # Copies not level (dual write just started) give no verdict an answer can hold
         # for: wait for the live runner to level them first.
         verification=manager.verify(replay_key, wait_level_s=manager.settings.promotion_wait_s),
-        lag_history=reports.lag_samples(manager.lag_history(replay_key)),
+        lag_history=reports.lag_samples(manager.lag_history_samples(replay_key)),
     )
 
 

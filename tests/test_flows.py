@@ -105,7 +105,7 @@ def test_the_pipeline_promotes_a_replay_equal_to_the_fold_under_appends(
             replay_key="flow_v2",
             projectors=[V2],
             database_url=database_url,
-            batch_size=700,
+            batch_size=500,
             events_per_task=1_500,
             auto_approve=True,
             reader=log.reader_path,
@@ -245,6 +245,7 @@ def test_a_pipeline_that_lost_its_lock_stops_before_promoting(
         zero_downtime_replay(
             replay_key="lost", projectors=[V2], database_url=database_url, auto_approve=True
         )
+    engine.dispose()  # the cut ended the test's own pooled sessions too
     assert manager.get_replay("lost").state is zdr.ReplayState.DUAL_WRITING, "not promoted"
 
 

@@ -230,3 +230,68 @@ def test_a_replay_records_its_lag_and_rate_over_time(engine):
     assert list(history["events_applied"]) == [500, 1_000, 1_500, 2_000, 2_000]
     assert list(history["lag"]) == [1_500, 1_000, 500, 0, 0]
     assert (history["events_per_s"].iloc[1:4] > 0).all()
+
+
+def test_a_replay_run_of_exactly_what_was_left_ends_caught_up(manager):
+    """A run bounded by max_events that applied the last event says caught up, so the
+    pipeline needs no further task to find the log empty."""
+    seed(manager.store, 1_000)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    part = manager.start_replay("v2", batch_size=300, max_events=600)
+    assert part.state is zdr.ReplayState.REPLAYING  # 600 of 1,000
+    rest = manager.start_replay("v2", batch_size=300, max_events=400)
+    assert rest.state is zdr.ReplayState.CAUGHT_UP
+    assert rest.events_applied == 1_000
+
+
+class CountingReader:
+    """zdr's own log, counting the batches read from it."""
+
+    def __init__(self, store: zdr.EventStore) -> None:
+        self.store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    def read(self, *args, **kwargs):
+        self.reads += 1
+        return self.store.read(*args, **kwargs)
+
+
+def test_bounded_runs_go_on_with_what_the_run_before_read_ahead_and_apply_each_event_once(
+    manager, engine
+):
+    """A pipeline replays in tasks of max_events: each run starts with the batch the one
+    before read ahead (no first read to wait for), and with events appended between the
+    runs every event is applied exactly once."""
+    seed(manager.store, 1_000)
+    manager.project_live()
+    counting = CountingReader(manager.store)
+    tasks = zdr.ReplayManager(engine, projectors=[cls() for cls in LIVE], reader=counting)
+    tasks.create_replay("v2", [BalancesV2()])
+    tasks.start_replay("v2", batch_size=200, max_events=200)
+    assert counting.reads == 2  # its batch, and the next one read ahead
+    tasks.start_replay("v2", batch_size=200, max_events=200)
+    assert counting.reads == 3  # only the batch after the one carried over
+    for round_ in range(6):
+        seed(manager.store, 150, prefix=f"between{round_}", seed=round_)
+        tasks.start_replay("v2", batch_size=200, max_events=250)
+    replay = tasks.start_replay("v2", batch_size=200)
+    assert replay.state is zdr.ReplayState.CAUGHT_UP
+    assert replay.events_applied == 1_900
+    tasks.enable_dual_write("v2")
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])
+
+
+def test_a_restarted_replay_does_not_take_the_batch_read_ahead_before(manager, engine):
+    seed(manager.store, 1_000)
+    manager.project_live()
+    manager.create_replay("v2", [BalancesV2()])
+    manager.start_replay("v2", batch_size=200, max_events=200)
+    replay = manager.start_replay("v2", batch_size=200, restart=True)
+    assert replay.events_applied == 1_000
+    manager.enable_dual_write("v2")
+    assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])

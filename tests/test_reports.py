@@ -6,10 +6,10 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import replace
 
-import pandas as pd
 import pytest
 
 from zdr import reports
+from zdr.records import LagSample
 from zdr.replay import Replay, ReplayState, Run
 from zdr.verify import NOT_LEVEL, Difference, TableReport, VerificationReport
 
@@ -38,19 +38,15 @@ def _replay(
     )
 
 
-def _history(events_applied: list[int], *, seconds: list[float] | None = None) -> pd.DataFrame:
-    """A lag history as ``ReplayManager.lag_history`` gives it (head of the log at 100,000)."""
+def _history(events_applied: list[int], *, seconds: list[float] | None = None) -> list[LagSample]:
+    """A lag history as ``ReplayManager.lag_history_samples`` gives it (head of the log at
+    100,000)."""
     at = [T0 + dt.timedelta(seconds=s) for s in (seconds or range(len(events_applied)))]
-    history = pd.DataFrame(
-        {
-            "at": pd.to_datetime(at, utc=True),
-            "position": events_applied,
-            "events_applied": events_applied,
-            "lag": [100_000 - e for e in events_applied],
-        }
-    )
-    elapsed = history["at"].diff().dt.total_seconds()
-    history["events_per_s"] = (history["events_applied"].diff() / elapsed).fillna(0.0)
+    history: list[LagSample] = []
+    for when, applied in zip(at, events_applied, strict=True):
+        elapsed = (when - history[-1].at).total_seconds() if history else 0.0
+        rate = (applied - history[-1].events_applied) / elapsed if elapsed > 0 else 0.0
+        history.append(LagSample(when, applied, applied, 100_000 - applied, rate))
     return history
 
 

@@ -89,7 +89,7 @@ from zdr.replay import (
     SwapReport,
     require_state,
 )
-from zdr.runner import BatchRun, LiveRunner, replay_target
+from zdr.runner import BatchRun, LiveRunner, ReadAhead, replay_target
 from zdr.settings import DEFAULTS, Settings, seconds, whole
 from zdr.store import Cursor, EventReader, EventStore, Partition, mark_runner_transaction
 from zdr.verify import VerificationReport, verify
@@ -192,6 +192,8 @@ class ReplayManager:
         self.reader: EventReader = reader or self.store
         self.registry = Registry(projectors)
         self._live = LiveRunner(self.reader, self.registry, settings)
+        #: Per replay key, the batch its last bounded run read ahead and did not apply.
+        self._left_over: dict[str, ReadAhead] = {}
         self._promotion = Promotion(self.engine, self.reader, self.registry, settings)
         self.settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
 
@@ -531,20 +533,26 @@ class ReplayManager:
                 total = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
                 records.set_state(conn, key, ReplayState.REPLAYING)
                 run_id = records.start_run(conn, key, "replay", replay.position)
-            finished = BatchRun(
+            run = BatchRun(
                 self.engine,
                 self.reader,
                 replay_target(self.registry, replay),
                 run_id=run_id,
                 batch_size=size,
                 sample_interval_s=self.settings.sample_interval_s,
-            ).run(
+            )
+            finished = run.run(
                 conn,
                 below_txid=head,
                 max_events=max_events,
                 on_progress=on_progress,
                 total=total,
+                # A run bounded by max_events (a pipeline task) starts with what the one
+                # before it read ahead, instead of waiting for a first read.
+                read_ahead_batch=self._left_over.pop(key, None),
             )
+            if run.left_over is not None:
+                self._left_over[key] = run.left_over
             with conn.begin():
                 if finished:
                     records.set_state(conn, key, transition.to, stamp="caught_up_at")
@@ -879,7 +887,9 @@ class ReplayManager:
                 replay,
                 lag=self.get_replay_lag(replay.key) if replay.state in FOLLOWING else None,
                 history=(
-                    self.lag_history(replay.key, since=since) if replay.state in MOVING else None
+                    self.lag_history_samples(replay.key, since=since)
+                    if replay.state in MOVING
+                    else None
                 ),
                 runners=reports.Runners(runners[replay.key], live_runner),
             )
@@ -1004,16 +1014,25 @@ class ReplayManager:
 
         Columns: at, position, events_applied, lag, events_per_s (between samples).
         """
+        import pandas as pd  # here only: the commands and steps that need no frame skip it
+
+        columns = ["at", "position", "events_applied", "lag", "events_per_s"]
+        history = pd.DataFrame(
+            [dataclasses.astuple(s) for s in self.lag_history_samples(key, since=since)],
+            columns=columns,
+        )
+        history["at"] = pd.to_datetime(history["at"], utc=True)
+        return history
+
+    @_translate_errors
+    def lag_history_samples(
+        self, key: str, *, since: dt.datetime | None = None
+    ) -> list[records.LagSample]:
+        """``lag_history`` as plain samples (no pandas), oldest first."""
         validate_key(key)
         with self.engine.connect() as conn:
             records.load_replay(conn, key, runs=False)
-            history = records.samples(conn, key, since)
-        import pandas as pd  # records.samples imported it already
-
-        history["at"] = pd.to_datetime(history["at"], utc=True)
-        seconds = history["at"].diff().dt.total_seconds()
-        history["events_per_s"] = (history["events_applied"].diff() / seconds).fillna(0.0)
-        return history
+            return records.samples(conn, key, since)
 
     # -- helpers -------------------------------------------------------------------
 

@@ -12,7 +12,6 @@ import datetime as dt
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -28,9 +27,6 @@ from zdr.names import (
 from zdr.partitions import PartitionPlan
 from zdr.replay import TRANSITIONS, Replay, ReplayState, Run
 from zdr.store import Cursor
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 #: Columns stamped when a replay reaches a state; our own names, never user input.
 STAMPS = frozenset({"caught_up_at", "dual_write_at", "promoted_at", "rolled_back_at"})
@@ -469,12 +465,28 @@ def add_sample(conn: sa.Connection, key: str, lag: int) -> None:
     )
 
 
-def samples(conn: sa.Connection, key: str, since: dt.datetime | None) -> pd.DataFrame:
+@dataclass(frozen=True)
+class LagSample:
+    """Where a replay stood at ``at``, and its rate since the sample before (0.0 for the
+    first, or when no time passed)."""
+
+    at: dt.datetime
+    position: int
+    events_applied: int
+    lag: int
+    events_per_s: float
+
+
+def samples(conn: sa.Connection, key: str, since: dt.datetime | None) -> list[LagSample]:
     rows = conn.exec_driver_sql(
         """SELECT at, position, events_applied, lag FROM zdr.samples
            WHERE replay_key = %s AND at >= %s ORDER BY at""",
         (key, since or dt.datetime.min.replace(tzinfo=dt.UTC)),
     ).all()
-    import pandas as pd  # only here: every zdr command would pay its import otherwise
-
-    return pd.DataFrame(rows, columns=["at", "position", "events_applied", "lag"])
+    found: list[LagSample] = []
+    for at, position, applied, lag in rows:
+        rate = 0.0
+        if found and (seconds := (at - found[-1].at).total_seconds()) > 0:
+            rate = (applied - found[-1].events_applied) / seconds
+        found.append(LagSample(at, position, applied, lag, rate))
+    return found

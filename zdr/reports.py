@@ -3,9 +3,9 @@ report and the promotion, as text and markdown.
 
 One renderer for the command line and the Prefect pipeline, so ``zdr status`` and the
 flow's logs give the same ETA and ``zdr verify --markdown`` prints what the approver
-reads. Functions take zdr's dataclasses, a lag-history DataFrame (as
-``ReplayManager.lag_history`` returns it) and plain values; nothing here imports
-Prefect or touches the database.
+reads. Functions take zdr's dataclasses, lag samples (as
+``ReplayManager.lag_history_samples`` returns them) and plain values; nothing here
+imports Prefect or touches the database.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from zdr.replay import FOLLOWING, MOVING, ReplayState, eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from zdr.horizon import Horizon
+    from zdr.records import LagSample
     from zdr.replay import Replay
     from zdr.verify import Difference, TableReport, VerificationReport
 
@@ -64,10 +63,11 @@ def replay_progress(done: int, total: int, rate: float) -> str:
 # -- status --------------------------------------------------------------------
 
 
-def recent_rate(history: pd.DataFrame, fallback: float | None = None) -> float | None:
+def recent_rate(history: Sequence[LagSample], fallback: float | None = None) -> float | None:
     """Events/s over the latest samples of ``history``; ``fallback`` with fewer than two."""
     if len(history) > 1:
-        return float(history["events_per_s"].tail(RATE_SAMPLES).mean())
+        latest = history[-RATE_SAMPLES:]
+        return sum(s.events_per_s for s in latest) / len(latest)
     return fallback
 
 
@@ -89,7 +89,7 @@ def status_row(
     replay: Replay,
     *,
     lag: int | None,
-    history: pd.DataFrame | None,
+    history: Sequence[LagSample] | None,
     now: dt.datetime | None = None,
     runners: Runners | None = None,
 ) -> dict[str, Any]:
@@ -317,7 +317,7 @@ def verification_markdown(report: VerificationReport) -> str:
     for t in report.tables:
         if t.summary:
             lines += ["", f"Columns of {t.table}, live / replay:", ""]
-            lines += _markdown_table(_summary_frame(t.summary))
+            lines += _markdown_table(_summary_rows(t.summary))
     return "\n".join(lines)
 
 
@@ -357,27 +357,24 @@ def row_counts(tables: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # -- lag over time -------------------------------------------------------------
 
 
-def lag_samples(history: pd.DataFrame, rows: int = 12) -> list[dict[str, Any]]:
+def lag_samples(history: Sequence[LagSample], rows: int = 12) -> list[dict[str, Any]]:
     """At most ``rows`` samples of a lag history, evenly spread, first and last always in.
 
     A sample that would read exactly like the next one (same second, same numbers, as
     when a caught-up replay is sampled twice) is left out, so no row repeats and the
     last sample is the one kept.
     """
-    if history.empty or rows < 1:
+    if not history or rows < 1:
         return []
     positions = sorted({round(i) for i in _spread(len(history) - 1, min(rows, len(history)))})
-    picked = history.iloc[positions].to_dict("records")
-    import pandas as pd  # here, not at import: a command that shows no history skips it
-
     records = [
         {
-            "at": pd.Timestamp(row["at"]).strftime("%H:%M:%S"),
-            "events_applied": int(row["events_applied"]),
-            "lag": int(row["lag"]),
-            "events_per_s": round(float(row["events_per_s"])),
+            "at": history[i].at.strftime("%H:%M:%S"),
+            "events_applied": int(history[i].events_applied),
+            "lag": int(history[i].lag),
+            "events_per_s": round(float(history[i].events_per_s)),
         }
-        for row in picked
+        for i in positions
     ]
     return [r for r, after in zip(records, [*records[1:], None], strict=True) if r != after]
 
@@ -555,7 +552,7 @@ def _n(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
-def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
+def _summary_rows(summary: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One row per column, each cell "live / replay" ("-" where a side lacks the column)."""
 
     def both(row: dict[str, Any], field: str) -> str:
@@ -564,19 +561,15 @@ def _summary_frame(summary: list[dict[str, Any]]) -> pd.DataFrame:
             return "-" if values[0] is None else str(values[0])
         return " / ".join("-" if v is None else str(v) for v in values)
 
-    import pandas as pd
-
     fields = ("type", "non_null", "distinct", "min", "max")
-    return pd.DataFrame(
-        [{"column": row["column"], **{f: both(row, f) for f in fields}} for row in summary]
-    )
+    return [{"column": row["column"], **{f: both(row, f) for f in fields}} for row in summary]
 
 
-def _markdown_table(frame: pd.DataFrame) -> list[str]:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = [
-        "| " + " | ".join("-" if v is None else str(v) for v in row) + " |"
-        for row in frame.itertuples(index=False)
-    ]
-    return [header, rule, *rows]
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    columns = list(rows[0])
+    header = "| " + " | ".join(columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
+    return [header, rule, *body]

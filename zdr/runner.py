@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -160,6 +160,18 @@ class BatchSizes:
         self.next = max(1, min(self.batch_size, fits))
 
 
+@dataclass(frozen=True)
+class ReadAhead:
+    """The batch a run read ahead and did not apply (it stopped at ``max_events``): the
+    events right after the cursor ``after``, below the horizon the run read under (which
+    only grows, so they are the start of what the next run reads). The next run starts
+    with them instead of waiting for its first read; like every batch, they are applied
+    only if the checkpoint is still ``after`` when their transaction claims it."""
+
+    after: Cursor
+    events: list[RecordedEvent]
+
+
 class BatchRun:
     """Batches of short transactions into one target, each committing writes and checkpoint
     together, with the next batch read ahead and the replay's lag sampled now and then."""
@@ -189,6 +201,9 @@ class BatchRun:
         self.samples = samples
         #: Events applied by ``run`` so far.
         self.applied = 0
+        #: The batch the last ``run`` read ahead and did not apply, if it stopped at
+        #: ``max_events`` before the end of the log.
+        self.left_over: ReadAhead | None = None
 
     def run(
         self,
@@ -199,8 +214,10 @@ class BatchRun:
         max_events: int | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         total: int = 0,
+        read_ahead_batch: ReadAhead | None = None,
     ) -> bool:
-        """Apply batches until the reader runs dry (True) or ``max_events`` is reached (False).
+        """Apply batches until the reader runs dry (True) or ``max_events`` is reached
+        (False, unless the log ended there too: a run of exactly what was left is done).
 
         The next batch is read on a second connection while this one is applied
         (reading and decoding is half the work). That is safe: each batch still
@@ -218,8 +235,13 @@ class BatchRun:
         done = 0
         sizes = BatchSizes(self.batch_size, server_time_limit(conn))
         read_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdr-read-ahead")
+        self.left_over = None
         try:
-            upcoming = read_ahead.submit(read_after, target.cursor, sizes.next)
+            if read_ahead_batch is not None and read_ahead_batch.after == target.cursor:
+                upcoming: Future[list[RecordedEvent]] = Future()  # read by the run before
+                upcoming.set_result(read_ahead_batch.events)
+            else:
+                upcoming = read_ahead.submit(read_after, target.cursor, sizes.next)
             while max_events is None or done < max_events:
                 events = upcoming.result()
                 if not events:
@@ -251,6 +273,15 @@ class BatchRun:
                             seconds=time.monotonic() - started,
                         )
                     )
+            # ``max_events`` reached. The batch read ahead is waited for anyway (below):
+            # if it is empty, this run ended at the end of the log, and says so; else
+            # the next run may start with it (``left_over``).
+            following = upcoming.result()
+            if not following:
+                with conn.begin():
+                    self._sample(conn, lag=None)
+                return True
+            self.left_over = ReadAhead(after=target.cursor, events=following)
         except ProjectorError as exc:
             self.record_failure(conn, exc, on_replay=True)
             raise
