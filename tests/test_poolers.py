@@ -45,7 +45,7 @@ def pgbouncer(database_url: str) -> Iterator[Pooler]:
     """Start PgBouncer in a pool mode, in front of the test database; its URL."""
     started: list[tuple[subprocess.Popen[bytes], str]] = []
 
-    def start(mode: str) -> str:
+    def start(mode: str, pool_size: int = 4) -> str:
         server = sa.make_url(database_url)
         folder = tempfile.mkdtemp(prefix="zdr-test-pgbouncer-")
         os.chmod(folder, 0o777)  # PgBouncer may run as another user (below)
@@ -66,7 +66,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {folder}/users.txt
 pool_mode = {mode}
-default_pool_size = 4
+default_pool_size = {pool_size}
 max_client_conn = 200
 logfile = {folder}/pgbouncer.log
 pidfile = {folder}/pgbouncer.pid
@@ -215,3 +215,53 @@ def test_zdr_live_through_a_transaction_pooler_exits_with_the_one_sentence(
     assert "need a database session of their own" in " ".join(err.split())
     assert "Traceback" not in err
     assert _zdr_locks(engine) == []
+
+
+def test_a_live_runner_that_slipped_through_a_transaction_pooler_stops_when_its_lock_moves(
+    manager, engine, pgbouncer, monkeypatch
+):
+    """Under the application's traffic the start-up check can pass by chance (another
+    client took the session it looked at): the live runner checks now and then that its
+    session still holds its lock, and stops with the pooler sentence when it does not."""
+    seed(manager.store, 50)
+    pooled = pgbouncer("transaction")
+    monkeypatch.setattr(zdr.locks, "require_a_session_of_its_own", lambda conn: None)
+    monkeypatch.setattr(zdr.runner, "LOCK_CHECK_S", 0.05)
+    store = zdr.EventStore(pooled)
+    stop = threading.Event()
+
+    def application() -> None:  # appends and reads that take the pooled sessions in turn
+        i = 0
+        while not stop.is_set():
+            i += 1
+            store.append(f"app-{i}", [_opened(f"app-{i}")])
+
+    traffic = [threading.Thread(target=application) for _ in range(3)]
+    for thread in traffic:
+        thread.start()
+    runner = zdr.ReplayManager(pooled, projectors=[cls() for cls in LIVE], batch_size=50)
+    try:
+        with pytest.raises(zdr.LockLost, match="no longer holds its lock"):
+            runner.follow(max_seconds=20, poll_interval=0.01)
+    finally:
+        stop.set()
+        for thread in traffic:
+            thread.join(10)
+        store.engine.dispose()
+        runner.engine.dispose()
+
+
+def test_session_pooling_with_one_session_is_not_mistaken_for_a_transaction_pooler(
+    manager, pgbouncer, monkeypatch
+):
+    """The check's second connection finds no free session (the runner holds the only
+    one): it does not wait for the pooler's own timeout (two minutes), and passes."""
+    seed(manager.store, 100)
+    monkeypatch.setattr(zdr.locks, "SECOND_SESSION_WAIT_S", 0.5)
+    pooled = zdr.ReplayManager(
+        pgbouncer("session", pool_size=1), projectors=[cls() for cls in LIVE], batch_size=50
+    )
+    started = time.monotonic()
+    assert pooled.follow(max_seconds=1.0, poll_interval=0.02) == 100
+    assert time.monotonic() - started < 10
+    pooled.engine.dispose()

@@ -246,3 +246,58 @@ def test_the_life_cycle_as_a_role_that_does_not_own_the_read_models(engine, as_r
     assert_balances_match_fold(engine, application.store)
     manager.engine.dispose()
     application.engine.dispose()
+
+
+def test_a_dual_writing_replay_the_live_runner_may_not_write_says_why_and_catches_up(
+    engine, as_role
+):
+    """The pipeline made the replay as the owner; the live runner runs as another role
+    with grants on the live read models only: the replay's copy stays behind with the
+    grant named on its record (state kept), and catches up once granted."""
+    db = _database(engine)
+    owner_url, runner_url = as_role("owner"), as_role("runner")
+    owner, runner = _role_of(owner_url), _role_of(runner_url)
+    _grant(engine, f'GRANT CREATE ON DATABASE "{db}" TO {owner}')
+    pipeline = zdr.ReplayManager(owner_url, projectors=[cls() for cls in LIVE], batch_size=100)
+    pipeline.setup()
+    seed(pipeline.store, 300)
+    pipeline.project_live()
+    pipeline.create_replay("v2", [BalancesV2()])
+    pipeline.start_replay("v2")
+    pipeline.enable_dual_write("v2")
+    schemas = ("zdr", "bank_balances", "bank_history", "bank_stats", "bank_accounts")
+    _grant(
+        engine,
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA zdr TO {runner}",
+        *(
+            statement
+            for schema in schemas
+            for statement in (
+                f"GRANT USAGE ON SCHEMA {schema} TO {runner}",
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
+                f"TO {runner}",
+            )
+        ),
+    )
+    live = zdr.ReplayManager(runner_url, projectors=[cls() for cls in LIVE])
+    live.settings = live.settings.replace(failed_retry_s=0.3)
+    seed(pipeline.store, 100, prefix="later")
+    live.follow(max_seconds=1.0, poll_interval=0.02)
+    replay = pipeline.get_replay("v2")
+    side = replay.schemas["bank_balances"]
+    assert replay.state is zdr.ReplayState.DUAL_WRITING
+    assert replay.error is not None and f"role '{runner}' lacks USAGE on schema {side}" in (
+        replay.error
+    )
+    assert pipeline.get_replay_lag("v2") == 100
+    _grant(
+        engine,
+        f"GRANT USAGE ON SCHEMA {side} TO {runner}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {side} TO {runner}",
+    )
+    live.follow(max_seconds=1.5, poll_interval=0.02)
+    replay = pipeline.get_replay("v2")
+    assert replay.error is None and pipeline.get_replay_lag("v2") == 0
+    assert pipeline.verify("v2").equal
+    live.engine.dispose()
+    pipeline.engine.dispose()

@@ -258,7 +258,10 @@ def test_a_rollback_catches_up_outside_the_swap_lock_so_live_waits_a_moment_at_m
             time.sleep(0.5)
         finally:
             appending.set()
+            threads[0].join(10)  # its last append done
             wait_for(lambda: manager.live_lag()["history"] == 0, timeout=30)
+            # The watcher has seen the checkpoint past the last append too.
+            wait_for(lambda: bool(seen) and seen[-1][0] >= appended[-1][0], timeout=10)
             watching.set()
             for thread in threads:
                 thread.join(10)

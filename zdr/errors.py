@@ -9,6 +9,8 @@ expected failure. ``is_transient`` says which failures are worth a retry.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ZdrError(Exception):
     """Root of all zdr errors."""
@@ -263,10 +265,14 @@ _REFUSALS = (
 )
 
 
-def privilege_missing(exc: BaseException, role: str | None) -> PrivilegeMissing | None:
+def privilege_missing(
+    exc: BaseException, role: str | None, *, schemas: Sequence[str] = (), where: str = ""
+) -> PrivilegeMissing | None:
     """The PrivilegeMissing for a refusal of the database's (``role``: the session's
     role), naming the privilege, on what and for whom, with the GRANT that gives it;
-    None for any other error."""
+    None for any other error. PostgreSQL names a table or sequence without its schema:
+    ``schemas`` (those being written) qualify it when there is one, ``where`` names
+    the target ("while projecting to live projection 'x'")."""
     import re
 
     import psycopg.errors
@@ -282,6 +288,9 @@ def privilege_missing(exc: BaseException, role: str | None) -> PrivilegeMissing 
         if found is None:
             continue
         target = found.group(1)
+        if kind in ("TABLE", "SEQUENCE") and "." not in target and len(schemas) == 1:
+            target = f"{schemas[0]}.{target}"
+        said = f"{said}{where}"
         if privilege == "OWNER":
             return PrivilegeMissing(
                 f"{who} is not the owner of {target} ({said}): zdr changes the tables of "
@@ -290,12 +299,18 @@ def privilege_missing(exc: BaseException, role: str | None) -> PrivilegeMissing 
             )
         wanted = privilege or "SELECT, INSERT, UPDATE, DELETE"
         on = f"{(kind or 'object').lower()} {target}"
+        grant = f"GRANT {wanted} ON {kind} {target} TO {grantee}"
+        if kind in ("TABLE", "SEQUENCE") and "." in target:  # and the rest of the schema
+            plural = "TABLES" if kind == "TABLE" else "SEQUENCES"
+            schema = target.rsplit(".", 1)[0]
+            grant += f" (or ON ALL {plural} IN SCHEMA {schema})"
         return PrivilegeMissing(
             f"{who} lacks {privilege or 'a privilege'} on {on} ({said}): "
-            f"a DBA grants it with GRANT {wanted} ON {kind} {target} TO {grantee} "
-            "(what zdr needs: docs/operations.md, Privileges)"
+            f"a DBA grants it with {grant} (what zdr needs: docs/operations.md, Privileges)"
         )
-    return PrivilegeMissing(f"{who} lacks a privilege ({said}): see docs/operations.md, Privileges")
+    return PrivilegeMissing(
+        f"{who} lacks a privilege ({said}{where}): see docs/operations.md, Privileges"
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

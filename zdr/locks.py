@@ -132,7 +132,9 @@ def runner_lock(
             if conn.in_transaction():
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
-                _advisory(conn, f"pg_advisory_unlock{'_shared' if shared else ''}", name)
+                unlock = f"pg_advisory_unlock{'_shared' if shared else ''}"
+                if not _advisory(conn, unlock, name):  # a pooler moved this session
+                    _let_go_where_held(conn, name, shared=shared)
 
 
 #: Why a runner refuses to run through a transaction pooler.
@@ -169,11 +171,49 @@ def require_a_session_of_its_own(conn: sa.Connection) -> None:
     if conn.engine in _OWN_SESSIONS:
         return
     first = _backend_pid(conn)
-    with conn.engine.connect() as other:
-        beside = _backend_pid(other)
+    beside = _pid_of_another_connection(conn.engine)
     if beside == first or _backend_pid(conn) != first:
         raise ConfigurationError(SHARED_SESSIONS)
     _OWN_SESSIONS.add(conn.engine)
+
+
+#: How long the check waits for a second connection's session. A session pool with
+#: no session free (PgBouncer's pool_mode = session, default_pool_size = 1) makes it
+#: wait: that pooler keeps sessions, which is all the check wants to know.
+SECOND_SESSION_WAIT_S = 5.0
+
+
+def _pid_of_another_connection(engine: sa.Engine) -> int | None:
+    """The backend pid a second connection gets, or None if it got no session in
+    ``SECOND_SESSION_WAIT_S`` (it goes on waiting in its thread, and is let go after)."""
+    found: list[int | BaseException] = []
+
+    def probe() -> None:
+        try:
+            with engine.connect() as other:
+                found.append(_backend_pid(other))
+        except BaseException as exc:  # given to the caller
+            found.append(exc)
+
+    thread = threading.Thread(target=probe, name="zdr-session-check", daemon=True)
+    thread.start()
+    thread.join(SECOND_SESSION_WAIT_S)
+    if not found:
+        return None
+    if isinstance(found[0], BaseException):
+        raise found[0]
+    return found[0]
+
+
+def require_live_runner_lock(conn: sa.Connection) -> None:
+    """Raise LockLost unless this session still holds the live runner's lock: through a
+    transaction pooler that let the start-up check pass by chance (the application's
+    traffic took the session it used), a later transaction lands in another session."""
+    if not _held_here(conn, LIVE_RUNNER_LOCK):
+        raise LockLost(
+            "the live runner's session no longer holds its lock, so another live runner "
+            f"could start: it stops here. {SHARED_SESSIONS}"
+        )
 
 
 def _held_here(conn: sa.Connection, name: str) -> bool:

@@ -121,6 +121,18 @@ def _require_same_cluster(conn: sa.Connection, reader: EventReader) -> None:
         cluster.require_same(conn, reader)
 
 
+@contextmanager
+def _privileges_named(engine: sa.Engine) -> Iterator[None]:
+    """A refused privilege as PrivilegeMissing, where ``_translate_errors`` is not used."""
+    try:
+        yield
+    except (sa.exc.DBAPIError, psycopg.Error) as exc:
+        missing = privilege_missing(exc, engine.url.username)
+        if missing is not None:
+            raise missing from exc
+        raise
+
+
 def _translate_errors(method: Callable[..., T]) -> Callable[..., T]:
     """The one boundary where database errors become zdr errors.
 
@@ -275,7 +287,7 @@ class ReplayManager:
         # What is missing is created under the short lock timeout of a swap: DDL on a
         # live event table (a trigger or index added by an upgrade) that waited for an
         # open application transaction would make every append after it wait too.
-        with self.engine.connect() as conn:
+        with self.engine.connect() as conn, _privileges_named(self.engine):
             under_short_lock_timeout(
                 conn,
                 create,
@@ -850,6 +862,7 @@ class ReplayManager:
         create depend on the copy.
         """
         validate_key(key)
+        self._left_over.pop(key, None)
         with self.engine.connect() as conn, replay_runner(conn, key):
             return self._promotion.remove(conn, key)
 

@@ -227,7 +227,11 @@ def apply_events(
     except ProjectorError:
         raise
     except Exception as exc:
-        missing = privilege_missing(exc, session_role(conn))
+        translate = conn.get_execution_options().get("schema_translate_map") or {}
+        written = [translate.get(schema, schema) for schema in projector.schemas()]
+        missing = privilege_missing(
+            exc, session_role(conn), schemas=written, where=f" while projecting to {where}"
+        )
         if missing is not None:  # a grant is missing: configuration, not the projector
             raise missing from exc
         if is_transient(exc):  # the database's failure, not the projector's

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from psycopg import sql
 
 from zdr import carryover, records, targets
-from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging
+from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging, one_line
 from zdr.locks import lock_live_batch, under_short_lock_timeout
 from zdr.names import swap_schema
 from zdr.registry import Registry
@@ -75,6 +75,8 @@ class Promotion:
             replay = records.load_replay(conn, key, runs=False)
             require_state(replay, "promote")
         base = self.prepare(conn, replay, "promotion")
+        with conn.begin():  # refused now if not level, before the ANALYZE, not after it
+            self.require_at_live_position(conn, records.load_replay(conn, key, runs=False))
         analyzed = analyze(conn, replay.schemas.values(), self.settings.lock_timeout_s)
 
         def body(conn: sa.Connection) -> Replay:
@@ -383,13 +385,16 @@ def analyze(conn: sa.Connection, schemas: Iterable[str], lock_timeout_s: float) 
     """ANALYZE every table of ``schemas``, one transaction each, before a swap and outside
     its lock: a copy filled by a replay has no planner statistics until autovacuum comes
     (a minute or more after the swap). ANALYZE's lock lets dual write go on; a table
-    whose lock it cannot get at once (autovacuum is on it) is left to autovacuum, with a
-    line in the log. Returns the tables analyzed, as ``schema.table``."""
+    whose lock it cannot get at once (autovacuum is on it), or whose ANALYZE a
+    statement_timeout cancels, is left to autovacuum, with a line in the log, and so is
+    one zdr's role does not own (only an owner may analyze). Returns the tables
+    analyzed, as ``schema.table``."""
     with conn.begin():
         tables = conn.exec_driver_sql(
             """SELECT n.nspname, c.relname FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'p', 'm')
+                 AND pg_has_role(c.relowner, 'MEMBER')
                ORDER BY 1, 2""",
             (list(schemas),),
         ).all()
@@ -407,9 +412,16 @@ def analyze(conn: sa.Connection, schemas: Iterable[str], lock_timeout_s: float) 
                 conn.exec_driver_sql(statement.as_string(conn.connection.driver_connection))
             done.append(f"{schema}.{table}")
         except sa.exc.OperationalError as exc:
-            if not isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+            if not isinstance(
+                exc.orig, psycopg.errors.LockNotAvailable | psycopg.errors.QueryCanceled
+            ):
                 raise
-            log.info("%s.%s is being vacuumed or analyzed: left to autovacuum", schema, table)
+            log.info(
+                "ANALYZE of %s.%s did not run now (%s): left to autovacuum",
+                schema,
+                table,
+                one_line(exc),
+            )
     return tuple(done)
 
 

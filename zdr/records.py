@@ -377,7 +377,7 @@ def set_state(
     )
 
 
-def set_error(conn: sa.Connection, key: str, error: str) -> None:
+def set_error(conn: sa.Connection, key: str, error: str | None) -> None:
     """Record why an operation on the replay failed, leaving its state as it is."""
     conn.exec_driver_sql(
         "UPDATE zdr.replays SET error = %s, updated_at = now() WHERE key = %s", (error, key)

@@ -41,7 +41,7 @@ import sqlalchemy as sa
 
 from zdr import records, targets
 from zdr.errors import PrivilegeMissing, ProjectorError, RunnerBusy, is_transient, one_line
-from zdr.locks import live_runner_wanted, lock_live_batch
+from zdr.locks import live_runner_wanted, lock_live_batch, require_live_runner_lock
 from zdr.names import live_checkpoint, replay_checkpoint
 from zdr.projector import Projector, apply_events
 from zdr.registry import Registry
@@ -118,6 +118,9 @@ def apply_batch(
             own_copy = shared or i < final
             apply_events(projector, events, conn, where=target.where, own_copy=own_copy)
 
+
+#: How often a live runner checks that its session still holds its lock.
+LOCK_CHECK_S = 10.0
 
 #: A run's first batch where the server ends long transactions: short, to measure what
 #: an event costs before the batches grow to what fits.
@@ -276,7 +279,11 @@ class BatchRun:
             # ``max_events`` reached. The batch read ahead is waited for anyway (below):
             # if it is empty, this run ended at the end of the log, and says so; else
             # the next run may start with it (``left_over``).
-            following = upcoming.result()
+            try:
+                following = upcoming.result()
+            except Exception:  # a look ahead that failed fails nothing that committed
+                log.debug("the batch read ahead failed; the next run reads it again", exc_info=True)
+                return False
             if not following:
                 with conn.begin():
                     self._sample(conn, lag=None)
@@ -344,6 +351,8 @@ class LiveRunner:
         #: Replays that stayed behind: key -> monotonic time of their next try.
         #: Targets left out for now, by checkpoint name: monotonic time of their next try.
         self._resting: dict[str, float] = {}
+        #: Dual-writing replays whose record holds a missing grant's error.
+        self._not_granted_replays: set[str] = set()
         #: Measured seconds per event of the targets that get slices, by checkpoint name.
         self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
@@ -445,9 +454,13 @@ class LiveRunner:
                 log.info("no live runner waits to take over yet: going on until one does")
             return False
 
+        checked = time.monotonic()
         while not done():
             applied, work = self.batch(conn, batch_size)
             total += applied
+            if time.monotonic() - checked >= LOCK_CHECK_S:
+                require_live_runner_lock(conn)
+                checked = time.monotonic()
             if on_batch is not None and applied:
                 on_batch(applied)
             if on_tick is not None:
@@ -567,11 +580,16 @@ class LiveRunner:
         return True
 
     def _written(self, conn: sa.Connection, target: Target) -> None:
-        """A live copy that stood still moved again: its recorded error goes."""
+        """A live copy that stood still moved again: its recorded error goes (and a
+        dual-writing replay's, recorded for a missing grant)."""
         if target.projection is not None and target.error is not None:
             records.clear_live_error(conn, target.projection)
             log.info("%s is written again", target.where)
             target.error = None
+        if target.replay_key in self._not_granted_replays:
+            records.set_error(conn, target.replay_key, None)
+            self._not_granted_replays.discard(target.replay_key)
+            log.info("%s is written again", target.where)
 
     def _slice(self, target: Target, most: int) -> int:
         """How many events ``target`` can apply in about ``settings.slice_budget_s``: from
@@ -656,6 +674,9 @@ class LiveRunner:
         its own checkpoint, with no restart."""
         if target.projection is not None:  # `zdr status` shows it until it is written
             records.set_live_error(conn, target.projection, str(exc), None)
+        if target.replay_key is not None:  # so does the replay's record (state kept)
+            records.set_error(conn, target.replay_key, str(exc))
+            self._not_granted_replays.add(target.replay_key)
         if target.checkpoint not in self._resting or target.error != str(exc):
             log.error(
                 "%s stays behind: %s; the other read models go on, and it is tried again "
@@ -731,7 +752,10 @@ class LiveRunner:
                 records.set_state(conn, key, ReplayState.FAILED, error=unloadable)
                 self._resting.pop(replay_checkpoint(key), None)
                 continue
-            found.append(replay_target(self.registry, replay))
+            target = replay_target(self.registry, replay)
+            if replay.error is not None:  # a dual-writing replay's error: a missing grant
+                self._not_granted_replays.add(key)
+            found.append(target)
         return found
 
 
