@@ -12,7 +12,9 @@ balances table, in three phases:
 * ``during_replay``: a replay rebuilds the balances projection (BalancesV2)
   from the whole log beside it (its own rate is reported too);
 * ``during_new_read_model``: a brand-new read model (the history projection) is
-  registered and builds from the start of the log in the live runner.
+  registered and builds from the start of the log in the live runner;
+* ``while_another_database_writes``: a write transaction stays open in another
+  database of the same server for ``--blocker-seconds`` (it cannot append here).
 
 Without a URL it runs in a database of its own in the embedded PostgreSQL.
 """
@@ -29,8 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import sqlalchemy as sa  # noqa: E402
+
 import zdr  # noqa: E402
-from bench.replay_bench import fresh_database  # noqa: E402
+from bench.replay_bench import beside, fresh_database  # noqa: E402
 from zdr.examples.bank.domain import BankSimulator  # noqa: E402
 from zdr.examples.bank.projectors import Balances, BalancesV2, History  # noqa: E402
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--accounts", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--blocker-seconds", type=float, default=5.0)
     parser.add_argument("--database-url", default=None)
     args = parser.parse_args()
 
@@ -139,6 +144,25 @@ def main() -> None:
         busy.start()
         result["during_new_read_model"] = summary(probe.during(busy, 0))
         busy.join()
+
+        # A write transaction held open in another database of the same server (an
+        # ETL job's): it cannot append to this log and must hold nothing here.
+        other = sa.create_engine(beside(url, "other"), poolclass=sa.NullPool)
+        opened = threading.Event()
+
+        def hold_a_write_transaction() -> None:
+            with other.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_current_xact_id()")  # a transaction id
+                opened.set()
+                time.sleep(args.blocker_seconds)
+                conn.rollback()
+
+        busy = threading.Thread(target=hold_a_write_transaction)
+        busy.start()
+        opened.wait()
+        result["while_another_database_writes"] = summary(probe.during(busy, 0))
+        busy.join()
+        other.dispose()
     finally:
         stop.set()
         live.join()

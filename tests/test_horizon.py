@@ -19,7 +19,8 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
-from tests.support import seed, wait_for
+from tests.support import balances, seed, wait_for
+from tests.test_live_path import _opened
 
 APP = "zdr-test-blocker"
 BALANCES = "zdr.examples.bank.projectors:Balances"
@@ -42,6 +43,12 @@ def other_database(server_url: str) -> Iterator[tuple[str, str]]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
+
+
+@pytest.fixture()
+def this_database(database_url: str) -> tuple[str, str]:
+    """(name, url) of the test database: where a write transaction holds the horizon."""
+    return str(sa.make_url(database_url).database), database_url
 
 
 @contextmanager
@@ -72,8 +79,8 @@ def _quiet(manager: zdr.ReplayManager) -> None:
     wait_for(lambda: manager.horizon().holder is None, timeout=10)
 
 
-def test_horizon_names_a_write_transaction_open_in_another_database(manager, other_database):
-    name, url = other_database
+def test_horizon_names_a_write_transaction_open_in_this_database(manager, this_database):
+    name, url = this_database
     _quiet(manager)
     with write_transaction(url) as (_, pid, txid):
         seed(manager.store, 20)  # committed after the blocker's transaction began
@@ -98,9 +105,9 @@ def test_horizon_names_a_write_transaction_open_in_another_database(manager, oth
     assert as_dict["holder"]["database"] == name and as_dict["txid"] == txid
 
 
-def test_nothing_open_means_no_holder(manager, other_database):
+def test_nothing_open_means_no_holder(manager, this_database):
     _quiet(manager)
-    with write_transaction(other_database[1]) as (conn, _, _):
+    with write_transaction(this_database[1]) as (conn, _, _):
         conn.rollback()
         found = manager.horizon()
     assert found.holder is None and not found.held
@@ -120,8 +127,8 @@ def test_a_replay_transaction_with_the_newest_id_is_not_named_as_the_holder(mana
     assert found.holder is None, found.describe()
 
 
-def test_zdr_horizon_prints_the_holder(cli, manager, other_database):
-    name, url = other_database
+def test_zdr_horizon_prints_the_holder(cli, manager, this_database):
+    name, url = this_database
     _quiet(manager)
     code, out, _ = cli("horizon")
     assert code == 0 and "nothing holds it back" in out
@@ -137,8 +144,8 @@ def test_zdr_horizon_prints_the_holder(cli, manager, other_database):
         assert code == 0 and f"held by pid {pid}" in out and name in out and APP in out
 
 
-def test_zdr_status_shows_live_lag_and_warns_when_the_horizon_is_held(cli, manager, other_database):
-    name, url = other_database
+def test_zdr_status_shows_live_lag_and_warns_when_the_horizon_is_held(cli, manager, this_database):
+    name, url = this_database
     seed(manager.store, 30)
     assert manager.live_lag() == dict.fromkeys(manager.live_lag(), 30) and manager.live_lag()
     _quiet(manager)
@@ -170,8 +177,8 @@ def _horizon_warnings(err: str) -> list[str]:
     ]
 
 
-def test_the_live_runner_warns_once_per_blocker(manager, other_database, caplog):
-    name, url = other_database
+def test_the_live_runner_warns_once_per_blocker(manager, this_database, caplog):
+    name, url = this_database
     manager.project_live()
     manager.settings = manager.settings.replace(horizon_warning_s=0.2)
     _quiet(manager)
@@ -203,10 +210,10 @@ def test_the_live_runner_warns_once_per_blocker(manager, other_database, caplog)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def test_the_live_runner_is_quiet_below_the_threshold(manager, other_database, caplog):
+def test_the_live_runner_is_quiet_below_the_threshold(manager, this_database, caplog):
     manager.project_live()
     _quiet(manager)
-    with write_transaction(other_database[1]):
+    with write_transaction(this_database[1]):
         seed(manager.store, 5)
         with caplog.at_level(logging.INFO, logger="zdr"):
             assert manager.follow(poll_interval=0.02, max_seconds=0.4) == 0
@@ -219,8 +226,8 @@ def test_the_warning_threshold_is_a_validated_setting():
         zdr.Settings(horizon_warning_s=-1)
 
 
-def test_zdr_live_takes_the_warning_threshold(cli, manager, other_database, caplog):
-    name, url = other_database
+def test_zdr_live_takes_the_warning_threshold(cli, manager, this_database, caplog):
+    name, url = this_database
     _quiet(manager)
     with write_transaction(url) as (_, pid, _):
         seed(manager.store, 5)
@@ -264,3 +271,19 @@ def test_a_runner_waiting_in_another_database_does_not_end_this_ones_overtime(
         waiter.join(10)
     there.engine.dispose()
     assert took > 1.8, f"ended after {took:.2f}s: it handed over to a runner of another database"
+
+
+def test_a_write_transaction_in_another_database_holds_no_live_read_model(manager, other_database):
+    """An ETL job's long transaction in another database of the cluster cannot append to
+    this log: the live runner passes it, an event appended here is live at once."""
+    name, url = other_database
+    seed(manager.store, 20)
+    manager.project_live()
+    _quiet(manager)
+    with write_transaction(url):
+        manager.store.append("acc-now", [_opened("acc-now")])
+        found = manager.horizon()
+        applied = manager.project_live()
+    assert found.holder is None, found.describe()
+    assert applied == 1
+    assert "acc-now" in balances(manager.engine)

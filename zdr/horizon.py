@@ -1,13 +1,12 @@
 """The safe horizon, and what holds it back, as an operator needs to see it.
 
 Readers (replays and the live runner) read only events whose transaction id is
-below the safe horizon (``zdr.store``). PostgreSQL computes the horizon
-(``pg_snapshot_xmin(pg_current_snapshot())``) from every transaction in the
-*cluster* that has a transaction id and has not ended: a write transaction left
-open in another database, by another user or application, holds it back as well
-as one in zdr's own database, and so does a prepared transaction
-(``PREPARE TRANSACTION`` without ``COMMIT PREPARED``). Events committed after it
-then wait (nothing is skipped) until it ends.
+below the safe horizon (``zdr.store.HORIZON``): the oldest transaction in progress
+(the current snapshot's xip list) that could append an event. A write transaction
+left open in zdr's database, by any user or application, holds it back, and so does
+a prepared transaction there (``PREPARE TRANSACTION`` without ``COMMIT PREPARED``);
+transactions of the cluster's other databases and zdr's own runner transactions do
+not. Events committed after the holder wait (nothing is skipped) until it ends.
 
 What does *not* hold this horizon: a read-only session with an old snapshot
 (its ``backend_xmin`` holds vacuum back, not the snapshot's xmin) and a

@@ -114,7 +114,8 @@ _HOLDS_RUNNER_MARK = f"""EXISTS (
       AND m.objid::bigint = (hashtext('{RUNNER_TRANSACTION_LOCK}')::bigint & 4294967295))"""
 # The safe horizon: the oldest transaction still in progress that may append events,
 # else the snapshot's xmax. Transactions in progress are the snapshot's xip list;
-# zdr's own runner transactions are left out (their top-level xid is backend_xid in
+# those of other databases (OTHER_DATABASES_XIDS) and zdr's own runner transactions are
+# left out (their top-level xid is backend_xid in
 # pg_stat_activity, 32 bits: compared on the low 32 bits of the xid8, which is exact
 # among transactions in progress at once). Leaving them out is what keeps a slow
 # replay batch (seconds) from holding the live runner back for as long. Whatever is
@@ -136,10 +137,23 @@ RUNNER_XIDS = f"""
             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
             AND l.relation = to_regclass(%(event_table)s)
             AND l.mode NOT IN ('AccessShareLock', 'RowShareLock'))"""
+#: Transactions in progress in another database of the cluster: a session writes to its
+#: own database only, so none of them can append to this log, and the horizon passes
+#: them (a long ETL transaction in another database used to hold every live read model
+#: here). A session's database is pg_stat_activity's datid (NULL for a background
+#: process: counted as in progress), a prepared transaction's pg_prepared_xacts'.
+OTHER_DATABASES_XIDS = """
+    SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
+    WHERE a.backend_xid IS NOT NULL
+      AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database())
+    UNION ALL
+    SELECT p.transaction::text::bigint FROM pg_prepared_xacts p
+    WHERE p.database <> current_database()"""
 HORIZON = f"""(
     SELECT COALESCE(
         (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
-         WHERE (x::text::bigint & 4294967295) NOT IN ({RUNNER_XIDS})),
+         WHERE (x::text::bigint & 4294967295) NOT IN (
+             {RUNNER_XIDS} UNION ALL {OTHER_DATABASES_XIDS})),
         pg_snapshot_xmax(s.snap)::text::bigint)
     FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
 
