@@ -301,3 +301,52 @@ def test_a_dual_writing_replay_the_live_runner_may_not_write_says_why_and_catche
     assert pipeline.verify("v2").equal
     live.engine.dispose()
     pipeline.engine.dispose()
+
+
+def test_setup_without_create_on_the_database_names_it(engine, as_role):
+    """`zdr live` sets up first: the first thing a new role meets must say what to grant."""
+    db = _database(engine)
+    url = as_role("nocreate")  # PostgreSQL grants PUBLIC no CREATE on a database
+    manager = zdr.ReplayManager(url, projectors=[cls() for cls in LIVE])
+    with pytest.raises(zdr.PrivilegeMissing) as refused:
+        manager.setup()
+    assert f"role '{_role_of(url)}' lacks CREATE on database {db}" in str(refused.value)
+    assert f'GRANT CREATE ON DATABASE {db} TO "{_role_of(url)}"' in str(refused.value)
+    manager.engine.dispose()
+
+
+def test_a_table_the_runner_may_not_write_is_named_with_its_schema(engine, as_role):
+    """PostgreSQL says "permission denied for table history": zdr says which schema (each
+    version of a projection has tables of the same names) and what it was writing."""
+    db = _database(engine)
+    owner_url, runner_url = as_role("owner"), as_role("runner")
+    owner, runner = _role_of(owner_url), _role_of(runner_url)
+    _grant(engine, f'GRANT CREATE ON DATABASE "{db}" TO {owner}')
+    setup = zdr.ReplayManager(owner_url, projectors=[cls() for cls in LIVE])
+    setup.setup()
+    seed(setup.store, 100)
+    _grant(
+        engine,
+        f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA zdr TO {runner}",
+        *(
+            statement
+            for schema in ("zdr", "bank_balances", "bank_history", "bank_stats", "bank_accounts")
+            for statement in (
+                f"GRANT USAGE ON SCHEMA {schema} TO {runner}",
+                f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {runner}",
+                *(
+                    [f"GRANT INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {runner}"]
+                    if schema != "bank_history"
+                    else []
+                ),
+            )
+        ),
+    )
+    manager = zdr.ReplayManager(runner_url, projectors=[cls() for cls in LIVE])
+    manager.follow(max_seconds=1.0, poll_interval=0.02)
+    error = _live_as(engine)["history"]["error"]
+    assert f"role '{runner}' lacks a privilege on table bank_history." in error
+    assert "while projecting to live projection 'history'" in error
+    assert "ON ALL TABLES IN SCHEMA bank_history" in error
+    setup.engine.dispose()
+    manager.engine.dispose()
