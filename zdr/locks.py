@@ -122,6 +122,7 @@ def runner_lock(
     if not _held_here(conn, name):  # the next transaction ran in another session
         _let_go_where_held(conn, name, shared=shared)
         raise ConfigurationError(SHARED_SESSIONS)
+    locked_in = _backend_pid(conn)
     try:
         _notice_a_lost_client(conn)
         yield
@@ -133,7 +134,9 @@ def runner_lock(
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
                 unlock = f"pg_advisory_unlock{'_shared' if shared else ''}"
-                if not _advisory(conn, unlock, name):  # a pooler moved this session
+                # Not held here: this session is a new one (the old one died, its lock
+                # with it), or a pooler moved it and the old session still holds it.
+                if not _advisory(conn, unlock, name) and _held_by(conn, locked_in, name):
                     _let_go_where_held(conn, name, shared=shared)
 
 
@@ -214,6 +217,16 @@ def require_live_runner_lock(conn: sa.Connection) -> None:
             "the live runner's session no longer holds its lock, so another live runner "
             f"could start: it stops here. {SHARED_SESSIONS}"
         )
+
+
+def _held_by(conn: sa.Connection, pid: int, name: str) -> bool:
+    """Whether session ``pid`` holds the lock ``name``."""
+    held = conn.exec_driver_sql(
+        f"SELECT EXISTS (SELECT 1 FROM pg_locks WHERE pid = %s AND {_HELD})",
+        (pid, ZDR_LOCK_SPACE, name),
+    ).scalar_one()
+    conn.commit()
+    return bool(held)
 
 
 def _held_here(conn: sa.Connection, name: str) -> bool:
