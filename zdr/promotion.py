@@ -75,9 +75,11 @@ class Promotion:
             replay = records.load_replay(conn, key, runs=False)
             require_state(replay, "promote")
         base = self.prepare(conn, replay, "promotion")
-        with conn.begin():  # refused now if not level, before the ANALYZE, not after it
-            self.require_at_live_position(conn, records.load_replay(conn, key, runs=False))
-        analyzed = analyze(conn, replay.schemas.values(), self.settings.lock_timeout_s)
+        # Fresh statistics for the copy, if it is level now: an attempt that is going to
+        # be refused as not level does not pay for an ANALYZE (the swap checks again).
+        analyzed: tuple[str, ...] = ()
+        if self._level(conn, key):
+            analyzed = analyze(conn, replay.schemas.values(), self.settings.lock_timeout_s)
 
         def body(conn: sa.Connection) -> Replay:
             replay = records.load_replay(conn, key, lock=True, runs=False)
@@ -287,6 +289,15 @@ class Promotion:
                 schemas=replay.schemas,
             ),
         )
+
+    def _level(self, conn: sa.Connection, key: str) -> bool:
+        """Whether the replay is at the live position now (no lock taken)."""
+        with conn.begin():
+            try:
+                self.require_at_live_position(conn, records.load_replay(conn, key, runs=False))
+            except ReplayLagging:
+                return False
+        return True
 
     def require_at_live_position(self, conn: sa.Connection, replay: Replay) -> None:
         """Refuse (ReplayLagging) unless the replay is exactly where every live copy is."""
