@@ -51,6 +51,18 @@ def _grant(engine: sa.Engine, *statements: str) -> None:
             conn.exec_driver_sql(statement)
 
 
+def _writes(role: str, *schemas: str) -> list[str]:
+    """The grants that let ``role`` use ``schemas`` and write every table in them."""
+    return [
+        grant
+        for schema in schemas
+        for grant in (
+            f"GRANT USAGE ON SCHEMA {schema} TO {role}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}",
+        )
+    ]
+
+
 def _database(engine: sa.Engine) -> str:
     return str(engine.url.database)
 
@@ -143,15 +155,7 @@ def test_a_read_model_whose_schema_the_runner_cannot_use_is_named(engine, as_rol
         f"GRANT USAGE ON SCHEMA zdr TO {runner}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA zdr TO {runner}",
         f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA zdr TO {runner}",
-        *(
-            statement
-            for schema in ("bank_balances", "bank_stats", "bank_accounts")
-            for statement in (
-                f"GRANT USAGE ON SCHEMA {schema} TO {runner}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
-                f"TO {runner}",
-            )
-        ),
+        *_writes(runner, "bank_balances", "bank_stats", "bank_accounts"),
     )
     manager = zdr.ReplayManager(runner_url, projectors=[cls() for cls in LIVE])
     seed(setup_store := zdr.EventStore(owner_url), 100, prefix="later")
@@ -222,15 +226,7 @@ def test_the_life_cycle_as_a_role_that_does_not_own_the_read_models(engine, as_r
         engine,
         f'GRANT CREATE, TEMPORARY ON DATABASE "{db}" TO {runner}',
         f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA zdr TO {runner}",
-        *(
-            statement
-            for schema in schemas
-            for statement in (
-                f"GRANT USAGE ON SCHEMA {schema} TO {runner}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
-                f"TO {runner}",
-            )
-        ),
+        *_writes(runner, *schemas),
     )
     manager = zdr.ReplayManager(runner_url, projectors=[cls() for cls in LIVE], batch_size=100)
     _life_cycle_until_dual_write(manager, application.store)
@@ -269,15 +265,7 @@ def test_a_dual_writing_replay_the_live_runner_may_not_write_says_why_and_catche
     _grant(
         engine,
         f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA zdr TO {runner}",
-        *(
-            statement
-            for schema in schemas
-            for statement in (
-                f"GRANT USAGE ON SCHEMA {schema} TO {runner}",
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} "
-                f"TO {runner}",
-            )
-        ),
+        *_writes(runner, *schemas),
     )
     live = zdr.ReplayManager(runner_url, projectors=[cls() for cls in LIVE])
     live.settings = live.settings.replace(failed_retry_s=0.3)
