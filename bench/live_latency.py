@@ -13,8 +13,10 @@ balances table, in three phases:
   from the whole log beside it (its own rate is reported too);
 * ``during_new_read_model``: a brand-new read model (the history projection) is
   registered and builds from the start of the log in the live runner;
-* ``while_another_database_writes``: a write transaction stays open in another
-  database of the same server for ``--blocker-seconds`` (it cannot append here).
+* ``while_another_database_writes``, ``while_an_update_is_open``,
+  ``while_an_index_builds``: a write transaction that appends nothing stays open for
+  ``--blocker-seconds``: in another database of the same server, an UPDATE of an
+  application table here, a DBA's ``CREATE INDEX`` on a replay's copy here.
 
 Without a URL it runs in a database of its own in the embedded PostgreSQL.
 """
@@ -145,24 +147,40 @@ def main() -> None:
         result["during_new_read_model"] = summary(probe.during(busy, 0))
         busy.join()
 
-        # A write transaction held open in another database of the same server (an
-        # ETL job's): it cannot append to this log and must hold nothing here.
+        # Write transactions that append nothing, each held open for --blocker-seconds:
+        # one in another database of the same server (an ETL job's), an UPDATE of an
+        # application table here, a DBA building an index on a read model here. None
+        # can append to this log, so none may hold the live read models.
         other = sa.create_engine(beside(url, "other"), poolclass=sa.NullPool)
-        opened = threading.Event()
+        with manager.engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS public.bench_rows (id int, n int)")
+        blockers = {
+            "while_another_database_writes": (other, "SELECT pg_current_xact_id()"),
+            "while_an_update_is_open": (manager.engine, "UPDATE public.bench_rows SET n = 1"),
+            "while_an_index_builds": (
+                manager.engine,
+                "CREATE INDEX bench_owner ON zdr_idx_bench_1.balances (owner, balance)",
+            ),
+        }
+        manager.create_replay("idx_bench", [BalancesV2()])  # the copy the DBA indexes
+        for case, (where, statement) in blockers.items():
+            opened = threading.Event()
 
-        def hold_a_write_transaction() -> None:
-            with other.connect() as conn:
-                conn.exec_driver_sql("SELECT pg_current_xact_id()")  # a transaction id
-                opened.set()
-                time.sleep(args.blocker_seconds)
-                conn.rollback()
+            def hold(where: sa.Engine = where, statement: str = statement, opened=opened) -> None:
+                with where.connect() as conn:
+                    conn.exec_driver_sql(statement)
+                    conn.exec_driver_sql("SELECT pg_current_xact_id()")  # a transaction id
+                    opened.set()
+                    time.sleep(args.blocker_seconds)
+                    conn.rollback()
 
-        busy = threading.Thread(target=hold_a_write_transaction)
-        busy.start()
-        opened.wait()
-        result["while_another_database_writes"] = summary(probe.during(busy, 0))
-        busy.join()
+            busy = threading.Thread(target=hold)
+            busy.start()
+            opened.wait()
+            result[case] = summary(probe.during(busy, 0))
+            busy.join()
         other.dispose()
+        manager.remove_replay("idx_bench")
     finally:
         stop.set()
         live.join()

@@ -24,6 +24,8 @@ Prints one JSON line (numbers only, no pass/fail):
   event with no projector (``read_events_per_s``): zdr's own table, an
   eventsourcing application's (each event decoded by its mapper), a Laravel-era
   ``stored_events`` table prepared by ``TableReader.prepare``;
+* appends: ``EventStore.append`` of one event a transaction from 4 connections at once,
+  ``--appends`` each (appends/s, median and p99 ms);
 * writers: what ``prepare`` costs the application's writers: ``--writes``
   one-row INSERT transactions into a ``stored_events`` table before and after it
   is prepared (inserts/s, median and p99 ms);
@@ -189,6 +191,44 @@ def writer_cost(url: str, writes: int) -> dict[str, float]:
     return found
 
 
+def append_rate(url: str, connections: int, each: int) -> dict[str, float]:
+    """Single-event appends (``EventStore.append``, a transaction each) from ``connections``
+    connections at once: what the application's writers get, announcements included."""
+    import threading
+
+    engine = sa.create_engine(url, pool_size=connections)
+    store = zdr.EventStore(engine)
+    store.setup()
+    opened = [{"type": "AccountOpened", "data": {"account_id": "a", "owner": "x"}}]
+    for i in range(100):  # warm: connections made
+        store.append(f"warm-{i}", opened)
+    took: list[float] = []
+
+    def appender(n: int) -> None:
+        mine = []
+        for i in range(each):
+            before = time.perf_counter()
+            store.append(f"w{n}-{i}", opened)
+            mine.append(time.perf_counter() - before)
+        took.extend(mine)
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(connections)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    engine.dispose()
+    took.sort()
+    return {
+        "connections": connections,
+        "appends_per_s": round(len(took) / seconds),
+        "median_ms": round(took[len(took) // 2] * 1000, 3),
+        "p99_ms": round(took[int(len(took) * 0.99)] * 1000, 3),
+    }
+
+
 def baseline_replay(url: str, store: zdr.EventStore, sample: int) -> float:
     """The PHP original's replay: each event's statement in a transaction of its own, into
     a logged table, the position stored every 50 events. Events/s."""
@@ -346,6 +386,12 @@ def main() -> None:
     )
     parser.add_argument("--writes", type=int, default=5_000)
     parser.add_argument(
+        "--appends",
+        type=int,
+        default=2_500,
+        help="single-event appends per connection, from 4 connections at once (0: none)",
+    )
+    parser.add_argument(
         "--partitions",
         default="",
         help="comma-separated partition counts: BalancesV2's whole replay in that many "
@@ -404,6 +450,7 @@ def main() -> None:
             "read_events_per_s": round(read_rate),
         }
     writers = writer_cost(beside(url, "writers"), args.writes) if args.writes else {}
+    appends = append_rate(beside(url, "appends"), 4, args.appends) if args.appends else {}
     peak = peak_rss_mb()  # before the partitions (in threads: n batches at once) and the sweep
     history_index = index_after(url, args.batch_size)
     partitions = partition_rates(manager, counts) if counts else {}
@@ -436,6 +483,7 @@ def main() -> None:
                 "peak_rss_mb": peak,
                 "readers": readers,
                 "writers": writers,
+                "appends": appends,
                 "history_index": history_index,
                 "partitions": partitions,
                 "batch_sizes": batch_sizes,

@@ -93,7 +93,7 @@ HorizonWarning = Annotated[
     typer.Option(
         "--horizon-warning",
         envvar="ZDR_HORIZON_WARNING_S",
-        help="Warn when a transaction has held the safe horizon this many seconds "
+        help="Warn when an appending transaction has held the safe position this many seconds "
         "(default: Settings.horizon_warning_s, 30).",
         show_default=False,
     ),

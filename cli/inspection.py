@@ -114,7 +114,8 @@ def status(
 def horizon(
     as_json: AsJson = False, database_url: DatabaseUrl = None, reader: ReaderPath = None
 ) -> None:
-    """The safe horizon the runners read under, and the transaction holding it back, if any."""
+    """The safe position the runners read up to, and the appending transaction holding it
+    back, if any."""
     found = manager_for(database_url, reader=reader).horizon()
     if as_json:
         print_json(found.to_dict())

@@ -215,6 +215,12 @@ def rebase(
     if kept_transaction_ids and done.recorded != done.current:
         err.print(f"recorded cluster {done.current}; the runners can start again")
         return
+    if not getattr(manager.reader, "transaction_ids", True):
+        err.print(
+            "nothing to rebase: this event log is read by position, which means the same in "
+            "any cluster"
+        )
+        return
     if not done.events and not done.checkpoints:
         err.print("nothing to rebase: the event log belongs to this cluster")
         return
@@ -247,7 +253,7 @@ def live(
 ) -> None:
     """Run the live runner: apply new events to live and dual-writing replays; Ctrl-C stops.
     Sets up what is missing of these projectors first, as `zdr setup` does. Warns
-    (stderr) naming the transaction that holds the safe horizon when events have waited
+    (stderr) naming the appending transaction that holds the safe position when events have waited
     behind it longer than --horizon-warning seconds."""
     manager = manager_for(database_url, projectors, reader)
     with_horizon_warning(manager, horizon_warning)

@@ -1,14 +1,15 @@
-"""The safe horizon is visible: who holds it, in `zdr horizon`, `zdr status` and the live
-runner's log.
-
-The horizon is cluster-wide, so the blocker here is a write transaction left open in
-*another* database of the test server, created and dropped by these tests.
-"""
+"""What holds readers back is visible: the appending transaction that holds the safe
+position, in `zdr horizon`, `zdr status` and the live runner's log; and what appends
+nothing holds nothing."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import statistics
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,9 +25,11 @@ from tests.test_live_path import _opened
 
 APP = "zdr-test-blocker"
 BALANCES = "zdr.examples.bank.projectors:Balances"
-#: The blocker's query; reports show its first line.
-QUERY = "SELECT pg_current_xact_id()::text::bigint"
-BLOCKER_SQL = f"{QUERY}\n  AS txid -- held open by the test"
+#: The blocker's query, an append; reports show its first line.
+QUERY = "INSERT INTO zdr.events (stream_id, type, data) VALUES ('held', 'Held', '{}')"
+BLOCKER_SQL = f"{QUERY}\n  RETURNING txid -- held open by the test"
+#: A write transaction that appends nothing.
+WRITE_SQL = "SELECT pg_current_xact_id()::text::bigint"
 
 
 @pytest.fixture()
@@ -52,8 +55,11 @@ def this_database(database_url: str) -> tuple[str, str]:
 
 
 @contextmanager
-def write_transaction(url: str, application: str = APP) -> Iterator[tuple[sa.Connection, int, int]]:
-    """An open transaction that has a transaction id: (connection, pid, txid).
+def write_transaction(
+    url: str, application: str = APP, statements: tuple[str, ...] = (BLOCKER_SQL,)
+) -> Iterator[tuple[sa.Connection, int, int]]:
+    """An open transaction that appended an event (or ran ``statements``, the last one
+    returning its transaction id), so has a transaction id: (connection, pid, txid).
 
     Rolled back and closed on the way out (unless the caller ended it already).
     """
@@ -64,7 +70,9 @@ def write_transaction(url: str, application: str = APP) -> Iterator[tuple[sa.Con
         with engine.connect() as conn:
             pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
             conn.commit()
-            txid = int(conn.exec_driver_sql(BLOCKER_SQL).scalar_one())
+            for statement in statements[:-1]:
+                conn.exec_driver_sql(statement)
+            txid = int(conn.exec_driver_sql(statements[-1]).scalar_one())
             try:
                 yield conn, pid, txid
             finally:
@@ -79,7 +87,7 @@ def _quiet(manager: zdr.ReplayManager) -> None:
     wait_for(lambda: manager.horizon().holder is None, timeout=10)
 
 
-def test_horizon_names_a_write_transaction_open_in_this_database(manager, this_database):
+def test_horizon_names_an_appending_transaction_open_in_this_database(manager, this_database):
     name, url = this_database
     _quiet(manager)
     with write_transaction(url) as (_, pid, txid):
@@ -96,13 +104,14 @@ def test_horizon_names_a_write_transaction_open_in_this_database(manager, this_d
         name,
         APP,
     )
-    assert holder.txid == txid == found.txid
+    assert holder.txid == txid and found.position is not None
     assert holder.state == "idle in transaction" and holder.query == QUERY
     assert holder.user and holder.age_s is not None and 0.05 < holder.age_s < 60
-    assert readable == [], "the events wait above the horizon"
+    assert readable == [], "the events wait above the safe position"
     as_dict = found.to_dict()
     assert as_dict["held"] is True and as_dict["holder"]["pid"] == pid
-    assert as_dict["holder"]["database"] == name and as_dict["txid"] == txid
+    assert as_dict["holder"]["database"] == name and as_dict["holder"]["txid"] == txid
+    assert as_dict["position"] == found.position
 
 
 def test_nothing_open_means_no_holder(manager, this_database):
@@ -115,8 +124,8 @@ def test_nothing_open_means_no_holder(manager, this_database):
     assert not found.held_longer_than(0)
 
 
-def test_a_replay_transaction_with_the_newest_id_is_not_named_as_the_holder(manager, engine):
-    """The horizon passes zdr's runner transactions, so they never hold it."""
+def test_a_replay_transaction_is_not_named_as_the_holder(manager, engine):
+    """Runner transactions append nothing, so they never hold readers back."""
     _quiet(manager)
     with engine.connect() as runner:
         runner.begin()
@@ -136,7 +145,7 @@ def test_zdr_horizon_prints_the_holder(cli, manager, this_database):
         code, out, _ = cli("horizon", "--json")
         assert code == 0
         printed = json.loads(out)
-        assert printed["txid"] == txid and printed["held"] is True
+        assert printed["holder"]["txid"] == txid and printed["held"] is True
         holder = printed["holder"]
         assert (holder["pid"], holder["database"], holder["application_name"]) == (pid, name, APP)
         assert holder["query"] == QUERY and holder["age_s"] >= 0
@@ -197,7 +206,7 @@ def test_the_live_runner_warns_once_per_blocker(manager, this_database, caplog):
     warnings = [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and "safe horizon" in r.getMessage()
+        if r.levelno == logging.WARNING and "safe position" in r.getMessage()
     ]
     assert len(warnings) == 2, warnings
     assert f"pid {first_pid}" in warnings[0] and "blocker-one" in warnings[0]
@@ -273,17 +282,101 @@ def test_a_runner_waiting_in_another_database_does_not_end_this_ones_overtime(
     assert took > 1.8, f"ended after {took:.2f}s: it handed over to a runner of another database"
 
 
-def test_a_write_transaction_in_another_database_holds_no_live_read_model(manager, other_database):
-    """An ETL job's long transaction in another database of the cluster cannot append to
-    this log: the live runner passes it, an event appended here is live at once."""
-    name, url = other_database
+@pytest.mark.parametrize(
+    "blocker",
+    ["another database's write", "an UPDATE here", "a DBA's index build", "a table lock"],
+)
+def test_a_transaction_that_appends_nothing_holds_no_live_read_model(
+    manager, other_database, this_database, blocker
+):
+    """An ETL job's transaction in another database, an UPDATE of an application table,
+    a DBA building an index on a replay's copy in an open transaction, a LOCK TABLE:
+    each has a transaction id and none appends. The live runner passes them: an event
+    appended meanwhile is live at once."""
     seed(manager.store, 20)
     manager.project_live()
+    manager.create_replay("copy", ["zdr.examples.bank.projectors:BalancesV2"])
+    with manager.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS public.app_rows (id int, n int)")
     _quiet(manager)
-    with write_transaction(url):
+    url, first = {
+        "another database's write": (other_database[1], None),
+        "an UPDATE here": (this_database[1], "UPDATE public.app_rows SET n = 1"),
+        "a DBA's index build": (
+            this_database[1],
+            "CREATE INDEX dba_index ON zdr_copy_1.balances (owner)",
+        ),
+        "a table lock": (this_database[1], "LOCK TABLE public.app_rows IN ACCESS EXCLUSIVE MODE"),
+    }[blocker]
+    statements = (WRITE_SQL,) if first is None else (first, WRITE_SQL)
+    with write_transaction(url, statements=statements):
         manager.store.append("acc-now", [_opened("acc-now")])
         found = manager.horizon()
         applied = manager.project_live()
     assert found.holder is None, found.describe()
     assert applied == 1
     assert "acc-now" in balances(manager.engine)
+
+
+#: How long each write transaction that appends nothing stays open (the issue's 30 s).
+BLOCKED_FOR_S = 30.0
+
+
+def test_live_latency_stays_under_a_second_while_writes_that_append_nothing_stay_open(
+    manager, other_database, this_database, database_url
+):
+    """`zdr live` in its own process, the application appending all along, while for 30 s
+    a write transaction is open in another database, an UPDATE with no event is open
+    here, and a DBA builds an index in an open transaction: every append is live within
+    a second (the earlier order held them all until the blockers ended)."""
+    seed(manager.store, 20)
+    manager.project_live()
+    manager.create_replay("copy", ["zdr.examples.bank.projectors:BalancesV2"])
+    with manager.engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS public.app_rows (id int, n int)")
+    live = subprocess.Popen(
+        [sys.executable, "-m", "zdr.cli.main", "live", "-p", BALANCES],
+        env={**os.environ, "ZDR_DATABASE_URL": database_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    latencies: list[float] = []
+    try:
+        _probe(manager, "before")  # the runner is up and following
+        with (
+            write_transaction(other_database[1], statements=(WRITE_SQL,)),
+            write_transaction(
+                this_database[1], statements=("UPDATE public.app_rows SET n = 1", WRITE_SQL)
+            ),
+            write_transaction(
+                this_database[1],
+                statements=("CREATE INDEX dba_index ON zdr_copy_1.balances (owner)", WRITE_SQL),
+            ),
+        ):
+            ends = time.monotonic() + BLOCKED_FOR_S
+            n = 0
+            while time.monotonic() < ends:
+                n += 1
+                latencies.append(_probe(manager, f"probe-{n}"))
+                time.sleep(0.2)
+    finally:
+        live.terminate()
+        _, err = live.communicate(timeout=30)
+    assert len(latencies) > 50, err
+    assert max(latencies) < 1.0, f"max {max(latencies):.2f}s, p50 {statistics.median(latencies)}"
+
+
+def _probe(manager: zdr.ReplayManager, account: str, timeout_s: float = 20.0) -> float:
+    """Seconds from an append's commit to its row in the live balances."""
+    manager.store.append(account, [_opened(account)])
+    appended = time.monotonic()
+    with manager.engine.connect() as conn:
+        while time.monotonic() - appended < timeout_s:
+            if conn.exec_driver_sql(
+                "SELECT 1 FROM bank_balances.balances WHERE account_id = %s", (account,)
+            ).first():
+                return time.monotonic() - appended
+            conn.rollback()
+            time.sleep(0.005)
+    raise AssertionError(f"{account} did not reach the live balances in {timeout_s} s")

@@ -88,6 +88,16 @@ CREATE_STATEMENTS = [
         error text
     )""",
     ),
+    # Events a checkpoint moved to position order (``zdr.ordering``) had already applied
+    # above its position: the runners skip them once, and delete them as they pass.
+    (
+        "zdr.applied_ahead",
+        """CREATE TABLE IF NOT EXISTS zdr.applied_ahead (
+        name text NOT NULL REFERENCES zdr.checkpoints (name) ON DELETE CASCADE,
+        position bigint NOT NULL,
+        PRIMARY KEY (name, position)
+    )""",
+    ),
     ("zdr.runs_replay", "CREATE INDEX IF NOT EXISTS runs_replay ON zdr.runs (replay_key, id)"),
     # Where a replay stood over time, about once a second while it runs: for
     # rate and ETA in `zdr status` and the lag chart in the approval report.
@@ -162,6 +172,7 @@ def is_set_up(conn: sa.Connection) -> bool:
                   AND to_regclass('zdr.projections') IS NOT NULL
                   AND to_regclass('zdr.replays') IS NOT NULL
                   AND to_regclass('zdr.runs') IS NOT NULL
-                  AND to_regclass('zdr.samples') IS NOT NULL"""
+                  AND to_regclass('zdr.samples') IS NOT NULL
+                  AND to_regclass('zdr.applied_ahead') IS NOT NULL"""
         ).scalar_one()
     )

@@ -1,25 +1,26 @@
 """Which PostgreSQL cluster the event log's transaction ids come from.
 
-zdr orders its events by (transaction id, position) and reads only below the
-safe horizon (DESIGN.md, invariant 2). A transaction id means something only in
-the cluster that assigned it: after ``pg_dump``/``pg_restore`` into another
-cluster, or a move by logical replication, new events get ids below the
-checkpoints, and every reader would pass over them for good, silently. So zdr
-records the cluster's system identifier at setup (``record``), and every runner
-checks it as it starts (``require_same``): another cluster, or a checkpoint or an
-event above the cluster's transaction-id counter, refuses with ClusterChanged.
+This concerns a log read by (transaction id, position) below a horizon of transaction
+ids: a reader of one's own whose ``transaction_ids`` is True. zdr's own log, a prepared
+``TableReader`` and an eventsourcing application's table are read by position
+(``zdr.store``), which means the same in any cluster: for them the checks below pass
+and ``rebase`` has nothing to do. Earlier zdr versions read every log so.
 
-``rebase`` re-stamps the log and the checkpoints for the cluster it runs in, with
-the application's appends held off meanwhile (an EXCLUSIVE lock on the event
-table: readers go on). The checkpoints are cuts in the log's order; events
-between two cuts get one new id each cut, the cuts become (that id, the
-highest position before it), so every checkpoint has applied exactly the same
-events as before. The events the move brought are told from those appended in
-this cluster since by how a restore writes them (one transaction, first); those
-appended since were applied by no checkpoint and keep their ids, above all the
-others, as does every event appended later. A cluster upgraded in place
-(``pg_upgrade``) has a new identifier but the same transaction ids:
-``rebase(kept_transaction_ids=True)`` records it and changes nothing else.
+A transaction id means something only in the cluster that assigned it: after
+``pg_dump``/``pg_restore`` into another cluster, or a move by logical replication,
+new events get ids below the checkpoints, and every reader would pass over them for
+good, silently. So zdr records the cluster's system identifier at setup (``record``),
+and every runner checks it as it starts (``require_same``): another cluster, or a
+checkpoint or an event above the cluster's transaction-id counter, refuses with
+ClusterChanged.
+
+``rebase`` records the cluster it runs in. For a log read by position that is all
+there is to do; a reader of one's own that reads by transaction id is refused, unless
+the cluster was upgraded in place (``pg_upgrade``: a new identifier, the same
+transaction ids: ``rebase(kept_transaction_ids=True)``). Checkpoints an earlier zdr
+version left in (transaction id, position) order in a database moved since are
+refused (``require_no_moved_checkpoints``): that version's ``zdr rebase`` re-stamps
+them first.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ CREATE_STATEMENTS = [
     # Which event log the checkpoints are positions in (``source_of`` a reader).
     ("zdr.cluster(event_log)", "ALTER TABLE zdr.cluster ADD COLUMN IF NOT EXISTS event_log text"),
 ]
-
-#: The first transaction id given to rebased events: PostgreSQL's first normal one.
-REBASE_FROM = 3
 
 _IDENTIFIER = "SELECT system_identifier::text FROM pg_control_system()"
 _NEXT_XID = "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
@@ -101,6 +99,9 @@ def require_same(conn: sa.Connection, reader: EventReader) -> None:
     if callable(ready):
         ready(conn)
     require_same_log(conn, reader)
+    from zdr.ordering import move_to_position_order  # zdr.store imports this module
+
+    move_to_position_order(conn, reader)
     if not getattr(reader, "transaction_ids", True):
         return  # positions only: they mean the same in any cluster
     problem = _problem(conn, getattr(reader, "stamps", None))
@@ -162,104 +163,60 @@ def require_same_log(conn: sa.Connection, reader: EventReader, *, record: bool =
 def rebase(
     conn: sa.Connection, reader: EventReader, *, kept_transaction_ids: bool = False
 ) -> Rebased:
-    """Re-stamp the log and the checkpoints for this cluster, in the caller's transaction
-    (see the module's docstring); a no-op where the log belongs to this cluster.
+    """Record this cluster as the log's, in the caller's transaction (see the module's
+    docstring); a no-op where it is recorded already.
 
-    ``kept_transaction_ids``: the cluster was upgraded in place (``pg_upgrade``) or
-    copied physically, so the ids go on: only the new cluster is recorded (refused if
-    the log holds ids above this cluster's counter, which contradicts it).
+    A log read by position needs nothing else. A reader of one's own that reads by
+    transaction id is refused (ClusterChanged), unless ``kept_transaction_ids``: the
+    cluster was upgraded in place (``pg_upgrade``) or copied physically, so the ids go
+    on (refused if the log holds ids above this cluster's counter, which contradicts it).
     """
     require_same_log(conn, reader)
     recorded, current = _identifiers(conn)
+    if not getattr(reader, "transaction_ids", True):
+        require_no_moved_checkpoints(conn, reader)
+        if recorded != current:
+            _record_anew(conn)  # positions only: nothing to re-stamp
+        return Rebased(recorded, current, 0, 0)
     stamps: StampedLog | None = getattr(reader, "stamps", None)
     problem = _problem(conn, stamps)
     if problem is None:
         return Rebased(recorded, current, 0, 0)
-    if not getattr(reader, "transaction_ids", True):
-        _record_anew(conn)  # positions only: nothing to re-stamp
-        return Rebased(recorded, current, 0, 0)
-    if kept_transaction_ids:
-        highest = conn.exec_driver_sql(_highest(stamps)).scalar()
-        if highest is not None and highest >= conn.exec_driver_sql(_NEXT_XID).scalar_one():
-            raise ClusterChanged(
-                f"{problem}: the transaction ids were not kept (this cluster has not reached "
-                "the log's), so this is no in-place upgrade: run `zdr rebase` without "
-                "--kept-transaction-ids. Nothing was changed"
-            )
-        _record_anew(conn)
-        return Rebased(recorded, current, 0, 0)
-    if stamps is None:
+    if not kept_transaction_ids:
         raise ClusterChanged(
             f"{problem}, and zdr cannot re-stamp the log of {source_of(reader)} (a reader "
-            "of its own, without ``stamps``). Nothing was changed"
+            "of its own that reads by transaction id). Nothing was changed"
         )
-    conn.exec_driver_sql(f"LOCK TABLE {stamps.table}, zdr.checkpoints IN EXCLUSIVE MODE")
-    restored_up_to = _restored_up_to(conn, stamps)
-    conn.exec_driver_sql(
-        """CREATE TEMPORARY TABLE zdr_rebase_cuts ON COMMIT DROP AS
-           SELECT txid, position, row_number() OVER (ORDER BY txid, position) AS cut
-           FROM (SELECT DISTINCT txid, position FROM zdr.checkpoints
-                 WHERE (txid, position) > (0, 0)) AS c"""
-    )
-    cuts = conn.exec_driver_sql("SELECT count(*) FROM zdr_rebase_cuts").scalar_one()
-    below = conn.exec_driver_sql(
-        f"""SELECT least(pg_snapshot_xmin(pg_current_snapshot())::text::bigint,
-                        (SELECT min({stamps.txid}) FROM {stamps.table}
-                         WHERE {stamps.position} > %s))""",
-        (restored_up_to,),
-    ).scalar_one()
-    if REBASE_FROM + cuts >= below:
+    highest = conn.exec_driver_sql(_highest(stamps)).scalar()
+    if highest is not None and highest >= conn.exec_driver_sql(_NEXT_XID).scalar_one():
         raise ClusterChanged(
-            f"cannot rebase yet: {cuts} checkpoints need transaction ids up to "
-            f"{REBASE_FROM + cuts}, and this cluster has only reached {below}. Nothing "
-            "was changed"
+            f"{problem}: the transaction ids were not kept (this cluster has not reached "
+            "the log's), so this is no in-place upgrade. Nothing was changed"
         )
-    stamp = stamps.txid_of("e")
-    events = conn.exec_driver_sql(
-        f"""UPDATE {stamps.table} e SET {stamps.txid_column} = %s + (
-               SELECT count(*) FROM zdr_rebase_cuts c
-               WHERE (c.txid, c.position) < ({stamp}, e.{stamps.position}))
-            WHERE e.{stamps.position} <= %s""",
-        (REBASE_FROM, restored_up_to),
-    ).rowcount
-    checkpoints = conn.exec_driver_sql(
-        f"""UPDATE zdr.checkpoints k
-           SET txid = %(first)s + c.cut - 1,
-               position = coalesce((SELECT max(e.{stamps.position}) FROM {stamps.table} e
-                                    WHERE e.{stamps.txid_column} = %(first)s + c.cut - 1), 0),
-               updated_at = now()
-           FROM zdr_rebase_cuts c WHERE (k.txid, k.position) = (c.txid, c.position)""",
-        {"first": REBASE_FROM},
-    ).rowcount
     _record_anew(conn)
-    return Rebased(recorded, current, events, checkpoints)
+    return Rebased(recorded, current, 0, 0)
 
 
-def _restored_up_to(conn: sa.Connection, stamps: StampedLog) -> int:
-    """The last position of the events the move brought (0: none).
-
-    A restore writes the whole event table in one transaction (its COPY): those rows
-    share one ``xmin``, the first event's, and their positions come first; events
-    appended since (even in a savepoint, even while an older transaction is open)
-    come after them. Refused (ClusterChanged) where the log is not so: every
-    checkpoint was made before the move, so the restored events must cover them."""
-    table, position = stamps.table, stamps.position
-    row = conn.exec_driver_sql(
-        f"""WITH first AS (SELECT xmin AS restore FROM {table} ORDER BY {position} LIMIT 1)
-           SELECT (SELECT max({position}) FROM {table}, first WHERE xmin = restore),
-                  (SELECT min({position}) FROM {table}, first WHERE xmin <> restore),
-                  (SELECT max(position) FROM zdr.checkpoints)"""
-    ).one()
-    restored, first_other, checkpointed = (value or 0 for value in row)
-    if (first_other and first_other < restored) or checkpointed > restored:
+def require_no_moved_checkpoints(conn: sa.Connection, reader: EventReader) -> None:
+    """Refuse (ClusterChanged) checkpoints of the earlier (transaction id, position) order
+    in a database moved to another cluster since they were made: moving them to position
+    order (``zdr.ordering``) compares them with the log's stamps, and events appended in
+    this cluster are stamped with lower ids than the restored ones."""
+    stamps: StampedLog | None = getattr(reader, "stamps", None)
+    if stamps is None or stamps.txid_column is None:
+        return
+    if not conn.exec_driver_sql(
+        "SELECT EXISTS (SELECT 1 FROM zdr.checkpoints WHERE txid <> 0)"
+    ).scalar_one():
+        return
+    problem = _problem(conn, stamps)
+    if problem is not None:
         raise ClusterChanged(
-            "cannot tell which events the move brought: the event table was not restored "
-            "in one transaction (its rows keep the transactions that wrote them). If the "
-            "cluster was upgraded in place (pg_upgrade) or copied physically, its "
-            "transaction ids went on: run `zdr rebase --kept-transaction-ids`. Nothing was "
-            "changed"
+            f"{problem}, and zdr.checkpoints holds checkpoints of the (transaction id, "
+            "position) order of an earlier zdr version, made before the move: run `zdr "
+            "rebase` with that version once (it re-stamps them for this cluster), then "
+            "this one. Nothing was changed"
         )
-    return int(restored)
 
 
 def _record_anew(conn: sa.Connection) -> None:

@@ -1,21 +1,17 @@
-"""The safe horizon, and what holds it back, as an operator needs to see it.
+"""The safe position, and what holds it back, as an operator needs to see it.
 
-Readers (replays and the live runner) read only events whose transaction id is
-below the safe horizon (``zdr.store.HORIZON``): the oldest transaction in progress
-(the current snapshot's xip list) that could append an event. A write transaction
-left open in zdr's database, by any user or application, holds it back, and so does
-a prepared transaction there (``PREPARE TRANSACTION`` without ``COMMIT PREPARED``);
-transactions of the cluster's other databases and zdr's own runner transactions do
-not. Events committed after the holder wait (nothing is skipped) until it ends.
+Readers (replays and the live runner) read events up to the safe position
+(``zdr.store``): the sequence's last value, lowered to what an appending transaction
+still in progress announced. Only such a transaction holds readers back, for as long
+as it is open (its application's request, an import, a prepared transaction that
+appended and waits for COMMIT PREPARED); events committed above it wait (nothing is
+skipped) until it ends. A write transaction that appends nothing (an UPDATE, a DBA's
+index build, a long ETL), a transaction in another database, a replication slot or an
+old snapshot holds nothing.
 
-What does *not* hold this horizon: a read-only session with an old snapshot
-(its ``backend_xmin`` holds vacuum back, not the snapshot's xmin) and a
-replication slot's ``xmin`` (same). A slot is still named if its xmin ever
-equals the horizon, but PostgreSQL does not make one the holder.
-
-``inspect_horizon`` finds the holder in ``pg_stat_activity`` (by ``backend_xid``),
-``pg_prepared_xacts`` and ``pg_replication_slots``, in one statement, leaving
-out the session that asks.
+``inspect_horizon`` finds the holder in ``pg_locks`` (the announcement), with its
+session in ``pg_stat_activity`` or its prepared transaction in ``pg_prepared_xacts``,
+in one statement, leaving out the session that asks.
 """
 
 from __future__ import annotations
@@ -30,58 +26,61 @@ from typing import Any
 import sqlalchemy as sa
 
 from zdr import records
-from zdr.store import RUNNER_XIDS, EventReader
+from zdr.store import EventReader, StampedReader
 
 log = logging.getLogger("zdr")
 
-#: A 32-bit transaction id is the low half of the 64-bit one (xid8) the horizon is.
-_XID32 = 2**32
-
-# Every candidate holder whose transaction id is the horizon's, oldest first.
-# Transaction ids in the catalog views are 32-bit ``xid``; the horizon is 64-bit.
+# The appending transactions in progress, lowest announcement first (see SAFE_POSITION
+# in zdr.store for the lock's parts).
 _HOLDERS = """
-    SELECT 'session' AS kind, a.pid, a.datname::text, a.usename::text, a.application_name,
-           a.state, extract(epoch FROM clock_timestamp() - a.xact_start)::float8,
-           a.query, NULL::text, a.xact_start
-    FROM pg_stat_activity a
-    WHERE a.pid <> pg_backend_pid() AND a.backend_xid::text::bigint = %(xid)s
-      AND a.backend_xid::text::bigint NOT IN ({runners})
-  UNION ALL
-    SELECT 'prepared transaction', NULL::int, p.database::text, p.owner::text, NULL::text,
-           'prepared', extract(epoch FROM clock_timestamp() - p.prepared)::float8,
-           NULL::text, p.gid, p.prepared
-    FROM pg_prepared_xacts p
-    WHERE p.transaction::text::bigint = %(xid)s
-  UNION ALL
-    SELECT 'replication slot', s.active_pid, s.database::text, NULL::text, NULL::text,
-           CASE WHEN s.active THEN 'active' ELSE 'inactive' END, NULL::float8,
-           NULL::text, s.slot_name::text, NULL::timestamptz
-    FROM pg_replication_slots s
-    WHERE s.xmin::text::bigint = %(xid)s OR s.catalog_xmin::text::bigint = %(xid)s
-  ORDER BY 10 NULLS LAST
-""".replace("{runners}", RUNNER_XIDS)
+    SELECT CASE WHEN x.pid IS NULL THEN 'prepared transaction' ELSE 'session' END,
+           x.pid, coalesce(a.datname::text, p.database::text), coalesce(a.usename, p.owner)::text,
+           a.application_name, CASE WHEN x.pid IS NULL THEN 'prepared' ELSE a.state END,
+           extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, p.prepared))::float8,
+           a.query, p.gid::text, coalesce(a.backend_xid, p.transaction)::text::bigint, x.bound
+    FROM (SELECT y.virtualtransaction, y.pid,
+                 CASE WHEN y.lo IS NULL THEN y.hi << 32
+                      ELSE (coalesce(y.hi, 0) << 32) | y.lo END AS bound
+          FROM (SELECT l.virtualtransaction, min(l.pid) AS pid,
+                       min(l.objid::bigint) FILTER (WHERE l.objsubid = 1) AS lo,
+                       min(l.objid::bigint) FILTER (WHERE l.objsubid = 2) AS hi
+                FROM pg_locks l
+                WHERE l.locktype = 'advisory'
+                  AND l.classid::bigint = to_regclass(%(log)s)::oid::bigint
+                  AND l.database = (SELECT oid FROM pg_database
+                                    WHERE datname = current_database())
+                  AND l.pid IS DISTINCT FROM pg_backend_pid()
+                GROUP BY l.virtualtransaction) AS y) AS x
+    LEFT JOIN pg_stat_activity a ON a.pid = x.pid
+    LEFT JOIN pg_locks t ON x.pid IS NULL AND t.locktype = 'transactionid'
+                        AND t.virtualtransaction = x.virtualtransaction
+    LEFT JOIN pg_prepared_xacts p ON p.transaction = t.transactionid
+    ORDER BY x.bound, 7 DESC NULLS FIRST
+    LIMIT 1
+"""
 
 
 @dataclass(frozen=True)
 class HorizonHolder:
-    """The transaction whose id is the safe horizon: everything committed after it waits."""
+    """The appending transaction that holds the safe position: events committed above
+    what it announced wait for it."""
 
-    #: ``session``, ``prepared transaction`` or ``replication slot``.
+    #: ``session`` or ``prepared transaction``.
     kind: str
-    #: Its transaction id (64-bit, like the horizon).
+    #: Its transaction id (64-bit; 0 when it has none yet).
     txid: int
-    #: The backend's process id (a slot's active walsender; None for a prepared transaction).
+    #: The backend's process id (None for a prepared transaction).
     pid: int | None
     database: str | None
     user: str | None
     application_name: str | None
-    #: ``active``, ``idle in transaction``, ... (``prepared``; a slot: ``active``/``inactive``).
+    #: ``active``, ``idle in transaction``, ... (``prepared``).
     state: str | None
     #: Seconds since its transaction began (since PREPARE for a prepared one).
     age_s: float | None
     #: The first line of its current or last query.
     query: str | None
-    #: A prepared transaction's gid or a slot's name.
+    #: A prepared transaction's gid.
     name: str | None = None
 
     def describe(self) -> str:
@@ -107,20 +106,25 @@ class HorizonHolder:
 
 @dataclass(frozen=True)
 class Horizon:
-    """The safe horizon as of ``checked_at``, and its holder if a transaction holds it."""
+    """How far readers can read as of ``checked_at``, and the transaction that holds them
+    back, if one does."""
 
-    #: Events whose transaction id is below this are readable; the rest wait.
+    #: A log read by transaction id (an earlier zdr version's order): events whose
+    #: transaction id is below this are readable. 0 for a log read by position.
     txid: int
-    #: Whatever holds the horizon back; None when nothing does (or it ended meanwhile).
+    #: The appending transaction that holds readers back; None when none does.
     holder: HorizonHolder | None
     checked_at: dt.datetime
     #: The log commits in position order (an eventsourcing application's table lock):
     #: no transaction can hold its readers back, and ``txid`` means nothing.
     by_position: bool = False
+    #: The safe position of a log whose appends announce themselves (``zdr.store``):
+    #: events up to it are readable.
+    position: int | None = None
 
     @property
     def held(self) -> bool:
-        """True when an open transaction holds the horizon back."""
+        """True when an open transaction holds readers back."""
         return self.holder is not None
 
     def held_longer_than(self, seconds: float) -> bool:
@@ -130,11 +134,18 @@ class Horizon:
         return self.holder.age_s is None or self.holder.age_s > seconds
 
     def describe(self) -> str:
-        """One line: the horizon and who holds it."""
+        """One line: how far readers read and who holds them back."""
         if self.by_position:
             return (
                 "this event log commits in position order (its writers lock the table): "
                 "nothing holds the readers back"
+            )
+        if self.position is not None:
+            if self.holder is None:
+                return f"safe position {self.position:,}: no appending transaction holds it back"
+            return (
+                f"safe position held at {self.position:,} by an appending transaction, "
+                f"{self.holder.describe()}"
             )
         if self.holder is None:
             return f"safe horizon at transaction {self.txid:,}: nothing holds it back"
@@ -143,6 +154,7 @@ class Horizon:
     def to_dict(self) -> dict[str, Any]:
         return {
             "txid": self.txid,
+            "position": self.position,
             "held": self.held,
             "holder": None if self.holder is None else asdict(self.holder),
             "checked_at": self.checked_at.isoformat(),
@@ -151,35 +163,33 @@ class Horizon:
 
 
 def inspect_horizon(conn: sa.Connection, reader: EventReader) -> Horizon:
-    """The reader's safe horizon and its holder, seen from ``conn`` (read only).
+    """How far the reader reads and what holds it back, seen from ``conn`` (read only).
 
     Run it in a transaction of its own: a stale statistics snapshot would show
     sessions as they were when the transaction began.
     """
-    txid = reader.horizon(conn)
-    if not getattr(reader, "transaction_ids", True):
-        return Horizon(txid, None, dt.datetime.now(dt.UTC), by_position=True)
-    stamps = getattr(reader, "stamps", None)
-    event_table = "zdr.events" if stamps is None else stamps.name
-    # No shortcut on pg_snapshot_xmax: it is the last completed id + 1, and a
-    # transaction given exactly that id (the newest one, still open) holds the horizon.
-    row = conn.exec_driver_sql(_HOLDERS, {"xid": txid % _XID32, "event_table": event_table}).first()
+    now = dt.datetime.now(dt.UTC)
+    if not isinstance(reader, StampedReader):
+        return Horizon(reader.horizon(conn), None, now, by_position=True)
+    safe = reader.safe_position(conn)
+    row = conn.exec_driver_sql(_HOLDERS, {"log": reader.stamps.name}).first()
     holder = None
-    if row is not None:
-        kind, pid, database, user, app, state, age, query, name, _ = row
+    # Held: an announcement at or below the safe position (one above it holds nothing).
+    if row is not None and row[10] <= safe:
+        kind, pid, database, user, app, state, age_s, query, name, txid, _ = row
         holder = HorizonHolder(
             kind=kind,
-            txid=txid,
+            txid=txid or 0,
             pid=pid,
             database=database,
             user=user,
             application_name=app or None,
             state=state,
-            age_s=None if age is None else max(float(age), 0.0),
+            age_s=None if age_s is None else max(float(age_s), 0.0),
             query=first_line(query),
             name=name,
         )
-    return Horizon(txid, holder, dt.datetime.now(dt.UTC))
+    return Horizon(0, holder, now, position=safe)
 
 
 def age(seconds: float) -> str:
@@ -275,18 +285,16 @@ class HorizonWatch:
         if holder is None:
             log.warning(
                 "the live runner has found nothing to apply for %s while %d events wait "
-                "above the safe horizon (transaction %d), and no open transaction holding it "
-                "was found; see `zdr horizon`",
+                "(%s), and no appending transaction holding them was found; see `zdr horizon`",
                 age(waited),
                 waiting,
-                horizon.txid,
+                horizon.describe(),
             )
             return
         log.warning(
-            "the live runner has found nothing to apply for %s: %d events wait above the "
-            "safe horizon (transaction %d), held by %s; they are applied once it ends",
+            "the live runner has found nothing to apply for %s: %d events wait, %s; they "
+            "are applied once it ends",
             age(waited),
             waiting,
-            horizon.txid,
-            holder.describe(),
+            horizon.describe(),
         )

@@ -116,6 +116,10 @@ RECONNECT_HEALTHY_S = 30.0
 __all__ = ["ProjectorRef", "ReplayManager"]
 
 
+def _by_transaction_id(reader: EventReader) -> bool:
+    return bool(getattr(reader, "transaction_ids", True))
+
+
 def _require_same_cluster(conn: sa.Connection, reader: EventReader) -> None:
     with conn.begin():
         cluster.require_same(conn, reader)
@@ -541,7 +545,9 @@ class ReplayManager:
                     replay = records.load_replay(conn, key)
                 elif self._join_partitions(conn, replay):
                     replay = records.load_replay(conn, key)
-                head = self.reader.horizon(conn)
+                # Where this run ends (a log read by transaction id): below the horizon
+                # as of now. A log read by position is read until it runs dry.
+                head = self.reader.horizon(conn) if _by_transaction_id(self.reader) else None
                 total = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
                 records.set_state(conn, key, ReplayState.REPLAYING)
                 run_id = records.start_run(conn, key, "replay", replay.position)

@@ -60,11 +60,14 @@ class PartitionRun:
 class PartitionReader:
     """One partition's view of a reader that reads partitions: the events of its streams."""
 
-    transaction_ids = True
-
     def __init__(self, reader: EventReader, partition: Partition) -> None:
         self.reader = reader
         self.partition = partition
+
+    @property
+    def transaction_ids(self) -> bool:
+        """As the reader it is a view of."""
+        return bool(getattr(self.reader, "transaction_ids", True))
 
     def read(
         self,

@@ -29,7 +29,7 @@ from psycopg import sql
 from zdr import carryover, records, targets
 from zdr.errors import DependentObjects, InvalidState, ProjectorError, ReplayLagging, one_line
 from zdr.locks import lock_live_batch, under_short_lock_timeout
-from zdr.names import swap_schema
+from zdr.names import live_checkpoint, replay_checkpoint, swap_schema
 from zdr.registry import Registry
 from zdr.replay import Replay, ReplayState, SwapReport, Transition, require_state
 from zdr.runner import BatchRun, apply_batch, failure_message, replay_target
@@ -317,6 +317,18 @@ class Promotion:
                     f"position: {fix}",
                     lag=behind,
                 )
+        # At one position, the copies hold the same events unless one applied some above
+        # it before its checkpoint was moved to position order (zdr.ordering).
+        ahead = records.applied_ahead(conn)
+        names = [replay_checkpoint(replay.key), *map(live_checkpoint, replay.projections)]
+        if len({ahead.get(name, frozenset()) for name in names}) > 1:
+            raise ReplayLagging(
+                f"cannot swap replay {replay.key!r} with live yet: at position {at.position}, "
+                "one copy holds events above it that it applied before its checkpoint was "
+                "moved to position order, and the other does not; keep the live runner going: "
+                "it passes them within a batch or two",
+                lag=0,
+            )
 
     def common_live_position(self, conn: sa.Connection, replay: Replay) -> Cursor:
         """The one position every live copy of the replay's projections is at."""

@@ -57,8 +57,34 @@ def claim_checkpoint(
     return claimed == 1
 
 
+def applied_ahead(conn: sa.Connection) -> dict[str, frozenset[int]]:
+    """The events each checkpoint applied above its position before it was moved to
+    position order (``zdr.ordering``), by checkpoint name: to be skipped once."""
+    rows = conn.exec_driver_sql(
+        "SELECT name, array_agg(position) FROM zdr.applied_ahead GROUP BY name"
+    ).all()
+    return {name: frozenset(positions) for name, positions in rows}
+
+
+def applied_ahead_of(conn: sa.Connection, name: str) -> frozenset[int]:
+    """``applied_ahead`` of one checkpoint."""
+    rows = conn.exec_driver_sql(
+        "SELECT position FROM zdr.applied_ahead WHERE name = %s", (name,)
+    ).scalars()
+    return frozenset(rows)
+
+
+def pass_applied_ahead(conn: sa.Connection, name: str, *, upto: int) -> None:
+    """A checkpoint moved to ``upto``: the events it had applied ahead up to there are
+    passed (in the batch's transaction)."""
+    conn.exec_driver_sql(
+        "DELETE FROM zdr.applied_ahead WHERE name = %s AND position <= %s", (name, upto)
+    )
+
+
 def reset_checkpoint(conn: sa.Connection, name: str) -> None:
     """Back to the start of the log (a replay started again from zero)."""
+    conn.exec_driver_sql("DELETE FROM zdr.applied_ahead WHERE name = %s", (name,))
     conn.exec_driver_sql(
         """UPDATE zdr.checkpoints SET txid = 0, position = 0, events_applied = 0,
            updated_at = now() WHERE name = %s""",

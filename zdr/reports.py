@@ -193,8 +193,9 @@ def horizon_warning(horizon: Horizon) -> str:
     if holder is None:
         return horizon.describe()
     return (
-        f"the safe horizon is held by {holder.describe()}; events committed after it "
-        "wait (live read models and replays stand still) until it ends: see `zdr horizon`"
+        f"the safe position is held by an appending transaction, {holder.describe()}; "
+        "events committed after it wait (live read models and replays stand still) until "
+        "it ends: see `zdr horizon`"
     )
 
 
@@ -202,13 +203,16 @@ def horizon_lines(horizon: Horizon) -> list[str]:
     """``zdr horizon``: the horizon, then the holder field by field."""
     if horizon.by_position:
         return [horizon.describe()]
-    head = f"safe horizon: transaction {horizon.txid:,}"
+    if horizon.position is not None:
+        head = f"safe position: {horizon.position:,}"
+    else:
+        head = f"safe horizon: transaction {horizon.txid:,}"
     holder = horizon.holder
     if holder is None:
         return [head, "nothing holds it back"]
     who = f"pid {holder.pid}" if holder.kind == "session" else f"{holder.kind} {holder.name!r}"
     held = "" if holder.age_s is None else f" for {age(holder.age_s)}"
-    lines = [head, f"held by {who}{held}"]
+    lines = [head, f"held by {who}{held}, an appending transaction"]
     fields = [
         ("pid", holder.pid),
         ("database", holder.database),

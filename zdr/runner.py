@@ -75,6 +75,9 @@ class Target:
     #: A live copy's projection, and why it stood still when last written (or None).
     projection: str | None = None
     error: str | None = None
+    #: Events above ``cursor`` applied already, before the checkpoint was moved to
+    #: position order (``zdr.ordering``): skipped once, forgotten as the cursor passes.
+    ahead: frozenset[int] = frozenset()
 
 
 def replay_target(registry: Registry, replay: Replay, *, where: str | None = None) -> Target:
@@ -105,6 +108,8 @@ def apply_batch(
     copy of the payloads (otherwise only those followed by another one here).
     """
     last = events[-1].cursor
+    if target.ahead:
+        events = [e for e in events if e.position not in target.ahead]
     if not records.claim_checkpoint(
         conn, target.checkpoint, expected=target.cursor, to=last, events=len(events)
     ):
@@ -112,6 +117,10 @@ def apply_batch(
             f"the checkpoint of {target.where} moved under this runner: another runner "
             "wrote to it; nothing was applied"
         )
+    if target.ahead:
+        records.pass_applied_ahead(conn, target.checkpoint, upto=last.position)
+    if not events:
+        return
     final = len(target.projectors) - 1
     with targets.writing_to(conn, target.schema_map):
         for i, projector in enumerate(target.projectors):
@@ -237,6 +246,8 @@ class BatchRun:
         sampled = 0.0
         done = 0
         sizes = BatchSizes(self.batch_size, server_time_limit(conn))
+        with conn.begin():
+            target.ahead = records.applied_ahead_of(conn, target.checkpoint)
         read_ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdr-read-ahead")
         self.left_over = None
         try:
@@ -357,6 +368,8 @@ class LiveRunner:
         self._cost: dict[str, float] = {}
         self._turn = 0  # which target that is behind gets the next catch-up slice
         self._unloadable: set[str] = set()  # live projectors said to be unloadable
+        #: Whether zdr.applied_ahead may still hold rows (looked at per batch until empty).
+        self._ahead_pending = True
         #: The live copies and their projectors' paths at the last batch (a swap changes them).
         self._versions: frozenset[tuple[str, tuple[str, ...]]] | None = None
         #: Projector errors of live read models, collected while ``until_idle`` runs
@@ -756,6 +769,11 @@ class LiveRunner:
             if replay.error is not None:  # a dual-writing replay's error: a missing grant
                 self._not_granted_replays.add(key)
             found.append(target)
+        if self._ahead_pending:  # until none is left (zdr.ordering adds none after start)
+            ahead = records.applied_ahead(conn)
+            self._ahead_pending = bool(ahead)
+            for target in found:
+                target.ahead = ahead.get(target.checkpoint, frozenset())
         return found
 
 

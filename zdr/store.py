@@ -1,14 +1,31 @@
-"""The event store: an append-only table of events, read in a safe order.
+"""The event store: an append-only table of events, read in position order.
 
-Why the cursor is a pair. A position comes from a sequence when an event is
-inserted, but transactions commit in any order: position 11 can be visible while
-position 10 is still in an open transaction. A reader that remembers "the last
-position" would pass over 10 for ever. So every event is stamped with its
-transaction id (``pg_current_xact_id()``), readers only read events whose
-transaction is below the *safe horizon* (``pg_snapshot_xmin(pg_current_snapshot())``:
-every transaction below it has ended), and they order and page by the pair
-(transaction id, position). An event that commits late has a transaction id at
-or above the horizon the reader used, so it sorts after everything read so far.
+Why reading by position needs care. A position comes from a sequence when an event
+is inserted, but transactions commit in any order: position 11 can be visible while
+position 10 is still in an open transaction, and a reader that moved past 11 would
+pass over 10 for ever. So a reader reads only up to the *safe position*: the highest
+position below which nothing can still commit.
+
+How a reader knows it. An appending transaction makes itself known before it draws
+its first position: a statement trigger on the log takes a transaction-level advisory
+lock naming the sequence's last value at that moment (its positions are all above
+it). Any reader sees that lock in ``pg_locks`` at once, and the transaction holds it
+until it commits or rolls back. A reader first reads the sequence's last value, then
+the locks (in that order, ``SAFE_POSITION``), and reads events up to the lowest of
+them in a statement of its own (a new snapshot, taken after the look at the locks):
+a transaction not announced by then draws positions above the last value read, and
+one announced commits above the number it named.
+
+Why position order is causal. A transaction that saw another's events (its commit)
+draws its positions after that commit, so higher: a stream's events are read in the
+order the application wrote them, which an order by transaction id (given at a
+transaction's first write, not at its commit) did not ensure. And only transactions
+that append hold readers back, for as long as they are open: an UPDATE elsewhere, a
+DBA's index build or a transaction in another database holds nothing.
+
+What this needs of the log: positions drawn from a sequence with ``CACHE 1`` (with a
+cache, a session draws from its own block, and "drawn later" is not "higher") within
+the INSERT statement (a column default or identity), and read in READ COMMITTED.
 """
 
 from __future__ import annotations
@@ -28,14 +45,16 @@ from psycopg.types.json import Jsonb
 
 from zdr.catalog import create_missing
 from zdr.config import make_engine
-from zdr.errors import InvalidEvent
+from zdr.errors import ConfigurationError, InvalidEvent, NotSetUp, PrivilegeMissing
 from zdr.locks import ZDR_LOCK_SPACE, lock_setup
 from zdr.names import RUNNER_TRANSACTION_LOCK
 from zdr.settings import DEFAULTS
 
 
 class Cursor(NamedTuple):
-    """Where a reader stands: the (transaction id, position) of the last event it took."""
+    """Where a reader stands: (0, the position of the last event it took). The first part
+    is a transaction id only in a checkpoint kept by an earlier zdr version, which read
+    logs in (transaction id, position) order; ``zdr.ordering`` moves those."""
 
     txid: int
     position: int
@@ -73,6 +92,93 @@ class RecordedEvent:
         return Cursor(self.txid, self.position)
 
 
+#: What zdr's replay transactions call themselves (``SET LOCAL application_name``, see
+#: ``mark_runner_transaction``), for people reading pg_stat_activity. The mark that counts
+#: is a transaction-level advisory lock: a name can be changed back within the
+#: transaction, the lock cannot be let go before its end.
+RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
+#: "This backend holds the runner-transaction lock" (pid and lock key spelled out).
+_HOLDS_RUNNER_MARK = f"""EXISTS (
+    SELECT 1 FROM pg_locks m
+    WHERE m.pid = {{pid}} AND m.locktype = 'advisory' AND m.granted
+      AND m.classid::bigint = {ZDR_LOCK_SPACE} AND m.objsubid = 2
+      AND m.objid::bigint = (hashtext('{RUNNER_TRANSACTION_LOCK}')::bigint & 4294967295))"""
+
+#: The announcement of a transaction that appends to a log (see the module's
+#: docstring): a shared transaction-level advisory lock whose 64-bit key is the log
+#: table's oid (high half) and the low 32 bits of the sequence's last value when the
+#: transaction first inserted (low half), and, only when that value is 2^32 or more,
+#: before it, one of the (int, int) form holding the table's oid and the value's high
+#: half. ``pg_locks`` shows both with ``classid`` the table's oid and tells them apart by
+#: ``objsubid`` (1 and 2). Taken once per transaction and log (a transaction-local
+#: setting remembers it; a savepoint rolled back lets go of both, and the next insert
+#: takes them again, higher). Shared: appenders never wait for each other.
+_ANNOUNCED = "'zdr.appending_' || TG_RELID::bigint"
+
+
+def append_trigger(function: str, sequence: str) -> str:
+    """The statement trigger function on a log (``function``: its quoted, qualified name;
+    ``sequence``: the position's sequence, a quoted, qualified name) that announces an
+    appending transaction before its first position is drawn, and refuses appends from
+    a replay's transaction (a projector writes read models only)."""
+    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        DECLARE
+            last bigint;
+        BEGIN
+            IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
+               OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
+            THEN RAISE EXCEPTION USING
+                ERRCODE = 'ZR001',
+                MESSAGE = 'events cannot be appended from a replay''s '
+                    || 'transaction (a projector writes read models only)';
+            END IF;
+            IF current_setting({_ANNOUNCED}, true) IS DISTINCT FROM '1' THEN
+                last := coalesce(pg_sequence_last_value('{sequence.replace("'", "''")}'), 0);
+                IF last >= 4294967296 THEN
+                    PERFORM pg_advisory_xact_lock_shared(
+                        (TG_RELID::bigint - CASE WHEN TG_RELID::bigint >= 2147483648
+                                                 THEN 4294967296 ELSE 0 END)::int4,
+                        (last >> 32)::int4);
+                END IF;
+                PERFORM pg_advisory_xact_lock_shared(
+                    (TG_RELID::bigint << 32) | (last & 4294967295));
+                PERFORM set_config({_ANNOUNCED}, '1', true);
+            END IF;
+            RETURN NULL;
+        END $$"""
+
+
+#: The safe position of a log (bound as %(log)s, its sequence as %(sequence)s): the
+#: sequence's last value, lowered to the lowest value an appending transaction in
+#: progress named (its positions are above it), this session's own left out. The last
+#: value is read first: the correlated subquery on pg_locks runs for the row it reads.
+#: A prepared transaction's locks stay (pid NULL) until COMMIT PREPARED. NULL where the
+#: role may not read the sequence (pg_sequence_last_value would fail, or in later versions
+#: say NULL as if nothing had been drawn). Also the
+#: session's isolation: a snapshot older than the look at the locks would miss a
+#: transaction that committed in between (only READ COMMITTED takes one per statement).
+SAFE_POSITION = """
+    SELECT s.last, least(s.last, (
+               SELECT min(CASE WHEN a.lo IS NULL THEN a.hi << 32
+                               ELSE (coalesce(a.hi, 0) << 32) | a.lo END)
+               FROM (SELECT min(l.objid::bigint) FILTER (WHERE l.objsubid = 1) AS lo,
+                            min(l.objid::bigint) FILTER (WHERE l.objsubid = 2) AS hi
+                     FROM pg_locks l
+                     WHERE l.locktype = 'advisory' AND l.classid::bigint = s.log
+                       AND l.database = (SELECT oid FROM pg_database
+                                         WHERE datname = current_database())
+                       AND l.pid IS DISTINCT FROM pg_backend_pid()
+                     GROUP BY l.virtualtransaction) AS a)),
+           current_setting('transaction_isolation'),
+           (SELECT seqcache FROM pg_sequence WHERE seqrelid = %(sequence)s::regclass)
+    FROM (SELECT CASE WHEN has_sequence_privilege(%(sequence)s, 'SELECT, USAGE')
+                      THEN coalesce(pg_sequence_last_value(%(sequence)s::regclass), 0) END
+                     AS last,
+                 to_regclass(%(log)s)::oid::bigint AS log
+          OFFSET 0) AS s"""
+
+
 class EventReader(Protocol):
     """What the replay engine needs from an event table.
 
@@ -93,7 +199,8 @@ class EventReader(Protocol):
         ...
 
     def horizon(self, conn: sa.Connection) -> int:
-        """The current safe horizon: every transaction id below it has ended."""
+        """The current safe horizon: every cursor whose first part is below it can be read
+        (1 for a log read by position: every cursor is (0, position))."""
         ...
 
     def count_after(self, conn: sa.Connection, after: Cursor) -> int:
@@ -101,94 +208,18 @@ class EventReader(Protocol):
         ...
 
 
-#: What zdr's replay transactions call themselves while they hold a transaction id
-#: (``SET LOCAL application_name``, see ``mark_runner_transaction``), for people reading
-#: pg_stat_activity. The mark that counts is a transaction-level advisory lock: a name can
-#: be changed back within the transaction, the lock cannot be let go before its end.
-RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
-#: "This backend holds the runner-transaction lock" (pid and lock key spelled out).
-_HOLDS_RUNNER_MARK = f"""EXISTS (
-    SELECT 1 FROM pg_locks m
-    WHERE m.pid = {{pid}} AND m.locktype = 'advisory' AND m.granted
-      AND m.classid::bigint = {ZDR_LOCK_SPACE} AND m.objsubid = 2
-      AND m.objid::bigint = (hashtext('{RUNNER_TRANSACTION_LOCK}')::bigint & 4294967295))"""
-# The safe horizon: the oldest transaction still in progress that may append events,
-# else the snapshot's xmax. Transactions in progress are the snapshot's xip list;
-# those of other databases (OTHER_DATABASES_XIDS) and zdr's own runner transactions are
-# left out (their top-level xid is backend_xid in
-# pg_stat_activity, 32 bits: compared on the low 32 bits of the xid8, which is exact
-# among transactions in progress at once). Leaving them out is what keeps a slow
-# replay batch (seconds) from holding the live runner back for as long. Whatever is
-# not sure (a session's row not visible, a runner that moved on) counts as in
-# progress: the horizon can only come out lower, never past an appending transaction.
-#
-# A runner transaction is one that holds the runner mark (a trigger on the event table
-# refuses its appends for as long as it does, that is to its end), bears the runner's
-# name, and holds no lock stronger than a reader's on the event table (bound as
-# %(event_table)s; an append holds RowExclusiveLock to the end of its transaction: one
-# that appended before it took the mark is not passed).
-RUNNER_XIDS = f"""
-    SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
-    WHERE a.backend_xid IS NOT NULL AND a.application_name = '{RUNNER_APPLICATION_NAME}'
-      AND {_HOLDS_RUNNER_MARK.replace("{pid}", "a.pid")}
-      AND NOT EXISTS (
-          SELECT 1 FROM pg_locks l
-          WHERE l.pid = a.pid AND l.locktype = 'relation'
-            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-            AND l.relation = to_regclass(%(event_table)s)
-            AND l.mode NOT IN ('AccessShareLock', 'RowShareLock'))"""
-#: Transactions in progress in another database of the cluster: a session writes to its
-#: own database only, so none of them can append to this log, and the horizon passes
-#: them (a long ETL transaction in another database used to hold every live read model
-#: here). A session's database is pg_stat_activity's datid (NULL for a background
-#: process: counted as in progress), a prepared transaction's pg_prepared_xacts'.
-OTHER_DATABASES_XIDS = """
-    SELECT a.backend_xid::text::bigint FROM pg_stat_activity a
-    WHERE a.backend_xid IS NOT NULL
-      AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database())
-    UNION ALL
-    SELECT p.transaction::text::bigint FROM pg_prepared_xacts p
-    WHERE p.database <> current_database()"""
-HORIZON = f"""(
-    SELECT COALESCE(
-        (SELECT min(x::text::bigint) FROM pg_snapshot_xip(s.snap) AS x
-         WHERE (x::text::bigint & 4294967295) NOT IN (
-             {RUNNER_XIDS} UNION ALL {OTHER_DATABASES_XIDS})),
-        pg_snapshot_xmax(s.snap)::text::bigint)
-    FROM (SELECT pg_current_snapshot() AS snap) AS s)"""
-
-
-def refuse_runner_appends(function: str) -> str:
-    """The trigger function (``function``: its quoted, qualified name) that refuses appends
-    from a runner's transaction, for as long as it holds the runner's mark (the lock:
-    it cannot be dropped before the transaction ends). On every event table read by
-    transaction id: ``zdr.events``, and a prepared TableReader's."""
-    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-        LANGUAGE plpgsql AS $$
-        BEGIN
-            IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
-               OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
-            THEN RAISE EXCEPTION USING
-                ERRCODE = 'ZR001',
-                MESSAGE = 'events cannot be appended from a replay''s '
-                    || 'transaction (a projector writes read models only)';
-            END IF;
-            RETURN NULL;
-        END $$"""
-
-
 @dataclass(frozen=True)
 class StampedLog:
-    """Where a log read by (transaction id, position) keeps its stamps: what the reads
-    order by, what the cluster check compares and what ``rebase`` re-stamps. Every part
-    is SQL that zdr quoted."""
+    """Where a log read by position keeps its parts: every part is SQL that zdr quoted.
+    (The name is from when such logs were read by transaction id, which their rows may
+    still carry: ``zdr.ordering`` moves checkpoints of that order to this one.)"""
 
     #: The table, schema-qualified and quoted (``zdr.events``), and its name for
     #: ``to_regclass`` and messages.
     table: str
     name: str
-    #: The transaction-id column, quoted (``txid``).
-    txid_column: str
+    #: The transaction-id column of the earlier order, quoted (``txid``), if the table has one.
+    txid_column: str | None
     #: The position column, quoted.
     position: str
     #: Rows from before the stamps have none (NULL): they count as committed, 0.
@@ -196,24 +227,24 @@ class StampedLog:
 
     @property
     def txid(self) -> str:
-        """The stamp as the reads order by it (the expression an index is built on)."""
+        """The earlier order's stamp as it was read (the expression its index is on)."""
         return self.txid_of("")
 
     def txid_of(self, alias: str) -> str:
         """``txid`` of the row named ``alias`` in a query (``e``)."""
+        assert self.txid_column is not None, f"{self.name} has no transaction-id stamps"
         column = f"{alias}.{self.txid_column}" if alias else self.txid_column
         return f"coalesce({column}, 0)" if self.nullable else column
 
 
 class StampedReader:
-    """An ``EventReader`` over a table whose rows carry the transaction id that wrote
-    them (see the module's docstring): zdr's own ``zdr.events``, or an application's
-    table stamped by ``zdr.readers.TableReader.prepare``."""
+    """An ``EventReader`` over a table whose appends announce themselves (see the module's
+    docstring): zdr's own ``zdr.events``, or an application's table prepared by
+    ``zdr.readers.TableReader.prepare``. Cursors are (0, position)."""
 
-    #: Cursors are (transaction id, position): an open transaction can hold the
-    #: horizon, and the cluster check applies (False for a log that commits in
-    #: position order, such as ``zdr.readers.EventsourcingReader``'s).
-    transaction_ids = True
+    #: Cursors are (0, position): no transaction id is compared, so the cluster check
+    #: does not apply.
+    transaction_ids = False
 
     def __init__(
         self,
@@ -229,7 +260,7 @@ class StampedReader:
         #: Payload bytes per read (as text), beside its count (``Settings.batch_max_bytes``).
         self.max_batch_bytes = DEFAULTS.batch_max_bytes
         self._row = _event_row_of(log.name)
-        txid = log.txid
+        position = log.position
         # coalesce: a NULL payload has no size, and the row must still be read (a NULL
         # metadata is none; a NULL data stops the reader, naming the event).
         meta = "NULL::text" if metadata is None else f"{metadata}::text"
@@ -246,40 +277,35 @@ class StampedReader:
             "AND coalesce(abs(mod(hashtextextended("
             f"{stream_id}::text, 0), %(partitions)s)), 0) = %(partition)s"
         )
+        #: "The row is in partition %(partition)s of %(partitions)s", for a WHERE clause.
+        self.partition_filter = in_partition
         self._read_statement, self._read_partition = (
             f"""
-            SELECT position, txid, stream_id, type, data, metadata, recorded_at FROM (
-                SELECT *, sum(size) OVER (ORDER BY txid, position ROWS UNBOUNDED PRECEDING)
-                          AS upto
+            SELECT position, 0, stream_id, type, data, metadata, recorded_at FROM (
+                SELECT *, sum(size) OVER (ORDER BY position ROWS UNBOUNDED PRECEDING) AS upto
                 FROM (SELECT *, coalesce(octet_length(data), 0)
                                 + coalesce(octet_length(metadata), 0) AS size
-                      FROM (SELECT {log.position} AS position, {txid} AS txid,
+                      FROM (SELECT {position} AS position,
                                    {stream_id}::text AS stream_id, {type_}::text AS type,
                                    {data}::text AS data, {meta} AS metadata,
                                    {recorded} AS recorded_at
                             FROM {log.table}
-                            WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)
-                              AND ({txid}, {log.position})
-                                  <= (%(until_txid)s, %(until_position)s)
-                              AND {txid} < LEAST({HORIZON}, %(below_txid)s)
+                            WHERE {position} > %(position)s AND {position} <= %(until)s
                               {partition}
-                            ORDER BY {txid}, {log.position}
+                            ORDER BY {position}
                             LIMIT %(limit)s) AS first
                      ) AS measured
             ) AS sized
             WHERE upto - size < %(max_bytes)s
-            ORDER BY txid, position
+            ORDER BY position
         """
             for partition in ("", in_partition)
         )
-        count = (
-            f"SELECT count(*) FROM {log.table} "
-            f"WHERE ({txid}, {log.position}) > (%(txid)s, %(position)s)"
-        )
+        count = f"SELECT count(*) FROM {log.table} WHERE {position} > %(position)s"
         self._count_statement, self._count_partition = count, f"{count} {in_partition}"
         self._last_statement = (
-            f"SELECT {txid}, {log.position} FROM {log.table} WHERE {txid} < {HORIZON} "
-            f"ORDER BY {txid} DESC, {log.position} DESC LIMIT 1"
+            f"SELECT {position} FROM {log.table} WHERE {position} <= %(until)s "
+            f"ORDER BY {position} DESC LIMIT 1"
         )
 
     @property
@@ -289,6 +315,42 @@ class StampedReader:
 
     #: It reads one partition of streams at a time (``read(..., partition=)``).
     reads_partitions = True
+
+    def require_ready(self, conn: sa.Connection) -> None:
+        """Refuse (NotSetUp) to read a log whose appends do not announce themselves."""
+
+    def sequence(self, conn: sa.Connection) -> str:
+        """The sequence the log's positions come from (a name for ``regclass``)."""
+        return "zdr.events_position_seq"
+
+    def safe_position(self, conn: sa.Connection) -> int:
+        """The highest position below which every event that will ever commit has
+        committed, as of now (see the module's docstring). Asked in a statement of its
+        own, before the events are read in another: in READ COMMITTED only (refused
+        otherwise), whose next statement takes a snapshot after this one."""
+        self.require_ready(conn)
+        params = {"sequence": self.sequence(conn), "log": self.stamps.name}
+        last, safe, isolation, cache = conn.exec_driver_sql(SAFE_POSITION, params).one()
+        if last is None:
+            raise PrivilegeMissing(
+                f"zdr's role lacks SELECT on sequence {params['sequence']}, the sequence of "
+                f"{self.stamps.name}'s positions: a reader reads up to its last value. "
+                f"GRANT SELECT ON SEQUENCE {params['sequence']} TO <zdr's role>"
+            )
+        if cache is not None and cache > 1:
+            raise ConfigurationError(
+                f"the sequence {params['sequence']} of {self.stamps.name}'s positions has CACHE "
+                f"{cache}: each session then draws from a block of its own, and a position "
+                "drawn later can be lower, which a reader by position would pass over. "
+                f"ALTER SEQUENCE {params['sequence']} CACHE 1"
+            )
+        if isolation != "read committed":
+            raise ConfigurationError(
+                f"{self.stamps.name} is read in READ COMMITTED transactions only (this one "
+                f"is {isolation.upper()}): a snapshot taken before the reader looks at the "
+                "appending transactions could pass over one that commits meanwhile"
+            )
+        return int(safe)
 
     def read(
         self,
@@ -300,16 +362,20 @@ class StampedReader:
         below_txid: int | None = None,
         partition: Partition | None = None,
     ) -> list[RecordedEvent]:
-        until = until or Cursor(2**63 - 1, 2**63 - 1)
+        _require_position_order(after, self.stamps.name)
+        if below_txid is not None and below_txid <= 0:
+            return []  # every cursor of this log is (0, n): none is below
+        bound = self.safe_position(conn)
+        if until is not None:
+            _require_position_order(until, self.stamps.name)
+            bound = min(bound, until.position)
+        if bound <= after.position:
+            return []
         params = {
-            "txid": after.txid,
             "position": after.position,
-            "until_txid": until.txid,
-            "until_position": until.position,
-            "below_txid": below_txid if below_txid is not None else 2**63 - 1,
+            "until": bound,
             "limit": limit,
             "max_bytes": self.max_batch_bytes,
-            "event_table": self.stamps.name,
         }
         statement = self._read_statement
         if partition is not None:
@@ -321,13 +387,15 @@ class StampedReader:
             return events
 
     def horizon(self, conn: sa.Connection) -> int:
-        params = {"event_table": self.stamps.name}
-        return int(conn.exec_driver_sql(f"SELECT {HORIZON}", params).scalar_one())
+        """1: every cursor's first part is 0 (see ``safe_position`` for how far it reads)."""
+        return 1
 
     def count_after(
         self, conn: sa.Connection, after: Cursor, *, partition: Partition | None = None
     ) -> int:
-        params: dict[str, Any] = {"txid": after.txid, "position": after.position}
+        _require_position_order(after, self.stamps.name)
+        self.require_ready(conn)
+        params: dict[str, Any] = {"position": after.position}
         statement = self._count_statement
         if partition is not None:
             statement = self._count_partition
@@ -335,9 +403,22 @@ class StampedReader:
         return int(conn.exec_driver_sql(statement, params).scalar_one())
 
     def last_cursor(self, conn: sa.Connection) -> Cursor | None:
-        """The cursor of the last event below the safe horizon (None: no event yet)."""
-        row = conn.exec_driver_sql(self._last_statement, {"event_table": self.stamps.name}).first()
-        return None if row is None else Cursor(int(row[0]), int(row[1]))
+        """The cursor of the last event up to the safe position (None: no event yet)."""
+        bound = self.safe_position(conn)
+        row = conn.exec_driver_sql(self._last_statement, {"until": bound}).first()
+        return None if row is None else Cursor(0, int(row[0]))
+
+
+def _require_position_order(cursor: Cursor, log: str) -> None:
+    """Refuse a cursor of the earlier (transaction id, position) order: ``zdr.ordering``
+    moves every checkpoint to position order before a runner reads."""
+    if cursor.txid != 0:
+        raise ConfigurationError(
+            f"a cursor of the (transaction id, position) order of an earlier zdr version "
+            f"({cursor.txid}, {cursor.position}) was given to the reader of {log}, which reads "
+            "by position: checkpoints are moved to position order when a runner starts "
+            "(zdr.ordering); a cursor kept from before cannot be used"
+        )
 
 
 def iter_all(
@@ -355,6 +436,10 @@ def iter_all(
         cursor = batch[-1].cursor
 
 
+#: The sequence of ``zdr.events``' positions (its identity column's).
+SEQUENCE = "zdr.events_position_seq"
+
+
 class EventStore(StampedReader):
     """The project's own event table, ``zdr.events``."""
 
@@ -368,6 +453,7 @@ class EventStore(StampedReader):
             recorded_at="recorded_at",
         )
         self._engine = make_engine(url_or_engine)
+        self._ready: set[str] = set()
         # (object, statement): created only where missing (see catalog.create_missing).
         self._create_statements = [
             ("zdr", "CREATE SCHEMA IF NOT EXISTS zdr"),
@@ -384,19 +470,19 @@ class EventStore(StampedReader):
             )""",
             ),
             (
-                "zdr.events_txid_position",
-                "CREATE INDEX IF NOT EXISTS events_txid_position ON zdr.events (txid, position)",
-            ),
-            (
                 "zdr.events_stream",
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
             ),
-            # Version 2 (an install made before it keeps version 1 beside it).
-            ("zdr.refuse_runner_appends_2()", refuse_runner_appends("zdr.refuse_runner_appends_2")),
+            ("zdr.append_trigger_3()", append_trigger("zdr.append_trigger_3", SEQUENCE)),
+            # Version 3 announces appends (see the module's docstring) and refuses a
+            # replay's, as version 2 did: it takes version 2's place. Waits for the
+            # transactions that appended before it (setup runs under a short lock
+            # timeout, tried again).
             (
-                "zdr.events/refuse_runner_appends_2",
-                """CREATE TRIGGER refuse_runner_appends_2 BEFORE INSERT ON zdr.events
-                   FOR EACH STATEMENT EXECUTE FUNCTION zdr.refuse_runner_appends_2()""",
+                "zdr.events/append_trigger_3",
+                """CREATE TRIGGER append_trigger_3 BEFORE INSERT ON zdr.events
+                   FOR EACH STATEMENT EXECUTE FUNCTION zdr.append_trigger_3();
+                   DROP TRIGGER IF EXISTS refuse_runner_appends_2 ON zdr.events""",
             ),
         ]
         # ORDER BY ord makes the identity default run in the caller's order, so
@@ -414,6 +500,37 @@ class EventStore(StampedReader):
     @property
     def engine(self) -> sa.Engine:
         return self._engine
+
+    def require_ready(self, conn: sa.Connection) -> None:
+        """Refuse (NotSetUp) to read a log whose appends do not announce themselves (zdr
+        set up by an earlier version, or the trigger disabled): read by position, it
+        could skip events. Checked once per database (and by every runner as it starts)."""
+        where = str(conn.engine.url)
+        if where in self._ready:
+            return
+        exists, enabled = conn.exec_driver_sql(
+            """SELECT to_regclass('zdr.events') IS NOT NULL,
+                      (SELECT tgenabled FROM pg_trigger WHERE tgrelid = to_regclass('zdr.events')
+                       AND tgname = 'append_trigger_3')"""
+        ).one()
+        if not exists:
+            raise NotSetUp(
+                "zdr is not set up in this database: call ReplayManager.setup() (or run "
+                "`zdr setup`) first"
+            )
+        if enabled is None:
+            raise NotSetUp(
+                "zdr's event table is from an earlier zdr version, which read it by transaction "
+                "id: run `zdr setup` (ReplayManager.setup()) once with this version; it adds "
+                "the trigger that lets readers read by position, and moves nothing yet"
+            )
+        if enabled == "D":
+            raise NotSetUp(
+                "the trigger append_trigger_3 on zdr.events is disabled (a bulk load?): "
+                "appends then do not announce themselves, and a reader could skip events. "
+                "ALTER TABLE zdr.events ENABLE TRIGGER append_trigger_3"
+            )
+        self._ready.add(where)
 
     def iter_all(self, batch_size: int = 10_000) -> Iterable[RecordedEvent]:
         """Every committed event below the horizon, in cursor order (for checks and tests)."""

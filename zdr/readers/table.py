@@ -2,31 +2,32 @@
 
 Such a table's writers usually insert with no lock, so transactions commit out of
 order: position 11 can be visible while 10 is still in an open transaction, and a
-reader that pages by position alone passes over 10 for good. zdr reads its own
-table by (transaction id, position) below the safe horizon (``zdr.store``); a
-table of the application's gets the same stamps from ``prepare``:
+reader that pages by position alone passes over 10 for good. zdr reads a log by
+position up to the safe position, below which nothing can still commit
+(``zdr.store``); for that, each transaction that appends announces itself before it
+draws a position. ``prepare`` installs what does it:
 
-* a nullable column ``zdr_txid`` whose default is the inserting transaction's id
-  (``pg_current_xact_id()``), added without a default first and given it after, so
-  the table is not rewritten; rows from before have none (NULL) and count as
-  committed (0): ``ALTER TABLE`` waited for every transaction that had inserted
-  into the table to end before the default took effect;
-* ``CHECK (zdr_txid IS NOT NULL) NOT VALID``: no new row comes without a stamp (an
-  insert of an explicit NULL, or one after somebody dropped the default, fails
-  instead of being skipped by every reader); the rows from before are not checked;
-* the statement trigger that refuses appends from a replay's transaction (the
-  horizon passes those transactions; see ``zdr.store``), with its function in the
-  table's schema (prepare creates nothing in zdr's);
-* an index on ``(coalesce(zdr_txid, 0), position)``, built ``CONCURRENTLY``.
+* a statement trigger on the table (``BEFORE INSERT ... FOR EACH STATEMENT``), with its
+  function in the table's schema (prepare creates nothing in zdr's), which takes, once
+  per transaction, a shared transaction-level advisory lock naming the sequence's last
+  value, and refuses appends from a replay's transaction (a projector writes read
+  models only).
 
-Writers pay for it: each insert stamps its rows (a function call per row), checks
-the constraint, maintains one more index, and each INSERT statement runs the
-trigger once (a look at ``pg_locks``, whose cost grows with the locks held in the
-whole server). ``bench/replay_bench.py`` (``writers``) measures it. The column,
-constraint and trigger are added under a short ``lock_timeout``, retried with
-backoff, so the application's writers wait a moment at most; a writer
-that runs ``INSERT INTO t VALUES (...)`` without a column list still works (the
-new column is the last one), one that reads ``SELECT *`` sees one more column.
+It needs the position to come from a sequence with ``CACHE 1`` (a ``bigserial`` or
+identity column, or a default ``nextval``), drawn in the INSERT statement itself (the
+column's default): a writer that draws ``nextval`` in a statement of its own before
+the INSERT is not announced in time, and may be passed over. Prepare refuses a table
+whose position has no sequence or whose sequence caches.
+
+Writers pay for it: each INSERT statement runs the trigger once (a look at
+``pg_locks``, whose cost grows with the locks held in the whole server; the first in a
+transaction also reads the sequence and takes the lock); ``bench/replay_bench.py``
+(``writers``) measures it. The trigger is added under a short ``lock_timeout``,
+retried with backoff, so the application's writers wait a moment at most.
+
+Tables prepared by an earlier zdr version, which read by transaction id, carry a
+column ``zdr_txid``, a check and an index: they stay (``zdr.ordering`` reads the
+column once to move checkpoints of that order), and can be dropped after that.
 """
 
 from __future__ import annotations
@@ -44,21 +45,19 @@ from zdr.errors import ConfigurationError, NotSetUp, interrupted, is_transient, 
 from zdr.locks import ZDR_LOCK_SPACE, under_short_lock_timeout
 from zdr.settings import DEFAULTS
 from zdr.store import (
-    Cursor,
-    Partition,
-    RecordedEvent,
     StampedLog,
     StampedReader,
-    refuse_runner_appends,
+    append_trigger,
 )
 
 log = logging.getLogger("zdr")
 
-#: The stamp column ``prepare`` adds, and the names of what goes with it.
+#: The trigger ``prepare`` adds.
+TRIGGER_NAME = "zdr_append_trigger"
+#: What an earlier version's prepare added: its stamp column (read once by
+#: ``zdr.ordering``) and its trigger, which the new one takes the place of.
 STAMP_COLUMN = "zdr_txid"
-CHECK_NAME = "zdr_txid_stamped"
-TRIGGER_NAME = "zdr_refuse_runner_appends"
-_STAMP_DEFAULT = "(pg_current_xact_id())::text::bigint"
+_EARLIER_TRIGGER = "zdr_refuse_runner_appends"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
@@ -120,9 +119,9 @@ class TableReader(StampedReader):
         )
         # Names of their own per table (a hash of its name: two long names never meet).
         tag = hashlib.sha1(qualified.encode()).hexdigest()[:10]
-        self._index_name = f"zdr_txid_position_{tag}"
-        self.index = f'{self.schema}."{self._index_name}"'
-        self.function = f'{self.schema}."zdr_refuse_runner_appends_{tag}"'
+        self.function = f'{self.schema}."zdr_append_trigger_{tag}"'
+        #: The position's sequence, by database (found by ``require_ready``).
+        self._sequences: dict[str, str] = {}
         self._lock_key = f"prepare {qualified}"
         self._checked: set[str] = set()
         self._checked_lock = threading.Lock()
@@ -143,15 +142,13 @@ class TableReader(StampedReader):
         lock_timeout_s: float = DEFAULTS.lock_timeout_s,
         attempts: int = DEFAULTS.swap_attempts,
     ) -> None:
-        """Add the stamps (see the module's docstring); idempotent: what is there already
-        is left alone, and a table that is fully prepared takes no lock at all.
+        """Add the trigger (see the module's docstring); idempotent: a table that is
+        prepared already takes no lock at all.
 
-        The column, its default, the constraint, the trigger and its function (in the
-        table's schema) are added in one short transaction under ``lock_timeout_s``,
-        tried ``attempts`` times (LockTimeout names the table after that; nothing is
-        changed); the index is built concurrently after it, which waits for every
-        transaction open in the database at its start to end (writers go on). Two
-        prepares of one table take turns. Run it as the table's owner.
+        The trigger and its function (in the table's schema) are added in one short
+        transaction under ``lock_timeout_s``, tried ``attempts`` times (LockTimeout names
+        the table after that; nothing is changed). Two prepares of one table take turns.
+        Run it as the table's owner.
         """
         engine = make_engine(url_or_engine)
         try:
@@ -159,17 +156,15 @@ class TableReader(StampedReader):
                 self._take_turn(conn)
                 try:
                     with conn.begin():
-                        missing = self._missing(conn)
-                    if missing - {"index"}:
+                        missing, sequence = self._missing(conn)
+                    if missing:
                         under_short_lock_timeout(
                             conn,
-                            self._stamp,
+                            lambda conn: self._install(conn, sequence),
                             lock_timeout_s=lock_timeout_s,
                             attempts=attempts,
                             what=f"prepare {self.stamps.table} (the application's writers hold it)",
                         )
-                    if "index" in missing:
-                        self._build_index(conn)
                 finally:
                     conn.exec_driver_sql(
                         "SELECT pg_advisory_unlock(%s, hashtext(%s))",
@@ -187,9 +182,8 @@ class TableReader(StampedReader):
             self._checked.discard(str(engine.url))
 
     def _take_turn(self, conn: sa.Connection) -> None:
-        """Wait for another prepare of this table to end (a session lock). Tried, not waited
-        for in a statement: a session waiting inside one holds a snapshot, which the other
-        prepare's concurrent index build would wait for in turn."""
+        """Wait for another prepare of this table to end (a session lock), tried rather than
+        waited for in a statement, which would hold a snapshot meanwhile."""
         while True:
             taken = conn.exec_driver_sql(
                 "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (ZDR_LOCK_SPACE, self._lock_key)
@@ -199,58 +193,26 @@ class TableReader(StampedReader):
                 return
             time.sleep(0.2)
 
-    def _stamp(self, conn: sa.Connection) -> None:
-        missing = self._missing(conn)
+    def _install(self, conn: sa.Connection, sequence: str) -> None:
+        missing, _ = self._missing(conn)
         table = self.stamps.table
         if "function" in missing:
-            conn.exec_driver_sql(refuse_runner_appends(self.function))
-        if "column" in missing:
-            # No default here: one on ADD COLUMN that is volatile rewrites the table.
-            conn.exec_driver_sql(f'ALTER TABLE {table} ADD COLUMN "{STAMP_COLUMN}" bigint')
-        if "default" in missing:
-            # Waits for every transaction that inserted into the table: once this commits,
-            # every row without a stamp comes from a transaction that has ended.
-            conn.exec_driver_sql(
-                f'ALTER TABLE {table} ALTER COLUMN "{STAMP_COLUMN}" SET DEFAULT {_STAMP_DEFAULT}'
-            )
-        if "check" in missing:
-            conn.exec_driver_sql(
-                f'ALTER TABLE {table} ADD CONSTRAINT "{CHECK_NAME}" '
-                f'CHECK ("{STAMP_COLUMN}" IS NOT NULL) NOT VALID'
-            )
+            conn.exec_driver_sql(append_trigger(self.function, sequence))
         if "trigger" in missing:
+            # The earlier version's trigger goes: this one refuses what it refused.
             conn.exec_driver_sql(
                 f'CREATE TRIGGER "{TRIGGER_NAME}" BEFORE INSERT ON {table} '
-                f"FOR EACH STATEMENT EXECUTE FUNCTION {self.function}()"
+                f"FOR EACH STATEMENT EXECUTE FUNCTION {self.function}();"
+                f'DROP TRIGGER IF EXISTS "{_EARLIER_TRIGGER}" ON {table}'
             )
-
-    def _build_index(self, conn: sa.Connection) -> None:
-        """``CREATE INDEX CONCURRENTLY``: writers go on while it builds. One left invalid by
-        an interrupted build is dropped (concurrently) and built again. No statement
-        timeout: a big table takes as long as it takes."""
-        log.info(
-            "building the index of %s concurrently: it waits for the transactions open in "
-            "the database to end, and writers go on meanwhile",
-            self.stamps.table,
-        )
-        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
-        auto.exec_driver_sql("SET statement_timeout = 0")
-        try:
-            if self._index_state(auto) == "invalid":
-                auto.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {self.index}")
-            auto.exec_driver_sql(
-                f'CREATE INDEX CONCURRENTLY IF NOT EXISTS "{self._index_name}" '
-                f"ON {self.stamps.table} (({self.stamps.txid}), {self.stamps.position})"
-            )
-        finally:
-            auto.exec_driver_sql("RESET statement_timeout")
 
     # -- the check before reading --------------------------------------------
 
-    def _missing(self, conn: sa.Connection) -> set[str]:
-        """What ``prepare`` still has to add; ConfigurationError where the table cannot be
-        read this way (no such table or column, a partitioned table, a position that is
-        not a unique integer, a disabled trigger of zdr's)."""
+    def _missing(self, conn: sa.Connection) -> tuple[set[str], str]:
+        """What ``prepare`` still has to add, and the position's sequence; ConfigurationError
+        where the table cannot be read this way (no such table or column, a partitioned
+        table, a position that is not a unique integer drawn from a sequence of CACHE 1,
+        a disabled trigger of zdr's)."""
         table = self.stamps.table
         kind = conn.exec_driver_sql(
             "SELECT relkind FROM pg_class WHERE oid = to_regclass(%s)", (table,)
@@ -263,7 +225,7 @@ class TableReader(StampedReader):
             what = {"p": "a partitioned table", "v": "a view", "m": "a materialized view"}
             raise ConfigurationError(
                 f"TableReader: {table} is {what.get(kind, f'not a table (relkind {kind})')}: "
-                "zdr stamps and reads a plain table only"
+                "zdr reads a plain table only"
             )
         found = conn.exec_driver_sql(
             """SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -292,103 +254,82 @@ class TableReader(StampedReader):
                          WHERE i.indrelid = to_regclass(%(table)s) AND i.indisunique
                            AND i.indnkeyatts = 1 AND i.indpred IS NULL
                            AND a.attname = %(position)s),
-                 (SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
-                  JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-                  WHERE d.adrelid = to_regclass(%(table)s) AND a.attname = %(column)s),
-                 EXISTS (SELECT 1 FROM pg_constraint
-                         WHERE conrelid = to_regclass(%(table)s) AND conname = %(check)s),
+                 coalesce(
+                   pg_get_serial_sequence(%(table)s, %(position)s)::regclass,
+                   (SELECT d.refobjid::regclass FROM pg_attrdef ad
+                    JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
+                    JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                                    AND d.refclassid = 'pg_class'::regclass
+                    JOIN pg_class c ON c.oid = d.refobjid AND c.relkind = 'S'
+                    WHERE ad.adrelid = to_regclass(%(table)s) AND a.attname = %(position)s
+                    LIMIT 1))::text,
                  (SELECT tgenabled FROM pg_trigger
                   WHERE tgrelid = to_regclass(%(table)s) AND tgname = %(trigger)s),
                  to_regprocedure(%(function)s) IS NOT NULL""",
             {
                 "table": table,
                 "position": position,
-                "column": STAMP_COLUMN,
-                "check": CHECK_NAME,
                 "trigger": TRIGGER_NAME,
                 "function": f"{self.function}()",
             },
         ).one()
-        unique, default, check, trigger, function = row
+        unique, sequence, trigger, function = row
         if not unique:
             raise ConfigurationError(
                 f"TableReader: the position column {position} of {table} has no unique "
                 "index of its own (a primary key, say): two events at one position would "
                 "be read once or twice"
             )
+        if sequence is None:
+            raise ConfigurationError(
+                f"TableReader: the position column {position} of {table} is not drawn from a "
+                "sequence (a bigserial or identity column, or a default nextval): zdr reads "
+                "up to what appending transactions announced of the sequence, and cannot "
+                "read a position the application computes itself"
+            )
+        cache = conn.exec_driver_sql(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = %s::regclass", (sequence,)
+        ).scalar_one()
+        if cache > 1:
+            raise ConfigurationError(
+                f"TableReader: the sequence {sequence} of {table}'s positions has CACHE "
+                f"{cache}: each session then draws from a block of its own, and a position "
+                "drawn later can be lower, which a reader by position would pass over. "
+                f"ALTER SEQUENCE {sequence} CACHE 1"
+            )
         if trigger == "D":
             raise ConfigurationError(
                 f'TableReader: the trigger "{TRIGGER_NAME}" on {table} is disabled (a bulk '
-                "load?), so a replay could append and be passed over: enable it again "
-                f'(ALTER TABLE {table} ENABLE TRIGGER "{TRIGGER_NAME}")'
+                "load?), so appends do not announce themselves and could be passed over: "
+                f'enable it again (ALTER TABLE {table} ENABLE TRIGGER "{TRIGGER_NAME}")'
             )
         missing = set()
-        if STAMP_COLUMN not in columns:
-            missing.add("column")
-        if default is None or "pg_current_xact_id" not in default:
-            missing.add("default")
-        if not check:
-            missing.add("check")
         if not function:
             missing.add("function")
         if trigger is None:
             missing.add("trigger")
-        if self._index_state(conn) != "valid":
-            missing.add("index")
-        return missing
-
-    def _index_state(self, conn: sa.Connection) -> str:
-        valid = conn.exec_driver_sql(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s) "
-            "AND indrelid = to_regclass(%s)",
-            (self.index, self.stamps.table),
-        ).scalar()
-        return "missing" if valid is None else "valid" if valid else "invalid"
+        return missing, sequence
 
     def require_ready(self, conn: sa.Connection) -> None:
-        """Refuse (NotSetUp) to read a table ``prepare`` has not stamped: by position alone
+        """Refuse (NotSetUp) to read a table ``prepare`` has not prepared: by position alone
         it would skip events. Checked once per database and reader (and by every runner
-        as it starts, before the cluster check reads the stamps)."""
+        as it starts)."""
         where = str(conn.engine.url)
         if where in self._checked:
             return
-        missing = self._missing(conn)
+        missing, sequence = self._missing(conn)
         if missing:
             raise NotSetUp(
-                f"{self.stamps.table} is not prepared for zdr (missing: "
+                f"{self.stamps.table} is not prepared for this zdr version (missing: "
                 f"{', '.join(sorted(missing))}): its writers commit out of order, and read "
-                "by position alone it would skip events. Run the reader's prepare() once "
-                "(`zdr prepare-reader --reader ...`); it adds a stamp column, a check, a "
-                "trigger and an index without rewriting the table"
+                "by position without their announcements it would skip events. Run the "
+                "reader's prepare() once (`zdr prepare-reader --reader ...`); it adds a "
+                "trigger, without rewriting the table"
             )
         with self._checked_lock:
+            self._sequences[where] = sequence
             self._checked.add(where)
 
-    def read(
-        self,
-        conn: sa.Connection,
-        after: Cursor,
-        limit: int,
-        *,
-        until: Cursor | None = None,
-        below_txid: int | None = None,
-        partition: Partition | None = None,
-    ) -> list[RecordedEvent]:
+    def sequence(self, conn: sa.Connection) -> str:
         self.require_ready(conn)
-        return super().read(
-            conn, after, limit, until=until, below_txid=below_txid, partition=partition
-        )
-
-    def horizon(self, conn: sa.Connection) -> int:
-        self.require_ready(conn)
-        return super().horizon(conn)
-
-    def count_after(
-        self, conn: sa.Connection, after: Cursor, *, partition: Partition | None = None
-    ) -> int:
-        self.require_ready(conn)
-        return super().count_after(conn, after, partition=partition)
-
-    def last_cursor(self, conn: sa.Connection) -> Cursor | None:
-        self.require_ready(conn)
-        return super().last_cursor(conn)
+        return self._sequences[str(conn.engine.url)]
