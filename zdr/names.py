@@ -103,9 +103,6 @@ def swap_schema(side: str) -> str:
 LIVE_RUNNER_LOCK = "live-runner"
 LIVE_BATCH_LOCK = "live-batch"
 SETUP_LOCK = "setup"
-#: Taken shared, at transaction level, by every zdr runner transaction (see
-#: ``zdr.store.mark_runner_transaction``): nothing but the transaction's end releases it.
-RUNNER_TRANSACTION_LOCK = "runner-transaction"
 
 
 def waiting_for(lock: str) -> str:

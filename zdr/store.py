@@ -46,8 +46,7 @@ from psycopg.types.json import Jsonb
 from zdr.catalog import create_missing
 from zdr.config import make_engine
 from zdr.errors import ConfigurationError, InvalidEvent, NotSetUp, PrivilegeMissing
-from zdr.locks import ZDR_LOCK_SPACE, lock_setup
-from zdr.names import RUNNER_TRANSACTION_LOCK
+from zdr.locks import lock_setup
 from zdr.settings import DEFAULTS
 
 
@@ -93,16 +92,11 @@ class RecordedEvent:
 
 
 #: What zdr's replay transactions call themselves (``SET LOCAL application_name``, see
-#: ``mark_runner_transaction``), for people reading pg_stat_activity. The mark that counts
-#: is a transaction-level advisory lock: a name can be changed back within the
-#: transaction, the lock cannot be let go before its end.
+#: ``mark_runner_transaction``), for people reading pg_stat_activity.
 RUNNER_APPLICATION_NAME = "zdr runner (appends no events)"
-#: "This backend holds the runner-transaction lock" (pid and lock key spelled out).
-_HOLDS_RUNNER_MARK = f"""EXISTS (
-    SELECT 1 FROM pg_locks m
-    WHERE m.pid = {{pid}} AND m.locktype = 'advisory' AND m.granted
-      AND m.classid::bigint = {ZDR_LOCK_SPACE} AND m.objsubid = 2
-      AND m.objid::bigint = (hashtext('{RUNNER_TRANSACTION_LOCK}')::bigint & 4294967295))"""
+#: The transaction-local setting that marks a runner's transaction too: a projector that
+#: sets ``application_name`` back (a framework may) still cannot append.
+RUNNER_MARK = "zdr.runner_transaction"
 
 #: The announcement of a transaction that appends to a log (see the module's
 #: docstring): a shared transaction-level advisory lock whose 64-bit key is the log
@@ -127,7 +121,7 @@ def append_trigger(function: str, sequence: str) -> str:
             last bigint;
         BEGIN
             IF current_setting('application_name') = '{RUNNER_APPLICATION_NAME}'
-               OR {_HOLDS_RUNNER_MARK.replace("{pid}", "pg_backend_pid()")}
+               OR current_setting('{RUNNER_MARK}', true) = '1'
             THEN RAISE EXCEPTION USING
                 ERRCODE = 'ZR001',
                 MESSAGE = 'events cannot be appended from a replay''s '
@@ -612,14 +606,11 @@ IMPORT_CHUNK = 100_000
 
 
 def mark_runner_transaction(conn: sa.Connection) -> None:
-    """Mark the current transaction as a zdr runner's, for its whole length: the safe
-    horizon then passes it (it appends no events), so a slow batch does not hold back
-    the live runner. Call it first thing in the transaction, before any write."""
+    """Mark the current transaction as a zdr runner's, for its whole length: the log's
+    trigger refuses its appends (a projector writes read models only), and
+    pg_stat_activity shows its name. Call it first thing in the transaction."""
     conn.exec_driver_sql(f"SET LOCAL application_name = '{RUNNER_APPLICATION_NAME}'")
-    conn.exec_driver_sql(
-        "SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s))",
-        (ZDR_LOCK_SPACE, RUNNER_TRANSACTION_LOCK),
-    )
+    conn.exec_driver_sql(f"SELECT set_config('{RUNNER_MARK}', '1', true)")
 
 
 def _columns_of(events: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[Jsonb], list[Jsonb]]:

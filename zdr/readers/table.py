@@ -19,11 +19,11 @@ column's default): a writer that draws ``nextval`` in a statement of its own bef
 the INSERT is not announced in time, and may be passed over. Prepare refuses a table
 whose position has no sequence or whose sequence caches.
 
-Writers pay for it: each INSERT statement runs the trigger once (a look at
-``pg_locks``, whose cost grows with the locks held in the whole server; the first in a
-transaction also reads the sequence and takes the lock); ``bench/replay_bench.py``
-(``writers``) measures it. The trigger is added under a short ``lock_timeout``,
-retried with backoff, so the application's writers wait a moment at most.
+Writers pay for it: each INSERT statement runs the trigger once (it reads two
+settings; the first in a transaction also reads the sequence and takes the lock);
+``bench/replay_bench.py`` (``writers``) measures it. The trigger is added under a
+short ``lock_timeout``, retried with backoff, so the application's writers wait a
+moment at most.
 
 Tables prepared by an earlier zdr version, which read by transaction id, carry a
 column ``zdr_txid``, a check and an index: they stay (``zdr.ordering`` reads the
