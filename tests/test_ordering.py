@@ -235,3 +235,21 @@ def test_a_runner_transaction_cannot_append_even_after_changing_its_name(log, en
         runner.exec_driver_sql("SET LOCAL application_name = 'app'")
         with pytest.raises(psycopg.Error, match="cannot be appended from a replay"):
             log.append([_opened("acc-x")], conn=runner)
+
+
+def test_an_append_under_the_replica_replication_role_still_holds_readers_back(manager, engine):
+    """Bulk loaders set session_replication_role = replica, which silences ordinary
+    triggers: the log's trigger fires always, so such an append announces itself too."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with engine.connect() as app:
+        app_tx = app.begin()
+        app.exec_driver_sql("SET LOCAL session_replication_role = replica")
+        manager.store.append("acc-late", [_opened("acc-late")[1]], conn=app)
+        manager.store.append("acc-early", [_opened("acc-early")[1]])
+        manager.project_live()
+        assert "acc-early" not in balances(engine), "read past an open appender"
+        app_tx.commit()
+    manager.project_live()
+    assert {"acc-late", "acc-early"} <= set(balances(engine))
+    assert_history_exactly_once(engine, manager.store)

@@ -386,7 +386,7 @@ def test_a_disabled_trigger_is_named_with_the_way_out(engine):
     reader.prepare(engine)
     with engine.begin() as conn:
         conn.exec_driver_sql("ALTER TABLE app.events DISABLE TRIGGER ALL")
-    with pytest.raises(zdr.ConfigurationError, match="is disabled.*ENABLE TRIGGER"):
+    with pytest.raises(zdr.ConfigurationError, match="is disabled.*ENABLE ALWAYS TRIGGER"):
         _reader().prepare(engine)
     with pytest.raises(zdr.ConfigurationError, match="is disabled"), engine.connect() as conn:
         _reader().read(conn, zdr.store.START, 10)

@@ -469,13 +469,15 @@ class EventStore(StampedReader):
             ),
             ("zdr.append_trigger_3()", append_trigger("zdr.append_trigger_3", SEQUENCE)),
             # Version 3 announces appends (see the module's docstring) and refuses a
-            # replay's, as version 2 did: it takes version 2's place. Waits for the
-            # transactions that appended before it (setup runs under a short lock
-            # timeout, tried again).
+            # replay's, as version 2 did: it takes version 2's place. Enabled ALWAYS: it
+            # fires under session_replication_role = replica too (bulk loaders set it).
+            # Waits for the transactions that appended before it (setup runs under a
+            # short lock timeout, tried again).
             (
                 "zdr.events/append_trigger_3",
                 """CREATE TRIGGER append_trigger_3 BEFORE INSERT ON zdr.events
                    FOR EACH STATEMENT EXECUTE FUNCTION zdr.append_trigger_3();
+                   ALTER TABLE zdr.events ENABLE ALWAYS TRIGGER append_trigger_3;
                    DROP TRIGGER IF EXISTS refuse_runner_appends_2 ON zdr.events""",
             ),
         ]
@@ -522,7 +524,7 @@ class EventStore(StampedReader):
             raise NotSetUp(
                 "the trigger append_trigger_3 on zdr.events is disabled (a bulk load?): "
                 "appends then do not announce themselves, and a reader could skip events. "
-                "ALTER TABLE zdr.events ENABLE TRIGGER append_trigger_3"
+                "ALTER TABLE zdr.events ENABLE ALWAYS TRIGGER append_trigger_3"
             )
         self._ready.add(where)
 

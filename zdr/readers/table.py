@@ -200,9 +200,11 @@ class TableReader(StampedReader):
             conn.exec_driver_sql(append_trigger(self.function, sequence))
         if "trigger" in missing:
             # The earlier version's trigger goes: this one refuses what it refused.
+            # ALWAYS: it fires under session_replication_role = replica too.
             conn.exec_driver_sql(
                 f'CREATE TRIGGER "{TRIGGER_NAME}" BEFORE INSERT ON {table} '
                 f"FOR EACH STATEMENT EXECUTE FUNCTION {self.function}();"
+                f'ALTER TABLE {table} ENABLE ALWAYS TRIGGER "{TRIGGER_NAME}";'
                 f'DROP TRIGGER IF EXISTS "{_EARLIER_TRIGGER}" ON {table}'
             )
 
@@ -301,7 +303,7 @@ class TableReader(StampedReader):
             raise ConfigurationError(
                 f'TableReader: the trigger "{TRIGGER_NAME}" on {table} is disabled (a bulk '
                 "load?), so appends do not announce themselves and could be passed over: "
-                f'enable it again (ALTER TABLE {table} ENABLE TRIGGER "{TRIGGER_NAME}")'
+                f'enable it again (ALTER TABLE {table} ENABLE ALWAYS TRIGGER "{TRIGGER_NAME}")'
             )
         missing = set()
         if not function:
