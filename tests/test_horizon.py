@@ -143,6 +143,9 @@ def test_zdr_horizon_prints_the_holder(cli, manager, this_database):
     assert code == 0 and "nothing holds it back" in out
     with write_transaction(url) as (_, pid, txid):
         code, out, _ = cli("horizon", "--json")
+        assert code == 0 and json.loads(out)["held"] is False, "nothing waits for it yet"
+        seed(manager.store, 5)  # committed after it: these wait
+        code, out, _ = cli("horizon", "--json")
         assert code == 0
         printed = json.loads(out)
         assert printed["holder"]["txid"] == txid and printed["held"] is True
@@ -162,6 +165,7 @@ def test_zdr_status_shows_live_lag_and_warns_when_the_horizon_is_held(cli, manag
     assert code == 0 and "live projection" in out and not _horizon_warnings(err)
     assert "no live runner is running" in err, "nothing applies the lag of 30: it says so"
     with write_transaction(url) as (_, pid, _):
+        seed(manager.store, 5, prefix="waits")  # committed after it: these wait
         wait_for(lambda: manager.horizon().held_longer_than(0.05))
         code, out, err = cli("status")  # default threshold, 30 s: not yet
         assert code == 0 and not _horizon_warnings(err)

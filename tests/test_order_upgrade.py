@@ -33,15 +33,14 @@ def _crossing(manager: zdr.ReplayManager, engine: sa.Engine, n: int) -> int:
 
 
 def _in_earlier_order(engine: sa.Engine, reader: zdr.EventReader) -> list[zdr.RecordedEvent]:
-    """Every event as an earlier version read it: stamped, in (txid, position) order."""
+    """Every committed event as an earlier version read it: stamped, in (txid, position)
+    order."""
     with engine.connect() as conn:
-        stamps = dict(conn.exec_driver_sql("SELECT position, txid FROM zdr.events").all())
-    events = [dataclasses.replace(e, txid=stamps[e.position]) for e in reader_events(reader)]
-    return sorted(events, key=lambda e: e.cursor)
-
-
-def reader_events(reader: zdr.EventReader) -> list[zdr.RecordedEvent]:
-    return list(reader.iter_all())  # type: ignore[attr-defined]
+        rows = conn.exec_driver_sql(
+            "SELECT position, txid, stream_id, type, data, metadata, recorded_at "
+            "FROM zdr.events ORDER BY txid, position"
+        ).all()
+    return [zdr.RecordedEvent(*row) for row in rows]
 
 
 def _up_to(events: list[zdr.RecordedEvent], position: int) -> list[zdr.RecordedEvent]:
@@ -146,3 +145,48 @@ def test_a_runner_of_the_earlier_order_is_refused_after_the_move(manager, engine
     manager.project_live()  # moves it
     with pytest.raises(sa.exc.DBAPIError, match="is in position order"), engine.begin() as conn:
         conn.exec_driver_sql("UPDATE zdr.checkpoints SET txid = 12345 WHERE name = 'live:balances'")
+
+
+def test_a_moved_partition_plan_waits_for_an_appender_still_open_below_its_point(manager, engine):
+    """The plan's point, moved from the earlier order, can lie above a transaction still
+    open (a later id, a lower position): the partitions stand below it until that
+    transaction ends, and then apply its event too."""
+    seed(manager.store, 40)
+    manager.create_replay("split", [BalancesV2(), "history"])
+    manager.plan_partitions("split", 2)
+    with engine.connect() as early, engine.connect() as late:
+        early.begin()
+        early.exec_driver_sql("SELECT pg_current_xact_id()")  # the lower id
+        late.begin()
+        [open_one] = manager.store.append("open", [_deposit("open", 11)], conn=late)
+        [committed] = manager.store.append("early", [_deposit("early", 5)], conn=early)
+        early.commit()
+        ordered = _in_earlier_order(engine, manager.store)  # what the earlier version saw
+        assert open_one < committed == ordered[-1].position
+        with engine.begin() as conn:
+            last = ordered[-1].cursor
+            conn.exec_driver_sql(
+                "UPDATE zdr.checkpoints SET txid = %s, position = %s WHERE name = %s",
+                (last.txid, last.position, partition_checkpoint("split", "until", 2)),
+            )
+            replay = records.load_replay(conn, "split")
+            part_of = dict(
+                conn.exec_driver_sql(
+                    "SELECT position, abs(mod(hashtextextended(stream_id, 0), 2)) FROM zdr.events"
+                ).all()
+            )
+        for index in range(2):
+            target = dataclasses.replace(
+                replay_target(manager.registry, replay),
+                checkpoint=partition_checkpoint("split", index, 2),
+                cursor=zdr.Cursor(0, 0),
+            )
+            mine = [e for e in ordered if part_of[e.position] == index]
+            _applied_as_before(engine, target, mine)
+        runs = [manager.replay_partition("split", index) for index in range(2)]
+        assert not all(run.done for run in runs), "a partition stood at the point too soon"
+        late.commit()
+    assert all(manager.replay_partition("split", index).done for index in range(2))
+    manager.start_replay("split")
+    assert_balances_match_fold(engine, manager.reader, "zdr_split_1")
+    assert_history_exactly_once(engine, manager.reader, "zdr_split_2")

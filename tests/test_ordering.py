@@ -11,6 +11,7 @@ import pytest
 
 import zdr
 from tests.support import (
+    ROLE,
     assert_balances_match_fold,
     assert_history_exactly_once,
     balances,
@@ -253,3 +254,80 @@ def test_an_append_under_the_replica_replication_role_still_holds_readers_back(m
     manager.project_live()
     assert {"acc-late", "acc-early"} <= set(balances(engine))
     assert_history_exactly_once(engine, manager.store)
+
+
+def test_a_role_that_may_only_insert_appends_and_holds_readers_back(manager, engine):
+    """An identity column draws for a role without any privilege on its sequence; the
+    announcement reads that sequence for it (a function of the log's owner's)."""
+    role = f"{ROLE}inserter"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            f'CREATE ROLE "{role}"; GRANT USAGE ON SCHEMA zdr TO "{role}"; '
+            f'GRANT INSERT ON zdr.events TO "{role}"'
+        )
+    seed(manager.store, 10)
+    manager.project_live()
+    try:
+        with engine.connect() as app:
+            app_tx = app.begin()
+            app.exec_driver_sql(f'SET LOCAL ROLE "{role}"')
+            app.exec_driver_sql(
+                "INSERT INTO zdr.events (stream_id, type, data) VALUES ('acc-late', "
+                """'AccountOpened', '{"account_id": "acc-late", "owner": "app"}')"""
+            )
+            manager.store.append("acc-early", [_opened("acc-early")[1]])
+            manager.project_live()
+            assert "acc-early" not in balances(engine), "read past an open appender"
+            app_tx.commit()
+    finally:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+    manager.project_live()
+    assert {"acc-late", "acc-early"} <= set(balances(engine))
+
+
+def test_an_application_lock_keyed_by_the_log_table_announces_nothing(manager, engine):
+    """A lock of the (int, int) form keyed by the event table's oid, a common pattern, is
+    not mistaken for a part of an announcement (which would lift the bound)."""
+    seed(manager.store, 10)
+    manager.project_live()
+    with engine.connect() as app:
+        app_tx = app.begin()
+        app.exec_driver_sql(
+            "SELECT pg_advisory_xact_lock('zdr.events'::regclass::oid::bigint::int, 7)"
+        )
+        manager.store.append("acc-late", [_opened("acc-late")[1]], conn=app)
+        manager.store.append("acc-early", [_opened("acc-early")[1]])
+        manager.project_live()
+        assert "acc-early" not in balances(engine), "read past an open appender"
+        app_tx.commit()
+    manager.project_live()
+    assert {"acc-late", "acc-early"} <= set(balances(engine))
+    assert_history_exactly_once(engine, manager.store)
+
+
+def test_a_replay_run_ends_while_the_application_appends_faster_than_it_replays(manager, engine):
+    """A run replays up to where the log stood when it started, as before: it ends."""
+    seed(manager.store, 100)
+    manager.create_replay("slow", [BalancesV2()])
+    stop = threading.Event()
+
+    def append() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            manager.store.append(f"acc-{n}", [_opened(f"acc-{n}")[1]])
+
+    appender = threading.Thread(target=append)
+    appender.start()
+    run = threading.Thread(target=manager.start_replay, args=("slow",), kwargs={"batch_size": 1})
+    try:
+        time.sleep(0.3)
+        run.start()
+        run.join(60)
+        assert not run.is_alive(), "the run chased the application's appends"
+    finally:
+        stop.set()
+        appender.join(10)
+        run.join(60)
+    assert manager.get_replay("slow").state is zdr.ReplayState.CAUGHT_UP

@@ -30,7 +30,7 @@ from zdr.store import EventReader, StampedReader
 
 log = logging.getLogger("zdr")
 
-# The appending transactions in progress, lowest announcement first (see SAFE_POSITION
+# The appending transactions in progress, lowest announcement first (see ANNOUNCED
 # in zdr.store for the lock's parts).
 _HOLDERS = """
     SELECT CASE WHEN x.pid IS NULL THEN 'prepared transaction' ELSE 'session' END,
@@ -42,11 +42,12 @@ _HOLDERS = """
                  CASE WHEN y.lo IS NULL THEN y.hi << 32
                       ELSE (coalesce(y.hi, 0) << 32) | y.lo END AS bound
           FROM (SELECT l.virtualtransaction, min(l.pid) AS pid,
-                       min(l.objid::bigint) FILTER (WHERE l.objsubid = 1) AS lo,
-                       min(l.objid::bigint) FILTER (WHERE l.objsubid = 2) AS hi
-                FROM pg_locks l
-                WHERE l.locktype = 'advisory'
-                  AND l.classid::bigint = to_regclass(%(log)s)::oid::bigint
+                       min(l.objid::bigint) FILTER (WHERE l.classid::bigint = g.log) AS lo,
+                       min(l.objid::bigint) FILTER (WHERE l.classid::bigint <> g.log) AS hi
+                FROM pg_locks l,
+                     (SELECT to_regclass(%(log)s)::oid::bigint AS log) AS g
+                WHERE l.locktype = 'advisory' AND l.objsubid = 1
+                  AND l.classid::bigint IN (g.log, g.log # 2147483648)
                   AND l.database = (SELECT oid FROM pg_database
                                     WHERE datname = current_database())
                   AND l.pid IS DISTINCT FROM pg_backend_pid()
@@ -174,8 +175,11 @@ def inspect_horizon(conn: sa.Connection, reader: EventReader) -> Horizon:
     safe = reader.safe_position(conn)
     row = conn.exec_driver_sql(_HOLDERS, {"log": reader.stamps.name}).first()
     holder = None
-    # Held: an announcement at or below the safe position (one above it holds nothing).
-    if row is not None and row[10] <= safe:
+    # Held: an announcement at or below the safe position, with events committed above
+    # it that wait (one announced at the sequence's last value holds nothing yet).
+    log_ = reader.stamps
+    waiting = f"SELECT EXISTS (SELECT 1 FROM {log_.table} WHERE {log_.position} > %s)"
+    if row is not None and row[10] <= safe and conn.exec_driver_sql(waiting, (safe,)).scalar():
         kind, pid, database, user, app, state, age_s, query, name, txid, _ = row
         holder = HorizonHolder(
             kind=kind,

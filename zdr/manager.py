@@ -120,6 +120,13 @@ def _by_transaction_id(reader: EventReader) -> bool:
     return bool(getattr(reader, "transaction_ids", True))
 
 
+def _settled(reader: EventReader, conn: sa.Connection, point: Cursor) -> bool:
+    """Whether no event up to ``point`` can still commit (a reader without a safe
+    position reads only what is settled)."""
+    safe_position = getattr(reader, "safe_position", None)
+    return safe_position is None or safe_position(conn) >= point.position
+
+
 def _require_same_cluster(conn: sa.Connection, reader: EventReader) -> None:
     with conn.begin():
         cluster.require_same(conn, reader)
@@ -545,9 +552,12 @@ class ReplayManager:
                     replay = records.load_replay(conn, key)
                 elif self._join_partitions(conn, replay):
                     replay = records.load_replay(conn, key)
-                # Where this run ends (a log read by transaction id): below the horizon
-                # as of now. A log read by position is read until it runs dry.
+                # Where this run ends: the last event up to the safe position as of now (a
+                # log read by transaction id: below the horizon as of now), so that a run
+                # ends even while the application appends faster than it replays.
                 head = self.reader.horizon(conn) if _by_transaction_id(self.reader) else None
+                last_cursor = getattr(self.reader, "last_cursor", None)
+                end = None if head is not None or last_cursor is None else last_cursor(conn)
                 total = self.reader.count_after(conn, Cursor(replay.txid, replay.position))
                 records.set_state(conn, key, ReplayState.REPLAYING)
                 run_id = records.start_run(conn, key, "replay", replay.position)
@@ -562,6 +572,7 @@ class ReplayManager:
             finished = run.run(
                 conn,
                 below_txid=head,
+                until=end,
                 max_events=max_events,
                 on_progress=on_progress,
                 total=total,
@@ -704,10 +715,18 @@ class ReplayManager:
             )
             with conn.begin():
                 if finished and target.cursor != plan.until:
-                    # Nothing of this partition is left up to the point: it stands there.
-                    records.claim_checkpoint(
-                        conn, target.checkpoint, expected=target.cursor, to=plan.until, events=0
-                    )
+                    # Nothing of this partition is left up to the point, unless the point is
+                    # above the safe position (a plan moved from the earlier order while an
+                    # appender below it was open): then it stands where it is for now.
+                    finished = _settled(self.reader, conn, plan.until)
+                    if finished:
+                        records.claim_checkpoint(
+                            conn,
+                            target.checkpoint,
+                            expected=target.cursor,
+                            to=plan.until,
+                            events=0,
+                        )
                 records.finish_run(conn, run_id, "succeeded")
                 return PartitionRun(key, part, events=run.applied, done=finished)
 

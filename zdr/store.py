@@ -11,7 +11,7 @@ its first position: a statement trigger on the log takes a transaction-level adv
 lock naming the sequence's last value at that moment (its positions are all above
 it). Any reader sees that lock in ``pg_locks`` at once, and the transaction holds it
 until it commits or rolls back. A reader first reads the sequence's last value, then
-the locks (in that order, ``SAFE_POSITION``), and reads events up to the lowest of
+the locks (in that order, ``safe_position_statement``), and reads events up to the lowest of
 them in a statement of its own (a new snapshot, taken after the look at the locks):
 a transaction not announced by then draws positions above the last value read, and
 one announced commits above the number it named.
@@ -45,7 +45,7 @@ from psycopg.types.json import Jsonb
 
 from zdr.catalog import create_missing
 from zdr.config import make_engine
-from zdr.errors import ConfigurationError, InvalidEvent, NotSetUp, PrivilegeMissing
+from zdr.errors import ConfigurationError, InvalidEvent, NotSetUp
 from zdr.locks import lock_setup
 from zdr.settings import DEFAULTS
 
@@ -102,17 +102,31 @@ RUNNER_MARK = "zdr.runner_transaction"
 #: docstring): a shared transaction-level advisory lock whose 64-bit key is the log
 #: table's oid (high half) and the low 32 bits of the sequence's last value when the
 #: transaction first inserted (low half), and, only when that value is 2^32 or more,
-#: before it, one of the (int, int) form holding the table's oid and the value's high
-#: half. ``pg_locks`` shows both with ``classid`` the table's oid and tells them apart by
-#: ``objsubid`` (1 and 2). Taken once per transaction and log (a transaction-local
-#: setting remembers it; a savepoint rolled back lets go of both, and the next insert
-#: takes them again, higher). Shared: appenders never wait for each other.
+#: before it, one whose high half is the oid with its top bit flipped and whose low half
+#: is the value's high half. Both in the 64-bit form (``objsubid`` 1 in ``pg_locks``, the
+#: halves in ``classid`` and ``objid``): an application's lock of the (int, int) form
+#: keyed by the table's oid, a common pattern, never looks like one. Taken once per
+#: transaction and log (a transaction-local setting remembers it; a savepoint rolled
+#: back lets go of both, and the next insert takes them again, higher). Shared:
+#: appenders never wait for each other.
 _ANNOUNCED = "'zdr.appending_' || TG_RELID::bigint"
 
 
-def append_trigger(function: str, sequence: str) -> str:
+def last_position_function(function: str, sequence: str) -> str:
+    """The function (``function``: its quoted, qualified name) that gives the last value
+    of the log's sequence (``sequence``: a quoted, qualified name) to anyone who may
+    append or read: it runs as its owner (SECURITY DEFINER), since an identity column
+    draws for a role that has no privilege on its sequence, and pg_sequence_last_value
+    wants one. It reads that one sequence and nothing else."""
+    literal = sequence.replace("'", "''")
+    return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS bigint
+        LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+        AS $$ SELECT pg_catalog.pg_sequence_last_value('{literal}'::pg_catalog.regclass) $$"""
+
+
+def append_trigger(function: str, last_position: str) -> str:
     """The statement trigger function on a log (``function``: its quoted, qualified name;
-    ``sequence``: the position's sequence, a quoted, qualified name) that announces an
+    ``last_position``: the ``last_position_function`` of its sequence) that announces an
     appending transaction before its first position is drawn, and refuses appends from
     a replay's transaction (a projector writes read models only)."""
     return f"""CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
@@ -128,12 +142,10 @@ def append_trigger(function: str, sequence: str) -> str:
                     || 'transaction (a projector writes read models only)';
             END IF;
             IF current_setting({_ANNOUNCED}, true) IS DISTINCT FROM '1' THEN
-                last := coalesce(pg_sequence_last_value('{sequence.replace("'", "''")}'), 0);
+                last := coalesce({last_position}(), 0);
                 IF last >= 4294967296 THEN
                     PERFORM pg_advisory_xact_lock_shared(
-                        (TG_RELID::bigint - CASE WHEN TG_RELID::bigint >= 2147483648
-                                                 THEN 4294967296 ELSE 0 END)::int4,
-                        (last >> 32)::int4);
+                        ((TG_RELID::bigint # 2147483648) << 32) | (last >> 32));
                 END IF;
                 PERFORM pg_advisory_xact_lock_shared(
                     (TG_RELID::bigint << 32) | (last & 4294967295));
@@ -143,34 +155,39 @@ def append_trigger(function: str, sequence: str) -> str:
         END $$"""
 
 
-#: The safe position of a log (bound as %(log)s, its sequence as %(sequence)s): the
-#: sequence's last value, lowered to the lowest value an appending transaction in
-#: progress named (its positions are above it), this session's own left out. The last
-#: value is read first: the correlated subquery on pg_locks runs for the row it reads.
-#: A prepared transaction's locks stay (pid NULL) until COMMIT PREPARED. NULL where the
-#: role may not read the sequence (pg_sequence_last_value would fail, or in later versions
-#: say NULL as if nothing had been drawn). Also the
-#: session's isolation: a snapshot older than the look at the locks would miss a
-#: transaction that committed in between (only READ COMMITTED takes one per statement).
-SAFE_POSITION = """
-    SELECT s.last, least(s.last, (
-               SELECT min(CASE WHEN a.lo IS NULL THEN a.hi << 32
-                               ELSE (coalesce(a.hi, 0) << 32) | a.lo END)
-               FROM (SELECT min(l.objid::bigint) FILTER (WHERE l.objsubid = 1) AS lo,
-                            min(l.objid::bigint) FILTER (WHERE l.objsubid = 2) AS hi
-                     FROM pg_locks l
-                     WHERE l.locktype = 'advisory' AND l.classid::bigint = s.log
-                       AND l.database = (SELECT oid FROM pg_database
-                                         WHERE datname = current_database())
-                       AND l.pid IS DISTINCT FROM pg_backend_pid()
-                     GROUP BY l.virtualtransaction) AS a)),
-           current_setting('transaction_isolation'),
-           (SELECT seqcache FROM pg_sequence WHERE seqrelid = %(sequence)s::regclass)
-    FROM (SELECT CASE WHEN has_sequence_privilege(%(sequence)s, 'SELECT, USAGE')
-                      THEN coalesce(pg_sequence_last_value(%(sequence)s::regclass), 0) END
-                     AS last,
+#: The lowest value the appending transactions in progress announced on the log whose
+#: oid is ``{log}`` (SQL), other than this session's; NULL where there is none. A
+#: prepared transaction's locks stay (pid NULL) until COMMIT PREPARED.
+ANNOUNCED = """(
+    SELECT min(CASE WHEN a.lo IS NULL THEN a.hi << 32
+                    ELSE (coalesce(a.hi, 0) << 32) | a.lo END)
+    FROM (SELECT min(l.objid::bigint) FILTER (WHERE l.classid::bigint = {log}) AS lo,
+                 min(l.objid::bigint) FILTER (WHERE l.classid::bigint <> {log}) AS hi
+          FROM pg_locks l
+          WHERE l.locktype = 'advisory' AND l.objsubid = 1
+            AND l.classid::bigint IN ({log}, {log} # 2147483648)
+            AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            AND l.pid IS DISTINCT FROM pg_backend_pid()
+          GROUP BY l.virtualtransaction) AS a)"""
+
+
+def safe_position_statement(last_position: str) -> str:
+    """The statement that gives a log's safe position (the log bound as %(log)s, its
+    sequence as %(sequence)s; ``last_position``: its ``last_position_function``): the
+    sequence's last value, lowered to what an appending transaction in progress
+    announced. The last value is read first: the correlated subquery on pg_locks runs
+    for the row it reads. With it, what the reader must refuse: a session whose snapshot
+    is older than the look at the locks (it would miss a transaction that committed in
+    between: only READ COMMITTED takes one per statement), a standby (it sees none of
+    the primary's locks), a sequence that caches, cycles or counts down."""
+    return f"""
+    SELECT least(s.last, {ANNOUNCED.format(log="s.log")}),
+           current_setting('transaction_isolation'), pg_is_in_recovery(),
+           q.seqcache, q.seqincrement, q.seqmin, q.seqcycle
+    FROM (SELECT coalesce({last_position}(), 0) AS last,
                  to_regclass(%(log)s)::oid::bigint AS log
-          OFFSET 0) AS s"""
+          OFFSET 0) AS s
+    LEFT JOIN pg_sequence q ON q.seqrelid = to_regclass(%(sequence)s)"""
 
 
 class EventReader(Protocol):
@@ -315,7 +332,14 @@ class StampedReader:
 
     def sequence(self, conn: sa.Connection) -> str:
         """The sequence the log's positions come from (a name for ``regclass``)."""
-        return "zdr.events_position_seq"
+        return SEQUENCE
+
+    def last_position(self, conn: sa.Connection) -> str:
+        """The ``last_position_function`` of the log's sequence, as SQL to call."""
+        return "zdr.events_last_position_3"
+
+    def _safe_statement(self, conn: sa.Connection) -> str:
+        return safe_position_statement(self.last_position(conn))
 
     def safe_position(self, conn: sa.Connection) -> int:
         """The highest position below which every event that will ever commit has
@@ -323,20 +347,27 @@ class StampedReader:
         own, before the events are read in another: in READ COMMITTED only (refused
         otherwise), whose next statement takes a snapshot after this one."""
         self.require_ready(conn)
-        params = {"sequence": self.sequence(conn), "log": self.stamps.name}
-        last, safe, isolation, cache = conn.exec_driver_sql(SAFE_POSITION, params).one()
-        if last is None:
-            raise PrivilegeMissing(
-                f"zdr's role lacks SELECT on sequence {params['sequence']}, the sequence of "
-                f"{self.stamps.name}'s positions: a reader reads up to its last value. "
-                f"GRANT SELECT ON SEQUENCE {params['sequence']} TO <zdr's role>"
+        sequence = self.sequence(conn)
+        params = {"sequence": sequence, "log": self.stamps.name}
+        row = conn.exec_driver_sql(self._safe_statement(conn), params).one()
+        safe, isolation, standby, cache, increment, minimum, cycle = row
+        if standby:
+            raise ConfigurationError(
+                f"{self.stamps.name} cannot be read on a standby: the appending transactions "
+                "that hold readers back are seen on the primary only. Run zdr on the primary"
             )
         if cache is not None and cache > 1:
             raise ConfigurationError(
-                f"the sequence {params['sequence']} of {self.stamps.name}'s positions has CACHE "
+                f"the sequence {sequence} of {self.stamps.name}'s positions has CACHE "
                 f"{cache}: each session then draws from a block of its own, and a position "
                 "drawn later can be lower, which a reader by position would pass over. "
-                f"ALTER SEQUENCE {params['sequence']} CACHE 1"
+                f"ALTER SEQUENCE {sequence} CACHE 1"
+            )
+        if increment is not None and (increment < 0 or minimum < 1 or cycle):
+            raise ConfigurationError(
+                f"the sequence {sequence} of {self.stamps.name}'s positions must count up "
+                f"from 1 without cycling (it has INCREMENT {increment}, MINVALUE {minimum}"
+                f"{', CYCLE' if cycle else ''}): zdr reads positions from 1 up"
             )
         if isolation != "read committed":
             raise ConfigurationError(
@@ -467,7 +498,14 @@ class EventStore(StampedReader):
                 "zdr.events_stream",
                 "CREATE INDEX IF NOT EXISTS events_stream ON zdr.events (stream_id, position)",
             ),
-            ("zdr.append_trigger_3()", append_trigger("zdr.append_trigger_3", SEQUENCE)),
+            (
+                "zdr.events_last_position_3()",
+                last_position_function("zdr.events_last_position_3", SEQUENCE),
+            ),
+            (
+                "zdr.append_trigger_3()",
+                append_trigger("zdr.append_trigger_3", "zdr.events_last_position_3"),
+            ),
             # Version 3 announces appends (see the module's docstring) and refuses a
             # replay's, as version 2 did: it takes version 2's place. Enabled ALWAYS: it
             # fires under session_replication_role = replica too (bulk loaders set it).

@@ -48,6 +48,7 @@ from zdr.store import (
     StampedLog,
     StampedReader,
     append_trigger,
+    last_position_function,
 )
 
 log = logging.getLogger("zdr")
@@ -120,6 +121,8 @@ class TableReader(StampedReader):
         # Names of their own per table (a hash of its name: two long names never meet).
         tag = hashlib.sha1(qualified.encode()).hexdigest()[:10]
         self.function = f'{self.schema}."zdr_append_trigger_{tag}"'
+        #: The function that reads the position's sequence for appenders and readers.
+        self.last_position_function = f'{self.schema}."zdr_last_position_{tag}"'
         #: The position's sequence, by database (found by ``require_ready``).
         self._sequences: dict[str, str] = {}
         self._lock_key = f"prepare {qualified}"
@@ -197,7 +200,8 @@ class TableReader(StampedReader):
         missing, _ = self._missing(conn)
         table = self.stamps.table
         if "function" in missing:
-            conn.exec_driver_sql(append_trigger(self.function, sequence))
+            conn.exec_driver_sql(last_position_function(self.last_position_function, sequence))
+            conn.exec_driver_sql(append_trigger(self.function, self.last_position_function))
         if "trigger" in missing:
             # The earlier version's trigger goes: this one refuses what it refused.
             # ALWAYS: it fires under session_replication_role = replica too.
@@ -267,15 +271,17 @@ class TableReader(StampedReader):
                     LIMIT 1))::text,
                  (SELECT tgenabled FROM pg_trigger
                   WHERE tgrelid = to_regclass(%(table)s) AND tgname = %(trigger)s),
-                 to_regprocedure(%(function)s) IS NOT NULL""",
+                 to_regprocedure(%(function)s) IS NOT NULL,
+                 (SELECT pg_get_functiondef(to_regprocedure(%(last)s)))""",
             {
                 "table": table,
                 "position": position,
                 "trigger": TRIGGER_NAME,
                 "function": f"{self.function}()",
+                "last": f"{self.last_position_function}()",
             },
         ).one()
-        unique, sequence, trigger, function = row
+        unique, sequence, trigger, function, reads = row
         if not unique:
             raise ConfigurationError(
                 f"TableReader: the position column {position} of {table} has no unique "
@@ -306,7 +312,10 @@ class TableReader(StampedReader):
                 f'enable it again (ALTER TABLE {table} ENABLE ALWAYS TRIGGER "{TRIGGER_NAME}")'
             )
         missing = set()
-        if not function:
+        # The sequence's name is in the function that reads it: one whose column took
+        # another sequence since is made again.
+        literal = "'" + sequence.replace("'", "''") + "'"
+        if not function or reads is None or literal not in reads:
             missing.add("function")
         if trigger is None:
             missing.add("trigger")
@@ -335,3 +344,6 @@ class TableReader(StampedReader):
     def sequence(self, conn: sa.Connection) -> str:
         self.require_ready(conn)
         return self._sequences[str(conn.engine.url)]
+
+    def last_position(self, conn: sa.Connection) -> str:
+        return self.last_position_function
