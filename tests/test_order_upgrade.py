@@ -56,6 +56,33 @@ def _applied_as_before(engine: sa.Engine, target, events) -> None:
         apply_batch(conn, target, events)
 
 
+def _split_as_before(
+    engine: sa.Engine, manager: zdr.ReplayManager, point: zdr.Cursor, applied
+) -> None:
+    """Replay "split"'s plan of 2 partitions as an earlier version left it: its point at
+    ``point`` (a cut of the earlier order) and each partition having applied its own
+    streams' share of ``applied``."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "UPDATE zdr.checkpoints SET txid = %s, position = %s WHERE name = %s",
+            (point.txid, point.position, partition_checkpoint("split", "until", 2)),
+        )
+        replay = records.load_replay(conn, "split")
+        part_of = dict(
+            conn.exec_driver_sql(
+                "SELECT position, abs(mod(hashtextextended(stream_id, 0), 2)) FROM zdr.events"
+            ).all()
+        )
+    for index in range(2):
+        target = dataclasses.replace(
+            replay_target(manager.registry, replay),
+            checkpoint=partition_checkpoint("split", index, 2),
+            cursor=zdr.Cursor(0, 0),
+        )
+        mine = [e for e in applied if part_of[e.position] == index]
+        _applied_as_before(engine, target, mine)
+
+
 @pytest.fixture()
 def earlier(manager: zdr.ReplayManager, engine: sa.Engine):
     """A log whose transaction-id order and position order cross."""
@@ -106,26 +133,7 @@ def test_a_partition_plan_of_the_earlier_order_ends_with_every_event_once(manage
     first, _, _ = earlier
     manager.create_replay("split", [BalancesV2(), "history"])
     plan = manager.plan_partitions("split", 2)
-    with engine.begin() as conn:  # the plan's point as the earlier version set it
-        last = ordered[-1].cursor
-        conn.exec_driver_sql(
-            "UPDATE zdr.checkpoints SET txid = %s, position = %s WHERE name = %s",
-            (last.txid, last.position, partition_checkpoint("split", "until", 2)),
-        )
-        replay = records.load_replay(conn, "split")
-        part_of = dict(
-            conn.exec_driver_sql(
-                "SELECT position, abs(mod(hashtextextended(stream_id, 0), 2)) FROM zdr.events"
-            ).all()
-        )
-    for index in range(plan.partitions):
-        target = dataclasses.replace(
-            replay_target(manager.registry, replay),
-            checkpoint=partition_checkpoint("split", index, 2),
-            cursor=zdr.Cursor(0, 0),
-        )
-        mine = [e for e in _up_to(ordered, first) if part_of[e.position] == index]
-        _applied_as_before(engine, target, mine)
+    _split_as_before(engine, manager, ordered[-1].cursor, _up_to(ordered, first))
 
     for index in range(plan.partitions):
         manager.replay_partition("split", index)
@@ -163,26 +171,7 @@ def test_a_moved_partition_plan_waits_for_an_appender_still_open_below_its_point
         early.commit()
         ordered = _in_earlier_order(engine, manager.store)  # what the earlier version saw
         assert open_one < committed == ordered[-1].position
-        with engine.begin() as conn:
-            last = ordered[-1].cursor
-            conn.exec_driver_sql(
-                "UPDATE zdr.checkpoints SET txid = %s, position = %s WHERE name = %s",
-                (last.txid, last.position, partition_checkpoint("split", "until", 2)),
-            )
-            replay = records.load_replay(conn, "split")
-            part_of = dict(
-                conn.exec_driver_sql(
-                    "SELECT position, abs(mod(hashtextextended(stream_id, 0), 2)) FROM zdr.events"
-                ).all()
-            )
-        for index in range(2):
-            target = dataclasses.replace(
-                replay_target(manager.registry, replay),
-                checkpoint=partition_checkpoint("split", index, 2),
-                cursor=zdr.Cursor(0, 0),
-            )
-            mine = [e for e in ordered if part_of[e.position] == index]
-            _applied_as_before(engine, target, mine)
+        _split_as_before(engine, manager, ordered[-1].cursor, ordered)
         runs = [manager.replay_partition("split", index) for index in range(2)]
         assert not all(run.done for run in runs), "a partition stood at the point too soon"
         late.commit()

@@ -238,15 +238,22 @@ def test_a_runner_transaction_cannot_append_even_after_changing_its_name(log, en
             log.append([_opened("acc-x")], conn=runner)
 
 
-def test_an_append_under_the_replica_replication_role_still_holds_readers_back(manager, engine):
-    """Bulk loaders set session_replication_role = replica, which silences ordinary
-    triggers: the log's trigger fires always, so such an append announces itself too."""
+def _an_open_appender_holds_readers_back(
+    manager: zdr.ReplayManager, engine, *first: str, late: str | None = None
+) -> None:
+    """An application transaction runs ``first``, appends acc-late (``late``: by that
+    statement) and stays open while acc-early commits after it: live shows acc-early only
+    once that transaction has committed, and then both, once each."""
     seed(manager.store, 10)
     manager.project_live()
     with engine.connect() as app:
         app_tx = app.begin()
-        app.exec_driver_sql("SET LOCAL session_replication_role = replica")
-        manager.store.append("acc-late", [_opened("acc-late")[1]], conn=app)
+        for statement in first:
+            app.exec_driver_sql(statement)
+        if late is None:
+            manager.store.append("acc-late", [_opened("acc-late")[1]], conn=app)
+        else:
+            app.exec_driver_sql(late)
         manager.store.append("acc-early", [_opened("acc-early")[1]])
         manager.project_live()
         assert "acc-early" not in balances(engine), "read past an open appender"
@@ -254,6 +261,14 @@ def test_an_append_under_the_replica_replication_role_still_holds_readers_back(m
     manager.project_live()
     assert {"acc-late", "acc-early"} <= set(balances(engine))
     assert_history_exactly_once(engine, manager.store)
+
+
+def test_an_append_under_the_replica_replication_role_still_holds_readers_back(manager, engine):
+    """Bulk loaders set session_replication_role = replica, which silences ordinary
+    triggers: the log's trigger fires always, so such an append announces itself too."""
+    _an_open_appender_holds_readers_back(
+        manager, engine, "SET LOCAL session_replication_role = replica"
+    )
 
 
 def test_a_role_that_may_only_insert_appends_and_holds_readers_back(manager, engine):
@@ -265,45 +280,25 @@ def test_a_role_that_may_only_insert_appends_and_holds_readers_back(manager, eng
             f'CREATE ROLE "{role}"; GRANT USAGE ON SCHEMA zdr TO "{role}"; '
             f'GRANT INSERT ON zdr.events TO "{role}"'
         )
-    seed(manager.store, 10)
-    manager.project_live()
     try:
-        with engine.connect() as app:
-            app_tx = app.begin()
-            app.exec_driver_sql(f'SET LOCAL ROLE "{role}"')
-            app.exec_driver_sql(
-                "INSERT INTO zdr.events (stream_id, type, data) VALUES ('acc-late', "
-                """'AccountOpened', '{"account_id": "acc-late", "owner": "app"}')"""
-            )
-            manager.store.append("acc-early", [_opened("acc-early")[1]])
-            manager.project_live()
-            assert "acc-early" not in balances(engine), "read past an open appender"
-            app_tx.commit()
+        _an_open_appender_holds_readers_back(
+            manager,
+            engine,
+            f'SET LOCAL ROLE "{role}"',
+            late="INSERT INTO zdr.events (stream_id, type, data) VALUES ('acc-late', "
+            """'AccountOpened', '{"account_id": "acc-late", "owner": "app"}')""",
+        )
     finally:
         with engine.begin() as conn:
             conn.exec_driver_sql(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
-    manager.project_live()
-    assert {"acc-late", "acc-early"} <= set(balances(engine))
 
 
 def test_an_application_lock_keyed_by_the_log_table_announces_nothing(manager, engine):
     """A lock of the (int, int) form keyed by the event table's oid, a common pattern, is
     not mistaken for a part of an announcement (which would lift the bound)."""
-    seed(manager.store, 10)
-    manager.project_live()
-    with engine.connect() as app:
-        app_tx = app.begin()
-        app.exec_driver_sql(
-            "SELECT pg_advisory_xact_lock('zdr.events'::regclass::oid::bigint::int, 7)"
-        )
-        manager.store.append("acc-late", [_opened("acc-late")[1]], conn=app)
-        manager.store.append("acc-early", [_opened("acc-early")[1]])
-        manager.project_live()
-        assert "acc-early" not in balances(engine), "read past an open appender"
-        app_tx.commit()
-    manager.project_live()
-    assert {"acc-late", "acc-early"} <= set(balances(engine))
-    assert_history_exactly_once(engine, manager.store)
+    _an_open_appender_holds_readers_back(
+        manager, engine, "SELECT pg_advisory_xact_lock('zdr.events'::regclass::oid::bigint::int, 7)"
+    )
 
 
 def test_a_replay_run_ends_while_the_application_appends_faster_than_it_replays(manager, engine):

@@ -26,11 +26,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from zdr import records
-from zdr.store import EventReader, StampedReader
+from zdr.store import ANNOUNCEMENTS, EventReader, StampedReader
 
 log = logging.getLogger("zdr")
 
-# The appending transactions in progress, lowest announcement first (see ANNOUNCED
+# The appending transactions in progress, lowest announcement first (see ANNOUNCEMENTS
 # in zdr.store for the lock's parts).
 _HOLDERS = """
     SELECT CASE WHEN x.pid IS NULL THEN 'prepared transaction' ELSE 'session' END,
@@ -38,27 +38,15 @@ _HOLDERS = """
            a.application_name, CASE WHEN x.pid IS NULL THEN 'prepared' ELSE a.state END,
            extract(epoch FROM clock_timestamp() - coalesce(a.xact_start, p.prepared))::float8,
            a.query, p.gid::text, coalesce(a.backend_xid, p.transaction)::text::bigint, x.bound
-    FROM (SELECT y.virtualtransaction, y.pid,
-                 CASE WHEN y.lo IS NULL THEN y.hi << 32
-                      ELSE (coalesce(y.hi, 0) << 32) | y.lo END AS bound
-          FROM (SELECT l.virtualtransaction, min(l.pid) AS pid,
-                       min(l.objid::bigint) FILTER (WHERE l.classid::bigint = g.log) AS lo,
-                       min(l.objid::bigint) FILTER (WHERE l.classid::bigint <> g.log) AS hi
-                FROM pg_locks l,
-                     (SELECT to_regclass(%(log)s)::oid::bigint AS log) AS g
-                WHERE l.locktype = 'advisory' AND l.objsubid = 1
-                  AND l.classid::bigint IN (g.log, g.log # 2147483648)
-                  AND l.database = (SELECT oid FROM pg_database
-                                    WHERE datname = current_database())
-                  AND l.pid IS DISTINCT FROM pg_backend_pid()
-                GROUP BY l.virtualtransaction) AS y) AS x
+    FROM (SELECT to_regclass(%(log)s)::oid::bigint AS log) AS g,
+         LATERAL {announcements} AS x
     LEFT JOIN pg_stat_activity a ON a.pid = x.pid
     LEFT JOIN pg_locks t ON x.pid IS NULL AND t.locktype = 'transactionid'
                         AND t.virtualtransaction = x.virtualtransaction
     LEFT JOIN pg_prepared_xacts p ON p.transaction = t.transactionid
     ORDER BY x.bound, 7 DESC NULLS FIRST
     LIMIT 1
-"""
+""".replace("{announcements}", ANNOUNCEMENTS.format(log="g.log"))
 
 
 @dataclass(frozen=True)

@@ -155,20 +155,25 @@ def append_trigger(function: str, last_position: str) -> str:
         END $$"""
 
 
-#: The lowest value the appending transactions in progress announced on the log whose
-#: oid is ``{log}`` (SQL), other than this session's; NULL where there is none. A
-#: prepared transaction's locks stay (pid NULL) until COMMIT PREPARED.
-ANNOUNCED = """(
-    SELECT min(CASE WHEN a.lo IS NULL THEN a.hi << 32
-                    ELSE (coalesce(a.hi, 0) << 32) | a.lo END)
-    FROM (SELECT min(l.objid::bigint) FILTER (WHERE l.classid::bigint = {log}) AS lo,
+#: The appending transactions in progress on the log whose oid is ``{log}`` (SQL), other
+#: than this session: their virtual transaction, pid, and the value they announced
+#: (``bound``: their positions are above it). A prepared transaction's locks stay (pid
+#: NULL) until COMMIT PREPARED.
+ANNOUNCEMENTS = """(
+    SELECT y.virtualtransaction, y.pid,
+           CASE WHEN y.lo IS NULL THEN y.hi << 32 ELSE (coalesce(y.hi, 0) << 32) | y.lo END
+               AS bound
+    FROM (SELECT l.virtualtransaction, min(l.pid) AS pid,
+                 min(l.objid::bigint) FILTER (WHERE l.classid::bigint = {log}) AS lo,
                  min(l.objid::bigint) FILTER (WHERE l.classid::bigint <> {log}) AS hi
           FROM pg_locks l
           WHERE l.locktype = 'advisory' AND l.objsubid = 1
             AND l.classid::bigint IN ({log}, {log} # 2147483648)
             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
             AND l.pid IS DISTINCT FROM pg_backend_pid()
-          GROUP BY l.virtualtransaction) AS a)"""
+          GROUP BY l.virtualtransaction) AS y)"""
+#: The lowest of them (NULL where there is none).
+ANNOUNCED = f"(SELECT min(bound) FROM {ANNOUNCEMENTS} AS a)"
 
 
 def safe_position_statement(last_position: str) -> str:
