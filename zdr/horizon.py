@@ -205,7 +205,7 @@ def first_line(query: str | None, limit: int = 200) -> str | None:
 
 class HorizonWatch:
     """Tells the operator when a runner has found nothing to apply while events wait
-    above the safe horizon for longer than ``threshold_s``: one warning per holder,
+    above the safe position for longer than ``threshold_s``: one warning per holder,
     naming it, not one per poll.
 
     The live runner calls ``idle`` after a poll that applied nothing and

@@ -8,8 +8,8 @@ invariant                              where
 =====================================  ==========================================
 exactly once                           ``zdr.runner.apply_batch`` (checkpoint claim,
                                        ``zdr.records.claim_checkpoint``)
-no skipped events                      ``zdr.store`` (safe horizon, (txid, position)
-                                       cursor)
+no skipped events                      ``zdr.store`` (the safe position: appends
+                                       announce themselves)
 no gap at the switch to dual write     ``zdr.runner.LiveRunner`` (each target from
                                        its own checkpoint)
 atomic promotion                       ``zdr.promotion`` (one transaction, schema
@@ -777,7 +777,7 @@ class ReplayManager:
         )
         with self.engine.connect() as conn, replay_runner(conn, key), conn.begin():
             cluster.require_same(conn, self.reader)
-            mark_runner_transaction(conn)  # it holds a transaction id while it counts
+            mark_runner_transaction(conn)  # it appends nothing: the log's trigger says so
             replay = records.load_replay(conn, key, lock=True)
             transition = require_state(replay, "enable_dual_write")
             plan = records.partition_plan(conn, key)
@@ -990,9 +990,9 @@ class ReplayManager:
             ]
 
     def horizon(self) -> Horizon:
-        """The safe horizon the runners read under and, when an open transaction anywhere
-        in the cluster holds it back, that transaction: pid, database, user, application,
-        state, age and the first line of its query (see ``zdr.horizon``)."""
+        """The safe position the runners read up to and, when an appending transaction
+        holds it back, that transaction: pid, database, user, application, state, age and
+        the first line of its query (see ``zdr.horizon``)."""
         with self.engine.connect() as conn, conn.begin():
             cluster.require_same_log(conn, self.reader, record=False)
             return inspect_horizon(conn, self.reader)

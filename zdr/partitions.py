@@ -7,8 +7,8 @@ partition ``i`` of ``n`` takes the streams whose hash falls in ``i`` (PostgreSQL
 if the caller likes (the pipeline submits one Prefect task per partition).
 
 The plan (``ReplayManager.plan_partitions``) fixes the point every partition
-replays up to: the last event below the safe horizon when it was made, after
-which no event can appear. Each partition has a checkpoint of its own, claimed
+replays up to: the last event up to the safe position when it was made, below
+which no event can appear later. Each partition has a checkpoint of its own, claimed
 with its batch's writes as any replay's (exactly once, resumable alone); a
 partition that has replayed all its events up to the point stands at it. Once
 all stand there, the replay's own checkpoint moves to the point in one

@@ -7,8 +7,8 @@ Where the invariants of DESIGN.md are kept in this module:
   read models in the same transaction. A crash rolls both back; a second runner
   finds the checkpoint moved and fails with RunnerBusy instead of applying
   events twice.
-* **No skipped events**: events are read by the (transaction id, position)
-  cursor below the safe horizon (see ``zdr.store``); ``run_batches`` and the
+* **No skipped events**: events are read by position up to the safe position
+  (see ``zdr.store``); ``run_batches`` and the
   live runner only ever ask the reader for what follows a target's checkpoint.
 * **No gap at the switch to dual write** (``LiveRunner``): the live runner
   applies to every target from *that target's own* checkpoint. Switching dual
@@ -265,7 +265,7 @@ class BatchRun:
                 upcoming = read_ahead.submit(read_after, events[-1].cursor, sizes.next)
                 batch_started = time.monotonic()
                 with conn.begin():
-                    mark_runner_transaction(conn)  # the live runner's horizon passes it
+                    mark_runner_transaction(conn)  # a projector may not append
                     apply_batch(conn, target, events)
                     records.count_run_events(conn, self.run_id, len(events), events[-1].position)
                     if time.monotonic() - sampled >= self.sample_interval_s:
@@ -430,8 +430,8 @@ class LiveRunner:
         models do not stand still while the next runner is late.
 
         With ``horizon_warning_s``: when nothing could be applied for longer than
-        that while events wait above the safe horizon, log a warning naming the
-        transaction that holds it (once per holder; see ``zdr.horizon.HorizonWatch``).
+        that while events wait above the safe position, log a warning naming the
+        appending transaction that holds it (once per holder; see ``zdr.horizon.HorizonWatch``).
         """
         from zdr.horizon import HorizonWatch
 

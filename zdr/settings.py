@@ -48,7 +48,7 @@ class Settings:
     approval_timeout_s: int = 3_600
     #: How long the pipeline keeps trying to promote while live and replay are not level.
     promotion_wait_s: float = 60.0
-    #: When an open transaction has held the safe horizon this long, ``zdr status`` warns
+    #: When an appending transaction has held the safe position this long, ``zdr status`` warns
     #: and the live runner logs a warning naming it (events wait behind it meanwhile).
     horizon_warning_s: float = 30.0
     #: How long a dual-writing replay's writes may wait for a lock inside a live batch;
