@@ -11,6 +11,8 @@ import pytest
 import sqlalchemy as sa
 
 import zdr
+import zdr.locks
+import zdr.manager
 from tests.support import assert_balances_match_fold, balances, seed, wait_for
 from tests.test_live_path import _live_runner_pid, _opened
 from zdr.errors import is_transient
@@ -48,22 +50,33 @@ def test_a_lost_connection_mid_batch_leaves_the_replay_resumable_not_failed(mana
     assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        (zdr.locks, "_held_here"),  # just after pg_try_advisory_lock granted it
+        (zdr.locks, "_notice_a_lost_client"),  # while the lock's session is set up
+        (zdr.manager, "_require_same_cluster"),  # before the first batch
+    ],
+    ids=lambda where: where[1],
+)
 def test_a_live_runner_whose_connection_is_killed_right_after_it_took_its_lock_goes_on(
-    manager, engine, monkeypatch
+    manager, engine, monkeypatch, where
 ):
     """Between taking the lock and its first batch (a DBA's kill, a failover): the runner
-    holds the lock, so it reconnects as it would mid-batch, instead of dying."""
+    holds the lock, visible to all as the live runner, so it reconnects as it would
+    mid-batch, instead of dying."""
     seed(manager.store, 50)
-    checked = zdr.manager._require_same_cluster
+    module, name = where
+    checked = getattr(module, name)
     killed: list[int] = []
 
-    def killed_once(conn: sa.Connection, reader: object) -> None:
+    def killed_once(conn: sa.Connection, *args: object) -> object:
         if not killed:
             killed.append(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
             conn.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
-        checked(conn, reader)
+        return checked(conn, *args)
 
-    monkeypatch.setattr(zdr.manager, "_require_same_cluster", killed_once)
+    monkeypatch.setattr(module, name, killed_once)
     monkeypatch.setattr(zdr.manager, "RECONNECT_FIRST_S", 0.05)
     assert manager.follow(max_seconds=3, poll_interval=0.02) == 50
     assert killed, "the connection was not killed"

@@ -84,6 +84,7 @@ def runner_lock(
     busy_message: str,
     wait: Wait | None = None,
     shared: bool = False,
+    on_locked: Callable[[], None] | None = None,
 ) -> Iterator[None]:
     """Hold the session-level lock ``name`` on ``conn``, or raise RunnerBusy.
 
@@ -95,6 +96,10 @@ def runner_lock(
     that of the holder's end; between tries the session holds no transaction and
     no snapshot (a blocking ``pg_advisory_lock`` would hold one the whole wait).
     The message names the holder's pid and application.
+
+    ``on_locked`` is called the moment the lock is granted, before the checks that
+    follow it: from then on others see this session as the runner, so a caller that
+    reconnects a runner after a lost connection must count it as running already.
     """
     require_a_session_of_its_own(conn)
     started = time.monotonic()
@@ -117,6 +122,8 @@ def runner_lock(
         if waiting:
             with contextlib.suppress(sa.exc.DBAPIError):
                 _advisory(conn, "pg_advisory_unlock_shared", waiting_for(name))
+    if on_locked is not None:
+        on_locked()
     if waiting:
         log.info("took over after waiting %.1f s", time.monotonic() - started)
     if not _held_here(conn, name):  # the next transaction ran in another session
@@ -360,14 +367,20 @@ def live_runner_wanted(conn: sa.Connection) -> bool:
     return others_waiting(conn, LIVE_RUNNER_LOCK)
 
 
-def live_runner(conn: sa.Connection, wait: Wait | None = None) -> AbstractContextManager[None]:
-    """The one live runner of a database (``wait``: take over when the running one ends)."""
+def live_runner(
+    conn: sa.Connection,
+    wait: Wait | None = None,
+    on_locked: Callable[[], None] | None = None,
+) -> AbstractContextManager[None]:
+    """The one live runner of a database (``wait``: take over when the running one ends;
+    ``on_locked``: see ``runner_lock``)."""
     return runner_lock(
         conn,
         LIVE_RUNNER_LOCK,
         busy_message="another live runner is already running on this database "
         "(only one may apply events to the live read models)",
         wait=wait,
+        on_locked=on_locked,
     )
 
 

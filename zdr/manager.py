@@ -374,11 +374,23 @@ class ReplayManager:
         while True:
             try:
                 with self.engine.connect() as conn, contextlib.ExitStack() as held:
+                    was_running = running
+
+                    def locked() -> None:
+                        # From here on this runner holds the lock, seen by all as the
+                        # live runner: a connection lost from now on (even before its
+                        # first batch) is reconnected, not raised.
+                        nonlocal running, connected, session
+                        running, connected = True, time.monotonic()
+                        session = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
+
                     try:
                         # Back after a lost connection: the lock died with it, unless
                         # the server has not noticed yet; wait that long for it.
                         again = Wait(until=time.monotonic() + RECONNECT_TAKE_OVER_S, stop=stop)
-                        held.enter_context(live_runner(conn, again if running else wait))
+                        held.enter_context(
+                            live_runner(conn, again if running else wait, on_locked=locked)
+                        )
                     except RunnerBusy:
                         if running and session is not None and end_session(conn, session):
                             # Its own old session, cut off from it (the network): the
@@ -398,13 +410,8 @@ class ReplayManager:
                                 )
                             return applied
                         raise
-                    # From here on this runner holds the lock: a connection lost from
-                    # now on (even before its first batch) is reconnected, not raised.
-                    if running:
+                    if was_running:
                         log.warning("the live runner is connected again and goes on")
-                    running = True
-                    connected = time.monotonic()
-                    session = conn.connection.dbapi_connection.info.backend_pid  # type: ignore[union-attr]
                     _require_same_cluster(conn, self.reader)
                     self._live.follow(
                         conn,
