@@ -26,7 +26,7 @@ WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "installing zero-downtime-replays and its dependencies into $VENV (first run: a minute or two)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,eventsourcing,dask]" >&2
+    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test,eventsourcing,dask,docs]" >&2
     echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -194,7 +194,7 @@ def _life_cycle_until_dual_write(manager: zdr.ReplayManager, app: zdr.EventStore
 
 
 def test_the_life_cycle_as_a_role_that_owns_the_read_models_and_is_no_superuser(engine, as_role):
-    """The owner role of docs/operations.md: CREATE on the database, and nothing else."""
+    """The owner role of docs/operations/production.md: CREATE on the database, and nothing else."""
     owner_url = as_role("owner")
     _grant(engine, f'GRANT CREATE ON DATABASE "{_database(engine)}" TO {_role_of(owner_url)}')
     manager = zdr.ReplayManager(owner_url, projectors=[cls() for cls in LIVE], batch_size=100)
@@ -210,7 +210,7 @@ def test_the_life_cycle_as_a_role_that_owns_the_read_models_and_is_no_superuser(
 
 
 def test_the_life_cycle_as_a_role_that_does_not_own_the_read_models(engine, as_role):
-    """The non-owner role of docs/operations.md, granted exactly that list: everything up
+    """The non-owner role of docs/operations/production.md, granted exactly that list: everything up
     to promotion; promotion refused in one sentence naming the GRANT, and done once the
     role is a member of the owner."""
     db = _database(engine)

@@ -306,10 +306,11 @@ def privilege_missing(
             grant += f" (or ON ALL {plural} IN SCHEMA {schema})"
         return PrivilegeMissing(
             f"{who} lacks {privilege or 'a privilege'} on {on} ({said}): "
-            f"a DBA grants it with {grant} (what zdr needs: docs/operations.md, Privileges)"
+            f"a DBA grants it with {grant} "
+            "(what zdr needs: docs/operations/production.md, Privileges)"
         )
     return PrivilegeMissing(
-        f"{who} lacks a privilege ({said}{where}): see docs/operations.md, Privileges"
+        f"{who} lacks a privilege ({said}{where}): see docs/operations/production.md, Privileges"
     )
 
 
