@@ -249,7 +249,7 @@ def _unexpected(exc: Exception) -> str:
     if getattr(zdr.errors.root_cause(exc), "sqlstate", None) == "42501":
         message += (
             " (the role in the database URL lacks a privilege zdr needs: CREATE on the "
-            "database and ownership of the read models, see the README's 'zdr needs no "
-            "superuser'; --debug shows where)"
+            "database and ownership of the read models, see docs/operations/production.md, "
+            "Privileges; --debug shows where)"
         )
     return message

@@ -434,7 +434,8 @@ def quiet_prefect_console() -> None:
     """Prefect's console lines as a CLI user wants them: a failed run's error without
     its traceback (zdr ends with the error in one line; ``--debug`` keeps tracebacks),
     and no notice of the temporary server it starts for a run with no server named
-    (the README explains that mode). The run's logs in Prefect keep everything."""
+    (docs/how-to/pipeline-in-prefect.md explains that mode). The run's logs in Prefect
+    keep everything."""
     if state["debug"]:
         return
     import prefect  # noqa: F401  (configures Prefect's logging, which this adjusts)

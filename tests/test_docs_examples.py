@@ -132,13 +132,28 @@ class PageRun:
                     os.killpg(shell.pid, signal.SIGKILL)
 
 
-def _forget_modules_under(folder: Path) -> None:
+def _forget_modules_under(folder: Path, namespace: str) -> None:
     """The page's files are imported afresh on the next run, as in a new process."""
+    forgotten = {namespace}
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
         if file and Path(file).resolve().is_relative_to(folder.resolve()):
             del sys.modules[name]
+            forgotten.add(name)
     importlib.invalidate_caches()
+    _forget_eventsourcing_topics(forgotten)
+
+
+def _forget_eventsourcing_topics(modules: set[str]) -> None:
+    """eventsourcing caches each class by topic (``module:Class``) for the process and
+    refuses another class under the same topic: a new process starts with none."""
+    try:
+        from eventsourcing import utils
+    except ImportError:
+        return
+    with utils._topic_cache_lock:
+        for topic in [t for t in utils._topic_cache if t.partition(":")[0] in modules]:
+            del utils._topic_cache[topic]
 
 
 @pytest.mark.parametrize("page", RUNNABLE_PAGES)
@@ -158,4 +173,4 @@ def test_the_page_runs_as_printed_twice_from_an_empty_database(
                 run.run(block)
         finally:
             run.end()
-            _forget_modules_under(folder)
+            _forget_modules_under(folder, run.namespace.__name__)

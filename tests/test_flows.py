@@ -405,15 +405,22 @@ def _paused(key: str) -> bool:
         return False
 
 
-def test_the_readme_flow_example_runs(engine, database_url, monkeypatch, capsys):
+def test_the_docs_flow_example_runs(engine, database_url, monkeypatch, capsys):
     import re
 
-    from tests.test_readme import README
+    from tests.docs_examples import pages
 
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    flow_example = next(b for b in blocks if "zero_downtime_replay(" in b)
+    # The flow called from Python, wherever the docs show it (it moved from the README).
+    found = [
+        (page, block)
+        for page in pages()
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+        if "zero_downtime_replay(" in block
+    ]
+    assert found, "the docs show the flow called from Python"
+    page, flow_example = found[0]
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    exec(compile(flow_example, str(README), "exec"), {"__name__": "readme_flow_example"})
+    exec(compile(flow_example, str(page), "exec"), {"__name__": "readme_flow_example"})
     assert capsys.readouterr().out.splitlines()[-1] == "live True"
     assert "deposits" in next(iter(balances(engine).values()))
 
