@@ -405,15 +405,15 @@ def _paused(key: str) -> bool:
         return False
 
 
-def test_the_readme_flow_example_runs(engine, database_url, monkeypatch, capsys):
-    import re
+def test_the_docs_flow_example_runs(engine, database_url, monkeypatch, capsys):
+    """The flow from Python (docs/how-to/pipeline-in-prefect.md, which
+    tests/test_docs_examples.py runs too): what it prints, and the new shape live."""
+    from tests.docs_examples import DOCS, blocks
 
-    from tests.test_readme import README
-
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    flow_example = next(b for b in blocks if "zero_downtime_replay(" in b)
+    page = DOCS / "how-to" / "pipeline-in-prefect.md"
+    flow_example = next(b for b in blocks(page) if b.runs and "zero_downtime_replay(" in b.code)
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    exec(compile(flow_example, str(README), "exec"), {"__name__": "readme_flow_example"})
+    exec(compile(flow_example.code, flow_example.where, "exec"), {"__name__": "docs_flow_example"})
     assert capsys.readouterr().out.splitlines()[-1] == "live True"
     assert "deposits" in next(iter(balances(engine).values()))
 
