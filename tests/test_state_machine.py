@@ -1,4 +1,4 @@
-"""The life cycle is one table (zdr.replay.TRANSITIONS), the README's too: every operation
+"""The life cycle is one table (zdr.replay.TRANSITIONS), docs/how-it-works.md's too: every operation
 it does not allow is refused naming the state and the states that allow it, and changes
 nothing."""
 
@@ -104,9 +104,9 @@ def test_a_removed_replay_is_gone_for_every_operation(manager):
             _call(manager, operation, "gone")
 
 
-def test_the_readme_states_table_is_the_code_s_table():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    section = readme.split("### States", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_states_table_is_the_code_s_table():
+    page = (Path(__file__).parent.parent / "docs" / "how-it-works.md").read_text()
+    section = page.split("\n## States", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in section.splitlines() if re.match(r"\| [`*]", line)]
     found = {}
     for row in rows:
