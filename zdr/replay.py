@@ -45,7 +45,7 @@ _S = ReplayState
 #: ``start_replay`` passes through ``replaying`` (and stays there when cut short by
 #: ``max_events`` or a crash). The last three rows are zdr's own doing: a projector
 #: that raises in a replay run or in dual write, and a promotion or rollback of
-#: *another* replay of the same projections. The README's "States" table is this one.
+#: *another* replay of the same projections. docs/how-it-works.md's "States" table is this one.
 TRANSITIONS: dict[str, Transition] = {
     "start_replay": Transition(
         frozenset({_S.CREATED, _S.REPLAYING, _S.CAUGHT_UP, _S.FAILED, _S.ROLLED_BACK}),

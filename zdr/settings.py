@@ -25,7 +25,7 @@ class Settings:
 
     #: Events per transaction (per batch). Larger batches collapse more updates of one row
     #: and pay the per-batch statements less often; measured with ``bench/replay_bench.py
-    #: --batch-sizes`` (README "Benchmarks"): 50,000 replayed 1.4x to 1.8x faster than
+    #: --batch-sizes`` (docs/benchmarks.md): 50,000 replayed 1.4x to 1.8x faster than
     #: 10,000 for about 65 MB more memory, 100,000 only 1.1x more for another 75 MB.
     batch_size: int = 50_000
     #: Bytes of payload per batch, beside ``batch_size``, counted as read (the JSON text
