@@ -406,21 +406,14 @@ def _paused(key: str) -> bool:
 
 
 def test_the_docs_flow_example_runs(engine, database_url, monkeypatch, capsys):
-    import re
+    """The flow from Python (docs/how-to/pipeline-in-prefect.md, which
+    tests/test_docs_examples.py runs too): what it prints, and the new shape live."""
+    from tests.docs_examples import DOCS, blocks
 
-    from tests.docs_examples import pages
-
-    # The flow called from Python, wherever the docs show it (it moved from the README).
-    found = [
-        (page, block)
-        for page in pages()
-        for block in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-        if "zero_downtime_replay(" in block
-    ]
-    assert found, "the docs show the flow called from Python"
-    page, flow_example = found[0]
+    page = DOCS / "how-to" / "pipeline-in-prefect.md"
+    flow_example = next(b for b in blocks(page) if b.runs and "zero_downtime_replay(" in b.code)
     monkeypatch.setenv("ZDR_DATABASE_URL", database_url)
-    exec(compile(flow_example, str(page), "exec"), {"__name__": "readme_flow_example"})
+    exec(compile(flow_example.code, flow_example.where, "exec"), {"__name__": "docs_flow_example"})
     assert capsys.readouterr().out.splitlines()[-1] == "live True"
     assert "deposits" in next(iter(balances(engine).values()))
 
