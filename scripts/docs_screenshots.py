@@ -12,6 +12,7 @@ and chromium-driver (as tests/test_browser.py).
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import tempfile
 import time
@@ -23,18 +24,22 @@ ROOT = Path(__file__).resolve().parent.parent
 def build(site: Path, mermaid_js: Path | None) -> None:
     config = ROOT / "mkdocs.yml"
     if mermaid_js is not None:
-        # Material uses a mermaid already on the page instead of fetching its own.
-        overlay = site.parent / "mkdocs.screenshots.yml"
+        # Material uses a mermaid already on the page instead of fetching its own. Beside
+        # mkdocs.yml: the paths in it (hooks, mkdocstrings) are relative to its folder.
+        overlay = ROOT / f".mkdocs-screenshots-{os.getpid()}.yml"
         overlay.write_text(
-            f"INHERIT: {config}\ndocs_dir: {ROOT / 'docs'}\n"
-            f"extra_javascript:\n  - {mermaid_js.resolve().as_uri()}\n"
+            f"INHERIT: {config.name}\nextra_javascript:\n  - {mermaid_js.resolve().as_uri()}\n"
         )
         config = overlay
-    subprocess.run(
-        ["mkdocs", "build", "--quiet", "-f", str(config), "--site-dir", str(site)],
-        check=True,
-        cwd=ROOT,
-    )
+    try:
+        subprocess.run(
+            ["mkdocs", "build", "--quiet", "-f", str(config), "--site-dir", str(site)],
+            check=True,
+            cwd=ROOT,
+        )
+    finally:
+        if config.name != "mkdocs.yml":
+            config.unlink()
 
 
 def shoot(site: Path, pages: list[str], out: Path, width: int, height: int) -> list[Path]:

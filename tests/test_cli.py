@@ -14,7 +14,7 @@ import time
 import pytest
 
 import zdr
-from tests.support import balances, seed, wait_for
+from tests.support import assert_balances_match_fold, balances, seed, wait_for
 from zdr.cli.main import main
 from zdr.examples.bank.projectors import Balances, BalancesV2
 from zdr.locks import live_runner
@@ -440,6 +440,24 @@ def test_seed_appends_the_bank_history_the_walk_through_replays(cli, engine):
         assert conn.exec_driver_sql("SELECT count(*) FROM zdr.events").scalar_one() == 1500
     code, _, err = cli("seed", "--events", "10", "--source", "kafka")
     assert code == 2 and "unknown source 'kafka'" in err
+
+
+def test_seed_run_again_adds_accounts_the_live_read_models_take(cli, engine, manager):
+    """A reader runs the walk-through twice: the second seed opens new accounts, not the
+    same ones again (which the Accounts read model, one row per account, refuses)."""
+    for _ in range(2):
+        code, _, err = cli("seed", "--events", "1500")
+        assert code == 0, err
+    code, _, err = cli("live", "-p", LIVE, "--max-seconds", "1")
+    assert code == 0, err
+    assert all(row["state"] != "failing" for row in manager.live_status())
+    with engine.connect() as conn:
+        opened = conn.exec_driver_sql(
+            "SELECT count(*) FROM zdr.events WHERE type = 'AccountOpened'"
+        ).scalar_one()
+        accounts = conn.exec_driver_sql("SELECT count(*) FROM bank_accounts.accounts")
+        assert accounts.scalar_one() == opened
+    assert_balances_match_fold(engine, manager.store)
 
 
 def test_tables_on_a_pipe_keep_whole_names(manager, database_url):

@@ -38,7 +38,7 @@ from zdr.config import (
 from zdr.examples.bank.domain import BankSimulator, fold_balances
 from zdr.examples.bank.projectors import LIVE, BalancesV2
 from zdr.readers import load as load_reader
-from zdr.store import iter_all
+from zdr.store import START, iter_all
 
 REPLAY_KEY = "balances_v2"
 DEMO_DATABASE = "zdr_demo"
@@ -173,6 +173,12 @@ class DemoLog:
 
     def import_events(self, events: Iterable[tuple[str, dict[str, Any]]]) -> int:
         return int(self.writer.import_events(events))
+
+    def events_so_far(self) -> int:
+        """How many events the log holds."""
+        reader = self.reader if self.reader is not None else self.writer
+        with self.engine.connect() as conn:
+            return int(reader.count_after(conn, START))
 
     def append(self, batch: list[tuple[str, dict[str, Any]]], *, hold_s: float = 0) -> None:
         """Append in one transaction, held open ``hold_s`` (an application's slow commit;
@@ -379,7 +385,12 @@ def seed_events(
             zdr.EventStore(engine).setup()
         log = DemoLog(source, url, engine)
         try:
-            count = log.import_events(BankSimulator(accounts=5_000, seed=seed).stream(events))
+            # Seeded again, the log gets new accounts: the same ones opened twice would
+            # make the example's Accounts read model refuse them (one row per account).
+            before = log.events_so_far()
+            prefix = "acc" if before == 0 else f"acc-{before}"
+            simulator = BankSimulator(accounts=5_000, seed=seed, prefix=prefix)
+            count = log.import_events(simulator.stream(events))
         finally:
             log.close()
     finally:
