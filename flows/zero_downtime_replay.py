@@ -225,6 +225,17 @@ def zero_downtime_replay(
         report = verify_replay(url, replay_key, reader=reader)
         _publish_report(report, artifacts)
         decision = _approval(report, auto_approve, approval_timeout_s, artifacts, tag)
+        while decision.approve and not auto_approve and not _deployed():
+            # Paused in this process, the run goes on with the answer at once: hold it to
+            # the question it was given to, as a suspended run started again does (it
+            # verifies again first). A report of copies not level, answered once the
+            # live runner has levelled them, is asked again with the verdict it has now.
+            now = verify_replay(url, replay_key, reader=reader)
+            if _pause_key(now) == _pause_key(report):
+                break
+            report = now
+            _publish_report(report, artifacts)
+            decision = _approval(report, auto_approve, approval_timeout_s, artifacts, tag)
         logger.info(
             "%s by %s: %s",
             "approved" if decision.approve else "rejected",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prefect import flow, tags
 
-from tests.support import seed, wait_for
+from tests.support import assert_balances_match_fold, seed, wait_for
 from zdr.examples.bank.projectors import BalancesV2
 from zdr.flows.approval import (
     DATABASE_TAG,
@@ -25,7 +25,7 @@ from zdr.flows.approval import (
     NoPausedRun,
     find_paused_run,
 )
-from zdr.flows.zero_downtime_replay import _approval
+from zdr.flows.zero_downtime_replay import _approval, zero_downtime_replay
 from zdr.tasks.replay import verify_replay
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,3 +131,62 @@ def test_an_answer_to_a_question_that_changed_is_not_taken_and_zdr_approve_says_
     finally:
         thread.join(60)
     assert result["decisions"] == ["approve", "reject", "approve"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_from_python_approved_on_copies_not_level_asks_again_once_they_are(
+    cli, manager, database_url, engine
+):
+    """The pipeline called from Python pauses in its process and goes on at once with the
+    answer: an approval given to a report that compared nothing (dual write on, no live
+    runner yet to level the copies) is held to that question, as a suspended run's is;
+    once the live runner has levelled them the verdict is another, so the run asks again
+    instead of promoting on the first answer."""
+    seed(manager.store, 300)
+    manager.project_live()
+    manager.create_replay("level", [BalancesV2()])
+    manager.start_replay("level")
+    # Not applied to live (no live runner yet); the pipeline's replay takes them.
+    seed(manager.store, 40, prefix="late")
+    tag = manager.database_tag()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = zero_downtime_replay(
+                "level", [V2], database_url=database_url, approval_timeout_s=120
+            )
+        except BaseException as exc:  # what the test reports
+            result["error"] = exc
+
+    pipeline = threading.Thread(target=run)
+    pipeline.start()
+    stop = threading.Event()
+    live = threading.Thread(target=lambda: manager.follow(stop=stop, poll_interval=0.05))
+
+    def paused():
+        try:
+            return find_paused_run("level", database_tag=tag)
+        except NoPausedRun:
+            return None
+
+    try:
+        wait_for(paused, timeout=60)
+        assert not manager.verify("level").level, "the question was asked on copies not level"
+        live.start()  # levels the copies: the report's verdict is another now
+        wait_for(lambda: manager.verify("level").level, timeout=30)
+        code, _, err = cli("approve", "level", "--approver", "ops-dana", "--wait", "60")
+        assert code == 1, err
+        assert "the answer 'approve' by ops-dana is not taken" in err
+        assert "says 'equal' now" in err
+        assert manager.get_replay("level").state.value == "dual_writing", "not promoted"
+        code, _, err = cli("approve", "level", "--approver", "ops-dana", "--wait", "60")
+        assert code == 0, err
+    finally:
+        pipeline.join(120)
+        stop.set()
+        if live.is_alive():
+            live.join(30)
+    assert "error" not in result, result.get("error")
+    assert result["summary"].promoted
+    assert_balances_match_fold(engine, manager.store)
