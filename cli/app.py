@@ -225,7 +225,8 @@ _ABORTS = (typer.Abort, getattr(sys.modules[_USAGE_ERROR.__module__], "Abort", t
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # emoji=False: an import path such as `myapp:x` is not rich's :x: (a cross mark).
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     sys.exit(code)
 
 
@@ -253,8 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ZdrError as exc:
         if state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(exc, BAD_INPUT) else 1)
+        _fail(str(exc), 2 if isinstance(exc, BAD_INPUT) else 1)
     except Exception as exc:
         if state["debug"]:
             raise
