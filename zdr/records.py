@@ -353,6 +353,8 @@ def replay_keys(conn: sa.Connection, state: ReplayState | None = None) -> list[s
 def replay_not_found(conn: sa.Connection, key: str, most: int = 20) -> ReplayNotFound:
     """The error for an unknown key, naming the replays there are (the first ``most``)."""
     keys = sorted(replay_keys(conn))
+    if key in keys:  # its record without its checkpoint: a listing would only confuse
+        return ReplayNotFound(f"no replay with key {key!r}")
     if not keys:
         return ReplayNotFound(f"no replay with key {key!r} (this database has no replays)")
     shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
