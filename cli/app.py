@@ -8,6 +8,10 @@ non-zero exit code (2 for bad input, 1 otherwise), with a traceback only under
 
 The commands live in modules by subject (``lifecycle``, ``inspection``,
 ``pipeline``) and register on this app when imported; ``zdr.cli.main`` imports them.
+
+``zdr --help`` answers at once: nothing here, nor in the commands' modules, imports
+SQLAlchemy, psycopg, pydantic, pandas, Prefect or a projector at module level; each
+command imports what it uses when it runs (tests/test_layering.py holds them to it).
 """
 
 from __future__ import annotations
@@ -17,15 +21,25 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 
-import zdr
-from zdr.projector import load_projector
+from zdr import config
+from zdr.errors import (
+    ConfigurationError,
+    InvalidName,
+    ReplayNotFound,
+    UnknownProjector,
+    ZdrError,
+    one_line,
+    root_cause,
+)
+
+if TYPE_CHECKING:
+    import zdr
 
 app = typer.Typer(
     name="zdr",
@@ -41,7 +55,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 100_000)
 state = {"debug": False}
 
 #: Bad input: exit code 2 (like a usage error); every other zdr error: 1.
-BAD_INPUT = (zdr.InvalidName, zdr.ConfigurationError, zdr.UnknownProjector, zdr.ReplayNotFound)
+BAD_INPUT = (InvalidName, ConfigurationError, UnknownProjector, ReplayNotFound)
 
 
 def _given_url(value: str | None) -> str | None:
@@ -109,7 +123,7 @@ def main_options(
     state["debug"] = debug
     # The command's sessions say which command they are (pg_stat_activity), unless the
     # URL or the environment names another.
-    zdr.config.APPLICATION_NAME = f"zdr {ctx.invoked_subcommand or ''}".strip()
+    config.APPLICATION_NAME = f"zdr {ctx.invoked_subcommand or ''}".strip()
     if debug:  # otherwise Prefect's console handler formats flow logs its own way
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
 
@@ -118,7 +132,10 @@ def manager_for(
     database_url: str | None, projectors: Sequence[str] = (), reader: str | None = None
 ) -> zdr.ReplayManager:
     """A manager for the command's database, with these projectors and that reader loaded."""
-    return zdr.ReplayManager(
+    from zdr.manager import ReplayManager
+    from zdr.projector import load_projector
+
+    return ReplayManager(
         database_url,
         projectors=[load_projector(p) for p in paths(projectors)],
         reader=load_reader(database_url, reader),
@@ -140,7 +157,7 @@ def with_horizon_warning(manager: zdr.ReplayManager, seconds: float | None) -> N
     if seconds is not None:
         try:
             manager.settings = manager.settings.replace(horizon_warning_s=seconds)
-        except zdr.ConfigurationError:
+        except ConfigurationError:
             raise typer.BadParameter(
                 f"must be a number of seconds, 0 or more, got {seconds}",
                 param_hint="'--horizon-warning'",
@@ -156,6 +173,8 @@ def log_to_stderr() -> None:
     if not any(getattr(h, "_zdr_cli", False) for h in logger.handlers):
         handler: logging.Handler
         if err.is_terminal:
+            from rich.logging import RichHandler
+
             handler = RichHandler(console=err, show_path=False, markup=False)
         else:  # a log file: one plain line a record (rich would pad it to the width)
             handler = _StderrHandler()
@@ -206,7 +225,8 @@ _ABORTS = (typer.Abort, getattr(sys.modules[_USAGE_ERROR.__module__], "Abort", t
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    # emoji=False: an import path such as `myapp:x` is not rich's :x: (a cross mark).
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True, emoji=False)
     sys.exit(code)
 
 
@@ -231,11 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _fail(exc.format_message(), exc.exit_code)
     except _ABORTS:
         _fail("aborted", 130)
-    except zdr.ZdrError as exc:
+    except ZdrError as exc:
         if state["debug"]:
             raise
-        err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2 if isinstance(exc, BAD_INPUT) else 1)
+        _fail(str(exc), 2 if isinstance(exc, BAD_INPUT) else 1)
     except Exception as exc:
         if state["debug"]:
             raise
@@ -245,8 +264,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _unexpected(exc: Exception) -> str:
     """One line for an error zdr did not name: the database's own first line (not a
     statement dump), with what to check where it is clear."""
-    message = zdr.errors.one_line(exc)
-    if getattr(zdr.errors.root_cause(exc), "sqlstate", None) == "42501":
+    message = one_line(exc)
+    if getattr(root_cause(exc), "sqlstate", None) == "42501":
         message += (
             " (the role in the database URL lacks a privilege zdr needs: CREATE on the "
             "database and ownership of the read models, see docs/operations/production.md, "

@@ -1,14 +1,15 @@
-"""Looking before acting: status, lag, horizon and verify change nothing."""
+"""Looking before acting: status, lag, horizon and verify change nothing.
+
+``zdr.reports`` and ``zdr.verify`` (SQLAlchemy, psycopg) are imported by the commands
+that use them, not here: ``zdr --help`` does not need them."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from zdr import reports
 from zdr.cli.app import (
     AsJson,
     DatabaseUrl,
@@ -22,7 +23,9 @@ from zdr.cli.app import (
     print_json,
     with_horizon_warning,
 )
-from zdr.verify import NOT_LEVEL, VerificationReport
+
+if TYPE_CHECKING:
+    from zdr.verify import VerificationReport
 
 
 @app.command()
@@ -45,6 +48,10 @@ def status(
 ) -> None:
     """Where the replays stand (state, position, lag, rate, ETA, last run, age), the live
     read models' lag, and a warning when the safe horizon is held too long."""
+    from rich.table import Table
+
+    from zdr import reports
+
     manager = manager_for(database_url, reader=reader)
     with_horizon_warning(manager, horizon_warning)
     rows = manager.status(key)
@@ -116,6 +123,8 @@ def horizon(
 ) -> None:
     """The safe position the runners read up to, and the appending transaction holding it
     back, if any."""
+    from zdr import reports
+
     found = manager_for(database_url, reader=reader).horizon()
     if as_json:
         print_json(found.to_dict())
@@ -146,6 +155,8 @@ def verify(
     reader: ReaderPath = None,
 ) -> None:
     """Compare the replay with live; exit 0 when equal, 1 when differences were found."""
+    from zdr import reports
+
     report = manager_for(database_url, reader=reader).verify(key, max_differences=max_differences)
     if as_json:
         print_json(report.to_dict())
@@ -160,6 +171,11 @@ def verify(
 
 
 def _print_verification(report: VerificationReport) -> None:
+    from rich.table import Table
+
+    from zdr import reports
+    from zdr.verify import NOT_LEVEL
+
     verdict = "[green]equal[/green]" if report.equal else "[red]differences found[/red]"
     err.print(reports.verification_headline(report, verdict=verdict))
     table = Table(*reports.VERIFICATION_COLUMNS)

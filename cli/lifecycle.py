@@ -10,19 +10,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.prompt import Confirm
 
-import zdr
 from zdr.cli.app import (
     DatabaseUrl,
     HorizonWarning,
@@ -38,7 +30,13 @@ from zdr.cli.app import (
     paths,
     with_horizon_warning,
 )
+from zdr.errors import ConfigurationError
 from zdr.settings import DEFAULTS
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    import zdr
 
 
 @app.command()
@@ -55,7 +53,7 @@ def prepare_reader(reader: ReaderPath = None, database_url: DatabaseUrl = None) 
     """Stamp an application's event table for its reader (a TableReader): a column, a
     check, a trigger and an index, without rewriting the table (idempotent)."""
     if reader is None:
-        raise zdr.ConfigurationError("name the reader to prepare: --reader module:attr")
+        raise ConfigurationError("name the reader to prepare: --reader module:attr")
     found = load_reader(database_url, reader)
     prepare = getattr(found, "prepare", None)
     if not callable(prepare):
@@ -342,6 +340,14 @@ class _NoBar:
 def _progress() -> Progress | _NoBar:
     if not err.is_terminal:
         return _NoBar()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

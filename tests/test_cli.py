@@ -134,6 +134,45 @@ def test_a_bad_or_unknown_key_is_one_clear_line_and_changes_nothing(
     assert _catalog(engine) == before
 
 
+def test_an_unknown_name_says_what_there_is(cli):
+    """A bare projector name, a replay key, a class or a reader that names nothing: the
+    one line names what the database and the module hold, and what a reference looks like."""
+    code, _, err = cli("create", "k", "-p", "justname")
+    assert code == 2 and "unknown projector 'justname'" in err, err
+    assert "none registered" not in err
+    for name, cls in [
+        ("accounts", "Accounts"),
+        ("balances", "Balances"),
+        ("daily_totals", "DailyTotals"),
+        ("history", "History"),
+    ]:
+        assert f"{name} (zdr.examples.bank.projectors:{cls})" in err, err
+    assert "import path module:Class" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+    code, _, err = cli("rollback", "nope", "--yes")
+    assert code == 2 and "no replay with key 'nope' (this database has no replays)" in err
+    assert cli("create", "v2", "-p", V2)[0] == 0
+    for command in (["lag", "nope"], ["rollback", "nope", "--yes"], ["status", "nope"]):
+        code, _, err = cli(*command)
+        assert code == 2 and "no replay with key 'nope' (replays in this database: v2)" in err
+
+    code, _, err = cli("create", "k", "-p", "zdr.examples.bank.projectors:Nope")
+    assert code == 2 and "has no projector 'Nope' (its projectors: Accounts, Balances," in err
+    code, _, err = cli("status", "--reader", "zdr.examples.bank.projectors:x")
+    assert code == 2 and "zdr.examples.bank.projectors has no attribute 'x'" in err, err
+    code, _, err = cli("status", "--reader", "no_such_module_zdr:x")
+    assert code == 2 and "reader no_such_module_zdr:x:" in err, err  # not rich's :x: emoji
+
+
+def test_an_unknown_name_on_a_database_with_no_projection_says_how_to_name_one(zdr_cli, engine):
+    zdr.ReplayManager(engine).setup()  # zdr's tables, no projection
+    code, _, err = zdr_cli("create", "k", "-p", "justname")
+    assert code == 2 and "unknown projector 'justname'" in err
+    assert "no projection is registered here or live in this database" in err
+    assert "module:Class" in err and "zdr setup -p MODULE:CLASS" in err
+
+
 LONG_KEY = "a_key_long_enough_that_a_wrapped_line_would_break_" + "x" * 40
 
 

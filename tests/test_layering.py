@@ -47,15 +47,82 @@ def test_the_pipeline_lives_under_the_one_name_zdr():
     assert zdr.flows.zero_downtime_replay.zero_downtime_replay.name == "zero-downtime-replay"
 
 
-def test_the_command_line_starts_without_prefect_or_pandas():
-    """Every `zdr` command pays its imports before it does anything: Prefect (seconds)
-    comes only with the commands that run a flow, pandas only where a lag history is
-    shown."""
+#: What `zdr --help` must not wait for: each takes a tenth of a second or more to import.
+HEAVY = ("sqlalchemy", "psycopg", "prefect", "pandas", "pydantic")
+
+
+def _heavy_after(code: str) -> list[str]:
+    """The HEAVY packages in sys.modules after ``code`` ran in a fresh interpreter."""
+    check = (
+        f"{code}\nimport sys\n"
+        f"print(sorted({{n.split('.')[0] for n in sys.modules}} & set({HEAVY!r})))"
+    )
+    result = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return eval(result.stdout.strip().splitlines()[-1])  # a list of str, printed above
+
+
+def _zdr(*argv: str) -> str:
+    """Run ``zdr ARGV`` in process, as the entry point does (it exits)."""
+    return (
+        "from zdr.cli.main import main\n"
+        f"try:\n    main({list(argv)!r})\nexcept SystemExit:\n    pass"
+    )
+
+
+def test_import_zdr_imports_nothing_heavy_until_a_name_is_used():
+    """``import zdr`` (which any ``import zdr.x`` runs first) costs nothing: the public
+    names are imported on first use, and then they are what they always were."""
+    assert _heavy_after("import zdr") == []
+    assert _heavy_after("import zdr\nzdr.ConfigurationError\nzdr.Settings") == []
+    assert {"sqlalchemy", "psycopg"} <= set(_heavy_after("import zdr\nzdr.ReplayManager"))
     code = (
-        "import sys\nimport zdr.cli.main\n"
-        "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect', 'pandas'}))"
+        "import zdr, zdr.manager, zdr.errors, zdr.store\n"
+        "assert zdr.ReplayManager is zdr.manager.ReplayManager\n"
+        "assert zdr.ZdrError is zdr.errors.ZdrError and zdr.EventStore is zdr.store.EventStore\n"
+        "assert all(getattr(zdr, name) is not None for name in zdr.__all__)\n"
+        "assert set(zdr.__all__) <= set(dir(zdr))\n"
+        "from zdr import *  # noqa: F403\n"
+        "assert Replay is zdr.Replay\n"  # noqa: F405
+        "try:\n    zdr.NoSuchName\nexcept AttributeError:\n    pass\n"
+        "else:\n    raise AssertionError('zdr.NoSuchName exists')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    _heavy_after(code)
+
+
+def test_the_command_line_starts_without_prefect_or_pandas():
+    """Every `zdr` command pays its imports before it does anything: `zdr --help` (and
+    importing the command line) imports none of SQLAlchemy, psycopg, Prefect, pandas or
+    pydantic; Prefect (seconds) comes only with the commands that run a flow, pandas
+    only where a lag history is shown."""
+    assert _heavy_after("import zdr.cli.main") == []
+    assert _heavy_after(_zdr("--help")) == []
+    assert _heavy_after(_zdr()) == []  # no command: the help
+
+
+def test_a_commands_help_imports_nothing_heavy_of_its_own():
+    """``zdr COMMAND --help`` imports nothing heavy beyond what typer itself imports to
+    parse a command's options (typer 0.2x builds them on pydantic; older ones do not)."""
+    import typer.main
+
+    from zdr.cli.main import app
+
+    group = typer.main.get_command(app)
+    helps = [
+        [*path, "--help"]
+        for name, command in group.commands.items()  # type: ignore[attr-defined]
+        for path in (
+            [[name, sub] for sub in command.commands] if hasattr(command, "commands") else [[name]]
+        )
+    ]
+    assert ["status", "--help"] in helps and ["embedded", "stop", "--help"] in helps
+    typer_alone = (
+        "import typer\napp = typer.Typer()\n"
+        "@app.command()\ndef one(key: str, n: int = 1) -> None: ...\n"
+        "@app.command()\ndef two() -> None: ...\n"
+        "try:\n    app(['one', '--help'])\nexcept SystemExit:\n    pass"
     )
-    assert result.stdout.strip() == "[]"
+    allowed = set(_heavy_after(typer_alone))
+    assert allowed <= {"pydantic"}
+    every_help = "\n".join(_zdr(*argv) for argv in helps)
+    assert set(_heavy_after(every_help)) <= allowed

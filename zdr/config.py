@@ -15,12 +15,15 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from zdr import embedded
 from zdr.errors import ConfigurationError, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    # Imported where an engine is made: the command line sets APPLICATION_NAME and
+    # reads DATABASE_URL_ENV before it knows whether the command needs a database.
+    import sqlalchemy as sa
 
 log = logging.getLogger("zdr")
 
@@ -103,6 +106,8 @@ def to_libpq_url(url: str) -> str:
 
 def make_engine(url_or_engine: str | sa.Engine | None = None) -> sa.Engine:
     """An Engine for a URL, ZDR_DATABASE_URL or the embedded server; an Engine is used as is."""
+    import sqlalchemy as sa
+
     if isinstance(url_or_engine, sa.Engine):
         return url_or_engine
     url = resolve_url(url_or_engine)
@@ -173,6 +178,8 @@ def _redact(url: str) -> str:
 
 def describe(url: str) -> str:
     """``host:port/database`` of a URL, for messages (no user, no password)."""
+    import sqlalchemy as sa
+
     try:
         parsed = sa.make_url(url)
     except Exception:

@@ -912,10 +912,9 @@ class ReplayManager:
 
     def require_replay(self, key: str) -> Replay:
         """The replay ``key``; raises ReplayNotFound for an unknown key."""
-        replay = self.get_replay(key)
-        if replay is None:
-            raise ReplayNotFound(f"no replay with key {key!r}")
-        return replay
+        validate_key(key)
+        with self.engine.connect() as conn:
+            return records.load_replay(conn, key)  # its ReplayNotFound names the replays
 
     def status(self, key: str | None = None) -> list[dict[str, Any]]:
         """Where every replay (or the one ``key``) stands: state, position, lag, recent

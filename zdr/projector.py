@@ -189,10 +189,28 @@ def load_projector(path: str) -> Projector:
     for part in attr.split("."):
         target = getattr(target, part, None)
         if target is None:
-            raise UnknownProjector(f"module {module_name!r} has no projector {attr!r}")
+            there = projector_classes(module)
+            raise UnknownProjector(
+                f"module {module_name!r} has no projector {attr!r} ("
+                + (f"its projectors: {', '.join(there)}" if there else "it defines none")
+                + ")"
+            )
     if not (isinstance(target, type) and issubclass(target, Projector)):
         raise UnknownProjector(f"{path!r} is not a zdr.Projector subclass")
     return check_projector(target())
+
+
+def projector_classes(module: Any) -> list[str]:
+    """The names of the concrete Projector subclasses a module defines, for messages."""
+    return sorted(
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, type)
+        and issubclass(value, Projector)
+        and value.__module__ == module.__name__
+        and getattr(value, "name", None)
+        and not name.startswith("_")
+    )
 
 
 def apply_events(

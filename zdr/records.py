@@ -98,7 +98,7 @@ def replay_cursor(conn: sa.Connection, key: str) -> Cursor:
         "SELECT txid, position FROM zdr.checkpoints WHERE name = %s", (replay_checkpoint(key),)
     ).first()
     if row is None:
-        raise ReplayNotFound(f"no replay with key {key!r}")
+        raise replay_not_found(conn, key)
     return Cursor(row[0], row[1])
 
 
@@ -350,6 +350,17 @@ def replay_keys(conn: sa.Connection, state: ReplayState | None = None) -> list[s
     return [str(key) for key in rows.scalars()]
 
 
+def replay_not_found(conn: sa.Connection, key: str, most: int = 20) -> ReplayNotFound:
+    """The error for an unknown key, naming the replays there are (the first ``most``)."""
+    keys = sorted(replay_keys(conn))
+    if key in keys:  # its record without its checkpoint: a listing would only confuse
+        return ReplayNotFound(f"no replay with key {key!r}")
+    if not keys:
+        return ReplayNotFound(f"no replay with key {key!r} (this database has no replays)")
+    shown = ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+    return ReplayNotFound(f"no replay with key {key!r} (replays in this database: {shown})")
+
+
 def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool = True) -> Replay:
     """The replay with its checkpoint (and runs); ``lock`` holds its row to the end of the
     transaction. Raises ReplayNotFound."""
@@ -366,7 +377,7 @@ def load_replay(conn: sa.Connection, key: str, *, lock: bool = False, runs: bool
         (PARTITION_CHECKPOINT_PREFIX, replay_checkpoint(""), key),
     ).first()
     if row is None:
-        raise ReplayNotFound(f"no replay with key {key!r}")
+        raise replay_not_found(conn, key)
     history = []
     if runs:
         history = [

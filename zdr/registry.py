@@ -75,9 +75,32 @@ class Registry:
             return self._registered[ref]
         path = records.live_projector_path(conn, ref)
         if path is None:
-            known = sorted(self._registered) or ["(none registered)"]
-            raise UnknownProjector(f"unknown projector {ref!r}; known: {', '.join(known)}")
+            raise UnknownProjector(f"unknown projector {ref!r}: {self.known(conn)}")
         return self.for_path(path)
+
+    def known(self, conn: sa.Connection) -> str:
+        """What a bare projector name may name (the projections registered in this process
+        and those live in the database, ``zdr.projections``) and how else to give one."""
+        live = records.live_projector_paths(conn)
+        registered = {name: p.import_path() for name, p in self._registered.items()}
+        if not live and not registered:
+            return (
+                "no projection is registered here or live in this database, so no bare name "
+                "means one: give the projector's import path module:Class (e.g. "
+                "'myapp.projectors:Balances'); `zdr setup -p MODULE:CLASS` puts one live"
+            )
+        found = []
+        if live:
+            found.append(f"live: {_listing(live)}")
+        extra = {n: p for n, p in registered.items() if n not in live}
+        if extra:
+            found.append(f"registered: {_listing(extra)}")
+        example = min({**registered, **live}.items())[1]
+        return (
+            f"no projection of that name is registered here or live in this database "
+            f"({'; '.join(found)}): name one of those, or give a projector by its import "
+            f"path module:Class (e.g. {example!r})"
+        )
 
     def for_path(self, path: str) -> Projector:
         """The instance for an import path, imported once per process."""
@@ -196,6 +219,13 @@ def check_coverage(conn: sa.Connection, projectors: list[Projector]) -> list[str
                 "swaps whole schemas, so include that projection in the replay"
             )
     return sorted(wanted)
+
+
+def _listing(paths: dict[str, str], most: int = 20) -> str:
+    """``name (module:Class), ...`` in name order, the first ``most`` of them."""
+    names = sorted(paths)
+    shown = ", ".join(f"{name} ({paths[name]})" for name in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def describe_paths(paths: dict[str, str]) -> str:

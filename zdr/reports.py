@@ -15,16 +15,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
-
 from zdr.horizon import age
-from zdr.replay import FOLLOWING, MOVING, ReplayState, eta_seconds
+from zdr.replay import FOLLOWING, MOVING, eta_seconds
 from zdr.verify import NOT_LEVEL
 
 if TYPE_CHECKING:
     from zdr.horizon import Horizon
     from zdr.records import LagSample
     from zdr.replay import Replay
+    from zdr.summary import ReplaySummary as ReplaySummary
     from zdr.verify import Difference, TableReport, VerificationReport
 
 #: How many recent samples the status's events/s averages over.
@@ -500,26 +499,6 @@ class ApprovalReport:
         return "\n".join(lines)
 
 
-class ReplaySummary(BaseModel):
-    """What a pipeline run did: the zero-downtime-replay flow's result.
-
-    Here in the core, not in the flow's module, so a persisted result reads back as
-    this class however the flow's module was loaded (a file or a module path)."""
-
-    replay_key: str
-    state: ReplayState
-    events_applied: int
-    position: int
-    lag: int
-    promoted: bool
-    approved: bool | None = None
-    approver: str | None = None
-    comment: str | None = None
-    lock_wait_ms: float | None = None
-    swap_ms: float | None = None
-    removed: bool = False
-
-
 def promotion_markdown(
     key: str,
     *,
@@ -577,3 +556,13 @@ def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
     rule = "|" + "---|" * len(columns)
     body = ["| " + " | ".join(row[c] for c in columns) + " |" for row in rows]
     return [header, rule, *body]
+
+
+def __getattr__(name: str) -> Any:
+    """``ReplaySummary`` (zdr.summary) on first use: it needs pydantic, which the
+    command line's status and verify do not."""
+    if name == "ReplaySummary":
+        from zdr.summary import ReplaySummary
+
+        return ReplaySummary
+    raise AttributeError(f"module 'zdr.reports' has no attribute {name!r}")

@@ -39,8 +39,15 @@ def load(path: str, *, database_url: str | None = None) -> EventReader:
         try:
             found = getattr(found, part)
         except AttributeError:
+            module = importlib.import_module(module_name)
+            readers = sorted(
+                name
+                for name, value in vars(module).items()
+                if not name.startswith("_") and _is_reader(value)
+            )
+            there = f" (readers there: {', '.join(readers)})" if readers else ""
             raise ConfigurationError(
-                f"reader {path}: {module_name} has no attribute {attr!r}"
+                f"reader {path}: {module_name} has no attribute {attr!r}{there}"
             ) from None
     if not _is_reader(found) and callable(found):
         try:
