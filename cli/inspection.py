@@ -146,18 +146,55 @@ def lag(
 
 
 @app.command()
+def wait(
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", metavar="SECONDS", min=0, help="How long to wait at most."),
+    ] = 30.0,
+    as_json: AsJson = False,
+    database_url: DatabaseUrl = None,
+    reader: ReaderPath = None,
+) -> None:
+    """Wait until the running live runner has applied every event committed so far to the
+    live read models and the dual-writing replays; exit 1 if it does not within --timeout,
+    or when none runs (within 5 s) or a read model that is behind stands still."""
+    reached = manager_for(database_url, reader=reader).wait_for_live(timeout_s=timeout)
+    position = None if reached is None else reached.position
+    if as_json:
+        print_json({"position": position})
+    else:
+        err.print(
+            "the live read models have applied every event"
+            + ("" if position is None else f" up to position {position:,}"),
+            highlight=False,
+        )
+
+
+@app.command()
 def verify(
     key: Key,
     as_json: AsJson = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print markdown.")] = False,
     max_differences: Annotated[int, typer.Option(min=1)] = 20,
+    wait_level: Annotated[
+        float,
+        typer.Option(
+            "--wait-level",
+            metavar="SECONDS",
+            min=0,
+            help="Copies not level (right after dual write starts) give no verdict: wait "
+            "this long for the live runner to level them, then verify again (0: at once).",
+        ),
+    ] = 10.0,
     database_url: DatabaseUrl = None,
     reader: ReaderPath = None,
 ) -> None:
     """Compare the replay with live; exit 0 when equal, 1 when differences were found."""
     from zdr import reports
 
-    report = manager_for(database_url, reader=reader).verify(key, max_differences=max_differences)
+    report = manager_for(database_url, reader=reader).verify(
+        key, max_differences=max_differences, wait_level_s=wait_level
+    )
     if as_json:
         print_json(report.to_dict())
     elif markdown:

@@ -546,3 +546,39 @@ def test_starting_a_replay_on_a_long_log_does_not_hold_live_back(manager, engine
         starting.join(30)
     assert took < 1.0, f"an append waited {took:.2f}s while start_replay counted"
     assert manager.get_replay("long").state is zdr.ReplayState.CAUGHT_UP
+
+
+def test_wait_for_live_returns_once_the_live_runner_applied_what_was_committed(
+    manager, engine, zdr_cli
+):
+    """Read-your-writes for scripts: append, wait, read; and a clear refusal when nothing
+    would ever get there (no live runner; a read model that stands still)."""
+    seed(manager.store, 100)
+    manager.project_live()
+    with pytest.raises(zdr.LiveLagging, match="no live runner is running") as none:
+        manager.store.append("acc-waited", [_opened("acc-waited")])
+        manager.wait_for_live(timeout_s=1)
+    assert none.value.behind and all(lag == 1 for lag in none.value.behind.values())
+    code, _, err = zdr_cli("wait", "--timeout", "1")
+    assert code == 1 and "no live runner is running" in err
+    with following(manager):
+        reached = manager.wait_for_live(timeout_s=10)
+        assert "acc-waited" in balances(engine), "it returned before the event was applied"
+        assert reached == max(manager.checkpoints().values())
+        manager.store.append("acc-cli", [_opened("acc-cli")])
+        code, _, err = zdr_cli("wait", "--timeout", "10")
+        assert code == 0 and "applied every event" in err, err
+        assert "acc-cli" in balances(engine)
+
+
+def test_wait_for_live_names_a_live_read_model_that_stands_still(engine):
+    manager = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
+    manager.setup()
+    seed(manager.store, 50)
+    manager.project_live()
+    with following(manager):
+        _open_and_deposit(manager, "acc-poison")
+        started = time.monotonic()
+        with pytest.raises(zdr.LiveLagging, match="'history' stands still: .*acc-poison"):
+            manager.wait_for_live(timeout_s=20)
+        assert time.monotonic() - started < 15, "it waited for the timeout instead"

@@ -64,6 +64,17 @@ class ReplayLagging(ZdrError):
         self.lag = lag
 
 
+class LiveLagging(ZdrError):
+    """Raised by ``wait_for_live`` when the live runner has not applied every event
+    committed before the call: none runs, a read model stands still (its projector
+    raised), or the time ran out. ``behind``: the targets still behind, by checkpoint
+    name (``live:<projection>``, ``replay:<key>``), with how many events each lacks."""
+
+    def __init__(self, message: str, *, behind: dict[str, int]) -> None:
+        super().__init__(message)
+        self.behind = behind
+
+
 class RunnerBusy(ZdrError):
     """Raised when another runner already holds a replay or the live projection."""
 

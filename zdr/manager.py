@@ -46,6 +46,7 @@ from zdr.errors import (
     ConfigurationError,
     DuplicateReplay,
     InvalidState,
+    LiveLagging,
     NotPartitionable,
     NotSetUp,
     ReplayLagging,
@@ -68,7 +69,13 @@ from zdr.locks import (
     replay_runner,
     under_short_lock_timeout,
 )
-from zdr.names import partition_checkpoint, replay_checkpoint, side_schema, validate_key
+from zdr.names import (
+    live_checkpoint,
+    partition_checkpoint,
+    replay_checkpoint,
+    side_schema,
+    validate_key,
+)
 from zdr.partitions import PartitionPlan, PartitionReader, PartitionRun, why_not_partitioned
 from zdr.projector import Projector
 from zdr.promotion import Promotion
@@ -109,6 +116,9 @@ MAX_PARTITIONS = 256
 RECONNECT_FIRST_S = 0.1
 RECONNECT_MAX_S = 5.0
 RECONNECT_TAKE_OVER_S = 10.0
+#: ``wait_for_live`` waits this long for a live runner to start before it says none runs.
+RUNNER_START_S = 5.0
+
 #: Connected this long without a failure, a live runner's next reconnect starts from
 #: RECONNECT_FIRST_S again (a failure that comes back at once keeps doubling the pause).
 RECONNECT_HEALTHY_S = 30.0
@@ -994,6 +1004,59 @@ class ReplayManager:
                 }
                 for live in records.live_projections(conn)
             ]
+
+    @_translate_errors
+    def wait_for_live(self, timeout_s: float = 30.0) -> Cursor | None:
+        """Wait until the live runner has applied every event committed before the call
+        to the live read models and the dual-writing replays; return where that is (None:
+        an empty log).
+
+        Read-your-writes for scripts, examples and tests: append, wait, then read a live
+        read model. It only watches (the running live runner, `zdr live` or
+        ``follow()``, does the work) and raises LiveLagging when none runs (after
+        ``RUNNER_START_S``: one started just before may be starting) or a read model that
+        is behind stands still (its projector raised), else after ``timeout_s``. A log
+        whose reader has no ``last_cursor`` is waited on until nothing is left after the
+        checkpoints."""
+        timeout_s = seconds("timeout_s", timeout_s)
+        started = time.monotonic()
+        deadline = started + timeout_s
+        with self.engine.connect() as conn, conn.begin():
+            cluster.require_same_log(conn, self.reader, record=False)
+            last_cursor = getattr(self.reader, "last_cursor", None)
+            target: Cursor | None = last_cursor(conn) if last_cursor is not None else None
+        while True:
+            with self.engine.connect() as conn, conn.begin():
+                behind = {
+                    name: self.reader.count_after(conn, cursor)
+                    for name, cursor in records.followed_cursors(conn).items()
+                    if target is None or cursor < target
+                }
+                if target is None:  # no last cursor: behind while anything is left
+                    behind = {name: lag for name, lag in behind.items() if lag}
+                if not behind:
+                    return target
+                standing = [
+                    live
+                    for live in records.live_projections(conn)
+                    if live.error is not None and live_checkpoint(live.name) in behind
+                ]
+                runner = locks.live_runner_pid(conn)
+            # A live runner started just before (`zdr live &`) takes a moment to start.
+            gone = runner is None and time.monotonic() - started >= RUNNER_START_S
+            if gone or standing or time.monotonic() >= deadline:
+                what = ", ".join(f"{name} ({lag:,} events)" for name, lag in behind.items())
+                if runner is None:
+                    why = "no live runner is running: start one (`zdr live`)"
+                elif standing:
+                    why = "; ".join(
+                        f"live projection {live.name!r} stands still: {live.error}"
+                        for live in standing
+                    )
+                else:
+                    why = f"the live runner did not get there within {timeout_s:g} s"
+                raise LiveLagging(f"still behind: {what}; {why}", behind=behind)
+            time.sleep(0.05)
 
     def horizon(self) -> Horizon:
         """The safe position the runners read up to and, when an appending transaction
