@@ -41,12 +41,21 @@ def _kind(param: Any, ctx: Any) -> str:
         return "flag"
     if param.metavar and param.param_type_name == "option":
         return str(param.metavar)
-    kind = str(param.display_type(ctx)).strip("<>").replace("list[str]", "text, repeated")
-    kind = {"str": "text", "int range": "integer", "float range": "number"}.get(kind, kind)
-    bounds = [
-        f"≥ {param.min}" if param.min is not None else "",
-        f"≤ {param.max}" if param.max is not None else "",
-    ]
+    # typer 0.2x's own click: display_type() and min/max on the parameter; click 8.1
+    # (under typer 0.12): the type's name and min/max on the type.
+    display = getattr(param, "display_type", None)
+    kind = str(display(ctx) if display is not None else param.type.name)
+    kind = kind.strip("<>").replace("list[str]", "text, repeated")
+    kind = {
+        "str": "text",
+        "int range": "integer",
+        "integer range": "integer",
+        "float range": "number",
+    }.get(kind, kind)
+    kind_of = getattr(param, "type", None)
+    low = getattr(param, "min", getattr(kind_of, "min", None))
+    high = getattr(param, "max", getattr(kind_of, "max", None))
+    bounds = [f"≥ {low}" if low is not None else "", f"≤ {high}" if high is not None else ""]
     return " ".join([kind, *filter(None, bounds)])
 
 
