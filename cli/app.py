@@ -47,6 +47,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 # Not a terminal (a pipe, a log, CI): no width to fit, so nothing is cut or wrapped;
 # rich would assume 80 columns and shorten names in tables (`bank_balances.bala...`).
