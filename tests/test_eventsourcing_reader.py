@@ -66,6 +66,10 @@ def test_an_eventsourcing_application_under_load_promotes_what_its_repository_sa
             manager.start_replay("v2")
             manager.enable_dual_write("v2", lag_threshold=100_000)
             time.sleep(0.5)
+            # While the application keeps saving: up to what was committed at the call.
+            reached = manager.wait_for_live(timeout_s=20)
+            assert reached is not None
+            assert all(cursor >= reached for cursor in manager.checkpoints().values())
         finally:
             stop.set()
             for t in threads:

@@ -280,3 +280,48 @@ def test_a_slow_projector_under_an_idle_transaction_timeout_replays_in_batches_t
     timed.enable_dual_write("v2")
     timed.engine.dispose()
     assert_balances_match_fold(engine, manager.store, schema=replay.schemas["bank_balances"])
+
+
+def test_a_live_runner_waiting_to_take_over_whose_connection_is_killed_waits_again(manager, engine):
+    """A standby (`zdr live --take-over`) killed while it waits (a DBA, a failover) goes
+    on waiting on a new connection and takes over when the running one ends."""
+    seed(manager.store, 100)
+    manager.project_live()
+    stop_first = threading.Event()
+    failures: list[BaseException] = []
+
+    def run(**kwargs) -> None:
+        try:
+            manager.follow(poll_interval=0.02, **kwargs)
+        except BaseException as exc:  # what the test reports
+            failures.append(exc)
+
+    first = threading.Thread(target=run, kwargs={"stop": stop_first})
+    first.start()
+    wait_for(lambda: _live_runner_pid(engine) is not None)
+    stop_standby = threading.Event()
+    standby = threading.Thread(target=run, kwargs={"stop": stop_standby, "take_over": True})
+    standby.start()
+    waiting = (
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ShareLock' "
+        "AND granted AND database = (SELECT oid FROM pg_database "
+        "WHERE datname = current_database())"
+    )
+    try:
+        with engine.connect() as admin:
+            pid = wait_for(lambda: admin.exec_driver_sql(waiting).scalar(), timeout=10)
+            admin.exec_driver_sql("SELECT pg_terminate_backend(%s)", (pid,))
+            admin.commit()
+        time.sleep(0.5)
+        stop_first.set()
+        first.join(30)
+        manager.store.append("acc-standby", [_opened("acc-standby")])
+        wait_for(lambda: "acc-standby" in balances(engine) or bool(failures), timeout=15)
+        assert not failures, f"a runner died: {failures[0]!r}"
+        assert "acc-standby" in balances(engine)
+    finally:
+        stop_first.set()
+        stop_standby.set()
+        first.join(30)
+        standby.join(30)
+    assert_balances_match_fold(engine, manager.store)

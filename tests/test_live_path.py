@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 
@@ -582,3 +583,35 @@ def test_wait_for_live_names_a_live_read_model_that_stands_still(engine):
         with pytest.raises(zdr.LiveLagging, match="'history' stands still: .*acc-poison"):
             manager.wait_for_live(timeout_s=20)
         assert time.monotonic() - started < 15, "it waited for the timeout instead"
+
+
+class HistoryFixedLater(History):
+    """A live read model whose projector raises on acc-poison until it is fixed in place."""
+
+    broken = True
+
+    def handle_batch(self, events, conn):
+        if HistoryFixedLater.broken and any(e.stream_id == "acc-poison" for e in events):
+            raise RuntimeError("cannot project acc-poison")
+        super().handle_batch(events, conn)
+
+
+def test_wait_for_live_waits_for_a_runner_restarted_after_the_fix(engine):
+    """The error message says: fix the projector and restart the live runner. Waiting right
+    after that restart waits for the restarted runner's first try of the read model that
+    stood still, instead of failing on the error recorded before the fix."""
+    HistoryFixedLater.broken = True
+    broken = zdr.ReplayManager(engine, projectors=[Balances(), HistoryFixedLater()])
+    broken.setup()
+    seed(broken.store, 50)
+    broken.project_live()
+    with following(broken):
+        _open_and_deposit(broken, "acc-poison")
+        wait_for(lambda: any(row["state"] == "failing" for row in broken.live_status()))
+    HistoryFixedLater.broken = False  # the fix, then the restart
+    fixed = zdr.ReplayManager(engine, projectors=[Balances(), HistoryFixedLater()])
+    with following(fixed):
+        assert fixed.wait_for_live(timeout_s=20) is not None
+    assert all(row["state"] == "following" and row["lag"] == 0 for row in fixed.live_status())
+    lagging = pickle.loads(pickle.dumps(zdr.LiveLagging("behind", behind={"live:x": 1})))
+    assert lagging.behind == {"live:x": 1} and str(lagging) == "behind"

@@ -85,7 +85,7 @@ _INVENTORY = {
         WHERE c.oid = ANY(%(rels)s) AND c.relpersistence = 'u'""",
     "index": """
         SELECT c.relname || '.' || i.relname,
-               regexp_replace(pg_get_indexdef(x.indexrelid), ' WITH \([^)]*\)', '')
+               regexp_replace(pg_get_indexdef(x.indexrelid), ' WITH \\([^)]*\\)', '')
                || CASE WHEN x.indisvalid THEN '' ELSE ' INVALID' END
         FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
         JOIN pg_class c ON c.oid = x.indrelid

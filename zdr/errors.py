@@ -70,9 +70,9 @@ class LiveLagging(ZdrError):
     raised), or the time ran out. ``behind``: the targets still behind, by checkpoint
     name (``live:<projection>``, ``replay:<key>``), with how many events each lacks."""
 
-    def __init__(self, message: str, *, behind: dict[str, int]) -> None:
-        super().__init__(message)
-        self.behind = behind
+    def __init__(self, message: str, *, behind: dict[str, int] | None = None) -> None:
+        super().__init__(message)  # ``behind`` has a default: pickled, only args travel
+        self.behind = behind or {}
 
 
 class RunnerBusy(ZdrError):

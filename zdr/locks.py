@@ -119,8 +119,10 @@ def runner_lock(
                 )
             wait.pause()
     finally:
-        if waiting:
-            with contextlib.suppress(sa.exc.DBAPIError):
+        # A connection lost while waiting: its session took the lock with it, and the
+        # error that ended the wait matters more than this one.
+        if waiting and not conn.invalidated:
+            with contextlib.suppress(sa.exc.DBAPIError, sa.exc.PendingRollbackError):
                 _advisory(conn, "pg_advisory_unlock_shared", waiting_for(name))
     if on_locked is not None:
         on_locked()
@@ -136,7 +138,7 @@ def runner_lock(
     finally:
         # A session that died took its lock with it: nothing to release, and the error
         # that ended the block matters more than this one.
-        with contextlib.suppress(sa.exc.DBAPIError):
+        with contextlib.suppress(sa.exc.DBAPIError, sa.exc.PendingRollbackError):
             if conn.in_transaction():
                 conn.rollback()
             if not conn.closed and not conn.invalidated:
@@ -498,7 +500,7 @@ def _note_blockers(engine: sa.Engine, pid: int, found: list[str]) -> None:
         with engine.connect() as conn:
             rows = conn.exec_driver_sql(
                 """SELECT a.pid, a.usename, a.application_name, a.state,
-                          left(regexp_replace(a.query, '\s+', ' ', 'g'), 80)
+                          left(regexp_replace(a.query, '\\s+', ' ', 'g'), 80)
                    FROM pg_stat_activity a WHERE a.pid = ANY(pg_blocking_pids(%s))
                    ORDER BY a.pid""",
                 (pid,),

@@ -437,7 +437,9 @@ class ReplayManager:
                     )
                     return applied
             except Exception as exc:
-                if not running or not is_transient(exc):
+                # Running, or waiting to take over (a standby's whole job): a lost
+                # connection is reconnected, not raised.
+                if not (running or take_over) or not is_transient(exc):
                     raise
                 if time.monotonic() - connected > RECONNECT_HEALTHY_S:
                     pause = RECONNECT_FIRST_S  # it ran well for a while: a new failure
@@ -1027,13 +1029,11 @@ class ReplayManager:
             target: Cursor | None = last_cursor(conn) if last_cursor is not None else None
         while True:
             with self.engine.connect() as conn, conn.begin():
-                behind = {
-                    name: self.reader.count_after(conn, cursor)
-                    for name, cursor in records.followed_cursors(conn).items()
-                    if target is None or cursor < target
-                }
-                if target is None:  # no last cursor: behind while anything is left
-                    behind = {name: lag for name, lag in behind.items() if lag}
+                cursors = records.followed_cursors(conn)
+                if target is not None:  # compared, not counted: counts only for the message
+                    behind = [name for name, cursor in cursors.items() if cursor < target]
+                else:  # no last cursor: behind while anything is left after it
+                    behind = [n for n, c in cursors.items() if self.reader.count_after(conn, c)]
                 if not behind:
                     return target
                 standing = [
@@ -1042,20 +1042,22 @@ class ReplayManager:
                     if live.error is not None and live_checkpoint(live.name) in behind
                 ]
                 runner = locks.live_runner_pid(conn)
-            # A live runner started just before (`zdr live &`) takes a moment to start.
-            gone = runner is None and time.monotonic() - started >= RUNNER_START_S
-            if gone or standing or time.monotonic() >= deadline:
-                what = ", ".join(f"{name} ({lag:,} events)" for name, lag in behind.items())
-                if runner is None:
-                    why = "no live runner is running: start one (`zdr live`)"
-                elif standing:
-                    why = "; ".join(
-                        f"live projection {live.name!r} stands still: {live.error}"
-                        for live in standing
-                    )
-                else:
-                    why = f"the live runner did not get there within {timeout_s:g} s"
-                raise LiveLagging(f"still behind: {what}; {why}", behind=behind)
+                # A live runner started just before (`zdr live &`) takes a moment to start,
+                # and one restarted after a fix tries a read model that stood still first.
+                settled = time.monotonic() - started >= RUNNER_START_S
+                if (settled and (runner is None or standing)) or time.monotonic() >= deadline:
+                    lags = {name: self.reader.count_after(conn, cursors[name]) for name in behind}
+                    what = ", ".join(f"{name} ({lag:,} events)" for name, lag in lags.items())
+                    if runner is None:
+                        why = "no live runner is running: start one (`zdr live`)"
+                    elif standing:
+                        why = "; ".join(
+                            f"live projection {live.name!r} stands still: {live.error}"
+                            for live in standing
+                        )
+                    else:
+                        why = f"the live runner did not get there within {timeout_s:g} s"
+                    raise LiveLagging(f"still behind: {what}; {why}", behind=lags)
             time.sleep(0.05)
 
     def horizon(self) -> Horizon:

@@ -129,6 +129,14 @@ class EventsourcingReader:
         """1: every cursor's first part is 0, and everything committed can be read."""
         return 1
 
+    def last_cursor(self, conn: sa.Connection) -> Cursor | None:
+        """The cursor of the last notification committed (None: none yet). The
+        application inserts under a table lock, so ids commit in order: none below it
+        can still appear."""
+        self._require_table(conn)
+        last = conn.exec_driver_sql(f"SELECT max(notification_id) FROM {self.table}").scalar()
+        return None if last is None else Cursor(0, int(last))
+
     def count_after(self, conn: sa.Connection, after: Cursor) -> int:
         self._require_table(conn)
         if after.txid > 0:
