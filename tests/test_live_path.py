@@ -388,10 +388,13 @@ def test_a_broken_new_read_model_stays_behind_and_the_others_go_on(engine, caplo
 
 
 class PoisonedHistory(History):
-    """A live read model whose projector raises on one new event."""
+    """A live read model whose projector raises on one new event (until ``broken`` is
+    set False: the fix, made in place)."""
+
+    broken = True
 
     def handle_batch(self, events, conn):
-        if any(e.stream_id == "acc-poison" for e in events):
+        if PoisonedHistory.broken and any(e.stream_id == "acc-poison" for e in events):
             raise RuntimeError("cannot project acc-poison")
         super().handle_batch(events, conn)
 
@@ -585,31 +588,19 @@ def test_wait_for_live_names_a_live_read_model_that_stands_still(engine):
         assert time.monotonic() - started < 15, "it waited for the timeout instead"
 
 
-class HistoryFixedLater(History):
-    """A live read model whose projector raises on acc-poison until it is fixed in place."""
-
-    broken = True
-
-    def handle_batch(self, events, conn):
-        if HistoryFixedLater.broken and any(e.stream_id == "acc-poison" for e in events):
-            raise RuntimeError("cannot project acc-poison")
-        super().handle_batch(events, conn)
-
-
-def test_wait_for_live_waits_for_a_runner_restarted_after_the_fix(engine):
+def test_wait_for_live_waits_for_a_runner_restarted_after_the_fix(engine, monkeypatch):
     """The error message says: fix the projector and restart the live runner. Waiting right
     after that restart waits for the restarted runner's first try of the read model that
     stood still, instead of failing on the error recorded before the fix."""
-    HistoryFixedLater.broken = True
-    broken = zdr.ReplayManager(engine, projectors=[Balances(), HistoryFixedLater()])
+    broken = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
     broken.setup()
     seed(broken.store, 50)
     broken.project_live()
     with following(broken):
         _open_and_deposit(broken, "acc-poison")
         wait_for(lambda: any(row["state"] == "failing" for row in broken.live_status()))
-    HistoryFixedLater.broken = False  # the fix, then the restart
-    fixed = zdr.ReplayManager(engine, projectors=[Balances(), HistoryFixedLater()])
+    monkeypatch.setattr(PoisonedHistory, "broken", False)  # the fix, then the restart
+    fixed = zdr.ReplayManager(engine, projectors=[Balances(), PoisonedHistory()])
     with following(fixed):
         assert fixed.wait_for_live(timeout_s=20) is not None
     assert all(row["state"] == "following" and row["lag"] == 0 for row in fixed.live_status())
