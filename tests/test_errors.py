@@ -333,6 +333,25 @@ def _impostor_class() -> type:
     )
 
 
+def test_every_error_survives_pickling_with_its_fields():
+    """A Prefect task on Dask sends its exception back pickled: ReplayLagging and
+    ProjectorError (keyword-only fields) could not be rebuilt and came back as a
+    pickling error instead of the error raised."""
+    import pickle
+
+    errors = [
+        zdr.ReplayLagging("the replay is 7 events behind", lag=7),
+        zdr.ProjectorError("boom", projector="balances", position=3, event_type="Opened"),
+        zdr.LiveLagging("behind", behind={"live:balances": 2}),
+        zdr.PrivilegeMissing("GRANT USAGE ON SCHEMA x TO y"),
+        zdr.InvalidName("bad key"),
+    ]
+    for error in errors:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert vars(back) == vars(error)
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [

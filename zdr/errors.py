@@ -15,6 +15,19 @@ from collections.abc import Sequence
 class ZdrError(Exception):
     """Root of all zdr errors."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # An error raised in a Prefect task on Dask travels pickled. Exception's own
+        # reduce calls ``cls(*args)``, which the errors with keyword-only fields
+        # (``lag``, ``projector``...) refuse: rebuild without calling __init__.
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[ZdrError], args: tuple[object, ...], state: dict[str, object]) -> ZdrError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidName(ZdrError, ValueError):
     """Raised when a replay key, projection name or schema name is not a safe identifier."""
@@ -71,7 +84,7 @@ class LiveLagging(ZdrError):
     name (``live:<projection>``, ``replay:<key>``), with how many events each lacks."""
 
     def __init__(self, message: str, *, behind: dict[str, int] | None = None) -> None:
-        super().__init__(message)  # ``behind`` has a default: pickled, only args travel
+        super().__init__(message)
         self.behind = behind or {}
 
 
