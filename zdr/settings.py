@@ -25,8 +25,8 @@ class Settings:
 
     #: Events per transaction (per batch). Larger batches collapse more updates of one row
     #: and pay the per-batch statements less often; measured with ``bench/replay_bench.py
-    #: --batch-sizes`` (docs/benchmarks.md): 50,000 replayed 1.4x to 1.8x faster than
-    #: 10,000 for about 65 MB more memory, 100,000 only 1.1x more for another 75 MB.
+    #: --batch-sizes`` (docs/benchmarks.md): 50,000 replayed 1.2 to 1.7 times as fast as
+    #: 10,000 for about 65 MB more memory, 100,000 only 3-5% more for another 75 MB.
     batch_size: int = 50_000
     #: Bytes of payload per batch, beside ``batch_size``, counted as read (the JSON text
     #: that is decoded, not the compressed bytes stored): a batch ends at whichever comes
