@@ -11,6 +11,7 @@ import pytest
 
 import zdr
 from tests.support import (
+    ExplodingBalancesV2,
     SlowBalancesV2,
     SlowHistory,
     assert_balances_match_fold,
@@ -573,6 +574,39 @@ def test_wait_for_live_returns_once_the_live_runner_applied_what_was_committed(
         code, _, err = zdr_cli("wait", "--timeout", "10")
         assert code == 0 and "applied every event" in err, err
         assert "acc-cli" in balances(engine)
+
+
+def test_wait_for_live_names_a_dual_writing_replay_that_fails_meanwhile(
+    manager, engine, monkeypatch
+):
+    """dual write, wait, verify: a replay that fails while the script waits leaves dual
+    write, so nothing is left to wait for; the wait says so instead of succeeding (the
+    next step would compare a copy that no longer follows)."""
+    seed(manager.store, 100)
+    manager.project_live()
+    manager.create_replay("fragile", [ExplodingBalancesV2()])
+    manager.start_replay("fragile")
+    manager.start_projecting_to_replay("fragile")
+    monkeypatch.setattr(ExplodingBalancesV2, "explode_at", 105)
+    seed(manager.store, 20, seed=1, prefix="new")
+    outcome: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            manager.wait_for_live(timeout_s=20)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()  # dual-writing at the call: no runner yet, so it has not failed
+    time.sleep(0.3)
+    with following(manager):
+        waiter.join(30)
+    [error] = outcome
+    assert isinstance(error, zdr.LiveLagging), error
+    assert "replay 'fragile' failed" in str(error) and "event 105" in str(error)
+    assert manager.get_replay("fragile").state is zdr.ReplayState.FAILED
 
 
 def test_wait_for_live_names_a_live_read_model_that_stands_still(engine):

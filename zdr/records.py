@@ -133,6 +133,18 @@ def followed_cursors(conn: sa.Connection) -> dict[str, Cursor]:
     return {name: Cursor(txid, position) for name, txid, position in rows}
 
 
+def failed_replays(conn: sa.Connection, keys: Sequence[str]) -> list[tuple[str, str]]:
+    """Which of these replays failed, with their errors (in key order)."""
+    if not keys:
+        return []
+    rows = conn.exec_driver_sql(
+        "SELECT key, coalesce(error, '') FROM zdr.replays "
+        "WHERE key = ANY(%s) AND state = %s ORDER BY key",
+        (list(keys), ReplayState.FAILED.value),
+    )
+    return [(key, error) for key, error in rows]
+
+
 def all_checkpoints(conn: sa.Connection) -> dict[str, Cursor]:
     """Every checkpoint row by name (for operators and tests)."""
     rows = conn.exec_driver_sql("SELECT name, txid, position FROM zdr.checkpoints ORDER BY name")
