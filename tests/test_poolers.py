@@ -110,11 +110,14 @@ def _events(manager: zdr.ReplayManager) -> int:
 
 
 def _zdr_locks(engine: sa.Engine) -> list[int]:
-    """The pids holding any of zdr's advisory locks, as a direct session sees them."""
+    """The pids holding any of zdr's advisory locks in this database, as a direct session
+    sees them (another database's runners, another test run's, hold locks of their own)."""
     with engine.connect() as conn:
         return list(
             conn.exec_driver_sql(
-                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s",
+                """SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND classid::bigint = %s
+                   AND database = (SELECT oid FROM pg_database
+                                   WHERE datname = current_database())""",
                 (ZDR_LOCK_SPACE,),
             ).scalars()
         )
