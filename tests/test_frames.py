@@ -265,19 +265,17 @@ def test_a_payload_field_of_another_type_is_refused_naming_its_event(engine):
         manager.project_live()
 
 
+def _table(*columns):
+    return sa.Table("t", sa.MetaData(), *columns, schema="frame_t")
+
+
 def _projector(**attributes):
     def handle_frame(self, events, current):
         return current
 
     namespace = {
         "name": "frames",
-        "table": sa.Table(
-            "t",
-            sa.MetaData(),
-            sa.Column("k", sa.Text, primary_key=True),
-            sa.Column("n", sa.BigInteger),
-            schema="frame_t",
-        ),
+        "table": _table(sa.Column("k", sa.Text, primary_key=True), sa.Column("n", sa.BigInteger)),
         "event_types": frozenset({"X"}),
         "fields": {"k": sa.Text},
         "key": "k",
@@ -296,20 +294,9 @@ def _projector(**attributes):
         ({"key": "account"}, "key column 'account' is neither an events column"),
         ({"key": ("k", "stream_id")}, "for a primary key of 1"),
         ({"fields": {"k": sa.BigInteger}}, "key column 'k' is int64, the table's t.k is TEXT"),
+        ({"table": _table(sa.Column("k", sa.Text))}, "has no primary key"),
         (
-            {"table": sa.Table("t", sa.MetaData(), sa.Column("k", sa.Text), schema="frame_t")},
-            "has no primary key",
-        ),
-        (
-            {
-                "table": sa.Table(
-                    "t",
-                    sa.MetaData(),
-                    sa.Column("k", sa.Text, primary_key=True),
-                    sa.Column("doc", sa.JSON),
-                    schema="frame_t",
-                )
-            },
+            {"table": _table(sa.Column("k", sa.Text, primary_key=True), sa.Column("doc", sa.JSON))},
             "column t.doc is JSON, which a frame projector does not write",
         ),
     ],

@@ -155,7 +155,7 @@ class FrameProjector(Projector):
                 f"{where}: `key` names {len(keys)} events column(s) ({', '.join(keys)}) "
                 f"for a primary key of {len(pk)} ({', '.join(c.name for c in pk)})"
             )
-        types = cls._event_types_of_columns()
+        types = cls._events_schema()
         for key, column in zip(keys, pk, strict=True):
             if key not in types:
                 raise ConfigurationError(
@@ -173,7 +173,8 @@ class FrameProjector(Projector):
                 )
 
     @classmethod
-    def _event_types_of_columns(cls) -> dict[str, pa.DataType]:
+    def _events_schema(cls) -> dict[str, pa.DataType]:
+        """The events frame's columns and their Arrow types."""
         types = dict(EVENT_COLUMNS)
         for field, kind in cls.fields.items():
             found = arrow_type(kind)
@@ -207,7 +208,7 @@ class _FramePlan:
         self.rows = _Plan(cls.table, self.where)
         self.table = cls.table
         self.fields = list(cls.fields)
-        self.event_types = cls._event_types_of_columns()
+        self.events_schema = cls._events_schema()
         self.key = [cls.key] if isinstance(cls.key, str) else list(cls.key)
         self.columns = self.rows.columns
         self.column_types = {c.name: arrow_type(c.type) for c in cls.table.columns}
@@ -226,7 +227,7 @@ class _FramePlan:
             columns[field] = [data.get(field) for data in payloads]
         arrays = []
         for name, values in columns.items():
-            kind = self.event_types[name]
+            kind = self.events_schema[name]
             try:
                 arrays.append(pa.array(values, type=kind))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
