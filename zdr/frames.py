@@ -91,7 +91,8 @@ class FrameProjector(Projector):
     and return the new rows (a DataFrame with every column of the table, one row per
     key), or ``(rows, deleted)`` where ``deleted`` holds keys to delete (a DataFrame of
     the key columns, or a list or Series for a key of one column). Every returned row is
-    written: return only the rows the batch changed.
+    written: return only the rows the batch changed. A missing value (NA, None, or NaN in
+    a numpy float column, as pandas counts it) is written as NULL.
 
     Columns are Arrow-backed (``pd.ArrowDtype``). A fold whose result depends on
     rounding at each event (a ``real`` column summed event by event) must do that
