@@ -1,4 +1,4 @@
-"""Replay throughput on the bank example: the three ways to write a projector against
+"""Replay throughput on the bank example: the four ways to write a projector against
 a faithful baseline, on each kind of event log.
 
 Prints one JSON line (numbers only, no pass/fail):
@@ -11,6 +11,8 @@ Prints one JSON line (numbers only, no pass/fail):
   event on the account's row), rebuilt from the whole log;
 * ``batch_events_per_s`` (also ``engine_events_per_s``): ``BalancesV2``, a
   hand-written batch projector (fold each batch, one array upsert), the whole log;
+* ``frame_events_per_s``: ``FrameBalances``, a ``zdr.FrameProjector`` (each batch as
+  a pandas DataFrame, folded with a group-by), the whole log;
 * ``per_event_events_per_s``: the same balances with ``@zdr.handles`` per-event
   handlers writing through SQLAlchemy, timed on the first ``--per-event-sample``
   events (its rate does not depend on the log's length);
@@ -36,7 +38,7 @@ Prints one JSON line (numbers only, no pass/fail):
   many partitions at once, per runner (threads of this process, as Prefect's default
   task runner; processes, as a DaskTaskRunner's local cluster), and one partition's
   reads alone (events of it per second);
-* batch_sizes (with ``--batch-sizes``): the row-fold and batch ways again at each
+* batch_sizes (with ``--batch-sizes``): the row-fold, batch and frame ways again at each
   size, and the peak RSS after each (sizes run in ascending order).
 
 Without a URL it runs in databases of its own in the embedded PostgreSQL. A
@@ -76,6 +78,7 @@ from zdr.examples.bank.domain import (  # noqa: E402
 from zdr.examples.bank.projectors import (  # noqa: E402
     Balances,
     BalancesV2,
+    FrameBalances,
     History,
     PerEventBalances,
     history,
@@ -400,7 +403,7 @@ def main() -> None:
     parser.add_argument(
         "--batch-sizes",
         default="",
-        help="comma-separated batch sizes to compare the row-fold and batch ways at "
+        help="comma-separated batch sizes to compare the row-fold, batch and frame ways at "
         "(ascending: the peak RSS after each is that size's)",
     )
     args = parser.parse_args()
@@ -430,6 +433,7 @@ def main() -> None:
 
     rowfold_rate, _, _ = timed_replay(manager, Balances())
     batch_rate, batch_seconds, events = timed_replay(manager, BalancesV2())
+    frame_rate, _, _ = timed_replay(manager, FrameBalances())
     per_event_sample = min(args.per_event_sample, args.events)
     per_event_rate, _, _ = timed_replay(manager, PerEventBalances(), per_event_sample)
     baseline_rate = baseline_replay(url, manager.store, min(args.baseline_sample, args.events))
@@ -460,6 +464,7 @@ def main() -> None:
         batch_sizes[str(size)] = {
             "rowfold_events_per_s": round(timed_replay(manager, Balances())[0]),
             "batch_events_per_s": round(timed_replay(manager, BalancesV2())[0]),
+            "frame_events_per_s": round(timed_replay(manager, FrameBalances())[0]),
             "peak_rss_mb": peak_rss_mb(),
         }
 
@@ -469,12 +474,14 @@ def main() -> None:
                 "events": events,
                 "rowfold_events_per_s": round(rowfold_rate),
                 "batch_events_per_s": round(batch_rate),
+                "frame_events_per_s": round(frame_rate),
                 "per_event_events_per_s": round(per_event_rate),
                 "per_event_sample": per_event_sample,
                 "baseline_events_per_s": round(baseline_rate),
                 "baseline_sample": min(args.baseline_sample, args.events),
                 "rowfold_vs_baseline": round(rowfold_rate / baseline_rate, 1),
                 "batch_vs_baseline": round(batch_rate / baseline_rate, 1),
+                "frame_vs_baseline": round(frame_rate / baseline_rate, 1),
                 "per_event_vs_baseline": round(per_event_rate / baseline_rate, 1),
                 "engine_events_per_s": round(batch_rate),
                 "engine_seconds": round(batch_seconds, 2),

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
         ZdrError,
         is_transient,
     )
+    from zdr.frames import FrameProjector
     from zdr.horizon import Horizon, HorizonHolder
     from zdr.manager import ReplayManager
     from zdr.partitions import PartitionPlan, PartitionRun
@@ -84,6 +85,7 @@ _MODULES = {
         ],
         "zdr.errors",
     ),
+    "FrameProjector": "zdr.frames",
     **dict.fromkeys(["Horizon", "HorizonHolder"], "zdr.horizon"),
     "ReplayManager": "zdr.manager",
     **dict.fromkeys(["PartitionPlan", "PartitionRun"], "zdr.partitions"),
@@ -107,6 +109,7 @@ __all__ = [
     "EmbeddedInUse",
     "EventReader",
     "EventStore",
+    "FrameProjector",
     "Horizon",
     "HorizonHolder",
     "InvalidEvent",

@@ -291,6 +291,14 @@ class _Plan:
             values = self.values(row)
             if values != stored.get(key):
                 changed.append(self._dumpable(values))
+        self.write_changes(conn, changed, gone)
+
+    def write_changes(
+        self, conn: sa.Connection, changed: list[tuple[Any, ...]], gone: list[Any]
+    ) -> None:
+        """Delete the rows of the keys ``gone``, then upsert ``changed`` (rows as tuples in
+        column order): one DELETE, one COPY and one INSERT at most, in the caller's
+        transaction. Shared by the row and frame projectors."""
         raw = conn.connection.driver_connection
         target = physical_name(conn, self.table)
         with raw.cursor() as cur:  # type: ignore[union-attr]
