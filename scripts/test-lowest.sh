@@ -20,7 +20,8 @@ lowest_venv() { # $1: the venv, $2: the extras
 }
 LOWEST="$ROOT/.venv-lowest"
 lowest_venv "$LOWEST" test
-"$LOWEST/bin/python" -m pytest -m "not browser and not real_server and not eventsourcing and not dask" \
+"$LOWEST/bin/python" -m pytest -n "${ZDR_TEST_WORKERS:-2}" --dist loadfile \
+    -m "not browser and not real_server and not eventsourcing and not dask" \
     --ignore=tests/test_packaging.py --ignore=tests/test_eventsourcing_reader.py "$@"
 lowest_venv "$LOWEST-eventsourcing" test,eventsourcing
 exec "$LOWEST-eventsourcing/bin/python" -m pytest -m eventsourcing "$@"

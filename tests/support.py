@@ -22,8 +22,11 @@ from zdr.store import iter_all
 
 #: Roles belong to the server, not to a database: a test run names its roles with this
 #: prefix (its processes share it through the environment) and drops only those, so
-#: runs that share a server never touch each other's roles.
-ROLE = os.environ.setdefault("ZDR_TEST_ROLE_PREFIX", f"zdr_test_{uuid.uuid4().hex[:6]}_")
+#: runs that share a server never touch each other's roles; each of a run's pytest-xdist
+#: workers adds its name (gw0, gw1...), as it has a database of its own.
+ROLE = os.environ.setdefault("ZDR_TEST_ROLE_PREFIX", f"zdr_test_{uuid.uuid4().hex[:6]}_") + (
+    f"{os.environ['PYTEST_XDIST_WORKER']}_" if "PYTEST_XDIST_WORKER" in os.environ else ""
+)
 
 
 def append(store: zdr.EventStore, events: Sequence[tuple[str, dict[str, Any]]]) -> list[int]:
