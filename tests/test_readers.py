@@ -326,6 +326,38 @@ def _reader(name: str = "app.events", **columns) -> zdr.readers.TableReader:
     return zdr.readers.TableReader(name, **{**given, **columns})
 
 
+def test_a_table_in_the_public_schema_is_prepared_and_read(engine):
+    """Laravel's stored_events lives in public, on the search path: its sequence's name
+    must be written with its schema into the functions zdr installs (whose search path
+    is pg_catalog), or prepare fails with 'relation ..._id_seq does not exist'."""
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """CREATE TABLE public.app_events (id bigserial PRIMARY KEY, stream text NOT NULL,
+                                               kind text NOT NULL, data jsonb)"""
+        )
+    reader = _reader("public.app_events")
+    try:
+        reader.prepare(engine)
+        with engine.begin() as conn:  # the application's own INSERT, through the trigger
+            conn.exec_driver_sql(
+                "INSERT INTO app_events (stream, kind, data) VALUES ('s', 'A', '{\"n\": 1}')"
+            )
+        with engine.connect() as conn:
+            [event] = reader.read(conn, zdr.Cursor(0, 0), 10)
+        assert (event.stream_id, event.type, event.data) == ("s", "A", {"n": 1})
+    finally:  # public outlives the test (the fixture drops the other schemas)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                """DROP TABLE public.app_events;
+                   DO $$ DECLARE f regprocedure; BEGIN
+                     FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                              WHERE p.pronamespace = 'public'::regnamespace
+                                AND p.proname LIKE 'zdr\\_%%' LOOP
+                       EXECUTE 'DROP FUNCTION ' || f;
+                     END LOOP; END $$"""
+            )
+
+
 def test_null_or_json_null_metadata_is_none_and_a_null_payload_stops_the_reader(engine):
     """Rows whose payload has no size (NULL) are read, never passed over."""
     _events_table(engine)

@@ -260,7 +260,9 @@ class TableReader(StampedReader):
                          WHERE i.indrelid = to_regclass(%(table)s) AND i.indisunique
                            AND i.indnkeyatts = 1 AND i.indpred IS NULL
                            AND a.attname = %(position)s),
-                 coalesce(
+                 (SELECT format('%%I.%%I', sn.nspname, sc.relname)  -- with its schema:
+                  FROM pg_class sc JOIN pg_namespace sn ON sn.oid = sc.relnamespace
+                  WHERE sc.oid = coalesce(  -- the functions that read it see pg_catalog only
                    pg_get_serial_sequence(%(table)s, %(position)s)::regclass,
                    (SELECT d.refobjid::regclass FROM pg_attrdef ad
                     JOIN pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum
@@ -268,7 +270,7 @@ class TableReader(StampedReader):
                                     AND d.refclassid = 'pg_class'::regclass
                     JOIN pg_class c ON c.oid = d.refobjid AND c.relkind = 'S'
                     WHERE ad.adrelid = to_regclass(%(table)s) AND a.attname = %(position)s
-                    LIMIT 1))::text,
+                    LIMIT 1))),
                  (SELECT tgenabled FROM pg_trigger
                   WHERE tgrelid = to_regclass(%(table)s) AND tgname = %(trigger)s),
                  to_regprocedure(%(function)s) IS NOT NULL,
