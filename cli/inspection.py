@@ -158,7 +158,7 @@ def wait(
     """Wait until the running live runner has applied every event committed so far to the
     live read models and the dual-writing replays; exit 1 if it does not within --timeout,
     or when none runs (within 5 s), a read model that is behind stands still, or a replay
-    that was dual-writing fails meanwhile."""
+    failed in dual write (it receives no events until resumed)."""
     reached = manager_for(database_url, reader=reader).wait_for_live(timeout_s=timeout)
     position = None if reached is None else reached.position
     if as_json:

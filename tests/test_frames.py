@@ -238,6 +238,11 @@ def _returning(result):
         (lambda rows: rows.assign(account_id=None), "no value in the key column account_id"),
         (lambda rows: (rows, rows["account_id"]), "both to write and to delete"),
         (lambda rows: (rows.iloc[:0], rows[["owner"]]), "deleted keys .* lack the key column"),
+        (lambda rows: (rows.iloc[:0], 5), "returned deleted keys as int"),
+        (
+            lambda rows: rows.assign(balance=pd.Series([2**70] * len(rows), dtype=object)),
+            "column balance holds values Arrow cannot read",
+        ),
     ],
 )
 def test_a_wrong_return_frame_is_refused_naming_what_is_wrong(engine, result, message):
@@ -262,6 +267,113 @@ def test_a_payload_field_of_another_type_is_refused_naming_its_event(engine):
         match=rf"payload field 'amount' of event {bad} \(MoneyDeposited, stream 'acc-000001'\) "
         r"is '5', not a int64",
     ):
+        manager.project_live()
+
+
+def test_a_fraction_in_an_integer_field_is_refused_not_truncated(engine):
+    """Arrow would read 2.5 as 2 (a deposit of 2.5 stored as 2, the keys 1 and 1.5 one
+    row); PostgreSQL refuses it, and so does the frame. A whole 3.0 is 3."""
+    manager = zdr.ReplayManager(engine, projectors=[FrameBalances()])
+    manager.setup()
+    seed(manager.store, 20, accounts=2)
+    manager.store.append(
+        "acc-000001", [{"type": DEPOSITED, "data": {"account_id": "acc-000001", "amount": 3.0}}]
+    )
+    manager.project_live()
+    assert_balances_match_fold(engine, manager.store)
+    [bad] = manager.store.append(
+        "acc-000001", [{"type": DEPOSITED, "data": {"account_id": "acc-000001", "amount": 2.5}}]
+    )
+    with pytest.raises(
+        zdr.ProjectorError, match=rf"payload field 'amount' of event {bad} .* is 2.5, not a int64"
+    ):
+        manager.project_live()
+
+
+@pytest.mark.parametrize("batch_size", [1, 50])
+def test_an_owner_left_out_of_a_later_opening_is_none_whatever_the_batch(engine, batch_size):
+    """groupby's last() skips a missing value: an AccountOpened without an owner after
+    one with an owner must leave no owner, one event a batch or many, as Balances does."""
+    manager = zdr.ReplayManager(engine, projectors=[FrameBalances()], batch_size=batch_size)
+    manager.setup()
+    opened = [
+        {"type": OPENED, "data": {"account_id": "acc-x", "owner": "alice"}},
+        {"type": DEPOSITED, "data": {"account_id": "acc-x", "amount": 5}},
+        {"type": OPENED, "data": {"account_id": "acc-x", "owner": None}},
+    ]
+    manager.store.append("acc-x", opened)
+    manager.project_live()
+    assert balances(engine)["acc-x"]["owner"] is None
+    assert_balances_match_fold(engine, manager.store)
+
+
+def test_a_naive_recorded_at_is_in_the_sessions_time_zone_as_postgresql_reads_it(engine):
+    """An application's table whose time column is a timestamp without time zone (a
+    Laravel stored_events' created_at): written to a timestamptz, the frame projector
+    stores what PostgreSQL's own cast gives in the session's zone (a row projector
+    does), not the naive value read as UTC."""
+    zone = "Asia/Tokyo"
+    tokyo = sa.create_engine(engine.url, connect_args={"options": f"-c TimeZone={zone}"})
+    with tokyo.begin() as conn:
+        conn.exec_driver_sql(
+            """CREATE SCHEMA app;
+               CREATE TABLE app.events (id bigserial PRIMARY KEY, stream text NOT NULL,
+                                        kind text NOT NULL, data jsonb NOT NULL,
+                                        created_at timestamp NOT NULL DEFAULT now())"""
+        )
+    reader = zdr.readers.TableReader(
+        "app.events",
+        position="id",
+        stream_id="stream",
+        type="kind",
+        data="data",
+        recorded_at="created_at",
+    )
+    reader.prepare(tokyo)
+    seen = sa.Table(
+        "seen",
+        sa.MetaData(),
+        sa.Column("stream_id", sa.Text, primary_key=True),
+        sa.Column("at", sa.DateTime(timezone=True)),
+        schema="frame_seen",
+    )
+
+    class Seen(zdr.FrameProjector):
+        name = "seen"
+        table = seen
+        event_types = frozenset({"A"})
+
+        def handle_frame(self, events, current):
+            return events[["stream_id", "recorded_at"]].rename(columns={"recorded_at": "at"})
+
+    with tokyo.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO app.events (stream, kind, data, created_at) "
+            "VALUES ('s', 'A', '{}', '2024-01-01 10:00')"
+        )
+    manager = zdr.ReplayManager(tokyo, projectors=[Seen()], reader=reader)
+    manager.setup()
+    manager.project_live()
+    with tokyo.connect() as conn:
+        stored, cast = conn.exec_driver_sql(
+            "SELECT s.at, e.created_at::timestamptz FROM frame_seen.seen s "
+            "JOIN app.events e ON e.stream = s.stream_id"
+        ).one()
+    tokyo.dispose()
+    assert stored == cast, f"stored {stored}, PostgreSQL reads {cast}"
+
+
+def test_a_float_too_large_for_a_real_column_is_refused_not_stored_as_infinity(engine):
+    def handle_frame(self, events, current):
+        return pd.DataFrame({"k": events["k"], "n": 1e300})
+
+    table = _table(sa.Column("k", sa.Text, primary_key=True), sa.Column("n", sa.REAL))
+    manager = zdr.ReplayManager(
+        engine, projectors=[_projector(table=table, handle_frame=handle_frame)]
+    )
+    manager.setup()
+    manager.store.append("s", [{"type": "X", "data": {"k": "a"}}])
+    with pytest.raises(zdr.ProjectorError, match=r"column n .*1e\+300 is out of range"):
         manager.project_live()
 
 
@@ -295,6 +407,10 @@ def _projector(**attributes):
         ({"key": ("k", "stream_id")}, "for a primary key of 1"),
         ({"fields": {"k": sa.BigInteger}}, "key column 'k' is int64, the table's t.k is TEXT"),
         ({"table": _table(sa.Column("k", sa.Text))}, "has no primary key"),
+        (
+            {"table": _table(sa.Column("k", sa.REAL, primary_key=True)), "fields": {"k": sa.REAL}},
+            "key column t.k is REAL: a float is no key",
+        ),
         (
             {"table": _table(sa.Column("k", sa.Text, primary_key=True), sa.Column("doc", sa.JSON))},
             "column t.doc is JSON, which a frame projector does not write",

@@ -605,8 +605,14 @@ def test_wait_for_live_names_a_dual_writing_replay_that_fails_meanwhile(
         waiter.join(30)
     [error] = outcome
     assert isinstance(error, zdr.LiveLagging), error
-    assert "replay 'fragile' failed" in str(error) and "event 105" in str(error)
+    assert "replay 'fragile' failed in dual write" in str(error) and "event 105" in str(error)
     assert manager.get_replay("fragile").state is zdr.ReplayState.FAILED
+    # Called after the failure, it says so too (until the replay is resumed or removed).
+    with pytest.raises(zdr.LiveLagging, match="'fragile' failed in dual write"):
+        manager.wait_for_live(timeout_s=1)
+    manager.remove_replay("fragile")
+    with following(manager):
+        assert manager.wait_for_live(timeout_s=20) is not None
 
 
 def test_wait_for_live_names_a_live_read_model_that_stands_still(engine):

@@ -19,17 +19,19 @@ mistake fails the batch with a message naming the projector and the column.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from zdr.errors import ConfigurationError
 from zdr.projector import Projector
 from zdr.rows import _Plan
-from zdr.store import RecordedEvent
+from zdr.store import RecordedEvent, driver_connection
 
 #: The columns every events frame has, with their Arrow types.
 EVENT_COLUMNS: dict[str, pa.DataType] = {
@@ -165,6 +167,11 @@ class FrameProjector(Projector):
                 )
             have, want = types[key], arrow_type(column.type)
             assert want is not None  # every column was checked above
+            if pa.types.is_floating(want):
+                raise ConfigurationError(
+                    f"{where}: key column {table.name}.{column.name} is {column.type}: a "
+                    "float is no key (0.1 stored as a real reads back as another float)"
+                )
             same_kind = have == want or (pa.types.is_integer(have) and pa.types.is_integer(want))
             if not same_kind:
                 raise ConfigurationError(
@@ -185,7 +192,7 @@ class FrameProjector(Projector):
 
     def handle_batch(self, events: Sequence[RecordedEvent], conn: sa.Connection) -> None:
         plan = _frame_plan(type(self))
-        frame = plan.events_frame(events)
+        frame = plan.events_frame(events, zone=driver_connection(conn).info.timezone)
         keys = plan.keys_of(frame)
         stored = plan.rows.load(conn, keys)
         current = plan.frame_of(list(stored.values()))
@@ -215,13 +222,21 @@ class _FramePlan:
         self.column_types = {c.name: arrow_type(c.type) for c in cls.table.columns}
         self.key_columns = self.rows.key_columns
 
-    def events_frame(self, events: Sequence[RecordedEvent]) -> pd.DataFrame:
-        """The batch as a DataFrame: one column at a time, each converted by Arrow in C."""
+    def events_frame(
+        self, events: Sequence[RecordedEvent], zone: dt.tzinfo | None = None
+    ) -> pd.DataFrame:
+        """The batch as a DataFrame: one column at a time, each converted by Arrow in C.
+        ``zone``: the session's time zone, which a naive ``recorded_at`` (a ``timestamp
+        without time zone`` column of an application's table) is in, as PostgreSQL
+        reads it when a row projector writes it to a ``timestamptz``."""
+        recorded = [e.recorded_at for e in events]
+        if zone is not None and any(r is not None and r.tzinfo is None for r in recorded):
+            recorded = [r if r is None or r.tzinfo else r.replace(tzinfo=zone) for r in recorded]
         columns: dict[str, Sequence[Any]] = {
             "position": [e.position for e in events],
             "stream_id": [e.stream_id for e in events],
             "type": [e.type for e in events],
-            "recorded_at": [e.recorded_at for e in events],
+            "recorded_at": recorded,
         }
         payloads = [e.data for e in events]
         for field in self.fields:
@@ -230,6 +245,8 @@ class _FramePlan:
         for name, values in columns.items():
             kind = self.events_schema[name]
             try:
+                if pa.types.is_integer(kind):  # Arrow truncates 1.5 to 1: refuse it
+                    _refuse_fractions(values)
                 arrays.append(pa.array(values, type=kind))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
                 at = _first_unconvertible(values, kind)
@@ -347,7 +364,11 @@ class _FramePlan:
                     f"column(s) {', '.join(missing)}"
                 )
             lists = [self._column(deleted[c], c, "deleted keys") for c in self.key_columns]
-        elif len(self.key_columns) == 1 and not isinstance(deleted, str | bytes | Mapping):
+        elif (
+            len(self.key_columns) == 1
+            and isinstance(deleted, Iterable)
+            and not isinstance(deleted, str | bytes | Mapping)
+        ):
             [name] = self.key_columns
             lists = [self._column(pd.Series(list(deleted)), name, "deleted keys")]
         else:
@@ -370,7 +391,7 @@ class _FramePlan:
         assert want is not None
         try:
             values = pa.array(series, from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
             raise ConfigurationError(
                 f"{self.where}: the {what}' column {name} holds values Arrow cannot read "
                 f"({series.dtype}): {exc}"
@@ -382,14 +403,26 @@ class _FramePlan:
                     f"({series.dtype}); {self.table.fullname}.{name} takes {want}"
                 )
             try:
-                values = values.cast(want)  # safe: refuses what would change
+                cast = values.cast(want)  # safe: refuses what would change
+                if pa.types.is_floating(want) and pa.types.is_floating(values.type):
+                    _refuse_overflow(values, cast)  # a safe cast to float32 gives inf
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
                 raise ConfigurationError(
                     f"{self.where}: the {what}' column {name} has values that do not fit "
                     f"{self.table.fullname}.{name} ({want}): {exc}"
                 ) from exc
+            values = cast
         found: list[Any] = values.to_pylist()
         return found
+
+
+def _refuse_overflow(values: pa.Array, cast: pa.Array) -> None:
+    """ArrowInvalid if a finite value became infinite (1e300 into a real), as PostgreSQL
+    refuses it ("value out of range")."""
+    became = pc.and_(pc.is_inf(cast), pc.invert(pc.is_inf(values)))
+    if pc.any(became).as_py():
+        at = pc.index(became, True).as_py()
+        raise pa.ArrowInvalid(f"{values[at].as_py()!r} is out of range for {cast.type}")
 
 
 def _castable(have: pa.DataType, want: pa.DataType) -> bool:
@@ -410,10 +443,20 @@ def _castable(have: pa.DataType, want: pa.DataType) -> bool:
     return False
 
 
+def _refuse_fractions(values: Sequence[Any]) -> None:
+    """ArrowInvalid if a float that is not a whole number is among the values of an
+    integer field (Arrow would truncate it; PostgreSQL refuses it)."""
+    for value in values:
+        if type(value) is float and not value.is_integer():
+            raise pa.ArrowInvalid(f"{value!r} is not a whole number")
+
+
 def _first_unconvertible(values: Sequence[Any], kind: pa.DataType) -> int | None:
     """Where the first value Arrow cannot convert to ``kind`` is (for the message)."""
     for at, value in enumerate(values):
         try:
+            if pa.types.is_integer(kind):
+                _refuse_fractions([value])
             pa.array([value], type=kind)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             return at

@@ -1018,29 +1018,28 @@ class ReplayManager:
         ``follow()``, does the work) and raises LiveLagging when none runs (after
         ``RUNNER_START_S``: one started just before may be starting) or a read model that
         is behind stands still (its projector raised), else after ``timeout_s``; also
-        when a replay that was dual-writing at the call fails meanwhile (it leaves dual
-        write, so nothing would wait for it, and a script's next step would compare a
-        copy that no longer follows). A log whose reader has no ``last_cursor`` is waited
-        on until nothing is left after the checkpoints."""
+        when a replay failed in dual write, before the call or while it waits: it left
+        dual write, so nothing brings it along any more, and a script's next step would
+        compare a copy that no longer follows (resuming it, `zdr replay KEY`, or removing
+        it ends that). A log whose reader has no ``last_cursor`` is waited on until
+        nothing is left after the checkpoints."""
         timeout_s = seconds("timeout_s", timeout_s)
         started = time.monotonic()
         deadline = started + timeout_s
-        prefix = replay_checkpoint("")
         with self.engine.connect() as conn, conn.begin():
             cluster.require_same_log(conn, self.reader, record=False)
             last_cursor = getattr(self.reader, "last_cursor", None)
             target: Cursor | None = last_cursor(conn) if last_cursor is not None else None
-            dual_writing = [
-                name.removeprefix(prefix)
-                for name in records.followed_cursors(conn)
-                if name.startswith(prefix)
-            ]
         while True:
             with self.engine.connect() as conn, conn.begin():
-                failed = records.failed_replays(conn, dual_writing)
+                failed = records.failed_in_dual_write(conn)
                 if failed:
-                    why = "; ".join(f"replay {key!r} failed: {error}" for key, error in failed)
-                    raise LiveLagging(f"{why} (it no longer receives events)")
+                    why = "; ".join(
+                        f"replay {key!r} failed in dual write and receives no events until "
+                        f"it is resumed (fix it, then `zdr replay {key}`): {error}"
+                        for key, error in failed
+                    )
+                    raise LiveLagging(why)
                 cursors = records.followed_cursors(conn)
                 if target is not None:  # compared, not counted: counts only for the message
                     behind = [name for name, cursor in cursors.items() if cursor < target]

@@ -133,14 +133,12 @@ def followed_cursors(conn: sa.Connection) -> dict[str, Cursor]:
     return {name: Cursor(txid, position) for name, txid, position in rows}
 
 
-def failed_replays(conn: sa.Connection, keys: Sequence[str]) -> list[tuple[str, str]]:
-    """Which of these replays failed, with their errors (in key order)."""
-    if not keys:
-        return []
+def failed_in_dual_write(conn: sa.Connection) -> list[tuple[str, str]]:
+    """The replays that failed after dual write began, with their errors (key order)."""
     rows = conn.exec_driver_sql(
         "SELECT key, coalesce(error, '') FROM zdr.replays "
-        "WHERE key = ANY(%s) AND state = %s ORDER BY key",
-        (list(keys), ReplayState.FAILED.value),
+        "WHERE state = %s AND dual_write_at IS NOT NULL ORDER BY key",
+        (ReplayState.FAILED.value,),
     )
     return [(key, error) for key, error in rows]
 

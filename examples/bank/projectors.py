@@ -262,12 +262,14 @@ class FrameBalances(zdr.FrameProjector):
         batch = moves.groupby("account_id").agg(
             balance=("balance", "sum"), events=("events", "sum"), closed=("closed", "any")
         )
-        opened = events.loc[kind == OPENED, ["account_id", "owner"]]
-        owners = opened.groupby("account_id")["owner"].last()
+        # The owner of the batch's last AccountOpened, a missing one too (groupby's
+        # last() would skip it and keep an earlier owner: not what one event a batch does).
+        opened = events.loc[kind == OPENED].drop_duplicates("account_id", keep="last")
+        owners = opened.set_index("account_id")["owner"].reindex(batch.index)
         before = current.set_index("account_id").reindex(batch.index)
         return pd.DataFrame(
             {
-                "owner": owners.reindex(batch.index).fillna(before["owner"]),
+                "owner": before["owner"].where(~batch.index.isin(opened["account_id"]), owners),
                 "balance": before["balance"].fillna(0) + batch["balance"],
                 "events": before["events"].fillna(0) + batch["events"],
                 "closed": before["closed"].fillna(False) | batch["closed"],
