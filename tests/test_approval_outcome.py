@@ -60,7 +60,10 @@ def test_with_no_prefect_server_approving_refuses_at_once(
     took = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
-    assert took < 8, f"took {took:.1f}s (a temporary Prefect server takes 20 s and more)"
+    # At once: the time of starting Python and importing Prefect (about 4 s here, up to
+    # 11 s beside another test process at the lowest versions), not of a temporary
+    # Prefect server (20 s and more on top of it).
+    assert took < 15, f"took {took:.1f}s (a temporary Prefect server takes 20 s and more)"
     assert manager.get_replay("k").state.value == "created"  # nothing started
 
 
